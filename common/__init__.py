@@ -1,0 +1,1 @@
+"""Shared parts of the MTE live-migration pipeline: the emulated guest, the wire, logging."""

@@ -1,0 +1,60 @@
+"""Every architectural and protocol constant lives here, once."""
+
+from __future__ import annotations
+
+PAGE_SIZE = 4096
+GRANULE_SIZE = 16
+GRANULES_PER_PAGE = PAGE_SIZE // GRANULE_SIZE  # 256
+TAG_BITS = 4
+TAG_MASK = 0xF
+# Two 4-bit tags per byte: the layout the kernel keeps and the one on our wire.
+PACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE // 2  # 128
+# KVM_ARM_MTE_COPY_TAGS hands out one tag per byte.
+UNPACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE  # 256
+
+MIN_RAM_BYTES = 1 << 20
+MAX_RAM_BYTES = 16 << 30
+
+# Logical tag of a pointer lives in bits 59:56; bit 55 selects TTBR1 (upper) addresses.
+POINTER_TAG_SHIFT = 56
+ADDRESS_MASK = (1 << 56) - 1
+
+# SCTLR_EL1 tag-check-fault fields: TCF for EL1, TCF0 for EL0.
+SCTLR_TCF_SHIFT = 40
+SCTLR_TCF0_SHIFT = 38
+TCF_NONE = 0
+TCF_SYNC = 1
+TCF_ASYNC = 2
+TCF_ASYMMETRIC = 3
+# TFSR_EL1 / TFSRE0_EL1 sticky bits: TF0 for TTBR0 addresses, TF1 for TTBR1.
+TFSR_TF0 = 1 << 0
+TFSR_TF1 = 1 << 1
+GCR_EXCLUDE_MASK = 0xFFFF
+RGSR_SEED_SHIFT = 8
+RGSR_SEED_MASK = 0xFFFF
+
+# Digests are computed over blocks of pages (a two-level Merkle tree): a mismatched
+# block narrows the search to its pages without hashing every page twice.
+DIGEST_BLOCK_PAGES = 256
+
+PROTOCOL_VERSION = 1
+WIRE_MAGIC = b"MTEM"
+
+# Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
+PAGES_PER_BATCH = 256
+# Tag sections are 32x smaller than pages: bigger batches amortise per-message cost.
+TAG_SECTIONS_PER_BATCH = 1024
+# Credits are counted in batch messages; the receiver returns one when a batch is applied.
+INITIAL_CREDIT = 16
+
+DEFAULT_DOWNTIME_LIMIT_MS = 300
+HEARTBEAT_INTERVAL_S = 0.5
+PEER_DEAD_AFTER_S = 5.0
+
+# Hostile-input bounds: a message larger than these is refused before it is decoded.
+MAX_PAGES_PER_MESSAGE = 1024
+MAX_FRAME_BYTES = MAX_PAGES_PER_MESSAGE * (PAGE_SIZE + 64) + (1 << 20)
+# lz4 is used for a batch only when a sample of its pages shrinks below this share.
+LZ4_SAMPLE_PAGES = 4
+LZ4_WORTH_RATIO = 0.8
+SESSION_ID_BYTES = 8

@@ -1,0 +1,1 @@
+"""The emulated memory-tagged guest."""

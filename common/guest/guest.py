@@ -1,0 +1,37 @@
+"""A guest: memory plus vCPUs, and the digests that prove two guests equal."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from common.guest.digest import MemoryDigests, memory_digests
+from common.guest.memory import GuestMemory
+from common.guest.vcpu import VcpuState, vcpus_digest
+
+
+@dataclass(frozen=True)
+class GuestDigests:
+    memory: MemoryDigests
+    vcpu: bytes
+
+    @property
+    def ram(self) -> bytes:
+        return self.memory.ram
+
+    @property
+    def tags(self) -> bytes:
+        return self.memory.tags
+
+
+@dataclass
+class Guest:
+    memory: GuestMemory
+    vcpus: list[VcpuState] = field(default_factory=lambda: [VcpuState()])
+
+    @classmethod
+    def create(cls, ram_bytes: int, vcpu_count: int = 1) -> Guest:
+        return cls(GuestMemory(ram_bytes), [VcpuState(index=i) for i in range(vcpu_count)])
+
+    def digests(self) -> GuestDigests:
+        with self.memory.lock:
+            return GuestDigests(memory_digests(self.memory), vcpus_digest(self.vcpus))

@@ -1,0 +1,264 @@
+"""Guest RAM and allocation tags, with the dirty tracking a migration reads.
+
+RAM and tags live in private anonymous mappings reserved without commit, as a real VMM's
+guest memory does: a 16 GiB guest costs nothing until its pages are touched. Tags are kept
+packed (two 4-bit tags per byte, granule 2k in the low nibble of byte k), which is both the
+kernel's layout and our wire's, so sending tags never converts them.
+"""
+
+from __future__ import annotations
+
+import mmap
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from common.constants import (
+    GRANULE_SIZE,
+    GRANULES_PER_PAGE,
+    MAX_RAM_BYTES,
+    MIN_RAM_BYTES,
+    PACKED_TAG_BYTES_PER_PAGE,
+    PAGE_SIZE,
+    TAG_MASK,
+)
+
+# Not exported by the mmap module on every Python; the Linux value.
+_MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
+
+PageIndices = npt.NDArray[np.int64]
+
+
+class GuestAddressError(ValueError):
+    """An access outside guest RAM (a real guest would take an external abort)."""
+
+
+@dataclass(frozen=True)
+class DirtySync:
+    """What one dirty sync took: the pages whose data, and whose tags, changed."""
+
+    data_pages: PageIndices
+    tag_pages: PageIndices
+
+
+def _lazy_zeroed(size: int) -> tuple[mmap.mmap, npt.NDArray[np.uint8]]:
+    mapping = mmap.mmap(
+        -1,
+        size,
+        flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
+        prot=mmap.PROT_READ | mmap.PROT_WRITE,
+    )
+    return mapping, np.frombuffer(mapping, dtype=np.uint8)
+
+
+def check_ram_size(ram_bytes: int) -> None:
+    if not MIN_RAM_BYTES <= ram_bytes <= MAX_RAM_BYTES:
+        raise ValueError(f"RAM size {ram_bytes} bytes is outside {MIN_RAM_BYTES} .. {MAX_RAM_BYTES} bytes")
+    if ram_bytes % PAGE_SIZE:
+        raise ValueError(f"RAM size {ram_bytes} bytes is not a whole number of 4 KiB pages")
+
+
+class GuestMemory:
+    """RAM in 4 KiB pages plus one 4-bit allocation tag per 16-byte granule."""
+
+    def __init__(self, ram_bytes: int) -> None:
+        check_ram_size(ram_bytes)
+        self.ram_bytes = ram_bytes
+        self.page_count = ram_bytes // PAGE_SIZE
+        self._ram_map, self.ram = _lazy_zeroed(ram_bytes)
+        self.pages = self.ram.reshape(self.page_count, PAGE_SIZE)
+        self._tag_map, self.tag_bytes = _lazy_zeroed(self.page_count * PACKED_TAG_BYTES_PER_PAGE)
+        self.page_tags = self.tag_bytes.reshape(self.page_count, PACKED_TAG_BYTES_PER_PAGE)
+        self.data_dirty = np.zeros(self.page_count, dtype=np.bool_)
+        self.tag_dirty = np.zeros(self.page_count, dtype=np.bool_)
+        # Pages ever written: a page never written is known to be zero without reading it,
+        # which keeps digests and the first round cheap for large, mostly idle guests.
+        self.data_populated = np.zeros(self.page_count, dtype=np.bool_)
+        self.tags_populated = np.zeros(self.page_count, dtype=np.bool_)
+        # Guards the dirty bitmaps against a vCPU thread: a store and its dirty mark happen
+        # under it, and a dirty sync takes it, so no write slips between read and clear.
+        self.lock = threading.RLock()
+
+    # -- bounds -----------------------------------------------------------------------------
+    def check_range(self, addr: int, length: int) -> None:
+        if length < 0 or addr < 0 or addr + length > self.ram_bytes:
+            raise GuestAddressError(
+                f"access of {length} bytes at {addr:#x} is outside guest RAM of {self.ram_bytes:#x} bytes"
+            )
+
+    def check_pages(self, indices: npt.ArrayLike) -> PageIndices:
+        idx = np.asarray(indices, dtype=np.int64)
+        if idx.size and (idx.min() < 0 or idx.max() >= self.page_count):
+            bad = int(idx[(idx < 0) | (idx >= self.page_count)][0])
+            raise GuestAddressError(f"page {bad} is outside guest RAM of {self.page_count} pages")
+        return idx
+
+    def _mark(self, bitmap: npt.NDArray[np.bool_], addr: int, length: int) -> None:
+        if length:
+            bitmap[addr // PAGE_SIZE : (addr + length - 1) // PAGE_SIZE + 1] = True
+
+    # -- data ---------------------------------------------------------------------------
+    def read(self, addr: int, length: int) -> bytes:
+        self.check_range(addr, length)
+        return self.ram[addr : addr + length].tobytes()
+
+    def write(self, addr: int, data: bytes | npt.NDArray[np.uint8]) -> None:
+        length = len(data)
+        self.check_range(addr, length)
+        with self.lock:
+            self.ram[addr : addr + length] = (
+                np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
+            )
+            self._mark(self.data_dirty, addr, length)
+            self._mark(self.data_populated, addr, length)
+
+    def read_u64(self, addr: int) -> int:
+        return int.from_bytes(self.read(addr, 8), "little")
+
+    def write_u64(self, addr: int, value: int) -> None:
+        self.write(addr, (value & 0xFFFF_FFFF_FFFF_FFFF).to_bytes(8, "little"))
+
+    # -- tags ---------------------------------------------------------------------------
+    def get_tag(self, addr: int) -> int:
+        """LDG: the allocation tag of the granule holding addr."""
+        self.check_range(addr, 1)
+        granule = addr // GRANULE_SIZE
+        byte = int(self.tag_bytes[granule >> 1])
+        return (byte >> 4) & TAG_MASK if granule & 1 else byte & TAG_MASK
+
+    def granule_tags(self, addr: int, length: int) -> npt.NDArray[np.uint8]:
+        """The allocation tags, one per byte, of every granule that [addr, addr+length) touches."""
+        self.check_range(addr, length)
+        first = addr // GRANULE_SIZE
+        last = (addr + max(length, 1) - 1) // GRANULE_SIZE
+        packed = self.tag_bytes[first >> 1 : (last >> 1) + 1]
+        unpacked = unpack_tags(packed)
+        start = first & 1
+        return unpacked[start : start + last - first + 1]
+
+    def set_tags(self, addr: int, length: int, tag: int) -> None:
+        """STG/STGM: give every granule of a granule-aligned range the same tag."""
+        if addr % GRANULE_SIZE or length % GRANULE_SIZE:
+            raise GuestAddressError(f"tag store at {addr:#x}+{length} is not granule aligned")
+        self.check_range(addr, length)
+        if not length:
+            return
+        tag &= TAG_MASK
+        first = addr // GRANULE_SIZE
+        end = first + length // GRANULE_SIZE
+        with self.lock:
+            if first & 1:
+                self._set_nibble(first, tag)
+                first += 1
+            if end > first and end & 1:
+                self._set_nibble(end - 1, tag)
+                end -= 1
+            if end > first:
+                self.tag_bytes[first >> 1 : end >> 1] = tag | (tag << 4)
+            self._mark(self.tag_dirty, addr, length)
+            self._mark(self.tags_populated, addr, length)
+
+    def _set_nibble(self, granule: int, tag: int) -> None:
+        i = granule >> 1
+        byte = int(self.tag_bytes[i])
+        self.tag_bytes[i] = (byte & 0x0F) | (tag << 4) if granule & 1 else (byte & 0xF0) | tag
+
+    def set_granule_tags(self, addr: int, tags: npt.ArrayLike) -> None:
+        """Give consecutive granules from addr one tag each (tags one per element)."""
+        values = np.asarray(tags, dtype=np.uint8) & TAG_MASK
+        length = values.size * GRANULE_SIZE
+        if addr % GRANULE_SIZE:
+            raise GuestAddressError(f"tag store at {addr:#x} is not granule aligned")
+        self.check_range(addr, length)
+        first = addr // GRANULE_SIZE
+        with self.lock:
+            if first & 1 or values.size & 1:
+                for k, tag in enumerate(values.tolist()):
+                    self._set_nibble(first + k, tag)
+            else:
+                self.tag_bytes[first >> 1 : (first + values.size) >> 1] = pack_tags(values)
+            self._mark(self.tag_dirty, addr, length)
+            self._mark(self.tags_populated, addr, length)
+
+    # -- bulk per page range -----------------------------------------------------------------
+    def read_tags_packed(self, first_page: int, count: int) -> npt.NDArray[np.uint8]:
+        self.check_range(first_page * PAGE_SIZE, count * PAGE_SIZE)
+        return self.page_tags[first_page : first_page + count].copy()
+
+    def read_tags_unpacked(self, first_page: int, count: int) -> npt.NDArray[np.uint8]:
+        """The KVM_ARM_MTE_COPY_TAGS layout: one tag per byte, 256 bytes per page."""
+        return unpack_tags(self.read_tags_packed(first_page, count).reshape(-1)).reshape(
+            count, GRANULES_PER_PAGE
+        )
+
+    def write_tags_packed(self, first_page: int, packed: npt.ArrayLike) -> None:
+        values = np.asarray(packed, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
+        count = values.shape[0]
+        self.check_range(first_page * PAGE_SIZE, count * PAGE_SIZE)
+        with self.lock:
+            self.page_tags[first_page : first_page + count] = values
+            self.tag_dirty[first_page : first_page + count] = True
+            self.tags_populated[first_page : first_page + count] = True
+
+    def write_tags_unpacked(self, first_page: int, unpacked: npt.ArrayLike) -> None:
+        values = np.asarray(unpacked, dtype=np.uint8)
+        if values.size % GRANULES_PER_PAGE:
+            raise ValueError(f"{values.size} tags is not a whole number of pages")
+        if values.size and int(values.max()) > TAG_MASK:
+            raise ValueError("an unpacked tag is wider than 4 bits")
+        self.write_tags_packed(first_page, pack_tags(values.reshape(-1)))
+
+    # -- placement by a migration (no dirtying: these are not guest writes) -------------------
+    def place_pages(self, indices: PageIndices, data: npt.NDArray[np.uint8]) -> None:
+        self.pages[indices] = data
+        self.data_populated[indices] = True
+
+    def place_zero_pages(self, indices: PageIndices) -> None:
+        populated = indices[self.data_populated[indices]]
+        self.pages[populated] = 0
+
+    def place_tags(self, indices: PageIndices, packed: npt.NDArray[np.uint8]) -> None:
+        self.page_tags[indices] = packed
+        self.tags_populated[indices] = True
+
+    # -- migration support ----------------------------------------------------------------
+    def dirty_sync(self) -> DirtySync:
+        """Take and clear both dirty bitmaps in one step (the migration's 'dirty sync')."""
+        with self.lock:
+            data = np.flatnonzero(self.data_dirty)
+            tags = np.flatnonzero(self.tag_dirty)
+            self.data_dirty[:] = False
+            self.tag_dirty[:] = False
+        return DirtySync(data_pages=data, tag_pages=tags)
+
+    def populated_pages(self) -> DirtySync:
+        """Every page that may differ from a fresh guest: what a first round must send."""
+        with self.lock:
+            self.data_dirty[:] = False
+            self.tag_dirty[:] = False
+            return DirtySync(
+                data_pages=np.flatnonzero(self.data_populated),
+                tag_pages=np.flatnonzero(self.tags_populated),
+            )
+
+    def close(self) -> None:
+        # numpy views keep the mapping's buffer exported; drop them before closing.
+        del self.pages, self.ram, self.page_tags, self.tag_bytes
+        self._ram_map.close()
+        self._tag_map.close()
+
+
+def pack_tags(unpacked: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """One tag per byte (even count) to two per byte, granule 2k in the low nibble."""
+    flat = np.asarray(unpacked, dtype=np.uint8).reshape(-1)
+    return ((flat[0::2] & TAG_MASK) | ((flat[1::2] & TAG_MASK) << 4)).astype(np.uint8)
+
+
+def unpack_tags(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    flat = np.asarray(packed, dtype=np.uint8).reshape(-1)
+    out = np.empty(flat.size * 2, dtype=np.uint8)
+    out[0::2] = flat & TAG_MASK
+    out[1::2] = flat >> 4
+    return out

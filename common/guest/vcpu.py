@@ -1,0 +1,88 @@
+"""vCPU register state: what the workload needs plus the MTE system registers that the
+original KVM series saves and restores."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field, fields
+
+import xxhash
+
+from common.constants import SCTLR_TCF0_SHIFT, SCTLR_TCF_SHIFT
+from common.wire import mte_migration_pb2 as pb
+
+GENERAL_REGISTERS = 31
+_U64 = 0xFFFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class VcpuState:
+    index: int = 0
+    x: list[int] = field(default_factory=lambda: [0] * GENERAL_REGISTERS)
+    sp: int = 0
+    pc: int = 0
+    pstate: int = 0
+    sctlr_el1: int = 0
+    gcr_el1: int = 0
+    rgsr_el1: int = 0
+    tfsr_el1: int = 0
+    tfsre0_el1: int = 0
+
+    def tcf(self, el: int) -> int:
+        """SCTLR_EL1.TCF for EL1 accesses, SCTLR_EL1.TCF0 for EL0 ones."""
+        shift = SCTLR_TCF_SHIFT if el == 1 else SCTLR_TCF0_SHIFT
+        return (self.sctlr_el1 >> shift) & 0b11
+
+    def set_tcf(self, el: int, mode: int) -> None:
+        shift = SCTLR_TCF_SHIFT if el == 1 else SCTLR_TCF0_SHIFT
+        self.sctlr_el1 = (self.sctlr_el1 & ~(0b11 << shift)) | ((mode & 0b11) << shift)
+
+    def scalars(self) -> list[int]:
+        return [getattr(self, f.name) for f in fields(self) if f.name not in ("index", "x")]
+
+    def to_bytes(self) -> bytes:
+        values = [self.index, *self.x, *self.scalars()]
+        return struct.pack(f"<{len(values)}Q", *(v & _U64 for v in values))
+
+    def digest(self) -> bytes:
+        return xxhash.xxh3_128_digest(self.to_bytes())
+
+    def to_proto(self) -> pb.VcpuState:
+        return pb.VcpuState(
+            index=self.index,
+            x=self.x,
+            sp=self.sp,
+            pc=self.pc,
+            pstate=self.pstate,
+            sctlr_el1=self.sctlr_el1,
+            gcr_el1=self.gcr_el1,
+            rgsr_el1=self.rgsr_el1,
+            tfsr_el1=self.tfsr_el1,
+            tfsre0_el1=self.tfsre0_el1,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.VcpuState) -> VcpuState:
+        if len(msg.x) != GENERAL_REGISTERS:
+            raise ValueError(
+                f"vCPU {msg.index} state has {len(msg.x)} general registers, expected {GENERAL_REGISTERS}"
+            )
+        return cls(
+            index=msg.index,
+            x=list(msg.x),
+            sp=msg.sp,
+            pc=msg.pc,
+            pstate=msg.pstate,
+            sctlr_el1=msg.sctlr_el1,
+            gcr_el1=msg.gcr_el1,
+            rgsr_el1=msg.rgsr_el1,
+            tfsr_el1=msg.tfsr_el1,
+            tfsre0_el1=msg.tfsre0_el1,
+        )
+
+    def copy(self) -> VcpuState:
+        return VcpuState.from_proto(self.to_proto())
+
+
+def vcpus_digest(vcpus: list[VcpuState]) -> bytes:
+    return xxhash.xxh3_128_digest(b"".join(v.to_bytes() for v in vcpus))

@@ -1,0 +1,30 @@
+"""The JSON report both daemons write: one shape, built in one place."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from common.guest.guest import Guest
+from common.guest.workload import REG_FAULTS, REG_STEP
+
+
+def guest_summary(guest: Guest, *, running: bool) -> dict[str, Any]:
+    digests = guest.digests()
+    vcpu = guest.vcpus[0]
+    return {
+        "step": vcpu.x[REG_STEP],
+        "ram_digest": digests.ram.hex(),
+        "tag_digest": digests.tags.hex(),
+        "vcpu_digest": digests.vcpu.hex(),
+        "tag_check_faults": vcpu.x[REG_FAULTS],
+        "running": running,
+    }
+
+
+def write_report(path: str | Path, report: dict[str, Any]) -> None:
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
+    tmp.replace(target)  # a reader never sees half a report

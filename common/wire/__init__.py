@@ -1,0 +1,1 @@
+"""The wire: generated protobuf schema, framing and page/tag codecs."""

@@ -1,0 +1,282 @@
+"""Encoders and decoders for batches of RAM pages and tag sections.
+
+Zero pages and untagged pages carry no payload bytes; a page whose granules all share one tag
+carries one byte; lz4 is used only when a sample of the batch says it pays, since on random
+data it costs time and saves nothing. Decoders treat their input as hostile: every count,
+index, encoding and length is checked before anything is returned for placement.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import lz4.block
+import numpy as np
+import numpy.typing as npt
+
+from common.constants import (
+    LZ4_SAMPLE_PAGES,
+    LZ4_WORTH_RATIO,
+    MAX_PAGES_PER_MESSAGE,
+    PACKED_TAG_BYTES_PER_PAGE,
+    PAGE_SIZE,
+    TAG_MASK,
+)
+from common.wire import mte_migration_pb2 as pb
+from common.wire.framing import Buffer, WireError
+
+U8 = npt.NDArray[np.uint8]
+Indices = npt.NDArray[np.int64]
+
+
+@dataclass
+class BatchStats:
+    pages: int = 0
+    zero: int = 0  # data: zero pages; tags: untagged pages
+    uniform: int = 0
+    raw: int = 0
+    lz4: int = 0
+    payload_bytes: int = 0
+
+    def add(self, other: BatchStats) -> None:
+        for name in self.__dataclass_fields__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
+
+def _lz4_pays(rows: U8, candidates: Indices) -> bool:
+    if candidates.size == 0:
+        return False
+    sample = candidates[
+        np.linspace(0, candidates.size - 1, min(LZ4_SAMPLE_PAGES, candidates.size)).astype(np.int64)
+    ]
+    raw = sum(rows[i].nbytes for i in sample)
+    packed = sum(len(lz4.block.compress(rows[i].tobytes(), store_size=False)) for i in sample)
+    return packed < raw * LZ4_WORTH_RATIO
+
+
+def _compress_rows(
+    rows: U8,
+    raw_rows: Indices,
+    raw_code: int,
+    lz4_code: int,
+    encodings: npt.NDArray[np.int32],
+    lengths: npt.NDArray[np.int64],
+) -> list[bytes]:
+    """lz4 each candidate row, keeping raw bytes where lz4 does not shrink it."""
+    parts: list[bytes] = []
+    row_bytes = rows.shape[1]
+    for i in raw_rows.tolist():
+        raw = rows[i].tobytes()
+        packed = lz4.block.compress(raw, store_size=False)
+        if len(packed) < row_bytes:
+            encodings[i], lengths[i] = lz4_code, len(packed)
+            parts.append(packed)
+        else:
+            encodings[i], lengths[i] = raw_code, row_bytes
+            parts.append(raw)
+    return parts
+
+
+def encode_ram_pages(
+    pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
+) -> tuple[pb.RamPages, Buffer, BatchStats]:
+    """Encode pages[indices] (pages is the guest's (page_count, 4096) view)."""
+    rows = pages[indices]
+    nonzero = rows.any(axis=1)
+    encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
+    lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
+    data_rows = np.flatnonzero(nonzero)
+    stats = BatchStats(pages=int(indices.size), zero=int(indices.size - data_rows.size))
+    payload: Buffer
+    if use_lz4 and _lz4_pays(rows, data_rows):
+        parts = _compress_rows(rows, data_rows, pb.PAGE_RAW, pb.PAGE_LZ4, encodings, lengths)
+        payload = b"".join(parts)
+        stats.lz4 = int(np.count_nonzero(encodings == pb.PAGE_LZ4))
+    else:
+        # The common fast path: no per-page Python work, one copy.
+        content = rows if data_rows.size == rows.shape[0] else rows[data_rows]
+        payload = memoryview(content.reshape(-1)) if content.size else b""
+    stats.raw = int(np.count_nonzero(encodings == pb.PAGE_RAW))
+    stats.payload_bytes = len(payload)
+    msg = pb.RamPages(
+        round=round_no, page_index=indices.tolist(), encoding=encodings.tolist(), length=lengths.tolist()
+    )
+    return msg, payload, stats
+
+
+def encode_tag_sections(
+    page_tags: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
+) -> tuple[pb.TagSections, Buffer, BatchStats]:
+    """Encode the packed tags of pages[indices] (page_tags is (page_count, 128))."""
+    rows = page_tags[indices]
+    first = rows[:, 0]
+    uniform = (rows == first[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
+    untagged = uniform & (first == 0)
+    encodings = np.full(indices.size, pb.TAG_RAW, dtype=np.int32)
+    lengths = np.full(indices.size, PACKED_TAG_BYTES_PER_PAGE, dtype=np.int64)
+    encodings[uniform] = pb.TAG_UNIFORM
+    lengths[uniform] = 1
+    encodings[untagged] = pb.TAG_UNTAGGED
+    lengths[untagged] = 0
+    varied = np.flatnonzero(~uniform)
+    stats = BatchStats(
+        pages=int(indices.size), zero=int(untagged.sum()), uniform=int((uniform & ~untagged).sum())
+    )
+    compressed = use_lz4 and _lz4_pays(rows, varied)
+    if compressed:
+        varied_parts = iter(_compress_rows(rows, varied, pb.TAG_RAW, pb.TAG_LZ4, encodings, lengths))
+    else:
+        varied_parts = iter(rows[i].tobytes() for i in varied.tolist())
+    if varied.size == indices.size and not compressed:
+        payload: Buffer = rows.tobytes()
+    else:
+        parts: list[bytes] = []
+        for i, code in enumerate(encodings.tolist()):
+            if code == pb.TAG_UNIFORM:
+                parts.append(bytes((int(first[i]) & TAG_MASK,)))
+            elif code != pb.TAG_UNTAGGED:
+                parts.append(next(varied_parts))
+        payload = b"".join(parts)
+    stats.raw = int(np.count_nonzero(encodings == pb.TAG_RAW))
+    stats.lz4 = int(np.count_nonzero(encodings == pb.TAG_LZ4))
+    stats.payload_bytes = len(payload)
+    msg = pb.TagSections(
+        round=round_no, page_index=indices.tolist(), encoding=encodings.tolist(), length=lengths.tolist()
+    )
+    return msg, payload, stats
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """What a batch places: rows for pages with content, and pages that become all zero."""
+
+    indices: Indices  # pages that get rows
+    rows: U8  # (len(indices), row_bytes)
+    zero: Indices  # pages that become all zero (data) or untagged (tags)
+
+
+def _validate_header(
+    what: str,
+    indices: Indices,
+    encodings: npt.NDArray[np.int64],
+    lengths: npt.NDArray[np.int64],
+    page_count: int,
+    payload_len: int,
+) -> None:
+    n = indices.size
+    if not (n == encodings.size == lengths.size):
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"{what}: {n} page indices, {encodings.size} encodings and {lengths.size} lengths differ",
+        )
+    if n > MAX_PAGES_PER_MESSAGE:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE, f"{what}: {n} pages exceed the limit of {MAX_PAGES_PER_MESSAGE} per message"
+        )
+    if n and int(indices.max()) >= page_count:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"{what}: page {int(indices.max())} is out of range (guest has {page_count} pages)",
+        )
+    if np.unique(indices).size != n:
+        raise WireError(pb.ERROR_BAD_MESSAGE, f"{what}: a page appears twice in one batch")
+    total = int(lengths.sum())
+    if total != payload_len:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE, f"{what}: lengths add up to {total} bytes but the payload has {payload_len}"
+        )
+
+
+def _decompress(what: str, page: int, data: Buffer, size: int) -> bytes:
+    try:
+        out = lz4.block.decompress(data, uncompressed_size=size)
+    except lz4.block.LZ4BlockError as exc:
+        raise WireError(pb.ERROR_BAD_MESSAGE, f"{what}: page {page} is not valid lz4 ({exc})") from None
+    if len(out) != size:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE, f"{what}: page {page} decompresses to {len(out)} bytes, not {size}"
+        )
+    return out
+
+
+def decode_ram_pages(msg: pb.RamPages, payload: Buffer, page_count: int) -> DecodedBatch:
+    indices = np.asarray(msg.page_index, dtype=np.uint64)
+    encodings = np.asarray(msg.encoding, dtype=np.int64)
+    lengths = np.asarray(msg.length, dtype=np.int64)
+    _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload))
+    idx = indices.astype(np.int64)
+    zero = encodings == pb.PAGE_ZERO
+    raw = encodings == pb.PAGE_RAW
+    packed = encodings == pb.PAGE_LZ4
+    bad = ~(zero | raw | packed)
+    if bad.any():
+        raise WireError(pb.ERROR_BAD_MESSAGE, f"RAM pages: unknown page encoding {int(encodings[bad][0])}")
+    if (
+        (lengths[zero] != 0).any()
+        or (lengths[raw] != PAGE_SIZE).any()
+        or ((lengths[packed] < 1) | (lengths[packed] >= PAGE_SIZE)).any()
+    ):
+        raise WireError(pb.ERROR_BAD_MESSAGE, "RAM pages: a page length does not fit its encoding")
+    content = ~zero
+    view = memoryview(payload).cast("B")
+    if not packed.any():
+        rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
+    else:
+        rows = np.empty((int(content.sum()), PAGE_SIZE), dtype=np.uint8)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        for row, i in enumerate(np.flatnonzero(content).tolist()):
+            chunk = view[offsets[i] : offsets[i + 1]]
+            if packed[i]:
+                rows[row] = np.frombuffer(
+                    _decompress("RAM pages", int(idx[i]), chunk, PAGE_SIZE), dtype=np.uint8
+                )
+            else:
+                rows[row] = np.frombuffer(chunk, dtype=np.uint8)
+    return DecodedBatch(indices=idx[content], rows=rows, zero=idx[zero])
+
+
+def decode_tag_sections(msg: pb.TagSections, payload: Buffer, page_count: int) -> DecodedBatch:
+    indices = np.asarray(msg.page_index, dtype=np.uint64)
+    encodings = np.asarray(msg.encoding, dtype=np.int64)
+    lengths = np.asarray(msg.length, dtype=np.int64)
+    _validate_header("tag sections", indices, encodings, lengths, page_count, len(payload))
+    idx = indices.astype(np.int64)
+    expected = {
+        pb.TAG_UNTAGGED: (0, 0),
+        pb.TAG_UNIFORM: (1, 1),
+        pb.TAG_RAW: (PACKED_TAG_BYTES_PER_PAGE,) * 2,
+        pb.TAG_LZ4: (1, PACKED_TAG_BYTES_PER_PAGE - 1),
+    }
+    for code in np.unique(encodings).tolist():
+        if code not in expected:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"tag sections: unknown tag encoding {code}")
+        lo, hi = expected[code]
+        sel = lengths[encodings == code]
+        if ((sel < lo) | (sel > hi)).any():
+            raise WireError(pb.ERROR_BAD_MESSAGE, "tag sections: a section length does not fit its encoding")
+    untagged = encodings == pb.TAG_UNTAGGED
+    content = ~untagged
+    view = memoryview(payload).cast("B")
+    if (encodings[content] == pb.TAG_RAW).all():
+        rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
+    else:
+        rows = np.empty((int(content.sum()), PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
+        offsets = np.concatenate(([0], np.cumsum(lengths)))
+        for row, i in enumerate(np.flatnonzero(content).tolist()):
+            chunk = view[offsets[i] : offsets[i + 1]]
+            code = encodings[i]
+            if code == pb.TAG_UNIFORM:
+                tag = chunk[0]
+                if tag > TAG_MASK:
+                    raise WireError(
+                        pb.ERROR_BAD_MESSAGE,
+                        f"tag sections: uniform tag {tag} of page {int(idx[i])} is wider than 4 bits",
+                    )
+                rows[row] = tag | (tag << 4)
+            elif code == pb.TAG_LZ4:
+                rows[row] = np.frombuffer(
+                    _decompress("tag sections", int(idx[i]), chunk, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8
+                )
+            else:
+                rows[row] = np.frombuffer(chunk, dtype=np.uint8)
+    return DecodedBatch(indices=idx[content], rows=rows, zero=idx[untagged])
