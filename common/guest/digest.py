@@ -1,14 +1,19 @@
-"""Digests of guest RAM, tags and vCPU state: a two-level tree of xxh3 hashes.
+"""Digests of guest RAM, tags and vCPU state: a three-level tree of xxh3 hashes.
 
-Level one hashes blocks of DIGEST_BLOCK_PAGES pages; the root hashes the block digests. A
-block whose pages were never written hashes to a precomputed constant, so a large idle guest
-costs almost nothing. A mismatched root is narrowed to blocks, then to pages.
+Leaves are one xxh3-64 per page (of its 4096 data bytes, or its 128 packed tag bytes); a
+block digest hashes the leaves of DIGEST_BLOCK_PAGES pages; the root hashes the blocks. A page
+never written is known to be zero, so its leaf is a constant and a large idle guest costs
+almost nothing.
+
+Leaves are cached and refreshed only where pages changed: a migration marks the pages each
+dirty sync (source) or each placement (destination) touched, refreshes in small budgets while
+the guest still runs, and after the guest stops only the last pass's pages are hashed again.
+That keeps the verification handshake out of the downtime budget.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import numpy.typing as npt
@@ -18,50 +23,8 @@ from common.constants import DIGEST_BLOCK_PAGES, PACKED_TAG_BYTES_PER_PAGE, PAGE
 from common.guest.memory import GuestMemory
 
 U64Array = npt.NDArray[np.uint64]
-
-
-@lru_cache(maxsize=16)
-def _zero_digest(length: int) -> int:
-    return xxhash.xxh3_64_intdigest(bytes(length))
-
-
-def block_digests(
-    flat: npt.NDArray[np.uint8], bytes_per_page: int, populated: npt.NDArray[np.bool_]
-) -> U64Array:
-    page_count = populated.size
-    blocks = (page_count + DIGEST_BLOCK_PAGES - 1) // DIGEST_BLOCK_PAGES
-    out = np.empty(blocks, dtype=np.uint64)
-    any_populated = np.logical_or.reduceat(populated, np.arange(0, page_count, DIGEST_BLOCK_PAGES))
-    view = memoryview(flat)  # type: ignore[arg-type]
-    block_bytes = DIGEST_BLOCK_PAGES * bytes_per_page
-    for b in range(blocks):
-        start = b * block_bytes
-        end = min(start + block_bytes, page_count * bytes_per_page)
-        if any_populated[b]:
-            out[b] = xxhash.xxh3_64_intdigest(view[start:end])
-        else:
-            out[b] = _zero_digest(end - start)
-    return out
-
-
-def page_digests(flat: npt.NDArray[np.uint8], bytes_per_page: int, first: int, count: int) -> U64Array:
-    view = memoryview(flat)  # type: ignore[arg-type]
-    return np.fromiter(
-        (
-            xxhash.xxh3_64_intdigest(view[p * bytes_per_page : (p + 1) * bytes_per_page])
-            for p in range(first, first + count)
-        ),
-        dtype=np.uint64,
-        count=count,
-    )
-
-
-def root_digest(kind: bytes, page_count: int, blocks: U64Array) -> bytes:
-    h = xxhash.xxh3_128()
-    h.update(kind)
-    h.update(page_count.to_bytes(8, "little"))
-    h.update(blocks.astype("<u8").tobytes())
-    return h.digest()
+_ZERO_PAGE_LEAF = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
+_UNTAGGED_LEAF = xxhash.xxh3_64_intdigest(bytes(PACKED_TAG_BYTES_PER_PAGE))
 
 
 @dataclass(frozen=True, eq=False)
@@ -79,26 +42,97 @@ class MemoryDigests:
         return hash((self.ram, self.tags))
 
 
+class _Leaves:
+    """Cached per-page leaves of one byte array (RAM or packed tags)."""
+
+    def __init__(
+        self, flat: npt.NDArray[np.uint8], row_bytes: int, populated: npt.NDArray[np.bool_], zero_leaf: int
+    ) -> None:
+        self.view = memoryview(flat)  # type: ignore[arg-type]
+        self.row_bytes = row_bytes
+        self.populated = populated
+        self.zero_leaf = zero_leaf
+        self.leaves = np.full(populated.size, zero_leaf, dtype=np.uint64)
+        self.stale = populated.copy()  # unpopulated pages already hold the right leaf
+
+    def refresh(self, budget: int | None) -> int:
+        pending = np.flatnonzero(self.stale)
+        if budget is not None:
+            pending = pending[:budget]
+        if pending.size == 0:
+            return 0
+        self.stale[pending] = False
+        rb = self.row_bytes
+        view = self.view
+        live = pending[self.populated[pending]]
+        self.leaves[pending[~self.populated[pending]]] = self.zero_leaf
+        self.leaves[live] = np.fromiter(
+            (xxhash.xxh3_64_intdigest(view[p * rb : (p + 1) * rb]) for p in live.tolist()),
+            dtype=np.uint64,
+            count=live.size,
+        )
+        return int(pending.size)
+
+    def blocks(self) -> U64Array:
+        n = self.leaves.size
+        count = (n + DIGEST_BLOCK_PAGES - 1) // DIGEST_BLOCK_PAGES
+        raw = self.leaves.astype("<u8").tobytes()
+        step = DIGEST_BLOCK_PAGES * 8
+        return np.fromiter(
+            (xxhash.xxh3_64_intdigest(raw[b * step : (b + 1) * step]) for b in range(count)),
+            dtype=np.uint64,
+            count=count,
+        )
+
+
+def root_digest(kind: bytes, page_count: int, blocks: U64Array) -> bytes:
+    h = xxhash.xxh3_128()
+    h.update(kind)
+    h.update(page_count.to_bytes(8, "little"))
+    h.update(blocks.astype("<u8").tobytes())
+    return h.digest()
+
+
+class DigestCache:
+    """Per-page digests of one guest's memory, kept fresh incrementally."""
+
+    def __init__(self, mem: GuestMemory) -> None:
+        self.mem = mem
+        self.ram = _Leaves(mem.ram, PAGE_SIZE, mem.data_populated, _ZERO_PAGE_LEAF)
+        self.tags = _Leaves(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, mem.tags_populated, _UNTAGGED_LEAF)
+
+    def mark(self, data_pages: npt.ArrayLike, tag_pages: npt.ArrayLike) -> None:
+        self.ram.stale[data_pages] = True
+        self.tags.stale[tag_pages] = True
+
+    def refresh(self, budget: int | None = None) -> int:
+        """Hash up to budget stale pages (all when None); returns how many were hashed."""
+        done = self.ram.refresh(budget)
+        return done + self.tags.refresh(None if budget is None else max(0, budget - done))
+
+    @property
+    def stale_pages(self) -> int:
+        return int(np.count_nonzero(self.ram.stale) + np.count_nonzero(self.tags.stale))
+
+    def digests(self) -> MemoryDigests:
+        self.refresh()
+        ram_blocks = self.ram.blocks()
+        tag_blocks = self.tags.blocks()
+        n = self.mem.page_count
+        return MemoryDigests(
+            root_digest(b"ram", n, ram_blocks), root_digest(b"tags", n, tag_blocks), ram_blocks, tag_blocks
+        )
+
+    def page_leaves(self, first: int, count: int) -> tuple[U64Array, U64Array]:
+        self.refresh()
+        return self.ram.leaves[first : first + count].copy(), self.tags.leaves[first : first + count].copy()
+
+
 def memory_digests(mem: GuestMemory) -> MemoryDigests:
-    ram_blocks = block_digests(mem.ram, PAGE_SIZE, mem.data_populated)
-    tag_blocks = block_digests(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, mem.tags_populated)
-    return MemoryDigests(
-        ram=root_digest(b"ram", mem.page_count, ram_blocks),
-        tags=root_digest(b"tags", mem.page_count, tag_blocks),
-        ram_blocks=ram_blocks,
-        tag_blocks=tag_blocks,
-    )
+    return DigestCache(mem).digests()
 
 
 def block_pages(block: int, page_count: int) -> tuple[int, int]:
     """First page and page count of a digest block."""
     first = block * DIGEST_BLOCK_PAGES
     return first, min(DIGEST_BLOCK_PAGES, page_count - first)
-
-
-def ram_page_digests(mem: GuestMemory, first: int, count: int) -> U64Array:
-    return page_digests(mem.ram, PAGE_SIZE, first, count)
-
-
-def tag_page_digests(mem: GuestMemory, first: int, count: int) -> U64Array:
-    return page_digests(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, first, count)
