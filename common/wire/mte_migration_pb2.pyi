@@ -111,18 +111,20 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ...) -> None: ...
 
 class HelloAck(_message.Message):
-    __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit")
+    __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit", "code")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_CREDIT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     protocol_version: int
     features: _containers.RepeatedScalarFieldContainer[Feature]
     initial_credit: int
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ...) -> None: ...
+    code: ErrorCode
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ..., code: _Optional[_Union[ErrorCode, str]] = ...) -> None: ...
 
 class RamPages(_message.Message):
     __slots__ = ("round", "page_index", "encoding", "length")
