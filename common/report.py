@@ -10,17 +10,22 @@ from common.guest.guest import Guest
 from common.guest.workload import REG_FAULTS, REG_STEP
 
 
-def guest_summary(guest: Guest, *, running: bool) -> dict[str, Any]:
-    digests = guest.digests()
+def guest_summary(guest: Guest, *, running: bool, with_digests: bool = True) -> dict[str, Any]:
     vcpu = guest.vcpus[0]
-    return {
+    summary: dict[str, Any] = {
         "step": vcpu.x[REG_STEP],
-        "ram_digest": digests.ram.hex(),
-        "tag_digest": digests.tags.hex(),
-        "vcpu_digest": digests.vcpu.hex(),
+        "ram_digest": None,
+        "tag_digest": None,
+        "vcpu_digest": None,
         "tag_check_faults": vcpu.x[REG_FAULTS],
         "running": running,
     }
+    if with_digests:
+        digests = guest.digests()
+        summary.update(
+            ram_digest=digests.ram.hex(), tag_digest=digests.tags.hex(), vcpu_digest=digests.vcpu.hex()
+        )
+    return summary
 
 
 def write_report(path: str | Path, report: dict[str, Any]) -> None:

@@ -1,17 +1,108 @@
-"""dest-node: receives a migrating MTE guest."""
+"""dest-node: waits for an incoming migration (like QEMU's -incoming) and runs the guest
+after a verified handover.
+
+  dest-node --listen tcp://127.0.0.1:4444 [--once] [--stop-at-step N] [--report PATH]
+  dest-node ctl --control tcp://H:P status|cancel
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
+from common.logging import configure
+from common.protocol.dest import DestParameters
+
+
+def _non_negative(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
+    def parse(text: str) -> int | float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
+        if value < 0:
+            raise argparse.ArgumentTypeError(f"{text} is negative")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="dest-node", description="Receive a migrating MTE guest and, once verified, run it."
+    )
+    parser.add_argument(
+        "--listen", required=True, metavar="URI", help="where to accept a source (tcp://HOST:PORT)"
+    )
+    parser.add_argument(
+        "--once", action="store_true", help="exit after one migration (non-zero when it failed)"
+    )
+    parser.add_argument(
+        "--stop-at-step",
+        type=_non_negative(int),
+        default=None,
+        help="stop the arrived guest's workload at this step",
+    )
+    parser.add_argument(
+        "--report", help="write the JSON report here when the guest stops or the migration fails"
+    )
+    parser.add_argument("--control", metavar="URI", help="serve control commands here")
+    parser.add_argument(
+        "--auth-token",
+        default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
+        help="accept only sources presenting this token (default $MTE_MIGRATION_TOKEN)",
+    )
+    parser.add_argument(
+        "--peer-timeout",
+        type=_non_negative(float),
+        default=5.0,
+        metavar="S",
+        help="declare the source dead after this silence (default 5 s)",
+    )
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    # Test builds: flip a byte of this page once after placing it (proves verification repairs).
+    parser.add_argument("--debug-corrupt-page", type=_non_negative(int), default=None, help=argparse.SUPPRESS)
+    return parser
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="dest-node", description="Receive a migrating MTE guest.")
-    parser.parse_args(argv)
-    print("dest-node: incoming migration is not implemented yet", file=sys.stderr)
-    return 2
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        from source_node.cli import ctl_main
+
+        return ctl_main(argv[1:], "dest-node ctl")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    configure(args.log_level)
+    if not args.listen.startswith(("tcp://", "ipc://")):
+        parser.error(f"--listen '{args.listen}' is not a tcp:// or ipc:// address")
+    if args.peer_timeout <= 0:
+        parser.error("--peer-timeout must be positive")
+    from dest_node.daemon import DestDaemon, DestOptions
+
+    params = DestParameters(
+        auth_token=args.auth_token.encode(),
+        peer_timeout_s=args.peer_timeout,
+        heartbeat_interval_s=min(0.5, args.peer_timeout / 4),
+        corrupt_page=args.debug_corrupt_page,
+    )
+    try:
+        daemon = DestDaemon(
+            DestOptions(
+                listen=args.listen,
+                params=params,
+                once=args.once,
+                stop_at_step=args.stop_at_step,
+                report=args.report,
+                control=args.control,
+            )
+        )
+    except Exception as exc:  # zmq.ZMQError and friends: say what, not a traceback
+        print(f"dest-node: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+        return 2
+    return daemon.run()
 
 
 if __name__ == "__main__":

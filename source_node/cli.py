@@ -1,18 +1,28 @@
-"""source-node: boots an emulated MTE guest, runs its workload and (later) migrates it."""
+"""source-node: boots an emulated MTE guest, runs its workload and migrates it.
+
+source-node [guest flags] --report ref.json            the reference run (no migration)
+source-node [guest flags] --migrate-to tcp://H:P       migrate once, exit with the report
+source-node [guest flags] --control tcp://H:P          a daemon steered by `ctl`
+source-node ctl --control tcp://H:P status|migrate|cancel|set-parameters ...
+source-node demo                                       a loopback migration to watch
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import signal
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
+from common.control import request
 from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
 from common.logging import configure, get_logger
+from common.protocol.params import MigrationParameters
 from common.report import guest_summary, write_report
 from common.units import parse_size
 
@@ -78,6 +88,55 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
+    mig = parser.add_argument_group("migration")
+    mig.add_argument(
+        "--migrate-to",
+        metavar="URI",
+        help="migrate to a dest-node listening here (tcp://HOST:PORT), then exit",
+    )
+    mig.add_argument(
+        "--mode", choices=["precopy", "postcopy"], default="precopy", help="migration mode (default precopy)"
+    )
+    mig.add_argument(
+        "--downtime-limit",
+        type=_non_negative(float),
+        default=300.0,
+        metavar="MS",
+        help="switch over when the rest fits this downtime (default 300 ms)",
+    )
+    mig.add_argument(
+        "--max-bandwidth",
+        type=_size,
+        default=0,
+        metavar="BYTES",
+        help="bytes per second, sizes allowed (e.g. 100MiB); 0 = unlimited",
+    )
+    mig.add_argument("--no-lz4", action="store_true", help="never compress pages")
+    mig.add_argument(
+        "--auth-token",
+        default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
+        help="shared token the destination expects (default $MTE_MIGRATION_TOKEN)",
+    )
+    mig.add_argument(
+        "--peer-timeout",
+        type=_non_negative(float),
+        default=5.0,
+        metavar="S",
+        help="declare the destination dead after this silence (default 5 s)",
+    )
+    mig.add_argument(
+        "--convergence-timeout",
+        type=_non_negative(float),
+        default=60.0,
+        metavar="S",
+        help="give up if precopy has not converged by then (default 60 s)",
+    )
+    mig.add_argument(
+        "--control", metavar="URI", help="serve control commands here (tcp://127.0.0.1:PORT or ipc://PATH)"
+    )
+
+
 def workload_config(args: argparse.Namespace) -> WorkloadConfig:
     return WorkloadConfig(
         seed=args.seed,
@@ -89,14 +148,28 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
     )
 
 
+def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
+    return MigrationParameters(
+        downtime_limit_ms=args.downtime_limit,
+        max_bandwidth=args.max_bandwidth,
+        use_lz4=not args.no_lz4,
+        auth_token=args.auth_token.encode(),
+        peer_timeout_s=args.peer_timeout,
+        heartbeat_interval_s=min(0.5, args.peer_timeout / 4) if args.peer_timeout > 0 else 0.5,
+        convergence_timeout_s=args.convergence_timeout,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="source-node",
-        description="Boot an emulated MTE guest and run its workload. Without --migrate-to "
-        "this is the reference run: the guest runs to --stop-at-step (or until interrupted) "
-        "and the report holds its digests.",
+        description="Boot an emulated MTE guest and run its workload; migrate it with --migrate-to or on "
+        "a `migrate` control command. With neither, this is the reference run: the guest runs to "
+        "--stop-at-step (or until interrupted) and the report holds its digests. "
+        "Subcommands: `source-node ctl ...` steers a running daemon, `source-node demo` runs a loopback migration.",
     )
     add_guest_arguments(parser)
+    add_migration_arguments(parser)
     parser.add_argument("--report", help="write the JSON report here")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -106,17 +179,11 @@ def reference_run(args: argparse.Namespace) -> int:
     log = get_logger("source-node")
     guest = boot(args.ram, workload_config(args))
     runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
-    interrupted = []
+    interrupted: list[bool] = []
     signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
+    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
     log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
-    runner.start()
-    try:
-        while not runner.finished and not interrupted:
-            time.sleep(0.05)
-    except KeyboardInterrupt:
-        pass
-    runner.pause()
-    runner.shutdown()
+    runner.run_until_finished(lambda: bool(interrupted))
     report = {
         "status": "completed",
         "mode": "none",
@@ -129,7 +196,88 @@ def reference_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def summary_line(report: dict[str, Any]) -> str:
+    if report["status"] == "completed":
+        v = report["verification"]
+        return (
+            f"migration completed: downtime {report['downtime_ms']:.1f} ms (limit {report['downtime_limit_ms']:.0f} ms), "
+            f"{report['rounds']} rounds, {report['total_time_ms'] / 1000:.2f} s, {report['throughput_mbps'] / 8:.1f} MB/s; "
+            f"verified ram {v['ram_digest']} tags {v['tag_digest']} vcpu {v['vcpu_digest']}"
+        )
+    where = (
+        "the guest keeps running here"
+        if report["guest"]["running"]
+        else "the guest is not running on the source"
+    )
+    return f"migration {report['status']}: {report['error']} ({where})"
+
+
+def migrate_run(args: argparse.Namespace) -> int:
+    from source_node.daemon import SourceDaemon, SourceOptions
+
+    log = get_logger("source-node")
+    guest = boot(args.ram, workload_config(args))
+    runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
+    daemon = SourceDaemon(
+        guest,
+        runner,
+        SourceOptions(
+            params=migration_parameters(args), control=args.control, one_shot=bool(args.migrate_to)
+        ),
+    )
+    log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    if args.migrate_to:
+        daemon.migrate(args.migrate_to)
+    code = daemon.run()
+    report = daemon.final_report()
+    if args.report:
+        write_report(args.report, report)
+    if daemon.session is not None:
+        print(summary_line(report), flush=True)
+    return code
+
+
+def ctl_main(argv: Sequence[str], prog: str) -> int:
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Steer a running daemon through its control endpoint."
+    )
+    parser.add_argument("--control", required=True, metavar="URI", help="the daemon's control endpoint")
+    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("status", help="the report so far")
+    sub.add_parser("cancel", help="cancel the migration in progress")
+    migrate = sub.add_parser("migrate", help="start a migration")
+    migrate.add_argument("uri", help="the destination, tcp://HOST:PORT")
+    setp = sub.add_parser(
+        "set-parameters", help="change downtime_limit_ms, max_bandwidth or convergence_timeout_s"
+    )
+    setp.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
+    args = parser.parse_args(argv)
+    payload: dict[str, Any] = {}
+    if args.command == "migrate":
+        payload = {"uri": args.uri}
+    elif args.command == "set-parameters":
+        for item in args.assignments:
+            name, sep, value = item.partition("=")
+            if not sep:
+                parser.error(f"'{item}' is not NAME=VALUE")
+            payload[name.replace("-", "_")] = value
+    reply = request(args.control, args.command, payload, timeout_s=args.timeout)
+    if not reply.get("ok"):
+        print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
+        return 1
+    print(json.dumps(reply.get("result"), indent=2, sort_keys=True))
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["ctl"]:
+        return ctl_main(argv[1:], "source-node ctl")
+    if argv[:1] == ["demo"]:
+        from source_node.demo import main as demo_main
+
+        return demo_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_level)
@@ -139,8 +287,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--ram: {exc}")
     try:
         workload_config(args).check(args.ram)
+        migration_parameters(args).check()
     except ValueError as exc:
         parser.error(str(exc))
+    if args.mode == "postcopy":
+        parser.error("--mode postcopy is not implemented yet; use --mode precopy")
+    if args.migrate_to or args.control:
+        return migrate_run(args)
     return reference_run(args)
 
 

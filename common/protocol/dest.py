@@ -154,6 +154,11 @@ class DestSession:
             )
         return now + 3600.0
 
+    def cancel(self, now: float, reason: str = "cancelled by the destination's operator") -> None:
+        if self.phase in (DestPhase.WAITING, DestPhase.RUNNING, DestPhase.FAILED):
+            raise RuntimeError(f"no incoming migration to cancel (phase {self.phase.value})")
+        self._fail(pb.ERROR_CANCELLED, reason, now)
+
     # -- hello --------------------------------------------------------------------------
     def _check_hello(self, hello: pb.Hello) -> tuple[int, str] | None:
         if hello.protocol_version != PROTOCOL_VERSION:

@@ -1,0 +1,80 @@
+"""The control endpoint (the role QEMU's QMP plays): JSON requests over a ZeroMQ REP socket.
+
+A request is {"command": NAME, "args": {...}}; every reply is {"ok": true, "result": ...} or
+{"ok": false, "error": "what and why"}. A malformed request gets an error reply, never silence,
+and never stops the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+Handler = Callable[[dict[str, Any]], Any]
+
+
+class ControlError(Exception):
+    """A command that cannot be carried out; its text goes back to the caller."""
+
+
+class ControlServer:
+    def __init__(
+        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, handlers: dict[str, Handler]
+    ) -> None:
+        self.socket = ctx.socket(zmq.REP)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        self.socket.bind(address)
+        self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.handlers = handlers
+
+    def handle_one(self) -> None:
+        """Answer one waiting request (call when the socket is readable)."""
+        raw = self.socket.recv()
+        self.socket.send_string(json.dumps(self.dispatch(raw), default=str))
+
+    def dispatch(self, raw: bytes) -> dict[str, Any]:
+        try:
+            request = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            return {"ok": False, "error": "request is not JSON"}
+        if not isinstance(request, dict) or not isinstance(request.get("command"), str):
+            return {"ok": False, "error": 'request must be an object with a "command" string'}
+        handler = self.handlers.get(request["command"])
+        if handler is None:
+            known = ", ".join(sorted(self.handlers))
+            return {"ok": False, "error": f"unknown command '{request['command']}'; known: {known}"}
+        args = request.get("args") or {}
+        if not isinstance(args, dict):
+            return {"ok": False, "error": '"args" must be an object'}
+        try:
+            return {"ok": True, "result": handler(args)}
+        except (ControlError, ValueError, RuntimeError) as exc:
+            return {"ok": False, "error": str(exc)}
+
+    def close(self) -> None:
+        self.socket.close(linger=0)
+
+
+def request(
+    address: str, command: str, args: dict[str, Any] | None = None, timeout_s: float = 5.0
+) -> dict[str, Any]:
+    """Send one control request and wait for its reply (the `ctl` subcommand uses this)."""
+    ctx = zmq.Context.instance()
+    sock = ctx.socket(zmq.REQ)
+    sock.setsockopt(zmq.LINGER, 0)
+    try:
+        sock.connect(address)
+        sock.send_string(json.dumps({"command": command, "args": args or {}}))
+        if not sock.poll(int(timeout_s * 1000)):
+            return {
+                "ok": False,
+                "error": f"no answer from the control endpoint {address} within {timeout_s:.0f} s",
+            }
+        reply: dict[str, Any] = json.loads(sock.recv())
+        return reply
+    finally:
+        sock.close(linger=0)

@@ -1,0 +1,185 @@
+"""The destination daemon: a listening socket around a DestSession, and after a verified
+handover, the vCPU thread that runs the arrived guest."""
+
+from __future__ import annotations
+
+import signal
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from common.constants import MAX_FRAME_BYTES
+from common.control import ControlServer
+from common.guest.guest import Guest
+from common.guest.runner import GuestRunner
+from common.guest.workload import NotAWorkloadGuest, Workload
+from common.logging import get_logger
+from common.protocol.dest import DestParameters, DestSession
+from common.protocol.phases import DestPhase
+from common.report import guest_summary, write_report
+
+_POLL_CAP_S = 0.05
+
+
+@dataclass
+class DestOptions:
+    listen: str
+    params: DestParameters
+    once: bool = False
+    stop_at_step: int | None = None
+    report: str | None = None
+    control: str | None = None
+
+
+class DestDaemon:
+    def __init__(self, options: DestOptions) -> None:
+        self.options = options
+        self.log = get_logger("dest-node")
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.ROUTER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, not vanishes
+        self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        self.sock.setsockopt(zmq.RCVHWM, 4 * options.params.window + 64)
+        self.sock.bind(options.listen)
+        self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.session = DestSession(self, options.params, time.monotonic())
+        self.runner: GuestRunner | None = None
+        self.running_guest: Guest | None = None
+        self.quit = False
+        self._reported_failure = False
+        self._last_phase = self.session.phase
+        self.control: ControlServer | None = None
+        if options.control:
+            self.control = ControlServer(
+                self.ctx,
+                options.control,
+                {"status": lambda _: self.status(), "cancel": lambda _: self.cancel()},
+            )
+
+    # -- the host interface the session steers --------------------------------------------------
+    def start_guest(self, guest: Guest) -> None:
+        self.running_guest = guest
+        try:
+            workload = Workload(guest)
+        except NotAWorkloadGuest as exc:
+            self.log.warning("guest holds no workload; it runs idle", reason=str(exc))
+            return
+        self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)
+        self.runner.start()
+        self.log.info("guest running", step=workload.step_count, stop_at_step=self.options.stop_at_step)
+
+    def discard_guest(self, guest: Guest) -> None:
+        self.log.info("incoming guest discarded")
+
+    # -- commands --------------------------------------------------------------------------------
+    def status(self) -> dict[str, Any]:
+        report = self.session.report(time.monotonic())
+        report["listen"] = self.address
+        guest = self.running_guest or self.session.guest
+        if guest is not None:
+            running = self.runner is not None and self.runner.running
+            report["guest"] = guest_summary(
+                guest,
+                running=self.session.phase is DestPhase.RUNNING,
+                with_digests=not running and self.session.phase.terminal,
+            )
+        else:
+            report["guest"] = None
+        return report
+
+    def cancel(self) -> dict[str, Any]:
+        self.session.cancel(time.monotonic())
+        self._flush()
+        return self.status()
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def _flush(self) -> None:
+        for peer, frames in self.session.take_outgoing():
+            try:
+                self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
+            except (zmq.Again, zmq.ZMQError) as exc:
+                # the peer is gone or stuck; the session notices by its silence
+                self.log.warning("reply not delivered", peer=peer.hex(), reason=str(exc))
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            if len(parts) < 2:
+                continue
+            self.session.receive(parts[0].bytes, [p.buffer for p in parts[1:]], time.monotonic())
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "quit", True))
+        signal.signal(signal.SIGINT, lambda *_: setattr(self, "quit", True))
+        self.log.info("waiting for an incoming migration", listen=self.address)
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        if self.control:
+            poller.register(self.control.socket, zmq.POLLIN)
+        while not self.quit:
+            now = time.monotonic()
+            self.session.poll(now)
+            self._flush()
+            timeout = min(_POLL_CAP_S, max(0.0, self.session.next_deadline(now) - now))
+            guest_wait = self.runner.seconds_until_due(now) if self.runner else None
+            if guest_wait is not None:
+                timeout = min(timeout, guest_wait)
+            events = dict(poller.poll(int(timeout * 1000)))
+            if self.sock in events:
+                self._drain()
+                self._flush()
+            if self.control and self.control.socket in events:
+                self.control.handle_one()
+                self._flush()
+            if self.runner is not None:
+                self.runner.run_slice()
+            self._observe()
+            if self._done():
+                break
+        return self._finish()
+
+    def _observe(self) -> None:
+        phase = self.session.phase
+        if phase is not self._last_phase:
+            self.log.info("phase", phase=phase.value, rounds=self.session.rounds)
+            self._last_phase = phase
+        if phase is DestPhase.FAILED and not self._reported_failure:
+            self._reported_failure = True
+            self.log.error(
+                "incoming migration failed",
+                error=self.session.failure.reason if self.session.failure else None,
+            )
+            if self.options.report:
+                write_report(self.options.report, self.status())
+            if not self.options.once:
+                # ready for the next source; what arrived was discarded
+                self.session = DestSession(self, self.options.params, time.monotonic())
+                self._reported_failure = False
+                self._last_phase = self.session.phase
+
+    def _done(self) -> bool:
+        if self.session.phase is DestPhase.FAILED and self.options.once:
+            return True
+        return self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished
+
+    def _finish(self) -> int:
+        if self.runner is not None:
+            self.runner.pause()
+        completed = self.session.phase is DestPhase.RUNNING
+        report = self.status()
+        if completed and report.get("guest"):
+            report["guest"] = guest_summary(self.running_guest or self.session.guest, running=True)  # type: ignore[arg-type]
+        if self.options.report:
+            write_report(self.options.report, report)
+        self.log.info("dest-node exiting", status=report["status"], error=report["error"])
+        self.sock.close(linger=0)
+        if self.control:
+            self.control.close()
+        self.ctx.term()
+        return 0 if completed else 1
