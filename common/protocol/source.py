@@ -212,7 +212,11 @@ class SourceSession:
         if self.phase.terminal or self.phase is SourcePhase.IDLE:
             return
         if now - self.t_last_heard > self.params.peer_timeout_s:
-            self._fail(pb.ERROR_TIMEOUT, f"destination silent for {self.params.peer_timeout_s:.1f} s", now)
+            if self.phase is SourcePhase.SETUP:
+                reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
+            else:
+                reason = f"destination silent for {self.params.peer_timeout_s:.1f} s"
+            self._fail(pb.ERROR_TIMEOUT, reason, now)
             return
         if self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER):
             self._pump(now)

@@ -1,0 +1,96 @@
+"""Helpers for end-to-end tests: the real daemons as processes on loopback."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from source_node.demo import free_port, free_ports, wait_for_control
+
+SOURCE = [sys.executable, "-m", "source_node.cli"]
+DEST = [sys.executable, "-m", "dest_node.cli"]
+SMALL_GUEST = ["--ram", "16MiB", "--working-set", "2MiB"]
+
+
+@dataclass
+class Finished:
+    code: int
+    report: dict[str, Any]
+    stdout: str
+    stderr: str
+
+
+def reference(tmp: Path, *args: str) -> dict[str, Any]:
+    """The guest summary of an unmigrated run with the same arguments."""
+    out = tmp / f"reference-{time.monotonic_ns()}.json"
+    done = subprocess.run([*SOURCE, *args, "--report", str(out)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    guest: dict[str, Any] = json.loads(out.read_text())["guest"]
+    return guest
+
+
+class Dest:
+    def __init__(self, tmp: Path, *args: str) -> None:
+        self.port, control_port = free_ports(2)
+        self.uri = f"tcp://127.0.0.1:{self.port}"
+        self.control = f"tcp://127.0.0.1:{control_port}"
+        self.report_path = tmp / f"dest-{self.port}.json"
+        self.proc = subprocess.Popen(
+            [
+                *DEST,
+                "--listen",
+                self.uri,
+                "--once",
+                "--control",
+                self.control,
+                "--report",
+                str(self.report_path),
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert wait_for_control(self.control).get("ok"), "dest-node did not come up"
+
+    def new_control_uri(self) -> str:
+        return f"tcp://127.0.0.1:{free_port()}"
+
+    def finish(self, timeout: float = 60) -> Finished:
+        out, err = self.proc.communicate(timeout=timeout)
+        report = json.loads(self.report_path.read_text()) if self.report_path.exists() else {}
+        return Finished(self.proc.returncode, report, out, err)
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate(timeout=10)
+
+
+def start_source(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+    report = tmp / f"source-{time.monotonic_ns()}.json"
+    proc = subprocess.Popen(
+        [*SOURCE, *args, "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    return proc, report
+
+
+def finish_source(proc: subprocess.Popen[str], report: Path, timeout: float = 120) -> Finished:
+    out, err = proc.communicate(timeout=timeout)
+    data = json.loads(report.read_text()) if report.exists() else {}
+    return Finished(proc.returncode, data, out, err)
+
+
+def run_source(tmp: Path, *args: str, timeout: float = 120) -> Finished:
+    proc, report = start_source(tmp, *args)
+    return finish_source(proc, report, timeout)
+
+
+def same_guest(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    keys = ("step", "ram_digest", "tag_digest", "vcpu_digest", "tag_check_faults")
+    return all(a[k] == b[k] for k in keys)

@@ -1,0 +1,301 @@
+"""Precopy through the real daemons on loopback, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+
+from common.control import request
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from source_node.demo import free_port
+from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
+
+
+def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
+    guest = [*SMALL_GUEST, "--seed", "3", "--stop-at-step", "0"]
+    dest = Dest(tmp_path, "--stop-at-step", "0")
+    src = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
+    got = dest.finish()
+    assert src.code == 0, src.stderr
+    assert got.code == 0, got.stderr
+    report = src.report
+    assert report["status"] == "completed" and report["error"] is None
+    assert report["verification"]["ok"] is True
+    assert report["downtime_ms"] is not None and report["downtime_ms"] > 0
+    assert report["ram"]["zero_pages"] > 0
+    assert set(report) >= {
+        "status",
+        "mode",
+        "error",
+        "total_time_ms",
+        "setup_time_ms",
+        "downtime_ms",
+        "expected_downtime_ms",
+        "rounds",
+        "ram",
+        "tags",
+        "throughput_mbps",
+        "dirty_pages_rate",
+        "verification",
+        "guest",
+    }
+    assert report["guest"]["running"] is False
+    assert got.report["guest"]["running"] is True
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+    assert "migration completed" in src.stdout
+
+
+@pytest.mark.parametrize(
+    "seed, stop, pace",
+    [(7, 1500, "0"), (8, 2500, "1500"), (9, 4000, "3000")],
+)
+def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: int, pace: str) -> None:
+    guest = [
+        *SMALL_GUEST,
+        "--seed",
+        str(seed),
+        "--stop-at-step",
+        str(stop),
+        "--steps-per-second",
+        pace,
+        "--dirty-pages-per-step",
+        "24",
+    ]
+    dest = Dest(tmp_path, "--stop-at-step", str(stop))
+    src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--downtime-limit", "50")
+    got = dest.finish()
+    assert src.code == 0, src.stdout + src.stderr
+    assert got.code == 0
+    switched_at = src.report["guest"]["step"]
+    assert src.report["verification"]["ok"] is True
+    # the switchover happened mid-run for the paced guests, so the destination ran the rest
+    if pace != "0":
+        assert switched_at < stop
+    assert got.report["guest"]["step"] == stop
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+
+
+def test_tag_only_workload_resends_tag_sections(tmp_path: Path) -> None:
+    common = [*SMALL_GUEST, "--seed", "4", "--steps-per-second", "2000", "--stop-at-step", "3000"]
+    idle_dest = Dest(tmp_path, "--stop-at-step", "0")
+    idle = run_source(
+        tmp_path, *SMALL_GUEST, "--seed", "4", "--stop-at-step", "0", "--migrate-to", idle_dest.uri
+    )
+    idle_dest.finish()
+    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    busy = run_source(
+        tmp_path, *common, "--tag-only-share", "1", "--migrate-to", dest.uri, "--downtime-limit", "20"
+    )
+    got = dest.finish()
+    assert busy.code == 0 and idle.code == 0
+    assert busy.report["rounds"] >= 2
+    # no data page changed after boot: exactly the pages of the idle migration, no more
+    assert busy.report["ram"]["pages_sent"] == idle.report["ram"]["pages_sent"]
+    assert busy.report["tags"]["sections_sent"] > idle.report["tags"]["sections_sent"]
+    assert same_guest(got.report["guest"], reference(tmp_path, *common, "--tag-only-share", "1"))
+
+
+def test_guest_faster_than_bandwidth_cap_is_throttled_or_fails_cleanly(tmp_path: Path) -> None:
+    guest = [
+        "--ram",
+        "16MiB",
+        "--working-set",
+        "8MiB",
+        "--seed",
+        "5",
+        "--dirty-pages-per-step",
+        "64",
+        "--stop-at-step",
+        "6000",
+    ]
+    dest = Dest(tmp_path, "--stop-at-step", "6000")
+    src = run_source(
+        tmp_path,
+        *guest,
+        "--migrate-to",
+        dest.uri,
+        "--max-bandwidth",
+        "4MiB",
+        "--downtime-limit",
+        "30",
+        "--convergence-timeout",
+        "6",
+    )
+    got = dest.finish()
+    report = src.report
+    if report["status"] == "completed":
+        assert src.code == 0 and report["throttle"] > 0, report
+        assert report["verification"]["ok"] is True
+        assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+    else:
+        assert src.code != 0
+        assert "not converging" in report["error"]
+        assert report["guest"]["running"] is True
+        assert got.code != 0 and got.report["guest"]["running"] is False
+        assert same_guest(report["guest"], reference(tmp_path, *guest))
+
+
+def slow_migration(tmp_path: Path) -> tuple[list[str], list[str]]:
+    guest = [
+        "--ram",
+        "64MiB",
+        "--fill",
+        "random",
+        "--working-set",
+        "2MiB",
+        "--seed",
+        "6",
+        "--steps-per-second",
+        "2000",
+        "--stop-at-step",
+        "8000",
+    ]
+    return guest, ["--max-bandwidth", "8MiB", "--peer-timeout", "1.5"]
+
+
+def test_cancel_keeps_guest_on_source(tmp_path: Path) -> None:
+    guest, knobs = slow_migration(tmp_path)
+    dest = Dest(tmp_path, "--stop-at-step", "8000")
+    control = dest.new_control_uri()
+    proc, path = start_source(tmp_path, *guest, *knobs, "--migrate-to", dest.uri, "--control", control)
+    time.sleep(1.5)
+    status = request(control, "status")
+    assert status["ok"] and status["result"]["status"] == "active", status
+    cancel = (
+        subprocess.run(
+            ["source-node", "ctl", "--control", control, "cancel"], capture_output=True, text=True, timeout=30
+        )
+        if shutil.which("source-node")
+        else None
+    )
+    if cancel is None:
+        assert request(control, "cancel")["ok"]
+    else:
+        assert cancel.returncode == 0, cancel.stderr
+    src = finish_source(proc, path)
+    got = dest.finish()
+    assert src.code != 0
+    assert src.report["status"] == "cancelled" and "cancelled" in src.report["error"]
+    assert src.report["guest"]["running"] is True
+    assert src.report["guest"]["step"] == 8000  # it kept running here to the end
+    assert same_guest(src.report["guest"], reference(tmp_path, *guest))
+    assert got.code != 0
+    assert got.report["status"] == "cancelled" and got.report["guest"]["running"] is False
+
+
+def test_destination_killed_mid_migration_keeps_guest_on_source(tmp_path: Path) -> None:
+    guest, knobs = slow_migration(tmp_path)
+    dest = Dest(tmp_path, "--stop-at-step", "8000")
+    proc, path = start_source(tmp_path, *guest, *knobs, "--migrate-to", dest.uri)
+    time.sleep(1.5)
+    dest.kill()
+    src = finish_source(proc, path)
+    assert src.code != 0
+    assert src.report["status"] == "failed"
+    assert "silent" in src.report["error"] or "lost" in src.report["error"]
+    assert src.report["guest"]["running"] is True
+    assert same_guest(src.report["guest"], reference(tmp_path, *guest))
+    assert "keeps running here" in src.stdout
+
+
+def test_injected_mismatch_is_repaired(tmp_path: Path) -> None:
+    guest = [*SMALL_GUEST, "--seed", "12", "--stop-at-step", "200"]
+    page = 600  # past the working set, in a random-filled stripe: sent once, never rewritten
+    dest = Dest(tmp_path, "--stop-at-step", "200", "--debug-corrupt-page", str(page))
+    src = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
+    got = dest.finish()
+    assert src.code == 0, src.stderr
+    assert src.report["verification"]["ok"] is True
+    assert src.report["verification"]["mismatched_pages"] == [page]
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+
+
+def test_hostile_peers_change_nothing(tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "100", "--auth-token", "s3cret")
+    ctx = zmq.Context.instance()
+    stranger = ctx.socket(zmq.DEALER)
+    stranger.setsockopt(zmq.LINGER, 0)
+    stranger.connect(dest.uri)
+    stranger.send_multipart([b"garbage", b"more", b"frames"])
+    hello = pb.Hello(
+        protocol_version=99,
+        page_size=4096,
+        granule_size=16,
+        ram_bytes=1 << 20,
+        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
+        mode=pb.MODE_PRECOPY,
+        vcpu_count=1,
+    )
+    stranger.send_multipart(framing.encode(framing.envelope(b"12345678", 1, hello=hello)))
+    replies = []
+    while stranger.poll(3000) and len(replies) < 2:
+        replies.append(framing.decode(stranger.recv_multipart()))
+    stranger.close()
+    assert [r.kind for r in replies] == ["abort", "hello_ack"]
+    assert "frames" in replies[0].envelope.abort.reason
+    assert "protocol version 99 is not supported" in replies[1].envelope.hello_ack.reason
+    status = request(dest.control, "status")["result"]
+    assert status["phase"] == "waiting" and status["refused_messages"] == 2
+    # a source without the token is refused, and keeps its guest
+    guest = [*SMALL_GUEST, "--seed", "2", "--stop-at-step", "100"]
+    refused = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
+    assert refused.code != 0 and "authentication failed" in refused.report["error"]
+    assert refused.report["guest"]["running"] is True
+    # and the right source still gets in
+    ok = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--auth-token", "s3cret")
+    got = dest.finish()
+    assert ok.code == 0, ok.stderr
+    assert got.code == 0 and same_guest(got.report["guest"], reference(tmp_path, *guest))
+
+
+def test_control_endpoint_refuses_bad_requests(tmp_path: Path) -> None:
+    dest = Dest(tmp_path)
+    try:
+        assert "unknown command" in request(dest.control, "reboot")["error"]
+        assert request(dest.control, "cancel")["ok"] is False
+        ctx = zmq.Context.instance()
+        req = ctx.socket(zmq.REQ)
+        req.setsockopt(zmq.LINGER, 0)
+        req.connect(dest.control)
+        req.send(b"{not json")
+        assert req.poll(3000)
+        assert json.loads(req.recv())["error"] == "request is not JSON"
+        req.close()
+    finally:
+        dest.kill()
+
+
+def test_source_with_no_destination_fails_clearly(tmp_path: Path) -> None:
+    src = run_source(
+        tmp_path,
+        *SMALL_GUEST,
+        "--stop-at-step",
+        "50",
+        "--migrate-to",
+        f"tcp://127.0.0.1:{free_port()}",
+        "--peer-timeout",
+        "1",
+    )
+    assert src.code != 0
+    assert "no answer from the destination" in src.report["error"]
+    assert src.report["guest"]["running"] is True and src.report["guest"]["step"] == 50
+    assert "Traceback" not in src.stderr
+
+
+def test_demo_runs_a_watchable_migration() -> None:
+    exe = shutil.which("source-node")
+    assert exe, "the install puts source-node on PATH"
+    done = subprocess.run(
+        [exe, "demo", "--ram", "32MiB", "--working-set", "4MiB"], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "migration completed" in done.stdout
+    assert "the guest runs on the destination" in done.stdout
+    assert '"verification_ok": true' in done.stdout
