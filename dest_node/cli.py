@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from common.logging import configure
+from common.malloc import keep_large_buffers
 from common.protocol.dest import DestParameters
 
 
@@ -76,6 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_level)
+    keep_large_buffers()
     if not args.listen.startswith(("tcp://", "ipc://")):
         parser.error(f"--listen '{args.listen}' is not a tcp:// or ipc:// address")
     if args.peer_timeout <= 0:

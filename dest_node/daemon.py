@@ -8,11 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import zmq
 
 from common.constants import MAX_FRAME_BYTES
 from common.control import ControlServer
 from common.guest.guest import Guest
+from common.guest.prefault import Prefaulter
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.logging import get_logger
@@ -48,6 +50,7 @@ class DestDaemon:
         self.session = DestSession(self, options.params, time.monotonic())
         self.runner: GuestRunner | None = None
         self.running_guest: Guest | None = None
+        self.prefaulter: Prefaulter | None = None
         self.quit = False
         self._reported_failure = False
         self._last_phase = self.session.phase
@@ -61,6 +64,7 @@ class DestDaemon:
 
     # -- the host interface the session steers --------------------------------------------------
     def start_guest(self, guest: Guest) -> None:
+        self._stop_prefault()
         self.running_guest = guest
         try:
             workload = Workload(guest)
@@ -72,7 +76,19 @@ class DestDaemon:
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.options.stop_at_step)
 
     def discard_guest(self, guest: Guest) -> None:
+        self._stop_prefault()
         self.log.info("incoming guest discarded")
+
+    def prefault(self, guest: Guest, pages: np.ndarray) -> None:
+        self._stop_prefault()
+        self.prefaulter = Prefaulter(guest.memory, pages)
+        self.prefaulter.start()
+
+    def _stop_prefault(self) -> None:
+        if self.prefaulter is not None:
+            self.prefaulter.stop()
+            self.log.info("prefault done", faulted_pages=self.prefaulter.faulted_pages)
+            self.prefaulter = None
 
     # -- commands --------------------------------------------------------------------------------
     def status(self) -> dict[str, Any]:
@@ -169,6 +185,7 @@ class DestDaemon:
         return self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished
 
     def _finish(self) -> int:
+        self._stop_prefault()
         if self.runner is not None:
             self.runner.pause()
         completed = self.session.phase is DestPhase.RUNNING

@@ -22,6 +22,7 @@ from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
 from common.logging import configure, get_logger
+from common.malloc import keep_large_buffers
 from common.protocol.params import MigrationParameters
 from common.report import guest_summary, write_report
 from common.units import parse_size
@@ -281,6 +282,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_level)
+    keep_large_buffers()
     try:
         check_ram_size(args.ram)
     except ValueError as exc:

@@ -95,6 +95,9 @@ class FakeDestHost:
     def discard_guest(self, guest: Guest) -> None:
         self.discarded += 1
 
+    def prefault(self, guest: Guest, pages: object) -> None:
+        self.prefault_hint = pages
+
 
 class Pair:
     def __init__(

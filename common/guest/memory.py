@@ -11,6 +11,7 @@ from __future__ import annotations
 import mmap
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -212,16 +213,16 @@ class GuestMemory:
 
     # -- placement by a migration (no dirtying: these are not guest writes) -------------------
     def place_pages(self, indices: PageIndices, data: npt.NDArray[np.uint8]) -> None:
-        self.pages[indices] = data
-        self.data_populated[indices] = True
+        _scatter(self.pages, indices, data)
+        _scatter(self.data_populated, indices, True)
 
     def place_zero_pages(self, indices: PageIndices) -> None:
         populated = indices[self.data_populated[indices]]
         self.pages[populated] = 0
 
     def place_tags(self, indices: PageIndices, packed: npt.NDArray[np.uint8]) -> None:
-        self.page_tags[indices] = packed
-        self.tags_populated[indices] = True
+        _scatter(self.page_tags, indices, packed)
+        _scatter(self.tags_populated, indices, True)
 
     # -- migration support ----------------------------------------------------------------
     def dirty_sync(self) -> DirtySync:
@@ -248,6 +249,15 @@ class GuestMemory:
         del self.pages, self.ram, self.page_tags, self.tag_bytes
         self._ram_map.close()
         self._tag_map.close()
+
+
+def _scatter(table: npt.NDArray[Any], indices: PageIndices, values: Any) -> None:
+    """table[indices] = values; a slice assignment where the pages are contiguous."""
+    n = indices.size
+    if n and int(indices[-1]) - int(indices[0]) + 1 == n and bool((np.diff(indices) == 1).all()):
+        table[int(indices[0]) : int(indices[0]) + n] = values
+    else:
+        table[indices] = values
 
 
 def pack_tags(unpacked: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:

@@ -40,6 +40,7 @@ from common.protocol.stats import BandwidthMeter, TransferStats, ms, verificatio
 from common.transfer import device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from common.wire.bitmap import encode_bitmap
 from common.wire.codec import encode_ram_pages, encode_tag_sections
 from common.wire.framing import Buffer, WireError
 
@@ -127,6 +128,7 @@ class SourceSession:
         self._acked_at_round = 0
         self._resend_vcpus = True
         self.source_digests: dict[str, str] | None = None
+        self.timeline: list[tuple[str, float]] = []  # (event, seconds since start)
 
     # -- verbs ------------------------------------------------------------------------------
     def start(self, now: float) -> None:
@@ -146,6 +148,7 @@ class SourceSession:
                 vcpu_count=len(self.guest.vcpus),
                 node_name=self.node_name,
                 auth_token=self.params.auth_token,
+                populated_hint_lz4=encode_bitmap(self.mem.data_populated),
             ),
         )
 
@@ -262,6 +265,7 @@ class SourceSession:
         self._use_lz4 = pb.FEATURE_LZ4 in ack.features and self.params.use_lz4
         self.phase = SourcePhase.ACTIVE
         self.t_setup_done = self.t_active = self.t_round = now
+        self._mark_time("setup done", now)
         self.round = 1
         first = self.mem.populated_pages()
         self.digests.mark(first.data_pages, first.tag_pages)
@@ -298,6 +302,7 @@ class SourceSession:
             "tags": dest.tag_digest.hex(),
             "vcpu": dest.vcpu_digest.hex(),
         }
+        self._mark_time(f"verify result {result.attempt}: {'ok' if result.ok else 'mismatch'}", now)
         if result.ok:
             self.verified = True
             self.phase = SourcePhase.COMMITTING
@@ -321,8 +326,12 @@ class SourceSession:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"started in phase {self.phase.value}")
         self.phase = SourcePhase.COMPLETED
         self.t_end = now
+        self._mark_time("destination running", now)
         if self.throttle:
             self.host.set_throttle(0.0)  # the report keeps how far it went
+
+    def _mark_time(self, event: str, now: float) -> None:
+        self.timeline.append((event, now - self.t_start))
 
     # -- the data path ----------------------------------------------------------------------
     def _active_since(self, now: float) -> float:
@@ -373,6 +382,7 @@ class SourceSession:
             return
         sync = self.mem.dirty_sync()
         self.digests.mark(sync.data_pages, sync.tag_pages)
+        self._mark_time(f"round {self.round} sent", now)
         elapsed = max(now - self.t_round, 1e-6)
         self.dirty_pages_rate = (sync.data_pages.size + sync.tag_pages.size) / elapsed
         remaining = sync.data_pages.size * PAGE_SIZE + sync.tag_pages.size * PACKED_TAG_BYTES_PER_PAGE
@@ -420,6 +430,7 @@ class SourceSession:
         self.host.stop_guest()
         self.guest_stopped = True
         self.t_stop = now
+        self._mark_time("guest stopped", now)
         self.phase = SourcePhase.SWITCHOVER
         self.round += 1
         self._send_control(now, end_of_round=pb.EndOfRound(round=self.round, final=True))
@@ -446,6 +457,7 @@ class SourceSession:
                 ),
             ),
         )
+        self._mark_time(f"verify request {self.verify_attempt} sent", now)
         self.source_digests = {
             "ram": digests.ram.hex(),
             "tags": digests.tags.hex(),
@@ -564,6 +576,7 @@ class SourceSession:
             "throughput_mbps": round(self.stats.total_bytes * 8 / 1e6 / total_s, 1) if total_s > 0 else 0.0,
             "dirty_pages_rate": round(self.dirty_pages_rate, 1),
             "pages_remaining": self._pass.remaining_bytes // PAGE_SIZE if self._pass else 0,
+            "timeline_ms": {event: round(at * 1000, 3) for event, at in self.timeline},
             "verification": verification_section(
                 self.verified, self.dest_digests or self.source_digests, self.mismatched_pages
             ),

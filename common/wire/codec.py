@@ -43,6 +43,22 @@ class BatchStats:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
 
+def contiguous(indices: Indices) -> bool:
+    """Ascending and gap-free: a slice, not a scatter (the usual case for round 1)."""
+    return (
+        indices.size > 0
+        and int(indices[-1]) - int(indices[0]) + 1 == indices.size
+        and bool((np.diff(indices) == 1).all())
+    )
+
+
+def gather_rows(table: U8, indices: Indices) -> U8:
+    """table[indices] as a fresh array; a slice copy where the pages are contiguous."""
+    if contiguous(indices):
+        return table[int(indices[0]) : int(indices[-1]) + 1].copy()
+    return table[indices]
+
+
 def _lz4_pays(rows: U8, candidates: Indices) -> bool:
     if candidates.size == 0:
         return False
@@ -81,7 +97,7 @@ def encode_ram_pages(
     pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
 ) -> tuple[pb.RamPages, Buffer, BatchStats]:
     """Encode pages[indices] (pages is the guest's (page_count, 4096) view)."""
-    rows = pages[indices]
+    rows = gather_rows(pages, indices)
     nonzero = rows.any(axis=1)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
@@ -108,7 +124,7 @@ def encode_tag_sections(
     page_tags: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
 ) -> tuple[pb.TagSections, Buffer, BatchStats]:
     """Encode the packed tags of pages[indices] (page_tags is (page_count, 128))."""
-    rows = page_tags[indices]
+    rows = gather_rows(page_tags, indices)
     first = rows[:, 0]
     uniform = (rows == first[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
     untagged = uniform & (first == 0)

@@ -1,0 +1,81 @@
+"""Raw ZeroMQ loopback throughput between two processes: the ceiling a migration is measured
+against. PUSH/PULL over tcp on 127.0.0.1, the sender reusing one zero-copy buffer.
+
+Usage: python3 bench/raw_zmq.py [--total 1GiB] [--message 1MiB] [--place]
+--place copies every received message into fresh anonymous memory, as a destination must.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import multiprocessing as mp
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import zmq
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from common.units import parse_size
+
+
+def _receiver(port: int, count: int, size: int, place: bool, ready: mp.Event) -> None:  # type: ignore[type-arg]
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PULL)
+    sock.setsockopt(zmq.RCVHWM, 64)
+    sock.bind(f"tcp://127.0.0.1:{port}")
+    ready.set()
+    target = None
+    if place:
+        mm = mmap.mmap(-1, count * size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        target = np.frombuffer(mm, dtype=np.uint8)
+    for i in range(count):
+        frame = sock.recv(copy=False)
+        if target is not None:
+            target[i * size : (i + 1) * size] = np.frombuffer(frame.buffer, dtype=np.uint8)
+    sock.close()
+    ctx.term()
+
+
+def measure(total: int, size: int, place: bool) -> float:
+    """Seconds to move `total` bytes in messages of `size`, from first send to last receipt."""
+    count = total // size
+    with __import__("socket").socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    ready = mp.Event()
+    proc = mp.Process(target=_receiver, args=(port, count, size, place, ready))
+    proc.start()
+    ready.wait(10)
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.PUSH)
+    sock.setsockopt(zmq.SNDHWM, 64)
+    sock.connect(f"tcp://127.0.0.1:{port}")
+    payload = np.random.default_rng(0).integers(0, 256, size, dtype=np.uint8)
+    began = time.perf_counter()
+    for _ in range(count):
+        sock.send(payload, copy=False)
+    proc.join()
+    elapsed = time.perf_counter() - began
+    sock.close(linger=0)
+    ctx.term()
+    return elapsed
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--total", type=parse_size, default=parse_size("1GiB"))
+    parser.add_argument("--message", type=parse_size, default=parse_size("1MiB"))
+    parser.add_argument("--place", action="store_true")
+    args = parser.parse_args()
+    seconds = measure(args.total, args.message, args.place)
+    print(
+        f"{args.total / seconds / 1e9:.2f} GB/s ({args.total >> 20} MiB in {args.message >> 10} KiB messages, place={args.place})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
