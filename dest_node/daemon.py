@@ -91,19 +91,19 @@ class DestDaemon:
             self.prefaulter = None
 
     # -- commands --------------------------------------------------------------------------------
-    def status(self) -> dict[str, Any]:
+    def status(self, with_digests: bool = False) -> dict[str, Any]:
+        """The report so far; digests only when asked and the guest is not running."""
         report = self.session.report(time.monotonic())
         report["listen"] = self.address
         guest = self.running_guest or self.session.guest
+        running = self.runner is not None and self.runner.running
+        report["guest"] = None
         if guest is not None:
-            running = self.runner is not None and self.runner.running
             report["guest"] = guest_summary(
                 guest,
                 running=self.session.phase is DestPhase.RUNNING,
-                with_digests=not running and self.session.phase.terminal,
+                with_digests=with_digests and not running,
             )
-        else:
-            report["guest"] = None
         return report
 
     def cancel(self) -> dict[str, Any]:
@@ -172,7 +172,7 @@ class DestDaemon:
                 error=self.session.failure.reason if self.session.failure else None,
             )
             if self.options.report:
-                write_report(self.options.report, self.status())
+                write_report(self.options.report, self.status(with_digests=True))
             if not self.options.once:
                 # ready for the next source; what arrived was discarded
                 self.session = DestSession(self, self.options.params, time.monotonic())
@@ -189,9 +189,7 @@ class DestDaemon:
         if self.runner is not None:
             self.runner.pause()
         completed = self.session.phase is DestPhase.RUNNING
-        report = self.status()
-        if completed and report.get("guest"):
-            report["guest"] = guest_summary(self.running_guest or self.session.guest, running=True)  # type: ignore[arg-type]
+        report = self.status(with_digests=True)
         if self.options.report:
             write_report(self.options.report, report)
         self.log.info("dest-node exiting", status=report["status"], error=report["error"])

@@ -1,17 +1,22 @@
 """Faulting in a destination's guest pages on a helper thread, ahead of placement.
 
 A fresh destination pays a page fault (the kernel zeroing a page) for every page it places:
-here 0.5 to 1.5 s per GiB, more than everything else the destination does. MADV_POPULATE_WRITE
-called through ctypes drops the GIL, so a helper thread can take those faults on the other
-core. It walks the source's populated pages from the top down while placement walks up, so
-the two meet in the middle instead of fighting over the same pages, and it stops there.
+0.4 to 1.5 s per GiB on this kind of machine, more than everything else it does. Measured
+here, per GiB: touching 4 KiB pages 0.5 s; MADV_POPULATE_WRITE on 4 KiB pages 0.3 to 0.4 s;
+MADV_POPULATE_WRITE on transparent huge pages 0.10 to 0.12 s; huge pages taken by touching
+them 0.12 to 2.6 s (compaction on the fault path). So the helper thread populates ahead of
+placement, in ascending order, and asks for huge pages only for 2 MiB regions the source
+says are fully populated: a sparse guest never grows by a huge page for one written page.
+madvise is called through ctypes, which drops the GIL, so this runs on the other core.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import mmap
 import threading
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
@@ -19,8 +24,17 @@ import numpy.typing as npt
 from common.constants import PAGE_SIZE
 from common.guest.memory import GuestMemory
 
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_CHUNK_PAGES = 1024  # 4 MiB per call: short enough to notice a stop or a meeting soon
+_MAX_CALL_BYTES = 32 << 20  # per madvise call: a stop is noticed soon
+
+
+def _huge_page_pages() -> int:
+    try:
+        size = int(Path("/sys/kernel/mm/transparent_hugepage/hpage_pmd_size").read_text())
+    except (OSError, ValueError):
+        size = 2 << 20
+    return max(1, size // PAGE_SIZE)
 
 
 def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
@@ -45,10 +59,28 @@ def page_runs(pages: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     ]
 
 
+def plan(pages: npt.NDArray[np.int64], page_count: int, huge_pages: int) -> list[tuple[int, int, bool]]:
+    """Ascending [start, end, huge) ranges to populate: whole huge-page regions where every
+    page is populated, exact runs of 4 KiB pages elsewhere."""
+    populated = np.zeros(page_count, dtype=np.bool_)
+    populated[pages] = True
+    regions = page_count // huge_pages
+    full = (
+        populated[: regions * huge_pages].reshape(regions, huge_pages).all(axis=1)
+        if regions
+        else np.zeros(0, dtype=np.bool_)
+    )
+    in_full = np.zeros(page_count, dtype=np.bool_)
+    in_full[: regions * huge_pages] = np.repeat(full, huge_pages)
+    out = [(a, b, True) for a, b in page_runs(np.flatnonzero(in_full))]
+    out += [(a, b, False) for a, b in page_runs(np.flatnonzero(populated & ~in_full))]
+    return sorted(out)
+
+
 class Prefaulter:
     def __init__(self, mem: GuestMemory, pages: npt.NDArray[np.int64]) -> None:
         self.mem = mem
-        self.runs = page_runs(np.sort(pages))
+        self.ranges = plan(np.asarray(pages, dtype=np.int64), mem.page_count, _huge_page_pages())
         self.faulted_pages = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefault", daemon=True)
@@ -67,15 +99,16 @@ class Prefaulter:
             return
         base = self.mem.ram.ctypes.data
         placed = self.mem.data_populated
-        for start, end in reversed(self.runs):
-            top = end
-            while top > start:
+        step = _MAX_CALL_BYTES // PAGE_SIZE
+        for start, end, huge in self.ranges:
+            if huge:
+                madvise(base + start * PAGE_SIZE, (end - start) * PAGE_SIZE, _MADV_HUGEPAGE)
+            for lo in range(start, end, step):
                 if self._stop.is_set():
                     return
-                bottom = max(start, top - _CHUNK_PAGES)
-                if placed[bottom]:
-                    return  # placement got here first: from here down it has done the work
-                if madvise(base + bottom * PAGE_SIZE, (top - bottom) * PAGE_SIZE, _MADV_POPULATE_WRITE) != 0:
-                    return  # an older kernel: placement will fault as before
-                self.faulted_pages += top - bottom
-                top = bottom
+                hi = min(end, lo + step)
+                if placed[hi - 1]:
+                    continue  # placement is already past this piece
+                if madvise(base + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE, _MADV_POPULATE_WRITE) != 0:
+                    return  # an older kernel: placement faults as before
+                self.faulted_pages += hi - lo
