@@ -49,6 +49,8 @@ INITIAL_CREDIT = 16
 
 DEFAULT_DOWNTIME_LIMIT_MS = 300
 HEARTBEAT_INTERVAL_S = 0.5
+# On exit a daemon waits this long for its last messages (Started, Abort) to leave.
+CLOSE_LINGER_MS = 2000
 PEER_DEAD_AFTER_S = 5.0
 
 # Hostile-input bounds: a message larger than these is refused before it is decoded.

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.constants import MAX_FRAME_BYTES
+from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
 from common.control import ControlServer
 from common.guest.guest import Guest
 from common.guest.prefault import Prefaulter
@@ -193,7 +193,7 @@ class DestDaemon:
         if self.options.report:
             write_report(self.options.report, report)
         self.log.info("dest-node exiting", status=report["status"], error=report["error"])
-        self.sock.close(linger=0)
+        self.sock.close(linger=CLOSE_LINGER_MS)  # the Started reply must reach the source
         if self.control:
             self.control.close()
         self.ctx.term()

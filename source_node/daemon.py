@@ -12,7 +12,7 @@ from typing import Any
 
 import zmq
 
-from common.constants import MAX_FRAME_BYTES
+from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
 from common.control import ControlError, ControlServer
 from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
@@ -260,7 +260,7 @@ class SourceDaemon:
         self.runner.pause()
         if self.data is not None:
             self._flush()
-            self.data.close(linger=0)
+            self.data.close(linger=CLOSE_LINGER_MS)  # a last Abort must reach the destination
         if self.control:
             self.control.close()
         self.ctx.term()

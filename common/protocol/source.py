@@ -217,6 +217,11 @@ class SourceSession:
         if now - self.t_last_heard > self.params.peer_timeout_s:
             if self.phase is SourcePhase.SETUP:
                 reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
+            elif self.phase is SourcePhase.COMMITTING:
+                reason = (
+                    "the destination did not confirm it runs the guest after the commit; the guest is not "
+                    "resumed here because it may be running there (its state is kept intact here)"
+                )
             else:
                 reason = f"destination silent for {self.params.peer_timeout_s:.1f} s"
             self._fail(pb.ERROR_TIMEOUT, reason, now)
