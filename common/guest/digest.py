@@ -43,7 +43,13 @@ class MemoryDigests:
 
 
 class _Leaves:
-    """Cached per-page leaves of one byte array (RAM or packed tags)."""
+    """Cached per-page leaves of one byte array (RAM or packed tags).
+
+    The stale count and a low-water cursor are kept up to date so that asking "how much is
+    left" and finding the next stale pages never scans a whole 16 GiB bitmap.
+    """
+
+    _SCAN = 1 << 16  # pages looked at per step of the cursor
 
     def __init__(
         self, flat: npt.NDArray[np.uint8], row_bytes: int, populated: npt.NDArray[np.bool_], zero_leaf: int
@@ -52,37 +58,67 @@ class _Leaves:
         self.row_bytes = row_bytes
         self.populated = populated
         self.zero_leaf = zero_leaf
-        self.leaves = np.full(populated.size, zero_leaf, dtype=np.uint64)
+        self.leaves = np.full(populated.size, zero_leaf, dtype="<u8")
         self.stale = populated.copy()  # unpopulated pages already hold the right leaf
+        self.stale_count = int(np.count_nonzero(self.stale))
+        self.cursor = 0  # no stale page below this
+        block_count = (populated.size + DIGEST_BLOCK_PAGES - 1) // DIGEST_BLOCK_PAGES
+        self.block_digests = np.zeros(block_count, dtype=np.uint64)
+        self.block_stale = np.ones(block_count, dtype=np.bool_)
+
+    def mark(self, pages: npt.ArrayLike) -> None:
+        idx = np.asarray(pages, dtype=np.int64)
+        if idx.size == 0:
+            return
+        fresh = np.unique(idx[~self.stale[idx]])
+        self.stale[fresh] = True
+        self.stale_count += int(fresh.size)
+        self.cursor = min(self.cursor, int(idx.min()))
 
     def refresh(self, budget: int | None) -> int:
-        pending = np.flatnonzero(self.stale)
-        if budget is not None:
-            pending = pending[:budget]
-        if pending.size == 0:
-            return 0
+        done = 0
+        n = self.stale.size
+        while self.stale_count and self.cursor < n and (budget is None or done < budget):
+            window = self.stale[self.cursor : self.cursor + self._SCAN]
+            hits = np.flatnonzero(window)
+            want = hits.size if budget is None else min(hits.size, budget - done)
+            if want:
+                self._hash(hits[:want] + self.cursor)
+                done += want
+            if want == hits.size:
+                self.cursor += self._SCAN
+        if self.stale_count == 0:
+            self.cursor = n
+        return done
+
+    def _hash(self, pending: npt.NDArray[np.int64]) -> None:
+        self.block_stale[pending // DIGEST_BLOCK_PAGES] = True
         self.stale[pending] = False
+        self.stale_count -= int(pending.size)
         rb = self.row_bytes
         view = self.view
-        live = pending[self.populated[pending]]
-        self.leaves[pending[~self.populated[pending]]] = self.zero_leaf
+        live_mask = self.populated[pending]
+        live = pending[live_mask]
+        self.leaves[pending[~live_mask]] = self.zero_leaf
         self.leaves[live] = np.fromiter(
             (xxhash.xxh3_64_intdigest(view[p * rb : (p + 1) * rb]) for p in live.tolist()),
             dtype=np.uint64,
             count=live.size,
         )
-        return int(pending.size)
 
     def blocks(self) -> U64Array:
-        n = self.leaves.size
-        count = (n + DIGEST_BLOCK_PAGES - 1) // DIGEST_BLOCK_PAGES
-        raw = self.leaves.astype("<u8").tobytes()
-        step = DIGEST_BLOCK_PAGES * 8
-        return np.fromiter(
-            (xxhash.xxh3_64_intdigest(raw[b * step : (b + 1) * step]) for b in range(count)),
-            dtype=np.uint64,
-            count=count,
-        )
+        """Block digests, recomputing only blocks whose leaves changed since last time."""
+        stale = np.flatnonzero(self.block_stale)
+        if stale.size:
+            raw = memoryview(self.leaves).cast("B")
+            step = DIGEST_BLOCK_PAGES * 8
+            self.block_digests[stale] = np.fromiter(
+                (xxhash.xxh3_64_intdigest(raw[b * step : (b + 1) * step]) for b in stale.tolist()),
+                dtype=np.uint64,
+                count=stale.size,
+            )
+            self.block_stale[stale] = False
+        return self.block_digests.copy()
 
 
 def root_digest(kind: bytes, page_count: int, blocks: U64Array) -> bytes:
@@ -102,8 +138,8 @@ class DigestCache:
         self.tags = _Leaves(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, mem.tags_populated, _UNTAGGED_LEAF)
 
     def mark(self, data_pages: npt.ArrayLike, tag_pages: npt.ArrayLike) -> None:
-        self.ram.stale[data_pages] = True
-        self.tags.stale[tag_pages] = True
+        self.ram.mark(data_pages)
+        self.tags.mark(tag_pages)
 
     def refresh(self, budget: int | None = None) -> int:
         """Hash up to budget stale pages (all when None); returns how many were hashed."""
@@ -112,7 +148,7 @@ class DigestCache:
 
     @property
     def stale_pages(self) -> int:
-        return int(np.count_nonzero(self.ram.stale) + np.count_nonzero(self.tags.stale))
+        return self.ram.stale_count + self.tags.stale_count
 
     def digests(self) -> MemoryDigests:
         self.refresh()

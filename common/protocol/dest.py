@@ -144,8 +144,14 @@ class DestSession:
                 return
             if now - self.t_last_sent >= self.params.heartbeat_interval_s:
                 self._send(now, heartbeat=pb.Heartbeat())
-            if self.digests is not None and not self.source_stopped:
+            if self.digests is not None and not self.source_stopped and self.digests.stale_pages:
                 self.digests.refresh(_DIGEST_BUDGET)
+                # While the stream is quiet no ack carries the backlog; a source waiting for
+                # us to catch up must hear that it shrank.
+                if self.phase is DestPhase.RECEIVING and (
+                    self.digests.stale_pages == 0 or now - self.t_last_sent > 0.005
+                ):
+                    self._ack(now)
 
     def next_deadline(self, now: float) -> float:
         if self.phase in (DestPhase.RECEIVING, DestPhase.VERIFYING, DestPhase.AWAIT_COMMIT):
@@ -272,7 +278,7 @@ class DestSession:
         self.stats.zero_pages += int(decoded.zero.size)
         self.stats.ram_bytes += len(payload)
         self._maybe_corrupt(decoded.indices)
-        self._send(now, ack=pb.Ack(acked_seq=self._peer_seq, credit=self.params.window))
+        self._ack(now)
 
     def _on_tag_sections(self, msg: pb.TagSections, payload: Buffer, now: float) -> None:
         self._require(DestPhase.RECEIVING)
@@ -288,7 +294,13 @@ class DestSession:
         self.stats.tag_sections += int(decoded.indices.size + decoded.zero.size)
         self.stats.untagged_pages += int(decoded.zero.size)
         self.stats.tag_bytes += len(payload)
-        self._send(now, ack=pb.Ack(acked_seq=self._peer_seq, credit=self.params.window))
+        self._ack(now)
+
+    def _ack(self, now: float) -> None:
+        backlog = self.digests.stale_pages if self.digests is not None else 0
+        self._send(
+            now, ack=pb.Ack(acked_seq=self._peer_seq, credit=self.params.window, digest_backlog=backlog)
+        )
 
     def _note_repair(self, *placed: np.ndarray) -> None:
         if self._repairing:

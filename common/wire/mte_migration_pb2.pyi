@@ -285,12 +285,14 @@ class Started(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "credit")
+    __slots__ = ("acked_seq", "credit", "digest_backlog")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
+    DIGEST_BACKLOG_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     credit: int
-    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ...) -> None: ...
+    digest_backlog: int
+    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., digest_backlog: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
