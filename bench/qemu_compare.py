@@ -1,0 +1,145 @@
+"""QEMU's own migration of a paused virt,mte=on guest with random RAM, over loopback.
+
+What a user would otherwise use, measured the same way: a paused guest (so one pass) whose RAM
+is loaded from a random file, migrated with QEMU's bandwidth cap raised (its default of
+128 MiB/s would measure the cap). Needs qemu-system-aarch64 (Debian: qemu-system-arm).
+
+Usage: python3 bench/qemu_compare.py [--ram 1GiB] [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.units import parse_size  # noqa: E402
+from source_node.demo import free_ports  # noqa: E402
+
+QEMU = "qemu-system-aarch64"
+RAM_BASE = 0x40000000  # where the virt machine's RAM starts
+# virt puts its device tree at the start of RAM when no kernel is given; the random data
+# starts past it and fills the rest.
+DTB_ROOM = 2 << 20
+
+
+class Qmp:
+    def __init__(self, path: Path, timeout_s: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                self.sock = socket.socket(socket.AF_UNIX)
+                self.sock.connect(str(path))
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.file = self.sock.makefile("rw")
+        self._read()  # greeting
+        self.call("qmp_capabilities")
+
+    def _read(self) -> dict[str, Any]:
+        while True:
+            message: dict[str, Any] = json.loads(self.file.readline())
+            if "event" not in message:
+                return message
+
+    def call(self, command: str, **arguments: Any) -> Any:
+        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
+        self.file.flush()
+        reply = self._read()
+        if "error" in reply:
+            raise RuntimeError(f"QMP {command}: {reply['error']}")
+        return reply.get("return")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:
+    return [
+        QEMU, "-M", "virt,mte=on", "-cpu", "max", "-m", f"{ram >> 20}M", "-S",
+        "-display", "none", "-nodefaults", "-qmp", f"unix:{qmp},server=on,wait=off", *extra,
+    ]  # fmt: skip
+
+
+def migrate_once(ram: int, blob: Path, tmp: Path) -> dict[str, Any]:
+    (port,) = free_ports(1)
+    src_qmp, dst_qmp = tmp / f"src-{port}.qmp", tmp / f"dst-{port}.qmp"
+    src = subprocess.Popen(
+        qemu_cmd(ram, src_qmp, ["-device", f"loader,file={blob},addr={RAM_BASE + DTB_ROOM:#x},force-raw=on"]),
+        stderr=subprocess.PIPE,
+    )
+    dst = subprocess.Popen(
+        qemu_cmd(ram, dst_qmp, ["-incoming", f"tcp:127.0.0.1:{port}"]), stderr=subprocess.PIPE
+    )
+    try:
+        s, d = Qmp(src_qmp), Qmp(dst_qmp)
+        s.call("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
+        s.call("migrate", uri=f"tcp:127.0.0.1:{port}")
+        while True:
+            info = s.call("query-migrate")
+            if info.get("status") in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.01)
+        s.close()
+        d.close()
+        return info  # type: ignore[no-any-return]
+    finally:
+        for proc in (src, dst):
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def measure(ram: int, repeat: int) -> dict[str, float] | None:
+    if shutil.which(QEMU) is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        blob = Path(tmp) / "ram.bin"
+        blob.write_bytes(np.random.default_rng(1).bit_generator.random_raw((ram - DTB_ROOM) // 8).tobytes())
+        runs = [migrate_once(ram, blob, Path(tmp)) for _ in range(repeat)]
+    done = [r for r in runs if r.get("status") == "completed"]
+    if not done:
+        raise RuntimeError(f"QEMU migration did not complete: {runs[0]}")
+    seconds = [r["total-time"] / 1000 for r in done]
+    return {
+        "seconds": statistics.median(seconds),
+        "min": min(seconds),
+        "max": max(seconds),
+        "runs": len(done),
+        "transferred": done[0]["ram"]["transferred"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--ram", type=parse_size, default=parse_size("1GiB"))
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    result = measure(args.ram, args.repeat)
+    if result is None:
+        print(f"{QEMU} is not installed (Debian: apt-get install qemu-system-arm)")
+        return 1
+    rate = args.ram / result["seconds"]
+    print(
+        f"QEMU {args.ram >> 20} MiB paused virt,mte=on, random RAM: median {result['seconds']:.2f} s ({rate / 1e9:.2f} GB/s), range {result['min']:.2f}..{result['max']:.2f} s over {result['runs']} runs"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
