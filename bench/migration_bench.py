@@ -104,6 +104,7 @@ def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
         print(
             f"{'  tags / RAM bytes on the wire':46} {tag_share:10.2%}   downtime {statistics.median(x['downtime_ms'] for x in ok):.1f} ms"
         )
+    return ours_1gib
 
 
 def downtime_table(tmp: Path, quick: bool) -> None:
