@@ -12,22 +12,10 @@ import os
 import sys
 from collections.abc import Sequence
 
+from common.cli_types import non_negative
 from common.logging import configure
 from common.malloc import keep_large_buffers
 from common.protocol.dest import DestParameters
-
-
-def _non_negative(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> int | float:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text} is negative")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--stop-at-step",
-        type=_non_negative(int),
+        type=non_negative(int),
         default=None,
         help="stop the arrived guest's workload at this step",
     )
@@ -57,14 +45,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--peer-timeout",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=5.0,
         metavar="S",
         help="declare the source dead after this silence (default 5 s)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Test builds: flip a byte of this page once after placing it (proves verification repairs).
-    parser.add_argument("--debug-corrupt-page", type=_non_negative(int), default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--debug-corrupt-page", type=non_negative(int), default=None, help=argparse.SUPPRESS)
     return parser
 
 

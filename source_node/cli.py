@@ -17,6 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from common.cli_types import non_negative, size
 from common.control import request
 from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
@@ -28,32 +29,12 @@ from common.report import guest_summary, write_report
 from common.units import parse_size
 
 
-def _size(text: str) -> int:
-    try:
-        return parse_size(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _non_negative(kind: type[int] | type[float]):  # type: ignore[no-untyped-def]
-    def parse(text: str) -> Any:
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{text}' is not a number") from None
-        if value < 0:
-            raise argparse.ArgumentTypeError(f"{text} is negative")
-        return value
-
-    return parse
-
-
 def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     guest = parser.add_argument_group("guest")
     guest.add_argument(
-        "--ram", type=_size, default=parse_size("64MiB"), help="guest RAM, 1MiB .. 16GiB (default 64MiB)"
+        "--ram", type=size, default=parse_size("64MiB"), help="guest RAM, 1MiB .. 16GiB (default 64MiB)"
     )
-    guest.add_argument("--seed", type=_non_negative(int), default=1, help="workload seed (default 1)")
+    guest.add_argument("--seed", type=non_negative(int), default=1, help="workload seed (default 1)")
     guest.add_argument(
         "--fill",
         choices=[f.value for f in Fill],
@@ -62,30 +43,30 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     )
     guest.add_argument(
         "--working-set",
-        type=_size,
+        type=size,
         default=parse_size("4MiB"),
         help="memory the workload touches (default 4MiB)",
     )
     guest.add_argument(
         "--dirty-pages-per-step",
-        type=_non_negative(int),
+        type=non_negative(int),
         default=16,
         help="pages written or retagged per step (default 16)",
     )
     guest.add_argument(
         "--tag-only-share",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=0.25,
         help="share of steps that only retag, 0..1 (default 0.25)",
     )
     guest.add_argument(
         "--steps-per-second",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=0.0,
         help="workload pace; 0 = as fast as it can (default 0)",
     )
     guest.add_argument(
-        "--stop-at-step", type=_non_negative(int), default=None, help="stop the workload at this step"
+        "--stop-at-step", type=non_negative(int), default=None, help="stop the workload at this step"
     )
 
 
@@ -101,14 +82,14 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mig.add_argument(
         "--downtime-limit",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=300.0,
         metavar="MS",
         help="switch over when the rest fits this downtime (default 300 ms)",
     )
     mig.add_argument(
         "--max-bandwidth",
-        type=_size,
+        type=size,
         default=0,
         metavar="BYTES",
         help="bytes per second, sizes allowed (e.g. 100MiB); 0 = unlimited",
@@ -121,14 +102,14 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     )
     mig.add_argument(
         "--peer-timeout",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=5.0,
         metavar="S",
         help="declare the destination dead after this silence (default 5 s)",
     )
     mig.add_argument(
         "--convergence-timeout",
-        type=_non_negative(float),
+        type=non_negative(float),
         default=60.0,
         metavar="S",
         help="give up if precopy has not converged by then (default 60 s)",

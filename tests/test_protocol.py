@@ -252,3 +252,20 @@ def test_any_fault_schedule_leaves_the_guest_in_exactly_one_place(
         return
     assert_stayed_on_source(pair)
     assert src.failure is not None and src.failure.reason
+
+
+@given(st.lists(st.integers(1, 30), max_size=60))
+def test_sequence_accepts_each_number_once_in_order(arrivals: list[int]) -> None:
+    from common.protocol.sequence import Arrival, Sequence
+
+    seq = Sequence()
+    accepted = []
+    for n in arrivals:
+        verdict = seq.arrive(n)
+        if verdict is Arrival.NEXT:
+            accepted.append(n)
+        elif verdict is Arrival.GAP:
+            assert n > seq.last + 1
+        else:
+            assert n <= seq.last
+    assert accepted == list(range(1, len(accepted) + 1))

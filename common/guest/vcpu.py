@@ -38,7 +38,7 @@ class VcpuState:
         self.sctlr_el1 = (self.sctlr_el1 & ~(0b11 << shift)) | ((mode & 0b11) << shift)
 
     def scalars(self) -> list[int]:
-        return [getattr(self, f.name) for f in fields(self) if f.name not in ("index", "x")]
+        return [getattr(self, name) for name in _SCALARS]
 
     def to_bytes(self) -> bytes:
         values = [self.index, *self.x, *self.scalars()]
@@ -48,18 +48,7 @@ class VcpuState:
         return xxhash.xxh3_128_digest(self.to_bytes())
 
     def to_proto(self) -> pb.VcpuState:
-        return pb.VcpuState(
-            index=self.index,
-            x=self.x,
-            sp=self.sp,
-            pc=self.pc,
-            pstate=self.pstate,
-            sctlr_el1=self.sctlr_el1,
-            gcr_el1=self.gcr_el1,
-            rgsr_el1=self.rgsr_el1,
-            tfsr_el1=self.tfsr_el1,
-            tfsre0_el1=self.tfsre0_el1,
-        )
+        return pb.VcpuState(index=self.index, x=self.x, **{name: getattr(self, name) for name in _SCALARS})
 
     @classmethod
     def from_proto(cls, msg: pb.VcpuState) -> VcpuState:
@@ -67,21 +56,14 @@ class VcpuState:
             raise ValueError(
                 f"vCPU {msg.index} state has {len(msg.x)} general registers, expected {GENERAL_REGISTERS}"
             )
-        return cls(
-            index=msg.index,
-            x=list(msg.x),
-            sp=msg.sp,
-            pc=msg.pc,
-            pstate=msg.pstate,
-            sctlr_el1=msg.sctlr_el1,
-            gcr_el1=msg.gcr_el1,
-            rgsr_el1=msg.rgsr_el1,
-            tfsr_el1=msg.tfsr_el1,
-            tfsre0_el1=msg.tfsre0_el1,
-        )
+        return cls(index=msg.index, x=list(msg.x), **{name: getattr(msg, name) for name in _SCALARS})
 
     def copy(self) -> VcpuState:
         return VcpuState.from_proto(self.to_proto())
+
+
+# The registers beside X0..X30, in the order the digest packs them; the proto uses the same names.
+_SCALARS = tuple(f.name for f in fields(VcpuState) if f.name not in ("index", "x"))
 
 
 def vcpus_digest(vcpus: list[VcpuState]) -> bytes:

@@ -32,6 +32,7 @@ from common.guest.digest import DigestCache, block_pages
 from common.guest.guest import Guest
 from common.guest.vcpu import vcpus_digest
 from common.protocol.phases import DestPhase, Failure
+from common.protocol.sequence import Arrival, Sequence
 from common.protocol.stats import TransferStats, ms, verification_section
 from common.transfer import apply_device_state
 from common.wire import framing
@@ -76,7 +77,7 @@ class DestSession:
         self.refused_messages = 0
         self._outgoing: list[tuple[bytes, list[Buffer]]] = []
         self._seq = 0
-        self._peer_seq = 0
+        self._incoming = Sequence()
         self.source_stopped = False
         self.verified: bool | None = None
         self.mismatched_pages: list[int] = []
@@ -115,16 +116,12 @@ class DestSession:
             return
         if self.phase.terminal:
             return  # stragglers after the end change nothing
-        if env.seq <= self._peer_seq:
-            return  # a repeat: already applied
-        if env.seq != self._peer_seq + 1:
-            self._fail(
-                pb.ERROR_SEQUENCE_GAP,
-                f"messages from the source were lost (expected {self._peer_seq + 1}, got {env.seq})",
-                now,
-            )
+        arrival = self._incoming.arrive(env.seq)
+        if arrival is Arrival.REPEAT:
+            return  # already applied
+        if arrival is Arrival.GAP:
+            self._fail(pb.ERROR_SEQUENCE_GAP, self._incoming.gap_reason(env.seq, "source"), now)
             return
-        self._peer_seq = env.seq
         self.t_last_heard = now
         handler = getattr(self, f"_on_{message.kind}", None)
         try:
@@ -239,7 +236,7 @@ class DestSession:
             return
         self.peer = peer
         self.session_id = env.session_id
-        self._peer_seq = env.seq
+        self._incoming = Sequence(env.seq)
         self.t_hello = self.t_last_heard = now
         self.guest = Guest.create(hello.ram_bytes, hello.vcpu_count)
         self.digests = DigestCache(self.guest.memory)
@@ -299,7 +296,7 @@ class DestSession:
     def _ack(self, now: float) -> None:
         backlog = self.digests.stale_pages if self.digests is not None else 0
         self._send(
-            now, ack=pb.Ack(acked_seq=self._peer_seq, credit=self.params.window, digest_backlog=backlog)
+            now, ack=pb.Ack(acked_seq=self._incoming.last, credit=self.params.window, digest_backlog=backlog)
         )
 
     def _note_repair(self, *placed: np.ndarray) -> None:

@@ -36,6 +36,7 @@ from common.guest.guest import Guest
 from common.guest.vcpu import vcpus_digest
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import Failure, SourcePhase
+from common.protocol.sequence import Arrival, Sequence
 from common.protocol.stats import BandwidthMeter, TransferStats, ms, verification_section
 from common.transfer import device_state
 from common.wire import framing
@@ -104,7 +105,7 @@ class SourceSession:
         self.digests = DigestCache(self.mem)
         self._outgoing: list[list[Buffer]] = []
         self._seq = 0
-        self._peer_seq = 0
+        self._incoming = Sequence()
         self._inflight: deque[tuple[int, int]] = deque()  # (seq, wire bytes) of data messages
         self._pass: _Pass | None = None
         self._use_lz4 = False
@@ -191,16 +192,12 @@ class SourceSession:
         if env.session_id != self.session_id:
             self._fail(pb.ERROR_WRONG_SESSION, "destination answered for another session", now)
             return
-        if env.seq <= self._peer_seq:
-            return  # a repeat: already handled
-        if env.seq != self._peer_seq + 1:
-            self._fail(
-                pb.ERROR_SEQUENCE_GAP,
-                f"messages from the destination were lost (expected {self._peer_seq + 1}, got {env.seq})",
-                now,
-            )
+        arrival = self._incoming.arrive(env.seq)
+        if arrival is Arrival.REPEAT:
+            return  # already handled
+        if arrival is Arrival.GAP:
+            self._fail(pb.ERROR_SEQUENCE_GAP, self._incoming.gap_reason(env.seq, "destination"), now)
             return
-        self._peer_seq = env.seq
         self.t_last_heard = now
         handler = getattr(self, f"_on_{message.kind}", None)
         if handler is None:
