@@ -14,7 +14,7 @@ import zmq
 from common.control import request
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from source_node.demo import free_port
+from source_node.demo import free_port, wait_for_control
 from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
 
 
@@ -299,3 +299,55 @@ def test_demo_runs_a_watchable_migration() -> None:
     assert "migration completed" in done.stdout
     assert "the guest runs on the destination" in done.stdout
     assert '"verification_ok": true' in done.stdout
+
+
+def wait_status(control: str, want: set[str], timeout_s: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = request(control, "status")
+        if reply.get("ok") and reply["result"]["status"] in want:
+            return reply["result"]
+        time.sleep(0.1)
+    raise AssertionError(f"status never became one of {want}")
+
+
+def test_daemon_migrates_on_command_and_takes_new_parameters(tmp_path: Path) -> None:
+    guest = [
+        "--ram",
+        "64MiB",
+        "--fill",
+        "random",
+        "--working-set",
+        "2MiB",
+        "--seed",
+        "10",
+        "--steps-per-second",
+        "500",
+        "--stop-at-step",
+        "3000",
+    ]
+    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    control = dest.new_control_uri()
+    # a long-running source: no --migrate-to, steered only through its control endpoint
+    proc, path = start_source(tmp_path, *guest, "--control", control, "--max-bandwidth", "2MiB")
+    assert wait_for_control(control).get("ok")
+    assert request(control, "status")["result"]["status"] == "none"
+    bad = request(control, "migrate", {"uri": "http://example"})
+    assert bad["ok"] is False and "not a tcp://" in bad["error"]
+    assert request(control, "migrate", {"uri": dest.uri})["ok"]
+    busy = request(control, "migrate", {"uri": dest.uri})
+    assert busy["ok"] is False and "already in progress" in busy["error"]
+    time.sleep(1.0)
+    assert request(control, "status")["result"]["status"] == "active"  # 64 MiB at 2 MiB/s
+    refused = request(control, "set-parameters", {"window": 3})
+    assert refused["ok"] is False and "cannot set window" in refused["error"]
+    lifted = request(control, "set-parameters", {"max_bandwidth": 0, "downtime_limit_ms": 100})
+    assert lifted["ok"] and lifted["result"]["max_bandwidth"] == 0
+    done = wait_status(control, {"completed", "failed"})
+    assert done["status"] == "completed", done["error"]
+    assert done["downtime_limit_ms"] == 100
+    proc.terminate()  # a daemon runs until told to stop
+    src = finish_source(proc, path)
+    got = dest.finish()
+    assert src.code == 0 and src.report["verification"]["ok"] is True
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
