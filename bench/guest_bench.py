@@ -20,7 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from common.guest.digest import memory_digests
+from common.guest.digest import DigestCache, memory_digests
 from common.guest.guest import Guest
 from common.guest.workload import Fill, WorkloadConfig, boot
 from common.transfer import apply_ram_pages, apply_tag_sections, ram_batches, tag_batches
@@ -120,6 +120,15 @@ def main() -> int:
 
     mem = random_guest.memory
     rng = np.random.default_rng(0)
+    cache = DigestCache(mem)
+    cache.digests()
+    scattered = rng.choice(mem.page_count, size=2000, replace=False)
+
+    def incremental() -> None:
+        cache.mark(scattered, scattered)
+        cache.digests()
+
+    rows.append(("digest after 2000 scattered pages changed", median_seconds(incremental, args.repeat), 0))
     dirty = rng.choice(mem.page_count, size=min(40_000, mem.page_count), replace=False)
 
     def sync_with_dirty() -> None:

@@ -104,6 +104,31 @@ def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
         print(
             f"{'  tags / RAM bytes on the wire':46} {tag_share:10.2%}   downtime {statistics.median(x['downtime_ms'] for x in ok):.1f} ms"
         )
+    few = migrate(
+        tmp,
+        [
+            "--ram",
+            "1GiB",
+            "--fill",
+            "zero",
+            "--working-set",
+            "4MiB",
+            "--seed",
+            "2",
+            "--stop-at-step",
+            "2000",
+            "--steps-per-second",
+            "0",
+        ],
+        [],
+        "2000",
+    )
+    if few["status"] == "completed":
+        print(
+            f"{'1 GiB, few tagged pages (zero fill, 4 MiB heap)':46} tags {few['tags']['transferred_bytes']} B beside "
+            f"{few['ram']['transferred_bytes']} B of RAM ({few['tags']['transferred_bytes'] / max(1, few['ram']['transferred_bytes']):.2%}), "
+            f"{few['tags']['untagged_pages']} untagged pages free"
+        )
     return ours_1gib
 
 
