@@ -36,6 +36,8 @@ RGSR_SEED_MASK = 0xFFFF
 # Digests are computed over blocks of pages (a two-level Merkle tree): a mismatched
 # block narrows the search to its pages without hashing every page twice.
 DIGEST_BLOCK_PAGES = 256
+# RAM digest leaves cover 16 pages (64 KiB): see common/guest/digest.py for the trade.
+DIGEST_LEAF_PAGES = 16
 
 PROTOCOL_VERSION = 1
 WIRE_MAGIC = b"MTEM"

@@ -363,7 +363,7 @@ class DestSession:
         )
         for block in bad_blocks.tolist():
             first, count = block_pages(block, mem.page_count)
-            ram_leaves, tag_leaves = self.digests.page_leaves(first, count)
+            ram_leaves, tag_leaves = self.digests.page_digests(first, count)
             result.page_digests.add(
                 first_page=first,
                 ram_digests=ram_leaves.astype("<u8").tobytes(),

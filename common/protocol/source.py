@@ -490,7 +490,7 @@ class SourceSession:
         """Compare the destination's page digests with ours; hostile input is refused."""
         data: list[int] = []
         tags: list[int] = []
-        if len(result.page_digests) > len(self.digests.ram.leaves) // DIGEST_BLOCK_PAGES + 1:
+        if len(result.page_digests) > self.digests.ram.block_digests.size:
             raise WireError(pb.ERROR_BAD_MESSAGE, "verify_result names more blocks than the guest has")
         for block in result.page_digests:
             count = len(block.ram_digests) // 8
@@ -505,7 +505,7 @@ class SourceSession:
                     pb.ERROR_BAD_MESSAGE,
                     f"verify_result page digests at page {block.first_page} are malformed",
                 )
-            ours_ram, ours_tags = self.digests.page_leaves(block.first_page, count)
+            ours_ram, ours_tags = self.digests.page_digests(block.first_page, count)
             theirs_ram = np.frombuffer(block.ram_digests, dtype="<u8")
             theirs_tags = np.frombuffer(block.tag_digests, dtype="<u8")
             data.extend((block.first_page + np.flatnonzero(ours_ram != theirs_ram)).tolist())

@@ -59,6 +59,16 @@ def gather_rows(table: U8, indices: Indices) -> U8:
     return table[indices]
 
 
+def nonzero_rows(rows: U8) -> npt.NDArray[np.bool_]:
+    """Which pages hold a non-zero byte. A sample of 8 bytes per page (8 cache lines instead of
+    64) settles almost every page with content; only pages whose sample is zero are scanned."""
+    nonzero = rows[:, :: PAGE_SIZE // 8].any(axis=1)
+    unsure = np.flatnonzero(~nonzero)
+    if unsure.size:
+        nonzero[unsure] = rows[unsure].any(axis=1)
+    return nonzero
+
+
 def _lz4_pays(rows: U8, candidates: Indices) -> bool:
     if candidates.size == 0:
         return False
@@ -98,7 +108,7 @@ def encode_ram_pages(
 ) -> tuple[pb.RamPages, Buffer, BatchStats]:
     """Encode pages[indices] (pages is the guest's (page_count, 4096) view)."""
     rows = gather_rows(pages, indices)
-    nonzero = rows.any(axis=1)
+    nonzero = nonzero_rows(rows)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
     data_rows = np.flatnonzero(nonzero)
