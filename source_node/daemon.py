@@ -150,12 +150,16 @@ class SourceDaemon:
 
     # -- the loop ----------------------------------------------------------------------------
     def _flush(self) -> None:
+        """Send what the session produced. Page payloads may be views of guest memory (no copy
+        was made to encode them), so they are copied by the socket here, before the vCPU's next
+        slice; whatever cannot be sent now is copied out before the guest may run again."""
         if self.session is not None:
             self.pending.extend(self.session.take_outgoing())
         while self.pending and self.data is not None:
             try:
-                self.data.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=False)
+                self.data.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=True)
             except zmq.Again:
+                self.pending = deque([bytes(f) for f in frames] for frames in self.pending)
                 return
             self.pending.popleft()
 

@@ -52,10 +52,11 @@ def contiguous(indices: Indices) -> bool:
     )
 
 
-def gather_rows(table: U8, indices: Indices) -> U8:
-    """table[indices] as a fresh array; a slice copy where the pages are contiguous."""
+def gather_rows(table: U8, indices: Indices, *, view_ok: bool = False) -> U8:
+    """table[indices]: a fresh array, or with view_ok a view where the pages are contiguous."""
     if contiguous(indices):
-        return table[int(indices[0]) : int(indices[-1]) + 1].copy()
+        rows = table[int(indices[0]) : int(indices[-1]) + 1]
+        return rows if view_ok else rows.copy()
     return table[indices]
 
 
@@ -106,8 +107,12 @@ def _compress_rows(
 def encode_ram_pages(
     pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
 ) -> tuple[pb.RamPages, Buffer, BatchStats]:
-    """Encode pages[indices] (pages is the guest's (page_count, 4096) view)."""
-    rows = gather_rows(pages, indices)
+    """Encode pages[indices] (pages is the guest's (page_count, 4096) view).
+
+    The payload may be a view of guest memory, not a copy: whoever sends it must copy it out
+    (or send it) before the guest runs again, or the page may change under its checksum.
+    """
+    rows = gather_rows(pages, indices, view_ok=True)
     nonzero = nonzero_rows(rows)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
@@ -119,7 +124,8 @@ def encode_ram_pages(
         payload = b"".join(parts)
         stats.lz4 = int(np.count_nonzero(encodings == pb.PAGE_LZ4))
     else:
-        # The common fast path: no per-page Python work, one copy.
+        # The common fast path: no per-page Python work. A contiguous batch of pages with
+        # content is a view of guest memory, copied once, by the socket: see encode_ram_pages.
         content = rows if data_rows.size == rows.shape[0] else rows[data_rows]
         payload = memoryview(content.reshape(-1)) if content.size else b""
     stats.raw = int(np.count_nonzero(encodings == pb.PAGE_RAW))
