@@ -18,6 +18,7 @@ from common.guest.vcpu import VcpuState
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
     BatchStats,
+    DecodedBatch,
     decode_ram_pages,
     decode_tag_sections,
     encode_ram_pages,
@@ -47,20 +48,22 @@ def tag_batches(
         yield encode_tag_sections(mem.page_tags, chunk, use_lz4=use_lz4, round_no=round_no)
 
 
-def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> int:
+def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> DecodedBatch:
+    """Check a batch of pages from a peer, then place it; returns what was placed."""
     decoded = decode_ram_pages(msg, payload, mem.page_count)
     with mem.lock:
         mem.place_pages(decoded.indices, decoded.rows)
         mem.place_zero_pages(decoded.zero)
-    return int(decoded.indices.size + decoded.zero.size)
+    return decoded
 
 
-def apply_tag_sections(mem: GuestMemory, msg: pb.TagSections, payload: Buffer) -> int:
+def apply_tag_sections(mem: GuestMemory, msg: pb.TagSections, payload: Buffer) -> DecodedBatch:
+    """Check a batch of tag sections from a peer, then place it; returns what was placed."""
     decoded = decode_tag_sections(msg, payload, mem.page_count)
     with mem.lock:
         mem.place_tags(decoded.indices, decoded.rows)
         mem.page_tags[decoded.zero] = 0
-    return int(decoded.indices.size + decoded.zero.size)
+    return decoded
 
 
 def device_state(guest: Guest) -> pb.DeviceState:

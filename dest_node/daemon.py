@@ -185,7 +185,10 @@ class DestDaemon:
         return self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished
 
     def _finish(self) -> int:
+        prefaulter = self.prefaulter
         self._stop_prefault()
+        if prefaulter is not None:
+            prefaulter.join()
         if self.runner is not None:
             self.runner.pause()
         completed = self.session.phase is DestPhase.RUNNING

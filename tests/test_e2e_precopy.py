@@ -23,7 +23,7 @@ def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
     dest = Dest(tmp_path, "--stop-at-step", "0")
     src = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
     got = dest.finish()
-    assert src.code == 0, src.stderr
+    assert src.code == 0, src.stderr + "\n--- dest ---\n" + got.stderr
     assert got.code == 0, got.stderr
     report = src.report
     assert report["status"] == "completed" and report["error"] is None
@@ -54,7 +54,7 @@ def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "seed, stop, pace",
-    [(7, 1500, "0"), (8, 2500, "1500"), (9, 4000, "3000")],
+    [(7, 1500, "0"), (8, 2500, "800"), (9, 4000, "1000")],
 )
 def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: int, pace: str) -> None:
     guest = [
@@ -71,11 +71,12 @@ def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: 
     dest = Dest(tmp_path, "--stop-at-step", str(stop))
     src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--downtime-limit", "50")
     got = dest.finish()
-    assert src.code == 0, src.stdout + src.stderr
+    assert src.code == 0, src.stdout + src.stderr + "\n--- dest ---\n" + got.stderr
     assert got.code == 0
     switched_at = src.report["guest"]["step"]
     assert src.report["verification"]["ok"] is True
-    # the switchover happened mid-run for the paced guests, so the destination ran the rest
+    # the paced guests need 3-4 s to reach their stop step: the switchover happens mid-run
+    # and the destination runs the rest
     if pace != "0":
         assert switched_at < stop
     assert got.report["guest"]["step"] == stop

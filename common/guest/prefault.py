@@ -89,9 +89,14 @@ class Prefaulter:
         self._thread.start()
 
     def stop(self) -> None:
+        """Ask the helper to stop; it notices within one madvise call. No waiting here: this
+        is called at switchover, inside the downtime."""
+        self._stop.set()
+
+    def join(self, timeout_s: float = 5.0) -> None:
         self._stop.set()
         if self._thread.is_alive():
-            self._thread.join(timeout=5)
+            self._thread.join(timeout=timeout_s)
 
     def _run(self) -> None:
         madvise = _madvise()

@@ -34,11 +34,10 @@ from common.guest.vcpu import vcpus_digest
 from common.protocol.phases import DestPhase, Failure
 from common.protocol.sequence import Arrival, Sequence
 from common.protocol.stats import TransferStats, ms, verification_section
-from common.transfer import apply_device_state
+from common.transfer import apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
-from common.wire.codec import decode_ram_pages, decode_tag_sections
 from common.wire.framing import Buffer, WireError
 
 _DIGEST_BUDGET = 4096
@@ -263,11 +262,7 @@ class DestSession:
     def _on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
         self._require(DestPhase.RECEIVING)
         assert self.guest is not None and self.digests is not None
-        mem = self.guest.memory
-        decoded = decode_ram_pages(msg, payload, mem.page_count)
-        with mem.lock:
-            mem.place_pages(decoded.indices, decoded.rows)
-            mem.place_zero_pages(decoded.zero)
+        decoded = apply_ram_pages(self.guest.memory, msg, payload)
         self.digests.mark(decoded.indices, [])
         self.digests.mark(decoded.zero, [])
         self._note_repair(decoded.indices, decoded.zero)
@@ -280,11 +275,7 @@ class DestSession:
     def _on_tag_sections(self, msg: pb.TagSections, payload: Buffer, now: float) -> None:
         self._require(DestPhase.RECEIVING)
         assert self.guest is not None and self.digests is not None
-        mem = self.guest.memory
-        decoded = decode_tag_sections(msg, payload, mem.page_count)
-        with mem.lock:
-            mem.place_tags(decoded.indices, decoded.rows)
-            mem.page_tags[decoded.zero] = 0
+        decoded = apply_tag_sections(self.guest.memory, msg, payload)
         self.digests.mark([], decoded.indices)
         self.digests.mark([], decoded.zero)
         self._note_repair(decoded.indices, decoded.zero)

@@ -216,7 +216,9 @@ class SourceSession:
         """Advance on time: send what the window and bandwidth allow, check the peer."""
         if self.phase.terminal or self.phase is SourcePhase.IDLE:
             return
-        if now - self.t_last_heard > self.params.peer_timeout_s:
+        # After the commit, giving up leaves the guest stopped here, so wait longer for proof.
+        patience = self.params.peer_timeout_s * (3 if self.phase is SourcePhase.COMMITTING else 1)
+        if now - self.t_last_heard > patience:
             if self.phase is SourcePhase.SETUP:
                 reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
             elif self.phase is SourcePhase.COMMITTING:
