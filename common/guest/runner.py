@@ -11,6 +11,7 @@ step halfway. Throttling (auto-converge) shortens the slices.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from common.guest.workload import Workload
 
@@ -89,10 +90,10 @@ class GuestRunner:
             self._held_until = time.monotonic() + spent * self.throttle / (1.0 - self.throttle)
         return ran
 
-    def run_until_finished(self, should_stop: object = None) -> None:
+    def run_until_finished(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """The reference run: slices back to back (or paced) until --stop-at-step."""
         self.start()
-        while not self.finished and not (callable(should_stop) and should_stop()):
+        while not self.finished and not should_stop():
             wait = self.seconds_until_due(time.monotonic())
             if wait:
                 time.sleep(min(wait, 0.05))

@@ -85,6 +85,7 @@ class DestSession:
         self.t_start = now
         self.t_hello: float | None = None
         self.t_stop_seen: float | None = None
+        self.t_first_data: float | None = None
         self.t_running: float | None = None
         self.t_end: float | None = None
         self.t_last_heard = now
@@ -263,6 +264,8 @@ class DestSession:
         self._require(DestPhase.RECEIVING)
         assert self.guest is not None and self.digests is not None
         decoded = apply_ram_pages(self.guest.memory, msg, payload)
+        if self.t_first_data is None:
+            self.t_first_data = now
         self.digests.mark(decoded.indices, [])
         self.digests.mark(decoded.zero, [])
         self._note_repair(decoded.indices, decoded.zero)
@@ -417,7 +420,10 @@ class DestSession:
             "mode": "precopy",
             "error": self.failure.reason if self.failure else None,
             "total_time_ms": ms(total),
-            "setup_time_ms": 0.0 if self.t_hello else None,
+            # what this side sees of setup: from the hello to the first page batch
+            "setup_time_ms": ms(self.t_first_data - self.t_hello)
+            if self.t_hello and self.t_first_data
+            else None,
             "downtime_ms": ms(downtime),
             "expected_downtime_ms": None,
             "rounds": self.rounds,
