@@ -12,6 +12,8 @@ from common.guest.workload import Workload, WorkloadConfig, boot
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceSession
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
 
 PEER = b"source-peer"
 
@@ -71,10 +73,18 @@ class FakeSourceHost:
         self.throttle = 0.0
         self.stops = 0
         self.resumes = 0
+        self.session: SourceSession | None = None
+        self.at_stop: dict[str, int] = {}  # what the session had outstanding when it stopped us
 
     def stop_guest(self) -> None:
         self.running = False
         self.stops += 1
+        if self.session is not None:
+            self.at_stop = {
+                "in_flight": len(self.session._inflight),
+                "dest_backlog": self.session.dest_backlog,
+                "own_backlog": self.session.digests.stale_pages,
+            }
 
     def resume_guest(self) -> None:
         self.running = True
@@ -119,6 +129,7 @@ class Pair:
         self.src_host = FakeSourceHost()
         self.dst_host = FakeDestHost()
         self.src = SourceSession(guest, self.src_host, params or MigrationParameters(), self.now)
+        self.src_host.session = self.src
         self.dst = DestSession(self.dst_host, dest_params or DestParameters(), self.now)
         self.down = Link(to_dest or Faults())
         self.up = Link(to_source or Faults(seed=1))
@@ -155,6 +166,23 @@ class Pair:
                     self.tick()
                 break
         return self
+
+
+def hello_of_version(version: int) -> pb.Envelope:
+    """A hello that is right in every way but its protocol version."""
+    return framing.envelope(
+        b"x" * 8,
+        1,
+        hello=pb.Hello(
+            protocol_version=version,
+            page_size=4096,
+            granule_size=16,
+            ram_bytes=1 << 20,
+            features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
+            mode=pb.MODE_PRECOPY,
+            vcpu_count=1,
+        ),
+    )
 
 
 def busy_guest(seed: int = 1, ram: int = 8 << 20, **knobs: object) -> Guest:

@@ -13,9 +13,9 @@ import zmq
 
 from common.control import request
 from common.wire import framing
-from common.wire import mte_migration_pb2 as pb
 from source_node.demo import free_port, wait_for_control
 from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
+from tests.protocol_harness import hello_of_version
 
 
 def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
@@ -225,16 +225,7 @@ def test_hostile_peers_change_nothing(tmp_path: Path) -> None:
     stranger.setsockopt(zmq.LINGER, 0)
     stranger.connect(dest.uri)
     stranger.send_multipart([b"garbage", b"more", b"frames"])
-    hello = pb.Hello(
-        protocol_version=99,
-        page_size=4096,
-        granule_size=16,
-        ram_bytes=1 << 20,
-        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
-        mode=pb.MODE_PRECOPY,
-        vcpu_count=1,
-    )
-    stranger.send_multipart(framing.encode(framing.envelope(b"12345678", 1, hello=hello)))
+    stranger.send_multipart(framing.encode(hello_of_version(99)))
     replies = []
     while stranger.poll(3000) and len(replies) < 2:
         replies.append(framing.decode(stranger.recv_multipart()))

@@ -12,7 +12,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import PEER, Faults, Pair, busy_guest
+from tests.protocol_harness import PEER, Faults, Pair, busy_guest, hello_of_version
 
 
 def assert_handed_over(pair: Pair) -> None:
@@ -56,6 +56,18 @@ def test_busy_guest_converges_and_migrated_equals_unmigrated() -> None:
     Workload(reference).run(at + 150)
     assert migrated.digests() == reference.digests()
     assert Workload(migrated).faults == Workload(reference).faults
+
+
+def test_guest_stops_only_when_the_destination_has_caught_up() -> None:
+    from common.protocol.source import CATCH_UP_PAGES
+
+    # a guest big enough that round 1 leaves a window in flight and hashing to do on both sides
+    guest = busy_guest(seed=2, ram=64 << 20, dirty_pages_per_step=8)
+    pair = Pair(guest, steps_per_tick=2).run()
+    assert_handed_over(pair)
+    at_stop = pair.src_host.at_stop
+    assert at_stop["in_flight"] == 0, at_stop
+    assert at_stop["dest_backlog"] <= CATCH_UP_PAGES and at_stop["own_backlog"] <= CATCH_UP_PAGES, at_stop
 
 
 def test_tag_only_workload_resends_tag_sections_not_pages() -> None:
@@ -132,19 +144,7 @@ def test_repeated_messages_are_harmless() -> None:
 
 def test_version_mismatch_is_refused_with_reason() -> None:
     pair = Pair(busy_guest())
-    env = framing.envelope(
-        b"x" * 8,
-        1,
-        hello=pb.Hello(
-            protocol_version=99,
-            page_size=4096,
-            granule_size=16,
-            ram_bytes=1 << 20,
-            features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
-            mode=pb.MODE_PRECOPY,
-            vcpu_count=1,
-        ),
-    )
+    env = hello_of_version(99)
     pair.dst.receive(PEER, framing.encode(env), 0.0)
     [(peer, frames)] = pair.dst.take_outgoing()
     ack = framing.decode(frames).envelope.hello_ack
