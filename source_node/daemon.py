@@ -113,21 +113,22 @@ class SourceDaemon:
         self._flush()
         return self.status()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, with_digests: bool = False) -> dict[str, Any]:
+        """The report so far. Digests of a running guest would be torn, and hashing a large
+        guest on every status request is wasted work: they come with the final report."""
         now = time.monotonic()
         report: dict[str, Any] = (
             self.session.report(now) if self.session else {"status": "none", "mode": None, "error": None}
         )
-        running = self.runner.running
-        # Digests of a guest still running would be torn; they are reported once it stops.
-        report["guest"] = guest_summary(self.guest, running=self.guest_would_run, with_digests=not running)
+        report["guest"] = guest_summary(
+            self.guest, running=self.guest_would_run, with_digests=with_digests and not self.runner.running
+        )
         return report
 
     def final_report(self) -> dict[str, Any]:
-        """The report once the vCPU thread has stopped: digests included."""
-        report = self.status()
-        report["guest"] = guest_summary(self.guest, running=self.guest_would_run)
-        return report
+        """The report once the vCPU has stopped: digests included, computed once."""
+        self.runner.pause()
+        return self.status(with_digests=True)
 
     @property
     def guest_would_run(self) -> bool:

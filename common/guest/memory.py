@@ -25,6 +25,7 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
+from common.indices import contiguous
 
 # Not exported by the mmap module on every Python; the Linux value.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -253,9 +254,8 @@ class GuestMemory:
 
 def _scatter(table: npt.NDArray[Any], indices: PageIndices, values: Any) -> None:
     """table[indices] = values; a slice assignment where the pages are contiguous."""
-    n = indices.size
-    if n and int(indices[-1]) - int(indices[0]) + 1 == n and bool((np.diff(indices) == 1).all()):
-        table[int(indices[0]) : int(indices[0]) + n] = values
+    if contiguous(indices):
+        table[int(indices[0]) : int(indices[0]) + indices.size] = values
     else:
         table[indices] = values
 

@@ -65,9 +65,9 @@ class GuestRunner:
         due = max(self._next_due, self._held_until) if self._interval else self._held_until
         return max(0.0, due - now)
 
-    def run_slice(self, now: float | None = None) -> int:
+    def run_slice(self) -> int:
         """Run the steps that are due, for at most one slice; return how many ran."""
-        began = time.monotonic() if now is None else now
+        began = time.monotonic()
         if not self.running or began < self._held_until:
             return 0
         budget = self.slice_s
@@ -98,6 +98,3 @@ class GuestRunner:
             if wait:
                 time.sleep(min(wait, 0.05))
             self.run_slice()
-
-    def shutdown(self) -> None:
-        self._running = False

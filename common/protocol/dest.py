@@ -31,6 +31,7 @@ from common.constants import (
 from common.guest.digest import DigestCache, block_pages
 from common.guest.guest import Guest
 from common.guest.vcpu import vcpus_digest
+from common.guest.workload import REG_STEP
 from common.protocol.phases import DestPhase, Failure
 from common.protocol.sequence import Arrival, Sequence
 from common.protocol.stats import TransferStats, ms, verification_section
@@ -357,11 +358,11 @@ class DestSession:
         )
         for block in bad_blocks.tolist():
             first, count = block_pages(block, mem.page_count)
-            ram_leaves, tag_leaves = self.digests.page_digests(first, count)
+            ram_pages, tag_pages = self.digests.page_digests(first, count)
             result.page_digests.add(
                 first_page=first,
-                ram_digests=ram_leaves.astype("<u8").tobytes(),
-                tag_digests=tag_leaves.astype("<u8").tobytes(),
+                ram_digests=ram_pages.astype("<u8").tobytes(),
+                tag_digests=tag_pages.astype("<u8").tobytes(),
             )
         self.verified = ok
         if ok:
@@ -376,7 +377,7 @@ class DestSession:
         self.host.start_guest(self.guest)
         self.phase = DestPhase.RUNNING
         self.t_running = self.t_end = now
-        self._send(now, started=pb.Started(step=self.guest.vcpus[0].x[19]))
+        self._send(now, started=pb.Started(step=self.guest.vcpus[0].x[REG_STEP]))
 
     # -- sending and failure -------------------------------------------------------------------
     def _send(self, now: float, **body: Any) -> None:

@@ -122,7 +122,6 @@ class SourceSession:
         # times
         self.t_start = now
         self.t_setup_done: float | None = None
-        self.t_active: float | None = None
         self.t_round: float = now
         self.t_stop: float | None = None
         self.t_end: float | None = None
@@ -275,7 +274,7 @@ class SourceSession:
         self.params = replace(self.params, window=min(self.params.window, ack.initial_credit))
         self._use_lz4 = pb.FEATURE_LZ4 in ack.features and self.params.use_lz4
         self.phase = SourcePhase.ACTIVE
-        self.t_setup_done = self.t_active = self.t_round = now
+        self.t_setup_done = self.t_round = now
         self._mark_time("setup done", now)
         self.round = 1
         first = self.mem.populated_pages()
@@ -347,7 +346,7 @@ class SourceSession:
 
     # -- the data path ----------------------------------------------------------------------
     def _active_since(self, now: float) -> float:
-        return now if self.t_active is None else self.t_active
+        return now if self.t_setup_done is None else self.t_setup_done
 
     def _active_for(self, now: float) -> float:
         return now - self._active_since(now)
@@ -425,13 +424,13 @@ class SourceSession:
             self._switchover(now, sync.data_pages, sync.tag_pages)
             return
         if self._active_for(now) > self.params.convergence_timeout_s:
-            raise_reason = (
+            reason = (
                 f"not converging after {self.params.convergence_timeout_s:.0f} s and {self.round} rounds: "
                 f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
                 f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {self.params.downtime_limit_ms:.0f} ms limit"
                 f" at throttle {self.throttle:.0%}"
             )
-            self._fail(pb.ERROR_NOT_CONVERGING, raise_reason, now)
+            self._fail(pb.ERROR_NOT_CONVERGING, reason, now)
             return
         # Auto-converge: a round that leaves more than half of what it sent dirty again
         # means the guest outruns the link; hold its vCPU back a little more each time.
@@ -466,6 +465,7 @@ class SourceSession:
         if self._resend_vcpus:
             self._send_control(now, device_state=device_state(self.guest))
         digests = self.digests.digests()
+        vcpu_digest = vcpus_digest(self.guest.vcpus)
         self.verify_attempt += 1
         self._send_control(
             now,
@@ -474,7 +474,7 @@ class SourceSession:
                 source=pb.GuestDigests(
                     ram_digest=digests.ram,
                     tag_digest=digests.tags,
-                    vcpu_digest=vcpus_digest(self.guest.vcpus),
+                    vcpu_digest=vcpu_digest,
                     ram_block_digests=digests.ram_blocks.astype("<u8").tobytes(),
                     tag_block_digests=digests.tag_blocks.astype("<u8").tobytes(),
                 ),
@@ -484,7 +484,7 @@ class SourceSession:
         self.source_digests = {
             "ram": digests.ram.hex(),
             "tags": digests.tags.hex(),
-            "vcpu": vcpus_digest(self.guest.vcpus).hex(),
+            "vcpu": vcpu_digest.hex(),
         }
         self.phase = SourcePhase.VERIFYING
 

@@ -22,6 +22,7 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
+from common.indices import contiguous
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer, WireError
 
@@ -41,15 +42,6 @@ class BatchStats:
     def add(self, other: BatchStats) -> None:
         for name in self.__dataclass_fields__:
             setattr(self, name, getattr(self, name) + getattr(other, name))
-
-
-def contiguous(indices: Indices) -> bool:
-    """Ascending and gap-free: a slice, not a scatter (the usual case for round 1)."""
-    return (
-        indices.size > 0
-        and int(indices[-1]) - int(indices[0]) + 1 == indices.size
-        and bool((np.diff(indices) == 1).all())
-    )
 
 
 def gather_rows(table: U8, indices: Indices, *, view_ok: bool = False) -> U8:
