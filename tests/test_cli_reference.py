@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow
+
 
 def reference(tmp_path: Path, *args: str) -> dict:
     report = tmp_path / f"ref-{abs(hash(args))}.json"

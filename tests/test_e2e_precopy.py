@@ -17,6 +17,8 @@ from source_node.demo import free_port, wait_for_control
 from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
 from tests.protocol_harness import hello_of_version
 
+pytestmark = pytest.mark.slow
+
 
 def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
     guest = [*SMALL_GUEST, "--seed", "3", "--stop-at-step", "0"]

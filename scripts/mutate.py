@@ -1,0 +1,408 @@
+"""Mutation testing of the pure modules: does the fast suite notice when the code is wrong?
+
+    python3 scripts/mutate.py                      # every pure module, 2 workers
+    python3 scripts/mutate.py common/wire/codec.py --show-survivors
+
+Each mutant changes one thing inside one function (a comparison, an operator, a boolean, a
+number, a condition, a statement dropped). Tests are collected once; each test's calls are
+recorded, so a mutant runs only the tests that reach its function. Each mutant runs in a forked
+child that swaps the function's code object in place (so every `from x import f` sees it) and
+runs those tests with `-x`. A mutant is killed when a test fails or the run exceeds its time
+bound. Not part of CI: it takes minutes; the fast tests it uses are.
+
+Left unmutated on purpose: string constants (error texts are read by people; tests check their
+key words), module and class level statements (constants and declarations, which the generated
+schema and the type checker pin), docstrings, and log calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import os
+import signal
+import sys
+import time
+import types
+from collections import defaultdict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+PURE = ["common/wire", "common/protocol", "common/guest/mte.py", "common/guest/memory.py"]
+FAST_TESTS = ["tests", "-m", "not slow and not faults"]
+
+
+@dataclass(frozen=True)
+class Mutant:
+    path: str
+    index: int  # the index-th mutation point of the file, in a fixed walk order
+    line: int
+    description: str
+
+
+# -- finding and applying mutations ---------------------------------------------------------
+_COMPARE_SWAPS: dict[type, type] = {
+    ast.Lt: ast.LtE,
+    ast.LtE: ast.Lt,
+    ast.Gt: ast.GtE,
+    ast.GtE: ast.Gt,
+    ast.Eq: ast.NotEq,
+    ast.NotEq: ast.Eq,
+    ast.In: ast.NotIn,
+    ast.NotIn: ast.In,
+    ast.Is: ast.IsNot,
+    ast.IsNot: ast.Is,
+}
+_BINOP_SWAPS: dict[type, type] = {
+    ast.Add: ast.Sub,
+    ast.Sub: ast.Add,
+    ast.Mult: ast.FloorDiv,
+    ast.Div: ast.Mult,
+    ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv,
+    ast.LShift: ast.RShift,
+    ast.RShift: ast.LShift,
+    ast.BitAnd: ast.BitOr,
+    ast.BitOr: ast.BitAnd,
+    ast.BitXor: ast.BitOr,
+}
+
+
+def _is_docstring_or_log(stmt: ast.stmt) -> bool:
+    if not isinstance(stmt, ast.Expr):
+        return False
+    value = stmt.value
+    if isinstance(value, ast.Constant) and isinstance(value.value, str):
+        return True
+    return (
+        isinstance(value, ast.Call)
+        and isinstance(value.func, ast.Attribute)
+        and value.func.attr in {"debug", "info", "warning", "error", "exception"}
+    )
+
+
+def _points(tree: ast.Module) -> Iterator[tuple[ast.AST, str, str]]:
+    """(node, kind, description) for every mutation point inside a function, in walk order."""
+    for func in ast.walk(tree):
+        if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+            continue
+        # only the body of top-level functions and methods; nested defs come with their parent
+        for node in _walk_body(func):
+            yield from _node_points(node)
+
+
+def _walk_body(func: ast.FunctionDef | ast.AsyncFunctionDef) -> Iterator[ast.AST]:
+    stack: list[ast.AST] = [s for s in func.body if not _is_docstring_or_log(s)]
+    while stack:
+        node = stack.pop(0)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            continue  # visited as a function of its own
+        if isinstance(node, ast.Expr) and _is_docstring_or_log(node):
+            continue
+        yield node
+        stack[0:0] = list(ast.iter_child_nodes(node))
+
+
+def _node_points(node: ast.AST) -> Iterator[tuple[ast.AST, str, str]]:
+    if isinstance(node, ast.Compare):
+        for i, op in enumerate(node.ops):
+            if type(op) in _COMPARE_SWAPS:
+                new = _COMPARE_SWAPS[type(op)].__name__
+                yield node, f"cmp:{i}", f"{type(op).__name__} -> {new}"
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINOP_SWAPS:
+        yield node, "binop", f"{type(node.op).__name__} -> {_BINOP_SWAPS[type(node.op)].__name__}"
+    elif isinstance(node, ast.AugAssign) and type(node.op) in _BINOP_SWAPS:
+        yield node, "binop", f"{type(node.op).__name__}= -> {_BINOP_SWAPS[type(node.op)].__name__}="
+    elif isinstance(node, ast.BoolOp):
+        yield node, "boolop", "and <-> or"
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield node, "not", "drop not"
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        yield node, "neg", "drop unary minus"
+    elif isinstance(node, ast.Constant) and type(node.value) is bool:
+        yield node, "bool", f"{node.value} -> {not node.value}"
+    elif isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        yield node, "num", f"{node.value!r} -> {_bump(node.value)!r}"
+    elif isinstance(node, ast.If | ast.While | ast.IfExp):
+        yield node, "cond", "negate condition"
+    elif isinstance(node, ast.Return) and node.value is not None:
+        yield node, "return", "return None"
+    elif isinstance(node, ast.Expr | ast.Assign | ast.AugAssign | ast.Raise | ast.AnnAssign):
+        yield node, "drop", f"drop {type(node).__name__.lower()} statement"
+
+
+def _bump(value: float) -> float:
+    if value == 0:
+        return 1
+    if value == 1:
+        return 0
+    return value + 1
+
+
+def find_mutants(path: str) -> list[Mutant]:
+    tree = ast.parse((ROOT / path).read_text(), path)
+    return [
+        Mutant(path, i, getattr(node, "lineno", 0), description)
+        for i, (node, _, description) in enumerate(_points(tree))
+    ]
+
+
+def _apply(tree: ast.Module, index: int) -> ast.Module:
+    tree = copy.deepcopy(tree)
+    for i, (node, kind, _) in enumerate(_points(tree)):
+        if i != index:
+            continue
+        if kind.startswith("cmp:"):
+            k = int(kind[4:])
+            node.ops[k] = _COMPARE_SWAPS[type(node.ops[k])]()  # type: ignore[attr-defined]
+        elif kind == "binop":
+            node.op = _BINOP_SWAPS[type(node.op)]()  # type: ignore[attr-defined]
+        elif kind == "boolop":
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()  # type: ignore[attr-defined]
+        elif kind in ("not", "neg"):
+            _replace(tree, node, node.operand)  # type: ignore[attr-defined]
+        elif kind == "bool":
+            node.value = not node.value  # type: ignore[attr-defined]
+        elif kind == "num":
+            node.value = _bump(node.value)  # type: ignore[attr-defined]
+        elif kind == "cond":
+            test = node.test  # type: ignore[attr-defined]
+            node.test = ast.copy_location(ast.UnaryOp(ast.Not(), test), test)  # type: ignore[attr-defined]
+        elif kind == "return":
+            node.value = ast.copy_location(ast.Constant(None), node)  # type: ignore[attr-defined]
+        elif kind == "drop":
+            _replace(tree, node, ast.copy_location(ast.Pass(), node))
+        ast.fix_missing_locations(tree)
+        return tree
+    raise IndexError(index)
+
+
+def _replace(tree: ast.AST, old: ast.AST, new: ast.AST) -> None:
+    for parent in ast.walk(tree):
+        for name, value in ast.iter_fields(parent):
+            if value is old:
+                setattr(parent, name, new)
+                return
+            if isinstance(value, list) and any(v is old for v in value):
+                value[next(i for i, v in enumerate(value) if v is old)] = new
+                return
+
+
+def _code_objects(code: types.CodeType) -> Iterator[types.CodeType]:
+    for const in code.co_consts:
+        if isinstance(const, types.CodeType):
+            yield const
+            yield from _code_objects(const)
+
+
+def _functions(module: types.ModuleType) -> dict[str, types.FunctionType]:
+    """qualname -> the live function object, for module functions and methods."""
+    found: dict[str, types.FunctionType] = {}
+
+    def visit(obj: Any, depth: int = 0) -> None:
+        if depth > 3:
+            return
+        for value in list(vars(obj).values()):
+            for candidate in (value, getattr(value, "__func__", None), getattr(value, "fget", None)):
+                if isinstance(candidate, types.FunctionType) and candidate.__module__ == module.__name__:
+                    found.setdefault(candidate.__code__.co_qualname, candidate)
+            if isinstance(value, type) and value.__module__ == module.__name__:
+                visit(value, depth + 1)
+
+    visit(module)
+    return found
+
+
+def install(mutant: Mutant) -> bool:
+    """Swap the mutated function's code into the live module; False when it cannot be placed."""
+    source = (ROOT / mutant.path).read_text()
+    tree = _apply(ast.parse(source, mutant.path), mutant.index)
+    module_code = compile(tree, str(ROOT / mutant.path), "exec")
+    name = mutant.path.removesuffix(".py").replace("/", ".")
+    module = sys.modules.get(name)
+    if module is None:
+        return False
+    live = _functions(module)
+    original = compile(source, str(ROOT / mutant.path), "exec")
+    before = {c.co_qualname: c for c in _code_objects(original)}
+    placed = False
+    for code in _code_objects(module_code):
+        target = live.get(code.co_qualname)
+        if target is None or code.co_qualname not in before:
+            continue
+        if (
+            code.co_code != before[code.co_qualname].co_code
+            or code.co_consts != before[code.co_qualname].co_consts
+        ):
+            try:
+                target.__code__ = code
+                placed = True
+            except ValueError:
+                return False
+    return placed
+
+
+# -- which tests reach which function -----------------------------------------------------------
+class _CallRecorder:
+    def __init__(self, files: set[str]) -> None:
+        self.files = files
+        self.current: str | None = None
+        self.reached: dict[tuple[str, int], set[str]] = defaultdict(set)
+        self.durations: dict[str, float] = {}
+        self.failed: list[str] = []
+
+    def _profile(self, frame: types.FrameType, event: str, _: Any) -> None:
+        if event == "call" and self.current is not None:
+            code = frame.f_code
+            if code.co_filename in self.files:
+                self.reached[(code.co_filename, code.co_firstlineno)].add(self.current)
+
+    # pytest hooks
+    def pytest_runtest_call(self, item: Any) -> None:
+        self.current = item.nodeid
+        sys.setprofile(self._profile)
+
+    def pytest_runtest_teardown(self, item: Any) -> None:
+        sys.setprofile(None)
+        self.current = None
+
+    def pytest_runtest_logreport(self, report: Any) -> None:
+        if report.when == "call":
+            self.durations[report.nodeid] = report.duration
+            if report.failed:
+                self.failed.append(report.nodeid)
+
+
+def _function_ranges(path: str) -> list[tuple[int, int, int]]:
+    """(first line incl. decorators, last line, the code object's first line) per function."""
+    tree = ast.parse((ROOT / path).read_text(), path)
+    out = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
+            first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
+            out.append((first, node.end_lineno or node.lineno, first))
+    return out
+
+
+def tests_for(mutant: Mutant, recorder: _CallRecorder) -> list[str]:
+    filename = str(ROOT / mutant.path)
+    enclosing = [r for r in _function_ranges(mutant.path) if r[0] <= mutant.line <= r[1]]
+    if not enclosing:
+        return []
+    innermost = max(enclosing, key=lambda r: r[0])
+    tests = recorder.reached.get((filename, innermost[2]), set())
+    return sorted(tests, key=lambda t: recorder.durations.get(t, 0.0))
+
+
+# -- running ----------------------------------------------------------------------------------
+def _run_child(mutant: Mutant, tests: list[str]) -> None:
+    import pytest
+
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
+    if not install(mutant):
+        os._exit(3)
+    code = pytest.main(
+        [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--timeout=60", "-o", "addopts="],
+    )
+    os._exit(int(code))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="*", help="files or folders to mutate (default: the pure modules)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--show-survivors", action="store_true")
+    parser.add_argument("--limit", type=int, default=0, help="at most this many mutants (0: all)")
+    args = parser.parse_args()
+
+    os.chdir(ROOT)
+    sys.path.insert(0, str(ROOT))
+    files: list[str] = []
+    for p in args.paths or PURE:
+        target = ROOT / p
+        found = sorted(target.rglob("*.py")) if target.is_dir() else [target]
+        files += [str(f.relative_to(ROOT)) for f in found if "_pb2" not in f.name and f.name != "__init__.py"]
+    os.environ.setdefault("HYPOTHESIS_PROFILE", "mutation")
+
+    import pytest
+
+    recorder = _CallRecorder({str(ROOT / f) for f in files})
+    started = time.monotonic()
+    code = pytest.main([*FAST_TESTS, "-q", "-p", "no:cacheprovider", "-o", "addopts="], plugins=[recorder])
+    if code != 0 or recorder.failed:
+        print(f"the fast tests do not pass unmutated ({recorder.failed}); fix them first", file=sys.stderr)
+        return 2
+    baseline = time.monotonic() - started
+    print(f"fast tests: {len(recorder.durations)} in {baseline:.1f} s", flush=True)
+
+    mutants = [m for f in files for m in find_mutants(f)]
+    if args.limit:
+        mutants = mutants[: args.limit]
+    results: dict[Mutant, str] = {}
+    queue = list(mutants)
+    running: dict[int, tuple[Mutant, float, float]] = {}
+    while queue or running:
+        while queue and len(running) < args.workers:
+            mutant = queue.pop(0)
+            tests = tests_for(mutant, recorder)
+            if not tests:
+                results[mutant] = "no test reaches it"
+                continue
+            bound = 10.0 + 3.0 * sum(recorder.durations.get(t, 0.0) for t in tests)
+            pid = os.fork()
+            if pid == 0:
+                _run_child(mutant, tests)
+            running[pid] = (mutant, time.monotonic(), bound)
+        if not running:
+            continue
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            for child, (_, began, bound) in list(running.items()):
+                if time.monotonic() - began > bound:
+                    os.kill(child, signal.SIGKILL)
+            time.sleep(0.01)
+            continue
+        mutant, began, bound = running.pop(pid)
+        if os.WIFSIGNALED(status):
+            results[mutant] = "killed (timeout)" if time.monotonic() - began > bound else "killed (crash)"
+        else:
+            rc = os.WEXITSTATUS(status)
+            results[mutant] = {0: "survived", 3: "not placeable", 5: "survived"}.get(rc, "killed")
+        done = len(results)
+        if done % 50 == 0:
+            print(f"  {done}/{len(mutants)} mutants", flush=True)
+
+    placeable = {m: r for m, r in results.items() if r != "not placeable"}
+    per_file: dict[str, list[str]] = defaultdict(list)
+    for m, r in placeable.items():
+        per_file[m.path].append(r)
+    print(f"\n{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}")
+    total = killed = 0
+    for path in files:
+        rs = per_file.get(path, [])
+        k = sum(r.startswith("killed") for r in rs)
+        total += len(rs)
+        killed += k
+        print(f"{path:40} {len(rs):8} {k:8} {k / len(rs) if rs else 1:7.1%}")
+    print(f"{'all':40} {total:8} {killed:8} {killed / max(total, 1):7.1%}")
+    print(
+        f"({len(results) - len(placeable)} mutants could not be placed; {time.monotonic() - started:.0f} s)"
+    )
+    if args.show_survivors:
+        print("\nsurvivors:")
+        for m, r in sorted(placeable.items(), key=lambda x: (x[0].path, x[0].line)):
+            if not r.startswith("killed"):
+                print(f"  {m.path}:{m.line}  {m.description}  [{r}]")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
