@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.guest.digest import DigestCache, memory_digests
 from common.guest.guest import Guest
 from common.guest.workload import Fill, WorkloadConfig, boot
-from common.transfer import apply_ram_pages, apply_tag_sections, ram_batches, tag_batches
+from common.transfer import PagePass, apply_ram_pages, apply_tag_sections
 from common.units import parse_size
 from common.wire import framing
 
@@ -43,10 +43,10 @@ def encode_all(guest: Guest, use_lz4: bool, tags: bool, keep: bool = True) -> li
     mem = guest.memory
     every = np.arange(mem.page_count, dtype=np.int64)
     out: list[list[object]] = []
-    batches = tag_batches if tags else ram_batches
-    body = "tag_sections" if tags else "ram_pages"
-    for msg, payload, _ in batches(mem, every, use_lz4=use_lz4, round_no=1):
-        frames = framing.encode(framing.envelope(b"bench", 1, **{body: msg}), payload)
+    nothing = np.zeros(0, dtype=np.int64)
+    whole = PagePass(nothing, every) if tags else PagePass(every, nothing)
+    while (batch := whole.next_batch(mem, use_lz4=use_lz4, round_no=1)) is not None:
+        frames = framing.encode(framing.envelope(b"bench", 1, **{batch.kind: batch.body}), batch.payload)
         if keep:
             out.append(frames)
     return out

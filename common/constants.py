@@ -54,6 +54,9 @@ HEARTBEAT_INTERVAL_S = 0.5
 # On exit a daemon waits this long for its last messages (Started, Abort) to leave.
 CLOSE_LINGER_MS = 2000
 PEER_DEAD_AFTER_S = 5.0
+# Pages each side hashes per loop turn for verification while the stream runs.
+SOURCE_DIGEST_BUDGET_PAGES = 2048
+DEST_DIGEST_BUDGET_PAGES = 4096
 
 # Hostile-input bounds: a message larger than these is refused before it is decoded.
 MAX_PAGES_PER_MESSAGE = 1024

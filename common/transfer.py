@@ -6,12 +6,12 @@ snapshot holds for a migration.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-from common.constants import PAGES_PER_BATCH, TAG_SECTIONS_PER_BATCH
+from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, PAGES_PER_BATCH, TAG_SECTIONS_PER_BATCH
 from common.guest.guest import Guest
 from common.guest.memory import GuestMemory
 from common.guest.vcpu import VcpuState
@@ -29,23 +29,51 @@ from common.wire.framing import Buffer, WireError
 Indices = npt.NDArray[np.int64]
 
 
-def batches(indices: Indices, size: int = PAGES_PER_BATCH) -> Iterator[Indices]:
-    for start in range(0, indices.size, size):
-        yield indices[start : start + size]
+@dataclass(frozen=True)
+class OutgoingBatch:
+    """One encoded message of a pass: its body (RamPages or TagSections), payload and counts."""
+
+    kind: str  # "ram_pages" or "tag_sections"
+    body: pb.RamPages | pb.TagSections
+    payload: Buffer
+    stats: BatchStats
 
 
-def ram_batches(
-    mem: GuestMemory, indices: Indices, *, use_lz4: bool, round_no: int
-) -> Iterator[tuple[pb.RamPages, Buffer, BatchStats]]:
-    for chunk in batches(indices):
-        yield encode_ram_pages(mem.pages, chunk, use_lz4=use_lz4, round_no=round_no)
+@dataclass
+class PagePass:
+    """The pages one round (or one switchover pass) still has to send: data batches first,
+    then tag sections (in precopy, tags may trail their pages within a pass). Every sender
+    takes its messages from here, so a snapshot proves what a migration sends."""
 
+    data: Indices
+    tags: Indices
+    data_at: int = 0
+    tags_at: int = 0
 
-def tag_batches(
-    mem: GuestMemory, indices: Indices, *, use_lz4: bool, round_no: int
-) -> Iterator[tuple[pb.TagSections, Buffer, BatchStats]]:
-    for chunk in batches(indices, TAG_SECTIONS_PER_BATCH):
-        yield encode_tag_sections(mem.page_tags, chunk, use_lz4=use_lz4, round_no=round_no)
+    @property
+    def done(self) -> bool:
+        return self.data_at >= self.data.size and self.tags_at >= self.tags.size
+
+    @property
+    def remaining_bytes(self) -> int:
+        return (self.data.size - self.data_at) * PAGE_SIZE + (
+            self.tags.size - self.tags_at
+        ) * PACKED_TAG_BYTES_PER_PAGE
+
+    def next_batch(self, mem: GuestMemory, *, use_lz4: bool, round_no: int) -> OutgoingBatch | None:
+        if self.data_at < self.data.size:
+            chunk = self.data[self.data_at : self.data_at + PAGES_PER_BATCH]
+            self.data_at += chunk.size
+            body, payload, stats = encode_ram_pages(mem.pages, chunk, use_lz4=use_lz4, round_no=round_no)
+            return OutgoingBatch("ram_pages", body, payload, stats)
+        if self.tags_at < self.tags.size:
+            chunk = self.tags[self.tags_at : self.tags_at + TAG_SECTIONS_PER_BATCH]
+            self.tags_at += chunk.size
+            tbody, tpayload, tstats = encode_tag_sections(
+                mem.page_tags, chunk, use_lz4=use_lz4, round_no=round_no
+            )
+            return OutgoingBatch("tag_sections", tbody, tpayload, tstats)
+        return None
 
 
 def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> DecodedBatch:

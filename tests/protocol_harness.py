@@ -1,13 +1,15 @@
 """Two protocol sessions joined by an in-memory link that can drop, repeat, reorder,
-delay and corrupt messages, driven by a fake clock (the h11 ConnectionPair idea)."""
+delay, tamper with and corrupt messages, driven by a fake clock the way the daemons drive
+them (the h11 ConnectionPair idea)."""
 
 from __future__ import annotations
 
 import random
-from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from common.guest.guest import Guest
+from common.guest.runner import GuestRunner
 from common.guest.workload import Workload, WorkloadConfig, boot
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
@@ -25,25 +27,44 @@ class Faults:
     reorder: float = 0.0
     corrupt: float = 0.0
     cut_after: int | None = None  # messages; after this many the link carries nothing
+    drop_kinds: frozenset[str] = frozenset()  # drop every message with one of these bodies
+    drop_seqs: frozenset[int] = frozenset()  # drop the messages with these sequence numbers
+    # change a message in flight (the body is re-encoded with a valid checksum); return None to
+    # leave it alone
+    tamper: Callable[[framing.Message], framing.Message | None] | None = None
+    latency_s: float = 0.0001
+    bandwidth: float = 1e9  # bytes per second: messages queue behind each other
     seed: int = 0
 
 
 @dataclass
 class Link:
     faults: Faults
-    queue: deque[list[bytes]] = field(default_factory=deque)
+    queue: list[tuple[float, list[bytes]]] = field(default_factory=list)
     carried: int = 0
+    busy_until: float = 0.0
     events: list[str] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # of every message, when the link reads them
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.faults.seed)
 
-    def put(self, frames: list[bytes]) -> None:
+    def put(self, frames: list[bytes], now: float) -> None:
         f = self.faults
         self.carried += 1
         if f.cut_after is not None and self.carried > f.cut_after:
             return
         frames = [bytes(x) for x in frames]
+        if f.drop_kinds or f.drop_seqs or f.tamper:
+            message = framing.decode(frames)
+            self.kinds.append(message.kind)
+            if message.kind in f.drop_kinds or message.envelope.seq in f.drop_seqs:
+                self.events.append(f"drop {message.kind}")
+                return
+            changed = f.tamper(message) if f.tamper else None
+            if changed is not None:
+                frames = [bytes(x) for x in framing.encode(changed.envelope, changed.payload)]
+                self.events.append(f"tamper {message.kind}")
         if self.rng.random() < f.drop:
             self.events.append("drop")
             return
@@ -53,18 +74,25 @@ class Link:
             damaged[self.rng.randrange(len(damaged))] ^= 1 << self.rng.randrange(8)
             frames[which] = bytes(damaged)
             self.events.append("corrupt")
-        self.queue.append(frames)
+        self.busy_until = max(now, self.busy_until) + sum(len(x) for x in frames) / f.bandwidth
+        at = self.busy_until + f.latency_s
+        self.queue.append((at, frames))
         if self.rng.random() < f.duplicate:
-            self.queue.append(list(frames))
+            self.queue.append((at, list(frames)))
             self.events.append("duplicate")
         if len(self.queue) >= 2 and self.rng.random() < f.reorder:
-            self.queue[-1], self.queue[-2] = self.queue[-2], self.queue[-1]
+            (a, x), (b, y) = self.queue[-2], self.queue[-1]
+            self.queue[-2], self.queue[-1] = (a, y), (b, x)
             self.events.append("reorder")
 
-    def take(self) -> list[list[bytes]]:
-        out = list(self.queue)
-        self.queue.clear()
-        return out
+    def take(self, now: float) -> list[list[bytes]]:
+        """What has arrived by now, in the order it was queued (a reorder swaps two)."""
+        due = [frames for at, frames in self.queue if at <= now]
+        self.queue = [(at, frames) for at, frames in self.queue if at > now]
+        return due
+
+    def next_arrival(self) -> float | None:
+        return min((at for at, _ in self.queue), default=None)
 
 
 class FakeSourceHost:
@@ -75,10 +103,13 @@ class FakeSourceHost:
         self.resumes = 0
         self.session: SourceSession | None = None
         self.at_stop: dict[str, int] = {}  # what the session had outstanding when it stopped us
+        self.runner: GuestRunner | None = None
 
     def stop_guest(self) -> None:
         self.running = False
         self.stops += 1
+        if self.runner is not None:
+            self.runner.pause()
         if self.session is not None:
             self.at_stop = {
                 "in_flight": len(self.session._inflight),
@@ -89,9 +120,13 @@ class FakeSourceHost:
     def resume_guest(self) -> None:
         self.running = True
         self.resumes += 1
+        if self.runner is not None:
+            self.runner.resume()
 
     def set_throttle(self, share: float) -> None:
         self.throttle = share
+        if self.runner is not None:
+            self.runner.throttle = share
 
 
 class FakeDestHost:
@@ -109,7 +144,38 @@ class FakeDestHost:
         self.prefault_hint = pages
 
 
+class TimedWorkload:
+    """A CPU-bound workload whose every step costs fake time, driven by the daemons' own
+    GuestRunner (slices, throttle and all) on the harness clock."""
+
+    steps_per_second = 0.0  # as fast as it can: the step cost sets its speed
+
+    def __init__(self, pair: Pair, step_cost_s: float) -> None:
+        self.pair = pair
+        self.workload = Workload(pair.guest)
+        self.step_cost_s = step_cost_s
+
+    @property
+    def step_count(self) -> int:
+        return self.workload.step_count
+
+    def step(self) -> None:
+        self.workload.step()
+        self.pair.now += self.step_cost_s
+
+
+# What a daemon's loop turn costs at the least (decoding, bookkeeping): a session whose next
+# deadline is "now" still lets time pass, as it does on a real machine.
+MIN_TURN_S = 0.00005
+POLL_CAP_S = 0.05  # the daemons' own cap on one wait
+
+
 class Pair:
+    """A source and a destination session on a fake clock, driven as the daemons drive them:
+    each turn polls, moves what arrived, gives the guest its slice, then sleeps until the
+    earliest of the sessions' next deadlines, the next arrival on either link and the guest's
+    next slice."""
+
     def __init__(
         self,
         guest: Guest,
@@ -117,15 +183,10 @@ class Pair:
         dest_params: DestParameters | None = None,
         to_dest: Faults | None = None,
         to_source: Faults | None = None,
-        steps_per_tick: float = 0.0,
-        tick_s: float = 0.001,
+        guest_speed: float = 0.0,
     ) -> None:
         self.now = 0.0
-        self.tick_s = tick_s
         self.guest = guest
-        self.workload = Workload(guest)
-        self.steps_per_tick = steps_per_tick
-        self._step_credit = 0.0
         self.src_host = FakeSourceHost()
         self.dst_host = FakeDestHost()
         self.src = SourceSession(guest, self.src_host, params or MigrationParameters(), self.now)
@@ -133,38 +194,61 @@ class Pair:
         self.dst = DestSession(self.dst_host, dest_params or DestParameters(), self.now)
         self.down = Link(to_dest or Faults())
         self.up = Link(to_source or Faults(seed=1))
-        self.ticks = 0
+        self.turns = 0
+        self.runner: GuestRunner | None = None
+        if guest_speed:
+            # guest_speed: steps per second of fake time when nothing else runs
+            self.runner = GuestRunner(TimedWorkload(self, 1.0 / guest_speed), clock=lambda: self.now)
+            self.runner.start()
+            self.src_host.runner = self.runner
 
-    def tick(self) -> None:
+    def turn(self) -> None:
         src, dst = self.src, self.dst
         src.poll(self.now)
         for frames in src.take_outgoing():
-            self.down.put(frames)
-        for frames in self.down.take():
+            self.down.put(frames, self.now)
+        for frames in self.down.take(self.now):
             dst.receive(PEER, frames, self.now)
         dst.poll(self.now)
         for _, frames in dst.take_outgoing():
-            self.up.put(frames)
-        for frames in self.up.take():
+            self.up.put(frames, self.now)
+        for frames in self.up.take(self.now):
             src.receive(frames, self.now)
-        if self.src_host.running and self.steps_per_tick:
-            # the guest is throttled the way the runner throttles a real vCPU thread
-            self._step_credit += self.steps_per_tick * (1.0 - self.src_host.throttle)
-            while self._step_credit >= 1:
-                self.workload.step()
-                self._step_credit -= 1
-        self.now += self.tick_s
-        self.ticks += 1
+        for frames in src.take_outgoing():
+            self.down.put(frames, self.now)
+        if self.runner is not None:
+            self.runner.run_slice()
+        wake = [self.now + POLL_CAP_S]
+        for session in (src, dst):
+            if not session.phase.terminal:
+                wake.append(session.next_deadline(self.now))
+        for link in (self.down, self.up):
+            arrival = link.next_arrival()
+            if arrival is not None:
+                wake.append(arrival)
+        if self.runner is not None:
+            due = self.runner.seconds_until_due(self.now)
+            if due is not None:
+                wake.append(self.now + due)
+        self.now = max(min(wake), self.now + MIN_TURN_S)
+        self.turns += 1
 
-    def run(self, max_ticks: int = 200_000) -> Pair:
+    def run(self, max_seconds: float = 120.0) -> Pair:
+        """Migrate until both sides have settled, or max_seconds of fake time have passed."""
         self.src.start(self.now)
-        while self.ticks < max_ticks:
-            self.tick()
-            if self.src.phase.terminal and (self.dst.phase.terminal or self.dst.phase.value == "waiting"):
-                # let the last messages land
-                for _ in range(3):
-                    self.tick()
-                break
+        return self.run_until(self.settled, max_seconds)
+
+    def settled(self) -> bool:
+        return self.src.phase.terminal and (self.dst.phase.terminal or self.dst.phase.value == "waiting")
+
+    def run_until(self, done: Callable[[], bool], max_seconds: float = 120.0) -> Pair:
+        until = self.now + max_seconds
+        while self.now < until and not done():
+            self.turn()
+        # let the last messages land
+        settle = self.now + 0.01
+        while self.now < settle:
+            self.turn()
         return self
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import shutil
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -14,7 +14,16 @@ import zmq
 from common.control import request
 from common.wire import framing
 from source_node.demo import free_port, wait_for_control
-from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
+from tests.e2e import (
+    SMALL_GUEST,
+    SOURCE,
+    Dest,
+    finish_source,
+    reference,
+    run_source,
+    same_guest,
+    start_source,
+)
 from tests.protocol_harness import hello_of_version
 
 pytestmark = pytest.mark.slow
@@ -105,20 +114,23 @@ def test_tag_only_workload_resends_tag_sections(tmp_path: Path) -> None:
     assert same_guest(got.report["guest"], reference(tmp_path, *common, "--tag-only-share", "1"))
 
 
-def test_guest_faster_than_bandwidth_cap_is_throttled_or_fails_cleanly(tmp_path: Path) -> None:
+def test_guest_faster_than_bandwidth_cap_is_throttled_to_convergence(tmp_path: Path) -> None:
+    # A CPU-bound guest dirties its 4 MiB working set many times a second; at 4 MiB/s the
+    # expected downtime stays near a second until auto-converge holds the vCPU back to a few
+    # percent of its time: without the throttle this migration cannot finish.
     guest = [
         "--ram",
         "16MiB",
         "--working-set",
-        "8MiB",
+        "4MiB",
         "--seed",
         "5",
         "--dirty-pages-per-step",
-        "64",
+        "16",
         "--stop-at-step",
-        "6000",
+        "15000",
     ]
-    dest = Dest(tmp_path, "--stop-at-step", "6000")
+    dest = Dest(tmp_path, "--stop-at-step", "15000")
     src = run_source(
         tmp_path,
         *guest,
@@ -127,22 +139,18 @@ def test_guest_faster_than_bandwidth_cap_is_throttled_or_fails_cleanly(tmp_path:
         "--max-bandwidth",
         "4MiB",
         "--downtime-limit",
-        "30",
+        "100",
         "--convergence-timeout",
-        "6",
+        "25",
     )
     got = dest.finish()
     report = src.report
-    if report["status"] == "completed":
-        assert src.code == 0 and report["throttle"] > 0, report
-        assert report["verification"]["ok"] is True
-        assert same_guest(got.report["guest"], reference(tmp_path, *guest))
-    else:
-        assert src.code != 0
-        assert "not converging" in report["error"]
-        assert report["guest"]["running"] is True
-        assert got.code != 0 and got.report["guest"]["running"] is False
-        assert same_guest(report["guest"], reference(tmp_path, *guest))
+    assert src.code == 0 and report["status"] == "completed", report["error"]
+    assert report["throttle"] >= 0.5, report["throttle"]
+    assert report["rounds"] >= 4
+    assert src.report["guest"]["step"] < 15000, "the switchover came before the guest finished"
+    assert report["verification"]["ok"] is True
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
 
 
 def slow_migration(tmp_path: Path) -> tuple[list[str], list[str]]:
@@ -171,17 +179,10 @@ def test_cancel_keeps_guest_on_source(tmp_path: Path) -> None:
     time.sleep(1.5)
     status = request(control, "status")
     assert status["ok"] and status["result"]["status"] == "active", status
-    cancel = (
-        subprocess.run(
-            ["source-node", "ctl", "--control", control, "cancel"], capture_output=True, text=True, timeout=30
-        )
-        if shutil.which("source-node")
-        else None
+    cancel = subprocess.run(
+        [*SOURCE, "ctl", "--control", control, "cancel"], capture_output=True, text=True, timeout=30
     )
-    if cancel is None:
-        assert request(control, "cancel")["ok"]
-    else:
-        assert cancel.returncode == 0, cancel.stderr
+    assert cancel.returncode == 0, cancel.stderr
     src = finish_source(proc, path)
     got = dest.finish()
     assert src.code != 0
@@ -284,15 +285,21 @@ def test_source_with_no_destination_fails_clearly(tmp_path: Path) -> None:
 
 
 def test_demo_runs_a_watchable_migration() -> None:
-    exe = shutil.which("source-node")
-    assert exe, "the install puts source-node on PATH"
+    # the tree under test, through this interpreter: not whatever source-node is on PATH
     done = subprocess.run(
-        [exe, "demo", "--ram", "32MiB", "--working-set", "4MiB"], capture_output=True, text=True, timeout=120
+        [*SOURCE, "demo", "--ram", "32MiB", "--working-set", "4MiB"],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "migration completed" in done.stdout
-    assert "the guest runs on the destination" in done.stdout
     assert '"verification_ok": true' in done.stdout
+    stepping = re.search(
+        r"the guest runs on the destination: step (\d+) -> (\d+) one second later", done.stdout
+    )
+    assert stepping, done.stdout
+    assert int(stepping[2]) > int(stepping[1]), "the guest must advance on the destination"
 
 
 def wait_status(control: str, want: set[str], timeout_s: float = 60.0) -> dict:

@@ -44,7 +44,7 @@ def test_idle_guest_migrates_and_verifies() -> None:
 def test_busy_guest_converges_and_migrated_equals_unmigrated() -> None:
     config = WorkloadConfig(seed=11, working_set_bytes=1 << 20, dirty_pages_per_step=8)
     guest = boot(8 << 20, config)
-    pair = Pair(guest, steps_per_tick=3).run()
+    pair = Pair(guest, guest_speed=3000).run()
     assert_handed_over(pair)
     assert pair.src.round >= 2
     migrated = pair.dst_host.started
@@ -63,7 +63,7 @@ def test_guest_stops_only_when_the_destination_has_caught_up() -> None:
 
     # a guest big enough that round 1 leaves a window in flight and hashing to do on both sides
     guest = busy_guest(seed=2, ram=64 << 20, dirty_pages_per_step=8)
-    pair = Pair(guest, steps_per_tick=2).run()
+    pair = Pair(guest, guest_speed=2000).run()
     assert_handed_over(pair)
     at_stop = pair.src_host.at_stop
     assert at_stop["in_flight"] == 0, at_stop
@@ -72,8 +72,8 @@ def test_guest_stops_only_when_the_destination_has_caught_up() -> None:
 
 def test_tag_only_workload_resends_tag_sections_not_pages() -> None:
     guest = busy_guest(seed=3, tag_only_share=1.0, dirty_pages_per_step=4)
-    pair = Pair(guest, steps_per_tick=2, params=MigrationParameters(downtime_limit_ms=0.001)).run(
-        max_ticks=60
+    pair = Pair(guest, guest_speed=2000, params=MigrationParameters(downtime_limit_ms=0.001)).run(
+        max_seconds=0.06
     )
     # the limit is unreachable, so rounds keep going; after round 1 only tags change
     first_round_pages = guest.memory.data_populated.sum()
@@ -94,14 +94,12 @@ def test_injected_corruption_is_named_and_repaired() -> None:
 
 def test_cancel_resumes_source_and_destination_never_runs() -> None:
     slow = MigrationParameters(max_bandwidth=1 << 20)  # 1 MiB/s: seconds of fake time
-    pair = Pair(busy_guest(), steps_per_tick=2, params=slow)
+    pair = Pair(busy_guest(), guest_speed=2000, params=slow)
     pair.src.start(pair.now)
-    for _ in range(200):
-        pair.tick()
+    pair.run_until(lambda: pair.now > 0.2)
     assert pair.src.phase is SourcePhase.ACTIVE
     pair.src.cancel(pair.now)
-    for _ in range(5):
-        pair.tick()
+    pair.run_until(pair.settled, max_seconds=1)
     assert_stayed_on_source(pair)
     assert pair.src.phase is SourcePhase.CANCELLED
     assert pair.dst.phase is DestPhase.FAILED and pair.dst_host.discarded == 1
@@ -110,7 +108,7 @@ def test_cancel_resumes_source_and_destination_never_runs() -> None:
 
 def test_link_cut_times_out_and_resumes_source() -> None:
     params = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1)
-    pair = Pair(busy_guest(), params=params, to_dest=Faults(cut_after=5), steps_per_tick=1).run()
+    pair = Pair(busy_guest(), params=params, to_dest=Faults(cut_after=5), guest_speed=1000).run()
     assert_stayed_on_source(pair)
     assert pair.src.failure is not None and pair.src.failure.code in (pb.ERROR_TIMEOUT, pb.ERROR_SEQUENCE_GAP)
 
@@ -168,8 +166,7 @@ def test_wrong_token_is_refused_and_source_keeps_running() -> None:
 def test_strangers_change_nothing() -> None:
     pair = Pair(busy_guest(), params=MigrationParameters(max_bandwidth=1 << 20))
     pair.src.start(pair.now)
-    for _ in range(3):
-        pair.tick()
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING, max_seconds=1)
     assert pair.dst.phase is DestPhase.RECEIVING
     before = pair.dst.guest.digests() if pair.dst.guest else None
     stranger = b"stranger"
@@ -184,9 +181,7 @@ def test_strangers_change_nothing() -> None:
     assert replies[0][1].envelope.abort.code == pb.ERROR_WRONG_SESSION
     assert replies[1][1].envelope.hello_ack.code == pb.ERROR_BUSY
     assert pair.dst.guest is not None and pair.dst.guest.digests() == before
-    pair.src.poll(pair.now)
-    while not pair.src.phase.terminal and pair.ticks < 100_000:
-        pair.tick()
+    pair.run_until(pair.settled)
     assert_handed_over(pair)
 
 
@@ -196,7 +191,7 @@ def fast_dirtier() -> Guest:
 
 def test_guest_faster_than_the_link_is_throttled_to_convergence() -> None:
     params = MigrationParameters(max_bandwidth=2 << 20, downtime_limit_ms=20, convergence_timeout_s=30.0)
-    pair = Pair(fast_dirtier(), params=params, steps_per_tick=2).run(max_ticks=60_000)
+    pair = Pair(fast_dirtier(), params=params, guest_speed=2000).run(max_seconds=60)
     assert_handed_over(pair)
     assert pair.src.throttle >= params.throttle_initial  # reported: how hard it had to hold back
     assert pair.src.report(pair.now)["throttle"] == pair.src.throttle
@@ -206,7 +201,7 @@ def test_guest_faster_than_the_link_is_throttled_to_convergence() -> None:
 
 def test_guest_that_cannot_converge_in_time_fails_cleanly() -> None:
     params = MigrationParameters(max_bandwidth=2 << 20, downtime_limit_ms=20, convergence_timeout_s=1.0)
-    pair = Pair(fast_dirtier(), params=params, steps_per_tick=2).run(max_ticks=60_000)
+    pair = Pair(fast_dirtier(), params=params, guest_speed=2000).run(max_seconds=60)
     assert_stayed_on_source(pair)
     assert pair.src.failure is not None and pair.src.failure.code == pb.ERROR_NOT_CONVERGING
     assert "not converging after 1 s" in pair.src.failure.reason
@@ -233,8 +228,8 @@ def test_any_fault_schedule_leaves_the_guest_in_exactly_one_place(
         params=params,
         to_dest=Faults(seed=seed, **faults),
         to_source=Faults(seed=seed + 1, **faults),
-        steps_per_tick=steps,
-    ).run(max_ticks=30_000)
+        guest_speed=steps * 1000,
+    ).run(max_seconds=30)
     src, dst = pair.src, pair.dst
     assert src.phase.terminal
     if src.phase is SourcePhase.COMPLETED:

@@ -12,19 +12,37 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-
-from common.guest.workload import Workload
+from typing import Protocol
 
 # Long enough to amortise the loop, short enough that acks and control requests are not kept
 # waiting behind the guest.
 DEFAULT_SLICE_S = 0.002
 
 
+class Steppable(Protocol):
+    """What the runner drives: a workload, or in protocol tests one that also costs fake time."""
+
+    steps_per_second: float
+
+    @property
+    def step_count(self) -> int: ...
+
+    def step(self) -> None: ...
+
+
 class GuestRunner:
+    """`clock` is injectable so that the protocol tests' fake-time harness throttles and paces
+    a guest with this very code, not a model of it."""
+
     def __init__(
-        self, workload: Workload, stop_at_step: int | None = None, slice_s: float = DEFAULT_SLICE_S
+        self,
+        workload: Steppable,
+        stop_at_step: int | None = None,
+        slice_s: float = DEFAULT_SLICE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.workload = workload
+        self.clock = clock
         self.stop_at_step = stop_at_step
         self.slice_s = slice_s
         self.throttle = 0.0  # share of its slice the vCPU is held off, 0 .. 0.99
@@ -48,7 +66,7 @@ class GuestRunner:
 
     def start(self) -> None:
         self._running = True
-        self._next_due = time.monotonic()
+        self._next_due = self.clock()
 
     def pause(self) -> None:
         self._running = False
@@ -56,7 +74,7 @@ class GuestRunner:
     def resume(self) -> None:
         if not self._running:
             self._running = True
-            self._next_due = max(self._next_due, time.monotonic())
+            self._next_due = max(self._next_due, self.clock())
 
     def seconds_until_due(self, now: float) -> float | None:
         """How long the loop may sleep before the vCPU wants its next slice (None: never)."""
@@ -67,13 +85,13 @@ class GuestRunner:
 
     def run_slice(self) -> int:
         """Run the steps that are due, for at most one slice; return how many ran."""
-        began = time.monotonic()
+        began = self.clock()
         if not self.running or began < self._held_until:
             return 0
         budget = self.slice_s
         ran = 0
         while not self.finished:
-            t = time.monotonic()
+            t = self.clock()
             if t - began >= budget and ran:
                 break
             if self._interval:
@@ -86,15 +104,15 @@ class GuestRunner:
             ran += 1
         if self.throttle:
             # hold the vCPU off so that it runs (1 - throttle) of the time
-            spent = time.monotonic() - began
-            self._held_until = time.monotonic() + spent * self.throttle / (1.0 - self.throttle)
+            spent = self.clock() - began
+            self._held_until = self.clock() + spent * self.throttle / (1.0 - self.throttle)
         return ran
 
     def run_until_finished(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """The reference run: slices back to back (or paced) until --stop-at-step."""
         self.start()
         while not self.finished and not should_stop():
-            wait = self.seconds_until_due(time.monotonic())
+            wait = self.seconds_until_due(self.clock())
             if wait:
                 time.sleep(min(wait, 0.05))
             self.run_slice()

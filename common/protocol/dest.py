@@ -19,6 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.constants import (
+    DEST_DIGEST_BUDGET_PAGES,
     GRANULE_SIZE,
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
@@ -41,7 +42,6 @@ from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
 from common.wire.framing import Buffer, WireError
 
-_DIGEST_BUDGET = 4096
 _MAX_VCPUS = 64
 
 
@@ -58,6 +58,7 @@ class DestParameters:
     window: int = INITIAL_CREDIT
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
     peer_timeout_s: float = PEER_DEAD_AFTER_S
+    digest_budget_pages: int = DEST_DIGEST_BUDGET_PAGES  # pages hashed per loop turn
     # Test builds only: flip a byte of this page after placing it, to prove verification.
     corrupt_page: int | None = None
 
@@ -143,7 +144,7 @@ class DestSession:
             if now - self.t_last_sent >= self.params.heartbeat_interval_s:
                 self._send(now, heartbeat=pb.Heartbeat())
             if self.digests is not None and not self.source_stopped and self.digests.stale_pages:
-                self.digests.refresh(_DIGEST_BUDGET)
+                self.digests.refresh(self.params.digest_budget_pages)
                 # While the stream is quiet no ack carries the backlog; a source waiting for
                 # us to catch up must hear that it shrank.
                 if self.phase is DestPhase.RECEIVING and (

@@ -10,6 +10,7 @@ from common.constants import (
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
     PEER_DEAD_AFTER_S,
+    SOURCE_DIGEST_BUDGET_PAGES,
 )
 
 
@@ -28,6 +29,8 @@ class MigrationParameters:
     throttle_max: float = 0.99
     # Give up when the guest has not converged after this long, even fully throttled.
     convergence_timeout_s: float = 60.0
+    # Pages hashed per loop turn while the guest runs: small enough not to stall the stream.
+    digest_budget_pages: int = SOURCE_DIGEST_BUDGET_PAGES
 
     def check(self) -> MigrationParameters:
         if self.downtime_limit_ms <= 0:
@@ -42,6 +45,8 @@ class MigrationParameters:
             raise ValueError("throttle settings must satisfy 0 <= initial <= max < 1")
         if self.convergence_timeout_s <= 0:
             raise ValueError("convergence timeout must be positive")
+        if self.digest_budget_pages < 1:
+            raise ValueError("the digest budget must be at least one page")
         return self
 
     def updated(self, changes: dict[str, Any]) -> MigrationParameters:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
@@ -29,7 +29,6 @@ from common.constants import (
     PAGES_PER_BATCH,
     PROTOCOL_VERSION,
     SESSION_ID_BYTES,
-    TAG_SECTIONS_PER_BATCH,
 )
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
@@ -38,17 +37,14 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import Failure, SourcePhase
 from common.protocol.sequence import Arrival, Sequence
 from common.protocol.stats import BandwidthMeter, TransferStats, ms, verification_section
-from common.transfer import device_state
+from common.transfer import PagePass, device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
-from common.wire.codec import encode_ram_pages, encode_tag_sections
 from common.wire.framing import Buffer, WireError
 
 Indices = npt.NDArray[np.int64]
 _EMPTY: Indices = np.zeros(0, dtype=np.int64)
-# Digest leaves hashed per poll while the guest runs: small enough not to stall the stream.
-_DIGEST_BUDGET = 2048
 # The guest is stopped only when both sides have at most this many pages left to hash, so that
 # hashing does not land inside the downtime (about a millisecond of work).
 CATCH_UP_PAGES = 4096
@@ -59,26 +55,6 @@ class SourceHost(Protocol):
     def stop_guest(self) -> None: ...
     def resume_guest(self) -> None: ...
     def set_throttle(self, share: float) -> None: ...
-
-
-@dataclass
-class _Pass:
-    """Pages one round (or the switchover pass) still has to send."""
-
-    data: Indices
-    tags: Indices
-    data_at: int = 0
-    tags_at: int = 0
-
-    @property
-    def done(self) -> bool:
-        return self.data_at >= self.data.size and self.tags_at >= self.tags.size
-
-    @property
-    def remaining_bytes(self) -> int:
-        return (self.data.size - self.data_at) * PAGE_SIZE + (
-            self.tags.size - self.tags_at
-        ) * PACKED_TAG_BYTES_PER_PAGE
 
 
 class SourceSession:
@@ -107,7 +83,7 @@ class SourceSession:
         self._seq = 0
         self._incoming = Sequence()
         self._inflight: deque[tuple[int, int]] = deque()  # (seq, wire bytes) of data messages
-        self._pass: _Pass | None = None
+        self._pass: PagePass | None = None
         self._use_lz4 = False
         self.round = 0
         self.throttle = 0.0
@@ -232,7 +208,7 @@ class SourceSession:
         if self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER):
             self._pump(now)
         if self.phase is SourcePhase.ACTIVE and self.digests.stale_pages:
-            self.digests.refresh(_DIGEST_BUDGET)
+            self.digests.refresh(self.params.digest_budget_pages)
         if self.phase is SourcePhase.ACTIVE and self._catching_up:
             self._end_of_pass(now)
         if now - self.t_last_sent >= self.params.heartbeat_interval_s:
@@ -244,11 +220,11 @@ class SourceSession:
             self.t_last_sent + self.params.heartbeat_interval_s,
             self.t_last_heard + self.params.peer_timeout_s,
         )
-        if (
-            self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER)
-            and len(self._inflight) < self.params.window
-        ):
-            deadline = min(deadline, self._rate_limited_until or now)
+        if self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER):
+            if self._pass is not None and len(self._inflight) < self.params.window:
+                deadline = min(deadline, self._rate_limited_until or now)
+            if self.phase is SourcePhase.ACTIVE and self.digests.stale_pages:
+                deadline = now  # hashing to do; otherwise an ack (an arrival) is what we wait for
         return deadline
 
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
@@ -282,7 +258,7 @@ class SourceSession:
         # Never-written pages are zero on both sides already: they cost nothing at all.
         self.stats.zero_pages += self.mem.page_count - int(first.data_pages.size)
         self.stats.untagged_pages += self.mem.page_count - int(first.tag_pages.size)
-        self._pass = _Pass(first.data_pages, first.tag_pages)
+        self._pass = PagePass(first.data_pages, first.tag_pages)
 
     def _on_ack(self, ack: pb.Ack, now: float) -> None:
         if ack.acked_seq > self._seq:
@@ -329,7 +305,7 @@ class SourceSession:
                 f"verification failed after resending: pages {shown} still differ",
             )
         self.phase = SourcePhase.SWITCHOVER
-        self._pass = _Pass(data, tags)
+        self._pass = PagePass(data, tags)
         self._resend_vcpus = result.vcpu_mismatch
 
     def _on_started(self, started: pb.Started, now: float) -> None:
@@ -363,26 +339,17 @@ class SourceSession:
                     return
             self._rate_limited_until = None
             p = self._pass
-            if p.data_at < p.data.size:
-                chunk = p.data[p.data_at : p.data_at + PAGES_PER_BATCH]
-                p.data_at += chunk.size
-                msg, payload, st = encode_ram_pages(
-                    self.mem.pages, chunk, use_lz4=self._use_lz4, round_no=self.round
-                )
-                size = self._send_data(now, payload, ram_pages=msg)
-                self.stats.ram_bytes += size
-                self.stats.pages_sent += st.pages
-                self.stats.zero_pages += st.zero
-            elif p.tags_at < p.tags.size:
-                chunk = p.tags[p.tags_at : p.tags_at + TAG_SECTIONS_PER_BATCH]
-                p.tags_at += chunk.size
-                tmsg, tpayload, tst = encode_tag_sections(
-                    self.mem.page_tags, chunk, use_lz4=self._use_lz4, round_no=self.round
-                )
-                size = self._send_data(now, tpayload, tag_sections=tmsg)
-                self.stats.tag_bytes += size
-                self.stats.tag_sections += tst.pages
-                self.stats.untagged_pages += tst.zero
+            batch = p.next_batch(self.mem, use_lz4=self._use_lz4, round_no=self.round)
+            if batch is not None:
+                size = self._send_data(now, batch.payload, **{batch.kind: batch.body})
+                if batch.kind == "ram_pages":
+                    self.stats.ram_bytes += size
+                    self.stats.pages_sent += batch.stats.pages
+                    self.stats.zero_pages += batch.stats.zero
+                else:
+                    self.stats.tag_bytes += size
+                    self.stats.tag_sections += batch.stats.pages
+                    self.stats.untagged_pages += batch.stats.zero
             if p.done:
                 self._pass = None
                 self._end_of_pass(now)
@@ -446,7 +413,7 @@ class SourceSession:
         self._acked_at_round = self.meter.total
         self.round += 1
         self.t_round = now
-        self._pass = _Pass(sync.data_pages, sync.tag_pages)
+        self._pass = PagePass(sync.data_pages, sync.tag_pages)
 
     def _switchover(self, now: float, data: Indices, tags: Indices) -> None:
         self.host.stop_guest()
@@ -458,7 +425,7 @@ class SourceSession:
         self._send_control(now, end_of_round=pb.EndOfRound(round=self.round, final=True))
         last = self.mem.dirty_sync()
         self.digests.mark(last.data_pages, last.tag_pages)
-        self._pass = _Pass(np.union1d(data, last.data_pages), np.union1d(tags, last.tag_pages))
+        self._pass = PagePass(np.union1d(data, last.data_pages), np.union1d(tags, last.tag_pages))
         self._resend_vcpus = True
 
     def _finish_switchover(self, now: float) -> None:

@@ -1,0 +1,267 @@
+"""Break each guarantee on purpose, one at a time, and check that a test notices.
+
+    python3 scripts/probe_guarantees.py            # every probe
+    python3 scripts/probe_guarantees.py one-place  # probes whose name contains a word
+
+Each probe replaces one piece of code in a scratch copy of the tree (the working tree is never
+touched), runs the tests that defend that guarantee, and expects them to FAIL. A probe whose
+tests pass means a guarantee no test defends: the script exits non-zero and names it. Run it
+after changing the code a probe names; a probe whose text no longer matches says so, so that
+the probe is moved along with the code rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    path: str
+    original: str
+    broken: str
+    tests: tuple[str, ...]
+
+
+PROTO = "tests/test_protocol_guarantees.py"
+PROBES = [
+    Probe(
+        "one-place: the source resumes its guest after the commit",
+        "common/protocol/source.py",
+        "if self.guest_stopped and not committed:",
+        "if self.guest_stopped:",
+        (f"{PROTO}::test_lost_started_reply_never_runs_the_guest_on_both_sides",),
+    ),
+    Probe(
+        "link: the source ignores a gap in what the destination sends",
+        "common/protocol/source.py",
+        "        if arrival is Arrival.GAP:\n            self._fail(",
+        "        if False:\n            self._fail(",
+        (f"{PROTO}::test_source_notices_a_lost_message_from_the_destination",),
+    ),
+    Probe(
+        "stop gate: the guest stops with messages in flight",
+        "common/protocol/source.py",
+        "            bool(self._inflight)\n            or ",
+        "            ",
+        (f"{PROTO}::test_guest_stops_only_when_nothing_is_in_flight",),
+    ),
+    Probe(
+        "stop gate: the guest stops while the destination has a digest backlog",
+        "common/protocol/source.py",
+        "            or self.dest_backlog > CATCH_UP_PAGES\n",
+        "\n",
+        (f"{PROTO}::test_guest_stops_only_when_the_destination_has_hashed_what_it_got",),
+    ),
+    Probe(
+        "stop gate: the guest stops while the source has a digest backlog",
+        "common/protocol/source.py",
+        "            or self.digests.stale_pages > CATCH_UP_PAGES\n",
+        "\n",
+        (f"{PROTO}::test_guest_stops_only_when_the_source_has_hashed_what_it_sent",),
+    ),
+    Probe(
+        "vCPU: the destination ignores the vCPU digest",
+        "common/protocol/dest.py",
+        "ok = bad_blocks.size == 0 and vcpu_ok and",
+        "ok = bad_blocks.size == 0 and",
+        (f"{PROTO}::test_a_vcpu_state_damaged_in_flight_is_named_and_sent_again",),
+    ),
+    Probe(
+        "vCPU: the source never sends the vCPU state again after a mismatch",
+        "common/protocol/source.py",
+        "self._resend_vcpus = result.vcpu_mismatch",
+        "self._resend_vcpus = False",
+        (f"{PROTO}::test_a_vcpu_state_damaged_in_flight_is_named_and_sent_again",),
+    ),
+    Probe(
+        "zero pages: a page zeroed after round 1 is not zeroed on the destination",
+        "common/guest/memory.py",
+        "self.pages[populated] = 0",
+        "pass",
+        (f"{PROTO}::test_a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination",),
+    ),
+    Probe(
+        "IRG: wrong LFSR taps",
+        "common/guest/mte.py",
+        "(seed >> 5) ^ (seed >> 3)",
+        "(seed >> 4) ^ (seed >> 3)",
+        ("tests/test_mte.py", "tests/test_mte_architecture.py"),
+    ),
+    Probe(
+        "faults: sync tag-check faults are never counted",
+        "common/guest/workload.py",
+        "        except TagCheckFault:\n            self._fault()\n\n    def _store",
+        "        except TagCheckFault:\n            pass\n\n    def _store",
+        ("tests/test_workload.py::test_faults_are_provoked_in_every_checking_mode",),
+    ),
+    Probe(
+        "hostile: hello page and granule size",
+        "common/protocol/dest.py",
+        "if hello.page_size != PAGE_SIZE or hello.granule_size != GRANULE_SIZE:",
+        "if False:",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: hello features",
+        "common/protocol/dest.py",
+        "        if missing:\n",
+        "        if False:\n",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: hello mode",
+        "common/protocol/dest.py",
+        "if hello.mode != pb.MODE_PRECOPY:",
+        "if False:",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: hello RAM size",
+        "common/protocol/dest.py",
+        "if not MIN_RAM_BYTES <= hello.ram_bytes <= MAX_RAM_BYTES or hello.ram_bytes % PAGE_SIZE:",
+        "if False:",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: hello vCPU count",
+        "common/protocol/dest.py",
+        "if not 1 <= hello.vcpu_count <= _MAX_VCPUS:",
+        "if False:",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: the populated hint's claimed size",
+        "common/wire/bitmap.py",
+        "if claimed != expected:",
+        "if False:",
+        (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
+    ),
+    Probe(
+        "hostile: the maximum frame size",
+        "common/wire/framing.py",
+        "if len(first) + len(payload) > MAX_FRAME_BYTES:",
+        "if False:",
+        ("tests/test_codec.py", "tests/test_wire_hostile.py"),
+    ),
+    Probe(
+        "hostile: device-state vCPU count",
+        "common/transfer.py",
+        "if len(msg.vcpus) != len(guest.vcpus):",
+        "if False:",
+        (PROTO + "::test_bad_device_state_fails_the_migration_and_changes_no_register",),
+    ),
+    Probe(
+        "hostile: device-state vCPU indices",
+        "common/transfer.py",
+        "if sorted(v.index for v in vcpus) != list(range(len(vcpus))):",
+        "if False:",
+        (PROTO + "::test_bad_device_state_fails_the_migration_and_changes_no_register",),
+    ),
+    Probe(
+        "hostile: an ack of a never-sent message",
+        "common/protocol/source.py",
+        "if ack.acked_seq > self._seq:",
+        "if False:",
+        (PROTO + "::test_an_ack_of_a_message_never_sent_fails_the_source_cleanly",),
+    ),
+    Probe(
+        "hostile: the granted credit range",
+        "common/protocol/source.py",
+        "if not 1 <= ack.initial_credit <= 1024:",
+        "if False:",
+        (PROTO + "::test_the_granted_window_must_be_sane",),
+    ),
+    Probe(
+        "hostile: the verify result's page digests",
+        "common/protocol/source.py",
+        "                block.first_page % DIGEST_BLOCK_PAGES\n",
+        "                False\n",
+        (PROTO + "::test_a_malformed_verify_result_fails_before_the_commit",),
+    ),
+    Probe(
+        "hostile: the verify result's block count",
+        "common/protocol/source.py",
+        "if len(result.page_digests) > self.digests.ram.block_digests.size:",
+        "if False:",
+        (PROTO + "::test_a_malformed_verify_result_fails_before_the_commit",),
+    ),
+    Probe(
+        "hostile: the verify result's attempt",
+        "common/protocol/source.py",
+        "if self.phase is not SourcePhase.VERIFYING or result.attempt != self.verify_attempt:",
+        "if self.phase is not SourcePhase.VERIFYING:",
+        (PROTO + "::test_a_malformed_verify_result_fails_before_the_commit",),
+    ),
+    Probe(
+        "throttle: auto-converge is never applied to the vCPU",
+        "common/guest/runner.py",
+        "        if self.throttle:\n",
+        "        if False:\n",
+        (
+            "tests/test_runner.py",
+            "tests/test_protocol.py::test_guest_faster_than_the_link_is_throttled_to_convergence",
+            "tests/test_e2e_precopy.py::test_guest_faster_than_bandwidth_cap_is_throttled_to_convergence",
+        ),
+    ),
+    Probe(
+        "demo: the guest does not advance on the destination",
+        "dest_node/daemon.py",
+        "        self.runner.start()\n",
+        "\n",
+        ("tests/test_e2e_precopy.py::test_demo_runs_a_watchable_migration",),
+    ),
+]
+
+
+def run_probe(probe: Probe, scratch: Path) -> tuple[str, float]:
+    target = scratch / probe.path
+    source = (ROOT / probe.path).read_text()
+    if source.count(probe.original) != 1:
+        return "STALE (the probed code moved: update the probe)", 0.0
+    target.write_text(source.replace(probe.original, probe.broken))
+    began = time.monotonic()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *probe.tests],
+            cwd=scratch,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+    finally:
+        target.write_text(source)
+    took = time.monotonic() - began
+    if result.returncode == 1:
+        return "caught", took
+    if result.returncode == 0:
+        return "NOT CAUGHT", took
+    return f"ERROR (pytest exit {result.returncode}): {result.stdout[-300:]}", took
+
+
+def main() -> int:
+    words = sys.argv[1:]
+    chosen = [p for p in PROBES if all(w in p.name for w in words)]
+    with tempfile.TemporaryDirectory(prefix="probe-") as tmp:
+        scratch = Path(tmp) / "tree"
+        shutil.copytree(ROOT, scratch, ignore=shutil.ignore_patterns(".git", "__pycache__", ".hypothesis"))
+        bad = 0
+        for probe in chosen:
+            verdict, took = run_probe(probe, scratch)
+            bad += verdict != "caught"
+            print(f"{verdict:12} {took:6.1f} s  {probe.name}", flush=True)
+    print(f"{len(chosen) - bad} of {len(chosen)} broken guarantees caught by a test")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
