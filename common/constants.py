@@ -14,6 +14,7 @@ UNPACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE  # 256
 
 MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 30
+MAX_VCPUS = 64
 
 # Logical tag of a pointer lives in bits 59:56; bit 55 selects TTBR1 (upper) addresses.
 POINTER_TAG_SHIFT = 56
@@ -39,7 +40,7 @@ DIGEST_BLOCK_PAGES = 256
 # RAM digest leaves cover 16 pages (64 KiB): see common/guest/digest.py for the trade.
 DIGEST_LEAF_PAGES = 16
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: acknowledged, resent and resumable messages
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
@@ -53,7 +54,15 @@ DEFAULT_DOWNTIME_LIMIT_MS = 300
 HEARTBEAT_INTERVAL_S = 0.5
 # On exit a daemon waits this long for its last messages (Started, Abort) to leave.
 CLOSE_LINGER_MS = 2000
-PEER_DEAD_AFTER_S = 5.0
+# Silence after which the link is presumed broken (the source reconnects; setup gives up).
+PEER_DEAD_AFTER_S = 3.0
+# How long a source goes on reconnecting before it fails (its guest running); a destination
+# keeps an unfinished session that long.
+RECONNECT_TIMEOUT_S = 10.0
+# Resume attempts back off from the first to the last interval.
+RECONNECT_BACKOFF_S = (0.1, 1.0)
+# A sequenced message unacknowledged this long is sent again.
+RETRANSMIT_AFTER_S = 1.0
 # Pages each side hashes per loop turn for verification while the stream runs.
 SOURCE_DIGEST_BUDGET_PAGES = 2048
 DEST_DIGEST_BUDGET_PAGES = 4096

@@ -28,6 +28,22 @@ def guest_summary(guest: Guest, *, running: bool, with_digests: bool = True) -> 
     return summary
 
 
+def check_report_path(path: str | Path) -> None:
+    """At start-up, not at the end: a report that cannot be written must not turn a completed
+    migration into a failed exit status after the fact."""
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"report path {path} is a directory")
+    if not target.parent.is_dir():
+        raise ValueError(f"report path {path}: folder {target.parent} does not exist")
+    probe = target.with_name(target.name + ".tmp")
+    try:
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise ValueError(f"report path {path} is not writable: {exc.strerror}") from None
+
+
 def write_report(path: str | Path, report: dict[str, Any]) -> None:
     target = Path(path)
     tmp = target.with_name(target.name + ".tmp")

@@ -12,7 +12,9 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.cli_types import non_negative
+from common.cli_types import endpoint, non_negative, writable_report
+from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S
+from common.ctl import ctl_main
 from common.logging import configure
 from common.malloc import keep_large_buffers
 from common.protocol.dest import DestParameters
@@ -23,7 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
         prog="dest-node", description="Receive a migrating MTE guest and, once verified, run it."
     )
     parser.add_argument(
-        "--listen", required=True, metavar="URI", help="where to accept a source (tcp://HOST:PORT)"
+        "--listen",
+        required=True,
+        type=endpoint("--listen"),
+        metavar="URI",
+        help="where to accept a source (tcp://HOST:PORT or ipc://PATH)",
     )
     parser.add_argument(
         "--once", action="store_true", help="exit after one migration (non-zero when it failed)"
@@ -35,9 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="stop the arrived guest's workload at this step",
     )
     parser.add_argument(
-        "--report", help="write the JSON report here when the guest stops or the migration fails"
+        "--report",
+        type=writable_report,
+        help="write the JSON report here when the guest stops or the migration fails",
     )
-    parser.add_argument("--control", metavar="URI", help="serve control commands here")
+    parser.add_argument(
+        "--control", type=endpoint("--control"), metavar="URI", help="serve control commands here"
+    )
     parser.add_argument(
         "--auth-token",
         default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
@@ -46,9 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--peer-timeout",
         type=non_negative(float),
-        default=5.0,
+        default=PEER_DEAD_AFTER_S,
         metavar="S",
-        help="declare the source dead after this silence (default 5 s)",
+        help="keep an unfinished session at least this long while its source is silent; the source's "
+        f"reconnect timeout, if longer, wins (default {PEER_DEAD_AFTER_S:g} s)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Test builds: flip a byte of this page once after placing it (proves verification repairs).
@@ -59,23 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:
-        from source_node.cli import ctl_main
-
-        return ctl_main(argv[1:], "dest-node ctl")
+        return ctl_main(argv[1:], "dest-node ctl", source=False)
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_level)
     keep_large_buffers()
-    if not args.listen.startswith(("tcp://", "ipc://")):
-        parser.error(f"--listen '{args.listen}' is not a tcp:// or ipc:// address")
     if args.peer_timeout <= 0:
         parser.error("--peer-timeout must be positive")
-    from dest_node.daemon import DestDaemon, DestOptions
+    from dest_node.daemon import DestDaemon, DestOptions, StartupError
 
     params = DestParameters(
         auth_token=args.auth_token.encode(),
         peer_timeout_s=args.peer_timeout,
-        heartbeat_interval_s=min(0.5, args.peer_timeout / 4),
+        heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4),
         corrupt_page=args.debug_corrupt_page,
     )
     try:
@@ -89,8 +96,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 control=args.control,
             )
         )
-    except Exception as exc:  # zmq.ZMQError and friends: say what, not a traceback
-        print(f"dest-node: cannot listen on {args.listen}: {exc}", file=sys.stderr)
+    except StartupError as exc:
+        print(f"dest-node: {exc}", file=sys.stderr)
         return 2
     return daemon.run()
 

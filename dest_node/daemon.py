@@ -18,11 +18,16 @@ from common.guest.prefault import Prefaulter
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.logging import get_logger
+from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.phases import DestPhase
 from common.report import guest_summary, write_report
 
 _POLL_CAP_S = 0.05
+
+
+class StartupError(Exception):
+    """The daemon cannot start as asked (an address in use, say): one line, no traceback."""
 
 
 @dataclass
@@ -43,24 +48,38 @@ class DestDaemon:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, not vanishes
+        # A source's connection that ZeroMQ re-established after a reset keeps its routing id;
+        # the new connection takes that id over instead of being refused as a duplicate.
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         self.sock.setsockopt(zmq.RCVHWM, 4 * options.params.window + 64)
-        self.sock.bind(options.listen)
+        try:
+            self.sock.bind(options.listen)
+        except zmq.ZMQError as exc:
+            self.sock.close(linger=0)
+            self.ctx.term()
+            raise StartupError(f"cannot listen on {options.listen}: {exc}") from None
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        self._undelivered = 0
         self.session = DestSession(self, options.params, time.monotonic())
         self.runner: GuestRunner | None = None
         self.running_guest: Guest | None = None
         self.prefaulter: Prefaulter | None = None
         self.quit = False
+        self.signalled: str | None = None
         self._reported_failure = False
-        self._last_phase = self.session.phase
         self.control: ControlServer | None = None
         if options.control:
-            self.control = ControlServer(
-                self.ctx,
-                options.control,
-                {"status": lambda _: self.status(), "cancel": lambda _: self.cancel()},
-            )
+            try:
+                self.control = ControlServer(
+                    self.ctx,
+                    options.control,
+                    {"status": lambda _: self.status(), "cancel": lambda _: self.cancel()},
+                )
+            except zmq.ZMQError as exc:
+                self.sock.close(linger=0)
+                self.ctx.term()
+                raise StartupError(f"cannot serve control commands on {options.control}: {exc}") from None
 
     # -- the host interface the session steers --------------------------------------------------
     def start_guest(self, guest: Guest) -> None:
@@ -106,19 +125,37 @@ class DestDaemon:
             )
         return report
 
-    def cancel(self) -> dict[str, Any]:
-        self.session.cancel(time.monotonic())
+    def cancel(self, reason: str = "cancelled by the destination's operator") -> dict[str, Any]:
+        self.session.cancel(time.monotonic(), reason)
         self._flush()
         return self.status()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _flush(self) -> None:
+        self._take_events()
         for peer, frames in self.session.take_outgoing():
             try:
                 self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
             except (zmq.Again, zmq.ZMQError) as exc:
-                # the peer is gone or stuck; the session notices by its silence
-                self.log.warning("reply not delivered", peer=peer.hex(), reason=str(exc))
+                # The peer is gone or stuck. Nothing is lost: the session keeps every sequenced
+                # message until it is acknowledged and sends it again after a resume. Said once
+                # per run of failures, not once per message.
+                if self._undelivered == 0:
+                    self.log.warning(
+                        "source unreachable; replies wait for it", peer=peer.hex(), reason=str(exc)
+                    )
+                self._undelivered += 1
+                continue
+            if self._undelivered:
+                self.log.info("source reachable again", undelivered_replies=self._undelivered)
+                self._undelivered = 0
+
+    def _take_events(self) -> None:
+        for event in self.session.take_events():
+            if isinstance(event, ev.PhaseChanged):
+                self.log.info("phase", phase=event.phase, rounds=self.session.rounds)
+            elif isinstance(event, ev.LinkRestored):
+                self.log.info("source reconnected", epoch=event.epoch, resent_messages=event.resent)
 
     def _drain(self) -> None:
         while True:
@@ -130,15 +167,28 @@ class DestDaemon:
                 continue
             self.session.receive(parts[0].bytes, [p.buffer for p in parts[1:]], time.monotonic())
 
+    def _on_signal(self, signum: int, _: Any) -> None:
+        self.signalled = signal.Signals(signum).name
+
+    def _handle_signal(self) -> None:
+        """An incoming migration is cancelled and its source told at once (it resumes there)."""
+        if self.session.phase in (DestPhase.RECEIVING, DestPhase.AWAIT_COMMIT):
+            self.cancel(f"destination interrupted by {self.signalled}")
+            self._observe()
+        self.quit = True
+
     def run(self) -> int:
-        signal.signal(signal.SIGTERM, lambda *_: setattr(self, "quit", True))
-        signal.signal(signal.SIGINT, lambda *_: setattr(self, "quit", True))
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
         self.log.info("waiting for an incoming migration", listen=self.address)
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         while not self.quit:
+            if self.signalled:
+                self._handle_signal()
+                break
             now = time.monotonic()
             self.session.poll(now)
             self._flush()
@@ -162,9 +212,6 @@ class DestDaemon:
 
     def _observe(self) -> None:
         phase = self.session.phase
-        if phase is not self._last_phase:
-            self.log.info("phase", phase=phase.value, rounds=self.session.rounds)
-            self._last_phase = phase
         if phase is DestPhase.FAILED and not self._reported_failure:
             self._reported_failure = True
             self.log.error(
@@ -177,7 +224,6 @@ class DestDaemon:
                 # ready for the next source; what arrived was discarded
                 self.session = DestSession(self, self.options.params, time.monotonic())
                 self._reported_failure = False
-                self._last_phase = self.session.phase
 
     def _done(self) -> bool:
         if self.session.phase is DestPhase.FAILED and self.options.once:

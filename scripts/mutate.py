@@ -36,6 +36,16 @@ PURE = ["common/wire", "common/protocol", "common/guest/mte.py", "common/guest/m
 FAST_TESTS = ["tests", "-m", "not slow and not faults"]
 
 
+# Every source read once at start: editing the tree while a run goes on cannot mix versions.
+_SOURCES: dict[str, str] = {}
+
+
+def source_of(path: str) -> str:
+    if path not in _SOURCES:
+        _SOURCES[path] = (ROOT / path).read_text()
+    return _SOURCES[path]
+
+
 @dataclass(frozen=True)
 class Mutant:
     path: str
@@ -144,7 +154,7 @@ def _bump(value: float) -> float:
 
 
 def find_mutants(path: str) -> list[Mutant]:
-    tree = ast.parse((ROOT / path).read_text(), path)
+    tree = ast.parse(source_of(path), path)
     return [
         Mutant(path, i, getattr(node, "lineno", 0), description)
         for i, (node, _, description) in enumerate(_points(tree))
@@ -219,7 +229,7 @@ def _functions(module: types.ModuleType) -> dict[str, types.FunctionType]:
 
 def install(mutant: Mutant) -> bool:
     """Swap the mutated function's code into the live module; False when it cannot be placed."""
-    source = (ROOT / mutant.path).read_text()
+    source = source_of(mutant.path)
     tree = _apply(ast.parse(source, mutant.path), mutant.index)
     module_code = compile(tree, str(ROOT / mutant.path), "exec")
     name = mutant.path.removesuffix(".py").replace("/", ".")
@@ -279,7 +289,7 @@ class _CallRecorder:
 
 def _function_ranges(path: str) -> list[tuple[int, int, int]]:
     """(first line incl. decorators, last line, the code object's first line) per function."""
-    tree = ast.parse((ROOT / path).read_text(), path)
+    tree = ast.parse(source_of(path), path)
     out = []
     for node in ast.walk(tree):
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
@@ -331,6 +341,8 @@ def main() -> int:
         found = sorted(target.rglob("*.py")) if target.is_dir() else [target]
         files += [str(f.relative_to(ROOT)) for f in found if "_pb2" not in f.name and f.name != "__init__.py"]
     os.environ.setdefault("HYPOTHESIS_PROFILE", "mutation")
+    for f in files:
+        source_of(f)
 
     import pytest
 

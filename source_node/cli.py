@@ -10,15 +10,16 @@ source-node demo                                       a loopback migration to w
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.cli_types import non_negative, size
-from common.control import request
+from common.cli_types import endpoint, non_negative, size, writable_report
+from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
+from common.control import ControlError
+from common.ctl import ctl_main
 from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
@@ -74,6 +75,7 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     mig = parser.add_argument_group("migration")
     mig.add_argument(
         "--migrate-to",
+        type=endpoint("--migrate-to"),
         metavar="URI",
         help="migrate to a dest-node listening here (tcp://HOST:PORT), then exit",
     )
@@ -103,9 +105,18 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
     mig.add_argument(
         "--peer-timeout",
         type=non_negative(float),
-        default=5.0,
+        default=PEER_DEAD_AFTER_S,
         metavar="S",
-        help="declare the destination dead after this silence (default 5 s)",
+        help=f"silence after which the link is presumed broken: setup gives up, a running migration "
+        f"reconnects (default {PEER_DEAD_AFTER_S:g} s)",
+    )
+    mig.add_argument(
+        "--reconnect-timeout",
+        type=non_negative(float),
+        default=RECONNECT_TIMEOUT_S,
+        metavar="S",
+        help=f"how long to go on reconnecting after the link broke before failing, the guest running here "
+        f"(default {RECONNECT_TIMEOUT_S:g} s)",
     )
     mig.add_argument(
         "--convergence-timeout",
@@ -115,7 +126,10 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         help="give up if precopy has not converged by then (default 60 s)",
     )
     mig.add_argument(
-        "--control", metavar="URI", help="serve control commands here (tcp://127.0.0.1:PORT or ipc://PATH)"
+        "--control",
+        type=endpoint("--control"),
+        metavar="URI",
+        help="serve control commands here (tcp://127.0.0.1:PORT or ipc://PATH)",
     )
 
 
@@ -137,7 +151,10 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
         use_lz4=not args.no_lz4,
         auth_token=args.auth_token.encode(),
         peer_timeout_s=args.peer_timeout,
-        heartbeat_interval_s=min(0.5, args.peer_timeout / 4) if args.peer_timeout > 0 else 0.5,
+        heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4)
+        if args.peer_timeout > 0
+        else 0.5,
+        reconnect_timeout_s=args.reconnect_timeout,
         convergence_timeout_s=args.convergence_timeout,
     )
 
@@ -152,7 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_guest_arguments(parser)
     add_migration_arguments(parser)
-    parser.add_argument("--report", help="write the JSON report here")
+    parser.add_argument(
+        "--report", type=writable_report, help="write the JSON report here (checked before the guest boots)"
+    )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -195,21 +214,31 @@ def summary_line(report: dict[str, Any]) -> str:
 
 
 def migrate_run(args: argparse.Namespace) -> int:
-    from source_node.daemon import SourceDaemon, SourceOptions
+    import zmq
+
+    from source_node.daemon import SourceDaemon, SourceOptions, StartupError, open_control
 
     log = get_logger("source-node")
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        # bound before the guest boots: a port in use is a one-line error, not a lost guest
+        control = open_control(ctx, args.control) if args.control else None
+    except StartupError as exc:
+        ctx.term()
+        print(f"source-node: {exc}", file=sys.stderr)
+        return 2
     guest = boot(args.ram, workload_config(args))
     runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
-    daemon = SourceDaemon(
-        guest,
-        runner,
-        SourceOptions(
-            params=migration_parameters(args), control=args.control, one_shot=bool(args.migrate_to)
-        ),
+    options = SourceOptions(
+        params=migration_parameters(args), control=args.control, one_shot=bool(args.migrate_to)
     )
+    daemon = SourceDaemon(guest, runner, options, ctx, control)
     log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
     if args.migrate_to:
-        daemon.migrate(args.migrate_to)
+        try:
+            daemon.migrate(args.migrate_to)
+        except ControlError as exc:
+            log.error("migration not started", reason=str(exc))
     code = daemon.run()
     report = daemon.final_report()
     if args.report:
@@ -219,43 +248,10 @@ def migrate_run(args: argparse.Namespace) -> int:
     return code
 
 
-def ctl_main(argv: Sequence[str], prog: str) -> int:
-    parser = argparse.ArgumentParser(
-        prog=prog, description="Steer a running daemon through its control endpoint."
-    )
-    parser.add_argument("--control", required=True, metavar="URI", help="the daemon's control endpoint")
-    parser.add_argument("--timeout", type=float, default=5.0, help="seconds to wait for an answer")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="the report so far")
-    sub.add_parser("cancel", help="cancel the migration in progress")
-    migrate = sub.add_parser("migrate", help="start a migration")
-    migrate.add_argument("uri", help="the destination, tcp://HOST:PORT")
-    setp = sub.add_parser(
-        "set-parameters", help="change downtime_limit_ms, max_bandwidth or convergence_timeout_s"
-    )
-    setp.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
-    args = parser.parse_args(argv)
-    payload: dict[str, Any] = {}
-    if args.command == "migrate":
-        payload = {"uri": args.uri}
-    elif args.command == "set-parameters":
-        for item in args.assignments:
-            name, sep, value = item.partition("=")
-            if not sep:
-                parser.error(f"'{item}' is not NAME=VALUE")
-            payload[name.replace("-", "_")] = value
-    reply = request(args.control, args.command, payload, timeout_s=args.timeout)
-    if not reply.get("ok"):
-        print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
-        return 1
-    print(json.dumps(reply.get("result"), indent=2, sort_keys=True))
-    return 0
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:
-        return ctl_main(argv[1:], "source-node ctl")
+        return ctl_main(argv[1:], "source-node ctl", source=True)
     if argv[:1] == ["demo"]:
         from source_node.demo import main as demo_main
 

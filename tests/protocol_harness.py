@@ -12,6 +12,7 @@ from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
 from common.guest.workload import Workload, WorkloadConfig, boot
 from common.protocol.dest import DestParameters, DestSession
+from common.protocol.events import Reconnect
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceSession
 from common.wire import framing
@@ -32,6 +33,7 @@ class Faults:
     # change a message in flight (the body is re-encoded with a valid checksum); return None to
     # leave it alone
     tamper: Callable[[framing.Message], framing.Message | None] | None = None
+    outage: tuple[float, float] | None = None  # the link carries nothing from .. to (seconds)
     latency_s: float = 0.0001
     bandwidth: float = 1e9  # bytes per second: messages queue behind each other
     seed: int = 0
@@ -48,11 +50,15 @@ class Link:
 
     def __post_init__(self) -> None:
         self.rng = random.Random(self.faults.seed)
+        self.cut_when: Callable[[], bool] | None = None  # while true, the link carries nothing
 
     def put(self, frames: list[bytes], now: float) -> None:
         f = self.faults
         self.carried += 1
         if f.cut_after is not None and self.carried > f.cut_after:
+            return
+        if (f.outage is not None and f.outage[0] <= now < f.outage[1]) or (self.cut_when and self.cut_when()):
+            self.events.append("outage")
             return
         frames = [bytes(x) for x in frames]
         if f.drop_kinds or f.drop_seqs or f.tamper:
@@ -112,7 +118,7 @@ class FakeSourceHost:
             self.runner.pause()
         if self.session is not None:
             self.at_stop = {
-                "in_flight": len(self.session._inflight),
+                "in_flight": self.session.in_flight,
                 "dest_backlog": self.session.dest_backlog,
                 "own_backlog": self.session.digests.stale_pages,
             }
@@ -195,6 +201,8 @@ class Pair:
         self.down = Link(to_dest or Faults())
         self.up = Link(to_source or Faults(seed=1))
         self.turns = 0
+        self.peer = PEER  # the source's connection as the destination sees it; new per epoch
+        self.events: list[object] = []
         self.runner: GuestRunner | None = None
         if guest_speed:
             # guest_speed: steps per second of fake time when nothing else runs
@@ -202,18 +210,31 @@ class Pair:
             self.runner.start()
             self.src_host.runner = self.runner
 
+    def _source_events(self) -> None:
+        for event in self.src.take_events():
+            self.events.append(event)
+            if isinstance(event, Reconnect):
+                # a new connection: what was queued on the old one is gone, and the
+                # destination sees a new peer, as with a new ZeroMQ socket
+                self.down.queue.clear()
+                self.up.queue.clear()
+                self.peer = PEER + b"-%d" % event.epoch
+
     def turn(self) -> None:
         src, dst = self.src, self.dst
         src.poll(self.now)
+        self._source_events()
         for frames in src.take_outgoing():
             self.down.put(frames, self.now)
         for frames in self.down.take(self.now):
-            dst.receive(PEER, frames, self.now)
+            dst.receive(self.peer, frames, self.now)
         dst.poll(self.now)
-        for _, frames in dst.take_outgoing():
-            self.up.put(frames, self.now)
+        for peer, frames in dst.take_outgoing():
+            if peer == self.peer:
+                self.up.put(frames, self.now)
         for frames in self.up.take(self.now):
             src.receive(frames, self.now)
+        self._source_events()
         for frames in src.take_outgoing():
             self.down.put(frames, self.now)
         if self.runner is not None:

@@ -11,12 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from common.constants import PAGE_SIZE
+from common.constants import PAGE_SIZE, PROTOCOL_VERSION
 from common.guest.digest import DigestCache
 from common.protocol.dest import DestParameters
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
-from common.protocol.source import CATCH_UP_PAGES
+from common.protocol.precopy import CATCH_UP_PAGES
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
@@ -27,29 +27,81 @@ QUICK = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1)
 
 
 # -- one place --------------------------------------------------------------------------------
-def test_lost_started_reply_never_runs_the_guest_on_both_sides() -> None:
+def silence_after_commit(pair: Pair) -> None:
+    """From the moment the commit is sent, nothing the destination sends gets through."""
+    pair.up.cut_when = lambda: pair.src.phase in (SourcePhase.COMMITTING, SourcePhase.UNSETTLED)
+
+
+def test_a_commit_whose_answer_never_comes_keeps_the_guest_stopped_until_settled() -> None:
+    params = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1, reconnect_timeout_s=2.0)
+    pair = Pair(busy_guest(), params=params, guest_speed=1000)
+    silence_after_commit(pair)
+    pair.run()
+    assert pair.dst.phase is DestPhase.RUNNING and pair.dst_host.started is not None
+    assert pair.src.phase is SourcePhase.UNSETTLED
+    assert pair.src_host.resumes == 0 and not pair.src_host.running and not pair.src.guest_runs_here
+    report = pair.src.report(pair.now)
+    assert report["status"] == "unsettled" and "may be running there" in report["error"]
+    assert "ctl settle" in report["error"]
+    # the source keeps its copy intact: it equals what the destination runs
+    assert pair.dst_host.started.digests() == pair.guest.digests()
+    pair.src.settle(runs_here=False, now=pair.now)
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.src_host.resumes == 0
+
+
+def test_an_operator_may_settle_an_unanswered_commit_for_the_source() -> None:
+    params = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1, reconnect_timeout_s=2.0)
+    pair = Pair(busy_guest(), params=params, guest_speed=1000)
+    silence_after_commit(pair)
+    pair.run()
+    assert pair.src.phase is SourcePhase.UNSETTLED
+    pair.src.settle(runs_here=True, now=pair.now)
+    assert pair.src.phase is SourcePhase.CANCELLED and pair.src_host.resumes == 1 and pair.src_host.running
+
+
+def test_lost_started_replies_are_settled_by_the_ack_of_the_commit() -> None:
     pair = Pair(
         busy_guest(), params=QUICK, to_source=Faults(drop_kinds=frozenset({"started"})), guest_speed=1000
     )
     pair.run()
-    assert pair.dst.phase is DestPhase.RUNNING and pair.dst_host.started is not None
-    assert pair.src.phase is SourcePhase.FAILED
-    assert pair.src.failure is not None and pair.src.failure.phase == "committing"
-    assert "may be running there" in pair.src.failure.reason
-    assert pair.src_host.resumes == 0 and not pair.src_host.running
-    assert not pair.src.guest_runs_here
-    # the source keeps its copy intact: it equals what the destination runs
-    assert pair.dst_host.started.digests() == pair.guest.digests()
+    assert_handed_over(pair)
+    assert pair.src_host.resumes == 0
+    assert "destination acknowledged the commit" in pair.src.report(pair.now)["timeline_ms"]
+
+
+def test_a_link_broken_after_the_commit_is_settled_by_the_resume() -> None:
+    params = MigrationParameters(peer_timeout_s=0.8, heartbeat_interval_s=0.1, reconnect_timeout_s=5.0)
+    pair = Pair(busy_guest(), params=params, guest_speed=1000)
+    broken: list[float] = []
+
+    def broken_for_a_second() -> bool:
+        if pair.src.phase is SourcePhase.COMMITTING and not broken:
+            broken.append(pair.now)
+        return bool(broken) and pair.now < broken[0] + 1.0
+
+    pair.up.cut_when = broken_for_a_second
+    pair.down.cut_when = broken_for_a_second
+    pair.run()
+    assert_handed_over(pair)
+    assert pair.src.link.epoch >= 2, "it reconnected and asked"
+    assert pair.src_host.resumes == 0
 
 
 # -- the source's own view of the link -----------------------------------------------------------
-def test_source_notices_a_lost_message_from_the_destination() -> None:
-    # seq 1 is the hello_ack; seq 2, the first ack, is lost
-    pair = Pair(busy_guest(), params=QUICK, to_source=Faults(drop_seqs=frozenset({2})))
-    pair.run()
-    assert_stayed_on_source(pair)
-    assert pair.src.failure is not None and pair.src.failure.code == pb.ERROR_SEQUENCE_GAP
-    assert "from the destination were lost (expected 2, got 3)" in pair.src.failure.reason
+def test_the_source_never_acts_on_a_message_that_overtook_a_lost_one() -> None:
+    pair = verifying_pair()
+    first = pair.src.link.received + 1
+    result = pb.VerifyResult(ok=True, attempt=1)
+    to_source(pair, seq=first + 1, verify_result=result)  # message `first` was lost
+    assert pair.src.phase is SourcePhase.VERIFYING, "a message past a gap is not handled"
+    asked = [framing.decode(f) for f in pair.src.take_outgoing()]
+    assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [first]
+    to_source(pair, seq=first + 1, verify_result=result)  # again: asked once per loss, not per message
+    assert not [
+        m
+        for m in map(framing.decode, pair.src.take_outgoing())
+        if m.kind == "ack" and m.envelope.ack.resend_from
+    ]
 
 
 # -- the stop gate, clause by clause ---------------------------------------------------------------
@@ -115,7 +167,7 @@ def test_a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() -> None:
 # -- hostile input the sessions refuse ----------------------------------------------------------------
 def good_hello(**changes: Any) -> pb.Hello:
     hello = pb.Hello(
-        protocol_version=1,
+        protocol_version=PROTOCOL_VERSION,
         page_size=4096,
         granule_size=16,
         ram_bytes=1 << 20,
@@ -178,15 +230,22 @@ def receiving_pair() -> Pair:
     return pair
 
 
+def in_session(pair: Pair, seq: int, received: int = 0, **body: Any) -> list[Any]:
+    env = framing.envelope(pair.src.session_id, seq, **body)
+    env.epoch = pair.src.link.epoch
+    env.received = received
+    return framing.encode(env)
+
+
 def to_destination(pair: Pair, **body: Any) -> None:
     """A message in the source's session with the next sequence number the destination expects."""
-    seq = pair.dst._incoming.last + 1
-    pair.dst.receive(PEER, framing.encode(framing.envelope(pair.src.session_id, seq, **body)), pair.now)
+    pair.dst.receive(pair.peer, in_session(pair, pair.dst.link.received + 1, **body), pair.now)
 
 
-def to_source(pair: Pair, **body: Any) -> None:
-    seq = pair.src._incoming.last + 1
-    pair.src.receive(framing.encode(framing.envelope(pair.src.session_id, seq, **body)), pair.now)
+def to_source(pair: Pair, seq: int | None = None, received: int = 0, **body: Any) -> None:
+    """From the destination: the next sequenced message by default, seq=0 for link traffic."""
+    seq = pair.src.link.received + 1 if seq is None else seq
+    pair.src.receive(in_session(pair, seq, received, **body), pair.now)
 
 
 def vcpu(index: int, registers: int = 31) -> pb.VcpuState:
@@ -219,8 +278,8 @@ def test_bad_device_state_fails_the_migration_and_changes_no_register(
 
 def test_an_ack_of_a_message_never_sent_fails_the_source_cleanly() -> None:
     pair = receiving_pair()
-    never_sent = pair.src._seq + 1
-    to_source(pair, ack=pb.Ack(acked_seq=never_sent, credit=16))
+    never_sent = pair.src.link.next_seq
+    to_source(pair, seq=0, received=never_sent, ack=pb.Ack(acked_seq=never_sent, credit=16))
     assert pair.src.failure is not None and pair.src.failure.code == pb.ERROR_BAD_MESSAGE
     assert f"acknowledged message {never_sent}, never sent" in pair.src.failure.reason
     pair.run_until(pair.settled)
@@ -229,7 +288,8 @@ def test_an_ack_of_a_message_never_sent_fails_the_source_cleanly() -> None:
 
 def test_an_ack_of_the_last_message_sent_is_fine() -> None:
     pair = receiving_pair()
-    to_source(pair, ack=pb.Ack(acked_seq=pair.src._seq, credit=16))
+    last = pair.src.link.next_seq - 1
+    to_source(pair, seq=0, received=last, ack=pb.Ack(acked_seq=last, credit=16))
     assert pair.src.failure is None and pair.src.phase is SourcePhase.ACTIVE
 
 
@@ -237,8 +297,10 @@ def test_an_ack_of_the_last_message_sent_is_fine() -> None:
 def test_the_granted_window_must_be_sane(credit: int, fine: bool) -> None:
     pair = Pair(busy_guest())
     pair.src.start(0.0)
-    ack = pb.HelloAck(accepted=True, protocol_version=1, initial_credit=credit, features=[pb.FEATURE_MTE])
-    pair.src.receive(framing.encode(framing.envelope(pair.src.session_id, 1, hello_ack=ack)), 0.0)
+    ack = pb.HelloAck(
+        accepted=True, protocol_version=PROTOCOL_VERSION, initial_credit=credit, features=[pb.FEATURE_MTE]
+    )
+    pair.src.receive(in_session(pair, 1, hello_ack=ack), 0.0)
     if fine:
         assert pair.src.phase is SourcePhase.ACTIVE and pair.src.params.window == min(16, credit)
     else:
@@ -247,6 +309,7 @@ def test_the_granted_window_must_be_sane(credit: int, fine: bool) -> None:
 
 
 def verifying_pair() -> Pair:
+    """A source waiting for the verdict (which the destination gave, and the link lost)."""
     pair = Pair(busy_guest(), to_source=Faults(drop_kinds=frozenset({"verify_result"})))
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase is SourcePhase.VERIFYING and pair.dst.verified is not None)

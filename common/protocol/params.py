@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields, replace
 from typing import Any
 
@@ -10,8 +11,14 @@ from common.constants import (
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
     PEER_DEAD_AFTER_S,
+    RECONNECT_TIMEOUT_S,
+    RETRANSMIT_AFTER_S,
     SOURCE_DIGEST_BUDGET_PAGES,
 )
+from common.units import parse_size
+
+# What set-parameters may change while a migration runs.
+SETTABLE = ("downtime_limit_ms", "max_bandwidth", "convergence_timeout_s", "reconnect_timeout_s")
 
 
 @dataclass(frozen=True)
@@ -22,7 +29,11 @@ class MigrationParameters:
     auth_token: bytes = b""
     window: int = INITIAL_CREDIT  # data messages in flight before an ack
     heartbeat_interval_s: float = HEARTBEAT_INTERVAL_S
+    # Silence after which the link is presumed broken: setup gives up, later the source reconnects.
     peer_timeout_s: float = PEER_DEAD_AFTER_S
+    # How long after the link broke the source goes on reconnecting before it fails.
+    reconnect_timeout_s: float = RECONNECT_TIMEOUT_S
+    retransmit_after_s: float = RETRANSMIT_AFTER_S
     # Auto-converge, as QEMU's cpu-throttle-initial / -increment / max-cpu-throttle.
     throttle_initial: float = 0.20
     throttle_increment: float = 0.10
@@ -33,6 +44,10 @@ class MigrationParameters:
     digest_budget_pages: int = SOURCE_DIGEST_BUDGET_PAGES
 
     def check(self) -> MigrationParameters:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, not {value}")
         if self.downtime_limit_ms <= 0:
             raise ValueError(f"downtime limit {self.downtime_limit_ms} ms must be positive")
         if self.max_bandwidth < 0:
@@ -40,7 +55,17 @@ class MigrationParameters:
         if not 1 <= self.window <= 1024:
             raise ValueError(f"window {self.window} is outside 1 .. 1024")
         if not 0 < self.heartbeat_interval_s < self.peer_timeout_s:
-            raise ValueError("heartbeat interval must be positive and below the peer timeout")
+            raise ValueError(
+                f"peer timeout {self.peer_timeout_s} s must exceed the heartbeat interval "
+                f"({self.heartbeat_interval_s} s), so that a live peer is never taken for dead"
+            )
+        if self.reconnect_timeout_s < self.peer_timeout_s:
+            raise ValueError(
+                f"reconnect timeout {self.reconnect_timeout_s} s must be at least the peer timeout "
+                f"({self.peer_timeout_s} s): reconnecting starts only once the peer was silent that long"
+            )
+        if self.retransmit_after_s <= 0:
+            raise ValueError("the retransmission timeout must be positive")
         if not 0 <= self.throttle_initial <= self.throttle_max < 1:
             raise ValueError("throttle settings must satisfy 0 <= initial <= max < 1")
         if self.convergence_timeout_s <= 0:
@@ -51,12 +76,29 @@ class MigrationParameters:
 
     def updated(self, changes: dict[str, Any]) -> MigrationParameters:
         """set-parameters: only the tunables a running migration may change."""
-        allowed = {"downtime_limit_ms", "max_bandwidth", "convergence_timeout_s"}
-        unknown = set(changes) - allowed
+        unknown = set(changes) - set(SETTABLE)
         if unknown:
-            raise ValueError(
-                f"cannot set {', '.join(sorted(unknown))}; settable: {', '.join(sorted(allowed))}"
-            )
-        types = {f.name: f.type for f in fields(self)}
-        converted = {k: (int(v) if types[k] == "int" else float(v)) for k, v in changes.items()}
+            raise ValueError(f"cannot set {', '.join(sorted(unknown))}; settable: {', '.join(SETTABLE)}")
+        converted = {name: _convert(name, value) for name, value in changes.items()}
         return replace(self, **converted).check()
+
+    def settable(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in SETTABLE}
+
+
+def _convert(name: str, value: Any) -> int | float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name}: {value!r} is not a number")
+    if name == "max_bandwidth":
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError:
+            raise ValueError(
+                f"max_bandwidth: {value!r} is not a size in bytes per second (e.g. 20MiB)"
+            ) from None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: {value!r} is not a number") from None

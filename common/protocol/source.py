@@ -1,54 +1,51 @@
 """The source side of a migration as a pure state machine.
 
 Feed it what the destination sent (`receive`) and the time (`poll`); take the frames it wants
-sent from `take_outgoing`. It reaches the guest only through its memory (to read pages) and a
-`SourceHost` (to stop, resume and throttle the vCPUs): no sockets, threads or clocks here, so
-precopy is tested through an in-memory link with a fake clock.
+sent (`take_outgoing`) and what happened (`take_events`). It reaches the guest only through its
+memory (to read pages) and a `SourceHost` (to stop, resume and throttle the vCPUs): no sockets,
+threads or clocks here, so precopy is tested through an in-memory link with a fake clock.
 
-Precopy in brief: round 1 sends every populated page and tag section; each later round sends
-what the dirty sync took. After each round the bytes still dirty over the measured bandwidth
-give the expected downtime; under the limit, the guest stops and the last pass, the vCPU state
-and the verification request follow. Only a verified, committed handover stops the source for
-good: any failure before the commit resumes the guest here.
+The work is split by job: `Link` numbers, acknowledges and resends messages and notices a
+broken link; `Precopy` decides what each round sends and when the guest stops; the
+`SourceVerifier` runs the digest handshake; the phase table in `phases` says which moves and
+messages are legal. This class wires them together and owns the failure rules: only a
+verified, committed handover stops the source for good; any failure before the commit resumes
+the guest here, and after it the guest stays stopped until the destination (or an operator)
+settles where it runs.
 """
 
 from __future__ import annotations
 
 import os
-from collections import deque
 from dataclasses import replace
 from typing import Any, Protocol
 
 import numpy as np
-import numpy.typing as npt
 
 from common.constants import (
-    DIGEST_BLOCK_PAGES,
-    PACKED_TAG_BYTES_PER_PAGE,
     PAGE_SIZE,
-    PAGES_PER_BATCH,
-    PROTOCOL_VERSION,
+    RECONNECT_BACKOFF_S,
     SESSION_ID_BYTES,
 )
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
-from common.guest.vcpu import vcpus_digest
+from common.protocol import events as ev
+from common.protocol.handshake import source_hello
+from common.protocol.link import UNSEQUENCED, Arrival, Link, Unacked
 from common.protocol.params import MigrationParameters
-from common.protocol.phases import Failure, SourcePhase
-from common.protocol.sequence import Arrival, Sequence
+from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
+from common.protocol.precopy import Precopy, Verdict
+from common.protocol.ratelimit import TokenBucket
 from common.protocol.stats import BandwidthMeter, TransferStats, ms, verification_section
-from common.transfer import PagePass, device_state
+from common.protocol.verify import SourceVerifier
+from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.bitmap import encode_bitmap
+from common.wire.codec import encode_ram_pages, encode_tag_sections
 from common.wire.framing import Buffer, WireError
 
-Indices = npt.NDArray[np.int64]
-_EMPTY: Indices = np.zeros(0, dtype=np.int64)
-# The guest is stopped only when both sides have at most this many pages left to hash, so that
-# hashing does not land inside the downtime (about a millisecond of work).
-CATCH_UP_PAGES = 4096
-MAX_VERIFY_ATTEMPTS = 2
+_S = SourcePhase
+_SENDING = (_S.ACTIVE, _S.SWITCHOVER)
 
 
 class SourceHost(Protocol):
@@ -74,76 +71,95 @@ class SourceSession:
         self.params = params.check()
         self.session_id = session_id or os.urandom(SESSION_ID_BYTES)
         self.node_name = node_name
-        self.phase = SourcePhase.IDLE
+        self.machine = PhaseMachine(_S.IDLE, SOURCE_MOVES, SOURCE_EXPECTS)
         self.failure: Failure | None = None
         self.stats = TransferStats()
         self.meter = BandwidthMeter()
         self.digests = DigestCache(self.mem)
+        self.link = Link(self.session_id, now, rto_s=self.params.retransmit_after_s)
+        self.precopy = Precopy(self.mem, self.digests)
+        self.verifier = SourceVerifier(guest, self.digests)
+        self.bucket = TokenBucket(self.params.max_bandwidth, now, min_burst=1 << 20)
         self._outgoing: list[list[Buffer]] = []
-        self._seq = 0
-        self._incoming = Sequence()
-        self._inflight: deque[tuple[int, int]] = deque()  # (seq, wire bytes) of data messages
-        self._pass: PagePass | None = None
+        self._events: list[ev.Event] = []
         self._use_lz4 = False
-        self.round = 0
-        self.throttle = 0.0
         self.guest_stopped = False
-        self.verify_attempt = 0
-        self.mismatched_pages: list[int] = []
-        self.verified: bool | None = None
-        self.dest_digests: dict[str, str] | None = None
-        self.expected_downtime_s: float | None = None
-        self.dirty_pages_rate = 0.0
-        self._rate_limited_until: float | None = None
-        # times
-        self.t_start = now
-        self.t_setup_done: float | None = None
-        self.t_round: float = now
-        self.t_stop: float | None = None
-        self.t_end: float | None = None
-        self.t_last_heard = now
-        self.t_last_sent = now
-        self._sent_since_active = 0
-        self._acked_at_round = 0
         self.dest_backlog = 0  # pages the destination has placed but not hashed
         self._catching_up = False
         self._resend_vcpus = True
-        self.source_digests: dict[str, str] | None = None
+        self._rate_limited_until: float | None = None
+        # the link: None while connected; else when the current reconnect began and its next try
+        self._reconnecting_since: float | None = None
+        self._next_resume_at = 0.0
+        self._resume_attempt = 0
+        # times
+        self.t_start = now
+        self.t_setup_done: float | None = None
+        self.t_stop: float | None = None
+        self.t_end: float | None = None
         self.timeline: list[tuple[str, float]] = []  # (event, seconds since start)
+
+    # -- state, read-only ---------------------------------------------------------------------
+    @property
+    def phase(self) -> SourcePhase:
+        return self.machine.phase
+
+    @property
+    def round(self) -> int:
+        return self.precopy.round
+
+    @property
+    def throttle(self) -> float:
+        return self.precopy.throttle
+
+    @property
+    def verified(self) -> bool | None:
+        return self.verifier.verified
+
+    @property
+    def verify_attempt(self) -> int:
+        return self.verifier.attempt
+
+    @property
+    def mismatched_pages(self) -> list[int]:
+        return self.verifier.mismatched_pages
+
+    @property
+    def in_flight(self) -> int:
+        return self.link.data_in_flight()
+
+    @property
+    def connected(self) -> bool:
+        return self._reconnecting_since is None
+
+    @property
+    def guest_runs_here(self) -> bool:
+        return not self.guest_stopped and self.phase is not _S.COMPLETED
 
     # -- verbs ------------------------------------------------------------------------------
     def start(self, now: float) -> None:
-        if self.phase is not SourcePhase.IDLE:
+        if self.phase is not _S.IDLE:
             raise RuntimeError(f"migration already started (phase {self.phase.value})")
-        self.phase = SourcePhase.SETUP
-        features = [pb.FEATURE_MTE, pb.FEATURE_VERIFY] + ([pb.FEATURE_LZ4] if self.params.use_lz4 else [])
-        self._send_control(
-            now,
-            hello=pb.Hello(
-                protocol_version=PROTOCOL_VERSION,
-                page_size=PAGE_SIZE,
-                granule_size=16,
-                ram_bytes=self.mem.ram_bytes,
-                features=features,
-                mode=pb.MODE_PRECOPY,
-                vcpu_count=len(self.guest.vcpus),
-                node_name=self.node_name,
-                auth_token=self.params.auth_token,
-                populated_hint_lz4=encode_bitmap(self.mem.data_populated),
-            ),
-        )
+        self._move(_S.SETUP)
+        self._send(now, hello=source_hello(self.guest, self.params, self.node_name))
 
     def take_outgoing(self) -> list[list[Buffer]]:
         out, self._outgoing = self._outgoing, []
         return out
 
+    def take_events(self) -> list[ev.Event]:
+        out, self._events = self._events, []
+        return out
+
     def receive(self, frames: list[Buffer], now: float) -> None:
-        if self.phase.terminal or self.phase is SourcePhase.IDLE:
+        if self.phase.terminal or self.phase is _S.IDLE:
             return
         try:
             message = framing.decode(frames)
-        except WireError as exc:
-            self._fail(exc.code, f"destination sent a bad message: {exc.reason}", now)
+        except WireError:
+            # Corrupted in transit: whatever it was, it is sent again when we ask.
+            self.link.stats.corrupt += 1
+            self._ask_resend(now)
             return
         env = message.envelope
         if (
@@ -151,31 +167,30 @@ class SourceSession:
             and message.kind in ("hello_ack", "abort")
             and env.session_id in (self.session_id, b"")
         ):
-            # Sent outside any session: the destination refuses us (our hello, or a message it
-            # could not place in a session). Its reason is the one worth reporting.
-            body = getattr(env, message.kind)
-            if message.kind == "abort":
-                self._fail(body.code, f"destination refused: {body.reason}", now, notify=False)
-            elif not body.accepted and self.phase is SourcePhase.SETUP:
-                self._fail(
-                    body.code or pb.ERROR_FEATURE_MISMATCH,
-                    f"destination refused the migration: {body.reason}",
-                    now,
-                    notify=False,
-                )
+            self._refused(message, now)
             return
         if env.session_id != self.session_id:
             self._fail(pb.ERROR_WRONG_SESSION, "destination answered for another session", now)
             return
-        arrival = self._incoming.arrive(env.seq)
-        if arrival is Arrival.REPEAT:
-            return  # already handled
-        if arrival is Arrival.GAP:
-            self._fail(pb.ERROR_SEQUENCE_GAP, self._incoming.gap_reason(env.seq, "destination"), now)
+        if self.link.stale(env):
+            return  # from a connection this session has left behind
+        try:
+            for entry in self.link.heard(env, now):
+                self._acknowledged(entry, now)
+        except ValueError as exc:
+            self._fail(pb.ERROR_BAD_MESSAGE, f"destination {exc}", now)
             return
-        self.t_last_heard = now
-        handler = getattr(self, f"_on_{message.kind}", None)
-        if handler is None:
+        if env.seq == 0:
+            self._on_unsequenced(message, now)
+            return
+        arrival = self.link.arrive(env.seq)
+        if arrival is Arrival.REPEAT:
+            self._ack(now)  # our ack may be what was lost
+            return
+        if arrival is Arrival.AHEAD:
+            self._ask_resend(now)
+            return
+        if not self.machine.expects(message.kind):
             self._fail(
                 pb.ERROR_BAD_MESSAGE,
                 f"unexpected {message.kind} from the destination in phase {self.phase.value}",
@@ -183,64 +198,192 @@ class SourceSession:
             )
             return
         try:
-            handler(getattr(env, message.kind), now)
+            getattr(self, f"_on_{message.kind}")(getattr(env, message.kind), now)
         except WireError as exc:
             self._fail(exc.code, exc.reason, now)
+            return
+        if not self.phase.terminal:
+            self._ack(now)
 
     def poll(self, now: float) -> None:
-        """Advance on time: send what the window and bandwidth allow, check the peer."""
-        if self.phase.terminal or self.phase is SourcePhase.IDLE:
+        """Advance on time: send what the window and bandwidth allow, watch the link."""
+        if self.phase.ended or self.phase is _S.IDLE:
             return
-        # After the commit, giving up leaves the guest stopped here, so wait longer for proof.
-        patience = self.params.peer_timeout_s * (3 if self.phase is SourcePhase.COMMITTING else 1)
-        if now - self.t_last_heard > patience:
-            if self.phase is SourcePhase.SETUP:
-                reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
-            elif self.phase is SourcePhase.COMMITTING:
-                reason = (
-                    "the destination did not confirm it runs the guest after the commit; the guest is not "
-                    "resumed here because it may be running there (its state is kept intact here)"
-                )
-            else:
-                reason = f"destination silent for {self.params.peer_timeout_s:.1f} s"
-            self._fail(pb.ERROR_TIMEOUT, reason, now)
+        if not self._watch_link(now):
             return
-        if self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER):
+        if self.phase in _SENDING:
             self._pump(now)
-        if self.phase is SourcePhase.ACTIVE and self.digests.stale_pages:
+        if self.phase is _S.ACTIVE and self.digests.stale_pages:
             self.digests.refresh(self.params.digest_budget_pages)
-        if self.phase is SourcePhase.ACTIVE and self._catching_up:
+        if self.phase is _S.ACTIVE and self._catching_up:
             self._end_of_pass(now)
-        if now - self.t_last_sent >= self.params.heartbeat_interval_s:
-            self._send_control(now, heartbeat=pb.Heartbeat())
+        if (
+            self.connected
+            and self.phase is not _S.SETUP  # the hello is resent until answered; it is the heartbeat
+            and now - self.link.t_last_sent >= self.params.heartbeat_interval_s
+        ):
+            self._unsequenced(now, heartbeat=pb.Heartbeat())
 
     def next_deadline(self, now: float) -> float:
         """When poll next has something to do even if no message arrives."""
-        deadline = min(
-            self.t_last_sent + self.params.heartbeat_interval_s,
-            self.t_last_heard + self.params.peer_timeout_s,
-        )
-        if self.phase in (SourcePhase.ACTIVE, SourcePhase.SWITCHOVER):
-            if self._pass is not None and len(self._inflight) < self.params.window:
+        if self.phase.ended or self.phase is _S.IDLE:
+            return now + 3600.0
+        link = self.link
+        deadline = link.t_last_heard + self._silence_limit()
+        if self.phase is not _S.SETUP:
+            deadline = min(deadline, link.t_last_sent + self.params.heartbeat_interval_s)
+        if link.unacked:
+            deadline = min(deadline, link.t_progress + link.rto_s)
+        if not self.connected:
+            return min(deadline, self._next_resume_at)
+        if self.phase in _SENDING:
+            if self.precopy.pass_ is not None and self.in_flight < self.params.window:
                 deadline = min(deadline, self._rate_limited_until or now)
-            if self.phase is SourcePhase.ACTIVE and self.digests.stale_pages:
+            if self.phase is _S.ACTIVE and self.digests.stale_pages:
                 deadline = now  # hashing to do; otherwise an ack (an arrival) is what we wait for
         return deadline
 
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
         if self.phase.terminal:
             return
-        if self.phase is SourcePhase.COMMITTING:
+        if self.phase in (_S.COMMITTING, _S.UNSETTLED):
             raise RuntimeError("too late to cancel: the guest has been handed to the destination")
         self._fail(pb.ERROR_CANCELLED, reason, now, cancelled=True)
 
-    def set_parameters(self, changes: dict[str, Any]) -> None:
-        self.params = self.params.updated(changes)
+    def settle(self, runs_here: bool, now: float) -> None:
+        """An operator's word on an unsettled handover: where the guest runs from now on."""
+        if self.phase is not _S.UNSETTLED:
+            raise RuntimeError(f"nothing to settle (phase {self.phase.value})")
+        if runs_here:
+            self._fail(
+                pb.ERROR_CANCELLED,
+                "settled by the operator: the guest runs here again",
+                now,
+                notify=False,
+                cancelled=True,
+                after_commit_ok=True,
+            )
+        else:
+            self._complete(now, "settled by the operator: the guest runs on the destination")
 
-    # -- handlers -------------------------------------------------------------------------
+    def set_parameters(self, params: MigrationParameters, now: float) -> None:
+        self.params = replace(params.check(), window=self.params.window)
+        self.bucket.set_rate(self.params.max_bandwidth, now)
+
+    # -- link ----------------------------------------------------------------------------------
+    def _silence_limit(self) -> float:
+        return self.params.peer_timeout_s if self.connected else self.params.reconnect_timeout_s
+
+    def _watch_link(self, now: float) -> bool:
+        """Heartbeats, retransmission and reconnects; False once the session has ended."""
+        link = self.link
+        silent = link.silence(now)
+        if self.phase is _S.SETUP:
+            if silent > self.params.peer_timeout_s:
+                reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
+                self._fail(pb.ERROR_TIMEOUT, reason, now)
+                return False
+        elif silent > self.params.reconnect_timeout_s:
+            self._give_up(now, silent)
+            return False
+        elif self.connected and silent > self.params.peer_timeout_s:
+            self._reconnecting_since = now
+            self._resume_attempt = 0
+            self._next_resume_at = now
+            epoch = link.new_epoch()
+            self._events.append(ev.Reconnect(epoch, silent))
+            self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
+        if not self.connected:
+            if now >= self._next_resume_at:
+                self._unsequenced(now, resume=pb.Resume(epoch=link.epoch, last_received=link.received))
+                first, cap = RECONNECT_BACKOFF_S
+                self._next_resume_at = now + min(cap, first * 2**self._resume_attempt)
+                self._resume_attempt += 1
+            return True
+        if link.retransmit_due(now):
+            self._resend(link.to_resend(link.peer_received), now)
+            link.restart_retransmit_clock(now)
+        return True
+
+    def _give_up(self, now: float, silent: float) -> None:
+        if self.phase is _S.COMMITTING:
+            self._unsettled(now, f"no answer from the destination for {silent:.1f} s after the commit")
+            return
+        self._fail(
+            pb.ERROR_TIMEOUT,
+            f"destination unreachable: silent for {silent:.1f} s, reconnecting for "
+            f"{self.params.reconnect_timeout_s:.1f} s did not bring it back",
+            now,
+        )
+
+    def _on_unsequenced(self, message: framing.Message, now: float) -> None:
+        env = message.envelope
+        kind = message.kind
+        if kind not in UNSEQUENCED:
+            self._fail(pb.ERROR_BAD_MESSAGE, f"the destination sent {kind} without a sequence number", now)
+            return
+        if kind == "ack":
+            ack = env.ack
+            self.dest_backlog = ack.digest_backlog
+            if ack.resend_from:
+                if ack.resend_from > self.link.next_seq:
+                    self._fail(
+                        pb.ERROR_BAD_MESSAGE,
+                        f"destination asked for message {ack.resend_from}, never sent",
+                        now,
+                    )
+                    return
+                self._resend(self.link.to_resend(ack.resend_from - 1), now)
+        elif kind == "resume_ack":
+            self._on_resume_ack(env.resume_ack, now)
+        elif kind == "resume":
+            self._fail(pb.ERROR_BAD_MESSAGE, "the destination sent a resume: only a source resumes", now)
+
+    def _on_resume_ack(self, ack: pb.ResumeAck, now: float) -> None:
+        if ack.epoch != self.link.epoch or self.connected:
+            return  # an answer to an earlier attempt
+        self._reconnecting_since = None
+        entries = self.link.to_resend(ack.last_received)
+        self._events.append(ev.LinkRestored(self.link.epoch, len(entries)))
+        self._mark_time(f"link restored (epoch {self.link.epoch})", now)
+        if self.phase is _S.COMMITTING and ack.guest_running:
+            self._complete(now, None)
+            return
+        self._resend(entries, now)
+        self.link.restart_retransmit_clock(now)
+
+    def _acknowledged(self, entry: Unacked, now: float) -> None:
+        if entry.data is not None:
+            self.meter.add(now, entry.size)
+        elif entry.kind == "commit" and self.phase in (_S.COMMITTING, _S.UNSETTLED):
+            # The destination acknowledges a message only after handling it, and handling the
+            # commit starts the guest there: this ack says where it runs, even if Started is lost.
+            self._complete(now, "destination acknowledged the commit")
+
+    def _ask_resend(self, now: float) -> None:
+        if self.phase is not _S.SETUP and self.connected and self.link.should_ask_resend(now):
+            self._unsequenced(
+                now, ack=pb.Ack(acked_seq=self.link.received, resend_from=self.link.received + 1)
+            )
+
+    def _ack(self, now: float) -> None:
+        self._unsequenced(now, ack=pb.Ack(acked_seq=self.link.received))
+
+    def _resend(self, entries: list[Unacked], now: float) -> None:
+        for entry in entries:
+            if entry.data is None:
+                self._outgoing.append(self.link.again(entry))
+            else:
+                chunk, round_no = entry.data
+                encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
+                table = self.mem.pages if entry.kind == "ram_pages" else self.mem.page_tags
+                body, payload, _ = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
+                self._outgoing.append(self.link.again(entry, payload, body))
+        if entries:
+            self.link.t_last_sent = now
+
+    # -- handlers of sequenced messages -------------------------------------------------------
     def _on_hello_ack(self, ack: pb.HelloAck, now: float) -> None:
-        if self.phase is not SourcePhase.SETUP:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"hello_ack in phase {self.phase.value}")
         if not ack.accepted:
             raise WireError(
                 ack.code or pb.ERROR_FEATURE_MISMATCH, f"destination refused the migration: {ack.reason}"
@@ -249,306 +392,263 @@ class SourceSession:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"destination granted a window of {ack.initial_credit}")
         self.params = replace(self.params, window=min(self.params.window, ack.initial_credit))
         self._use_lz4 = pb.FEATURE_LZ4 in ack.features and self.params.use_lz4
-        self.phase = SourcePhase.ACTIVE
-        self.t_setup_done = self.t_round = now
+        self._move(_S.ACTIVE)
+        self.t_setup_done = now
         self._mark_time("setup done", now)
-        self.round = 1
-        first = self.mem.populated_pages()
-        self.digests.mark(first.data_pages, first.tag_pages)
-        # Never-written pages are zero on both sides already: they cost nothing at all.
-        self.stats.zero_pages += self.mem.page_count - int(first.data_pages.size)
-        self.stats.untagged_pages += self.mem.page_count - int(first.tag_pages.size)
-        self._pass = PagePass(first.data_pages, first.tag_pages)
-
-    def _on_ack(self, ack: pb.Ack, now: float) -> None:
-        if ack.acked_seq > self._seq:
-            raise WireError(
-                pb.ERROR_BAD_MESSAGE, f"destination acknowledged message {ack.acked_seq}, never sent"
-            )
-        self.dest_backlog = ack.digest_backlog
-        acked = 0
-        while self._inflight and self._inflight[0][0] <= ack.acked_seq:
-            acked += self._inflight.popleft()[1]
-        if acked:
-            self.meter.add(now, acked)
-
-    def _on_heartbeat(self, _: pb.Heartbeat, now: float) -> None:
-        pass
+        zero, untagged = self.precopy.first_round(now)
+        self.stats.zero_pages += zero
+        self.stats.untagged_pages += untagged
+        self._round_started()
 
     def _on_abort(self, abort: pb.Abort, now: float) -> None:
         self._fail(abort.code, f"destination aborted: {abort.reason}", now, notify=False)
 
     def _on_verify_result(self, result: pb.VerifyResult, now: float) -> None:
-        if self.phase is not SourcePhase.VERIFYING or result.attempt != self.verify_attempt:
+        if not self.verifier.expects(result):
             raise WireError(
                 pb.ERROR_BAD_MESSAGE, f"verify_result (attempt {result.attempt}) in phase {self.phase.value}"
             )
-        dest = result.destination
-        self.dest_digests = {
-            "ram": dest.ram_digest.hex(),
-            "tags": dest.tag_digest.hex(),
-            "vcpu": dest.vcpu_digest.hex(),
-        }
         self._mark_time(f"verify result {result.attempt}: {'ok' if result.ok else 'mismatch'}", now)
-        if result.ok:
-            self.verified = True
-            self.phase = SourcePhase.COMMITTING
-            self._send_control(now, commit=pb.Commit())
+        fault = self.verifier.judge(result)
+        if fault is None:
+            self._move(_S.COMMITTING)
+            self._send(now, commit=pb.Commit())
             return
-        data, tags = self._pages_at_fault(result)
-        self.mismatched_pages = sorted(set(data.tolist()) | set(tags.tolist()))
-        if self.verify_attempt >= MAX_VERIFY_ATTEMPTS:
-            self.verified = False
-            shown = ", ".join(map(str, self.mismatched_pages[:8])) or "vCPU state"
-            raise WireError(
-                pb.ERROR_VERIFICATION_FAILED,
-                f"verification failed after resending: pages {shown} still differ",
-            )
-        self.phase = SourcePhase.SWITCHOVER
-        self._pass = PagePass(data, tags)
+        self._move(_S.SWITCHOVER)
+        self.precopy.repair_pass(*fault)
         self._resend_vcpus = result.vcpu_mismatch
 
     def _on_started(self, started: pb.Started, now: float) -> None:
-        if self.phase is not SourcePhase.COMMITTING:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"started in phase {self.phase.value}")
-        self.phase = SourcePhase.COMPLETED
-        self.t_end = now
-        self._mark_time("destination running", now)
-        if self.throttle:
-            self.host.set_throttle(0.0)  # the report keeps how far it went
-
-    def _mark_time(self, event: str, now: float) -> None:
-        self.timeline.append((event, now - self.t_start))
+        self._complete(now, None)
 
     # -- the data path ----------------------------------------------------------------------
-    def _active_since(self, now: float) -> float:
-        return now if self.t_setup_done is None else self.t_setup_done
-
     def _active_for(self, now: float) -> float:
-        return now - self._active_since(now)
+        return 0.0 if self.t_setup_done is None else now - self.t_setup_done
 
     def _pump(self, now: float) -> None:
-        while self._pass is not None and len(self._inflight) < self.params.window:
-            if self.params.max_bandwidth:
-                allowed = self.params.max_bandwidth * self._active_for(now) + PAGES_PER_BATCH * PAGE_SIZE
-                if self._sent_since_active > allowed:
-                    self._rate_limited_until = (
-                        self._active_since(now)
-                        + (self._sent_since_active - PAGES_PER_BATCH * PAGE_SIZE) / self.params.max_bandwidth
-                    )
+        if not self.connected:
+            return
+        while self.precopy.pass_ is not None and self.in_flight < self.params.window:
+            # the cap paces precopy; inside the downtime every byte is downtime, so none waits
+            if not self.guest_stopped:
+                self._rate_limited_until = self.bucket.ready_at(now)
+                if self._rate_limited_until is not None:
                     return
-            self._rate_limited_until = None
-            p = self._pass
+            p = self.precopy.pass_
             batch = p.next_batch(self.mem, use_lz4=self._use_lz4, round_no=self.round)
             if batch is not None:
-                size = self._send_data(now, batch.payload, **{batch.kind: batch.body})
-                if batch.kind == "ram_pages":
-                    self.stats.ram_bytes += size
-                    self.stats.pages_sent += batch.stats.pages
-                    self.stats.zero_pages += batch.stats.zero
-                else:
-                    self.stats.tag_bytes += size
-                    self.stats.tag_sections += batch.stats.pages
-                    self.stats.untagged_pages += batch.stats.zero
+                self._send_batch(batch, now)
             if p.done:
-                self._pass = None
+                self.precopy.pass_ = None
                 self._end_of_pass(now)
 
+    def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
+        indices = np.asarray(batch.body.page_index, dtype=np.int64)
+        frames = self.link.sequenced(
+            now, batch.payload, data=(indices, self.round), **{batch.kind: batch.body}
+        )
+        size = sum(len(f) for f in frames)
+        self._outgoing.append(frames)
+        self._account(size)
+        if not self.guest_stopped:
+            self.bucket.spend(size, now)
+        if batch.kind == "ram_pages":
+            self.stats.ram_bytes += size
+            self.stats.pages_sent += batch.stats.pages
+            self.stats.zero_pages += batch.stats.zero
+        else:
+            self.stats.tag_bytes += size
+            self.stats.tag_sections += batch.stats.pages
+            self.stats.untagged_pages += batch.stats.zero
+
     def _end_of_pass(self, now: float) -> None:
-        if self.phase is SourcePhase.SWITCHOVER:
+        if self.phase is _S.SWITCHOVER:
             self._finish_switchover(now)
             return
-        # Decide only once the destination has applied everything and both sides have hashed
-        # nearly all of it: what is still in flight or unhashed would otherwise be downtime.
-        behind = (
-            bool(self._inflight)
-            or self.digests.stale_pages > CATCH_UP_PAGES
-            or self.dest_backlog > CATCH_UP_PAGES
+        end = self.precopy.end_of_round(
+            now,
+            in_flight=self.in_flight,
+            dest_backlog=self.dest_backlog,
+            active_for=self._active_for(now),
+            meter=self.meter,
+            params=self.params,
         )
-        if behind and self._active_for(now) <= self.params.convergence_timeout_s:
-            self._catching_up = True
+        self._catching_up = end.verdict is Verdict.WAIT
+        if end.sync is None:
             return
-        self._catching_up = False
-        sync = self.mem.dirty_sync()
-        self.digests.mark(sync.data_pages, sync.tag_pages)
         self._mark_time(f"round {self.round} sent", now)
-        elapsed = max(now - self.t_round, 1e-6)
-        self.dirty_pages_rate = (sync.data_pages.size + sync.tag_pages.size) / elapsed
-        remaining = sync.data_pages.size * PAGE_SIZE + sync.tag_pages.size * PACKED_TAG_BYTES_PER_PAGE
-        bandwidth = self.meter.rate() or (self.meter.total / max(self._active_for(now), 1e-6)) or None
-        self.expected_downtime_s = remaining / bandwidth if bandwidth else None
-        self._send_control(
+        self._send(
             now,
             end_of_round=pb.EndOfRound(
                 round=self.round,
                 pages_sent=self.stats.pages_sent,
                 tag_sections_sent=self.stats.tag_sections,
-                remaining_dirty_pages=int(sync.data_pages.size),
+                remaining_dirty_pages=int(end.sync.data_pages.size),
             ),
         )
-        limit_s = self.params.downtime_limit_ms / 1000.0
-        if remaining == 0 or (self.expected_downtime_s is not None and self.expected_downtime_s <= limit_s):
-            self._switchover(now, sync.data_pages, sync.tag_pages)
-            return
-        if self._active_for(now) > self.params.convergence_timeout_s:
-            reason = (
-                f"not converging after {self.params.convergence_timeout_s:.0f} s and {self.round} rounds: "
-                f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
-                f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {self.params.downtime_limit_ms:.0f} ms limit"
-                f" at throttle {self.throttle:.0%}"
-            )
-            self._fail(pb.ERROR_NOT_CONVERGING, reason, now)
-            return
-        # Auto-converge: a round that leaves more than half of what it sent dirty again
-        # means the guest outruns the link; hold its vCPU back a little more each time.
-        sent_this_round = max(1, self.meter.total - self._acked_at_round)
-        if self.round >= 2 and remaining > sent_this_round // 2:
-            self.throttle = min(
-                self.params.throttle_max,
-                self.throttle + self.params.throttle_increment
-                if self.throttle
-                else self.params.throttle_initial,
-            )
-            self.host.set_throttle(self.throttle)
-        self._acked_at_round = self.meter.total
-        self.round += 1
-        self.t_round = now
-        self._pass = PagePass(sync.data_pages, sync.tag_pages)
+        if end.verdict is Verdict.SWITCHOVER:
+            self._switchover(now, end.sync)
+        elif end.verdict is Verdict.GIVE_UP:
+            self._fail(pb.ERROR_NOT_CONVERGING, end.reason, now)
+        else:
+            if self.throttle:
+                self.host.set_throttle(self.throttle)
+            self._round_started()
 
-    def _switchover(self, now: float, data: Indices, tags: Indices) -> None:
+    def _round_started(self) -> None:
+        p = self.precopy.pass_
+        pages = 0 if p is None else int(p.data.size + p.tags.size)
+        self._events.append(ev.RoundStarted(self.round, pages))
+
+    def _switchover(self, now: float, sync: Any) -> None:
         self.host.stop_guest()
         self.guest_stopped = True
         self.t_stop = now
         self._mark_time("guest stopped", now)
-        self.phase = SourcePhase.SWITCHOVER
-        self.round += 1
-        self._send_control(now, end_of_round=pb.EndOfRound(round=self.round, final=True))
-        last = self.mem.dirty_sync()
-        self.digests.mark(last.data_pages, last.tag_pages)
-        self._pass = PagePass(np.union1d(data, last.data_pages), np.union1d(tags, last.tag_pages))
+        self._move(_S.SWITCHOVER)
+        self._send(now, end_of_round=pb.EndOfRound(round=self.round + 1, final=True))
+        self.precopy.final_pass(sync)
         self._resend_vcpus = True
 
     def _finish_switchover(self, now: float) -> None:
         if self._resend_vcpus:
-            self._send_control(now, device_state=device_state(self.guest))
-        digests = self.digests.digests()
-        vcpu_digest = vcpus_digest(self.guest.vcpus)
-        self.verify_attempt += 1
-        self._send_control(
-            now,
-            verify_request=pb.VerifyRequest(
-                attempt=self.verify_attempt,
-                source=pb.GuestDigests(
-                    ram_digest=digests.ram,
-                    tag_digest=digests.tags,
-                    vcpu_digest=vcpu_digest,
-                    ram_block_digests=digests.ram_blocks.astype("<u8").tobytes(),
-                    tag_block_digests=digests.tag_blocks.astype("<u8").tobytes(),
-                ),
-            ),
-        )
-        self._mark_time(f"verify request {self.verify_attempt} sent", now)
-        self.source_digests = {
-            "ram": digests.ram.hex(),
-            "tags": digests.tags.hex(),
-            "vcpu": vcpu_digest.hex(),
-        }
-        self.phase = SourcePhase.VERIFYING
-
-    def _pages_at_fault(self, result: pb.VerifyResult) -> tuple[Indices, Indices]:
-        """Compare the destination's page digests with ours; hostile input is refused."""
-        data: list[int] = []
-        tags: list[int] = []
-        if len(result.page_digests) > self.digests.ram.block_digests.size:
-            raise WireError(pb.ERROR_BAD_MESSAGE, "verify_result names more blocks than the guest has")
-        for block in result.page_digests:
-            count = len(block.ram_digests) // 8
-            if (
-                block.first_page % DIGEST_BLOCK_PAGES
-                or block.first_page >= self.mem.page_count
-                or len(block.ram_digests) != len(block.tag_digests)
-                or len(block.ram_digests) % 8
-                or count > min(DIGEST_BLOCK_PAGES, self.mem.page_count - block.first_page)
-            ):
-                raise WireError(
-                    pb.ERROR_BAD_MESSAGE,
-                    f"verify_result page digests at page {block.first_page} are malformed",
-                )
-            ours_ram, ours_tags = self.digests.page_digests(block.first_page, count)
-            theirs_ram = np.frombuffer(block.ram_digests, dtype="<u8")
-            theirs_tags = np.frombuffer(block.tag_digests, dtype="<u8")
-            data.extend((block.first_page + np.flatnonzero(ours_ram != theirs_ram)).tolist())
-            tags.extend((block.first_page + np.flatnonzero(ours_tags != theirs_tags)).tolist())
-        return np.array(sorted(data), dtype=np.int64), np.array(sorted(tags), dtype=np.int64)
+            self._send(now, device_state=device_state(self.guest))
+        request = self.verifier.request()
+        self._send(now, verify_request=request)
+        self._mark_time(f"verify request {request.attempt} sent", now)
+        self._move(_S.VERIFYING)
 
     # -- sending ---------------------------------------------------------------------------
-    def _next_envelope(self, **body: Any) -> pb.Envelope:
-        self._seq += 1
-        return framing.envelope(self.session_id, self._seq, **body)
-
     def _account(self, size: int) -> None:
         if self.guest_stopped:
             self.stats.downtime_bytes += size
-        elif self.phase is not SourcePhase.SETUP:
+        elif self.phase is not _S.SETUP:
             self.stats.precopy_bytes += size
 
-    def _send_data(self, now: float, payload: Buffer, **body: Any) -> int:
-        frames = framing.encode(self._next_envelope(**body), payload)
-        size = sum(len(f) for f in frames)
-        self._inflight.append((self._seq, size))
-        self._outgoing.append(frames)
-        self._account(size)
-        self._sent_since_active += size
-        self.t_last_sent = now
-        return size
+    def _send(self, now: float, **body: Any) -> None:
+        frames = self.link.sequenced(now, **body)
+        self._count_control(frames)
 
-    def _send_control(self, now: float, **body: Any) -> None:
-        frames = framing.encode(self._next_envelope(**body))
+    def _unsequenced(self, now: float, **body: Any) -> None:
+        self._count_control(self.link.unsequenced(now, **body))
+
+    def _count_control(self, frames: list[Buffer]) -> None:
         size = sum(len(f) for f in frames)
         self.stats.other_bytes += size
         self._account(size)
         self._outgoing.append(frames)
-        self.t_last_sent = now
 
-    # -- failure ---------------------------------------------------------------------------
-    def _fail(
-        self, code: int, reason: str, now: float, *, notify: bool = True, cancelled: bool = False
-    ) -> None:
+    # -- endings ---------------------------------------------------------------------------
+    def _move(self, to: SourcePhase) -> None:
+        self.machine.move(to)
+        self._events.append(ev.PhaseChanged(to.value))
+
+    def _refused(self, message: framing.Message, now: float) -> None:
+        """Sent outside any session: the destination refuses us (our hello or resume, or a
+        message it could not place in a session). Its reason is the one worth reporting."""
+        body = getattr(message.envelope, message.kind)
+        if message.kind == "abort" and body.code == pb.ERROR_CHECKSUM:
+            # Our message arrived damaged before the destination knew us (a hello, or a resume,
+            # which is tried again anyway): send it again rather than give up.
+            if self.phase is _S.SETUP:
+                self._resend(self.link.to_resend(0), now)
+            return
+        if message.kind == "abort" and body.code == pb.ERROR_WRONG_SESSION and self.phase is _S.SETUP:
+            return  # something of ours overtook a lost hello; the hello is resent
+        if message.kind == "abort":
+            if self.phase in (_S.COMMITTING, _S.UNSETTLED):
+                # It holds no session of ours, so it does not run our guest.
+                self._fail(
+                    body.code,
+                    f"destination refused after the commit: {body.reason}; it does not run the guest, so it runs here again",
+                    now,
+                    notify=False,
+                    after_commit_ok=True,
+                )
+            else:
+                self._fail(body.code, f"destination refused: {body.reason}", now, notify=False)
+        elif not body.accepted and self.phase is _S.SETUP:
+            self._fail(
+                body.code or pb.ERROR_FEATURE_MISMATCH,
+                f"destination refused the migration: {body.reason}",
+                now,
+                notify=False,
+            )
+
+    def _complete(self, now: float, note: str | None) -> None:
+        self._move(_S.COMPLETED)
+        self.t_end = now
+        self._mark_time(note or "destination running", now)
+        if self.throttle:
+            self.host.set_throttle(0.0)  # the report keeps how far it went
+        self._events.append(ev.Finished("completed", note))
+
+    def _unsettled(self, now: float, why: str) -> None:
+        reason = (
+            f"{why}: the guest is not resumed here because it may be running there (its state is kept "
+            "intact here); settle it with 'ctl settle here' or 'ctl settle there'"
+        )
         if self.failure is None:
+            self.failure = Failure(pb.ERROR_TIMEOUT, reason, self.phase.value)
+        self._move(_S.UNSETTLED)
+        self.t_end = now
+        self._events.append(ev.Finished("unsettled", reason))
+
+    def _fail(
+        self,
+        code: int,
+        reason: str,
+        now: float,
+        *,
+        notify: bool = True,
+        cancelled: bool = False,
+        after_commit_ok: bool = False,
+    ) -> None:
+        if self.phase.terminal:
+            return
+        if self.failure is None or after_commit_ok:
             self.failure = Failure(code, reason, self.phase.value)
-        committed = self.phase is SourcePhase.COMMITTING
-        self.phase = SourcePhase.FAILING
+        committed = self.phase in (_S.COMMITTING, _S.UNSETTLED) and not after_commit_ok
+        if committed:
+            # After the commit the destination may already run the guest: resuming here could
+            # run it twice. Only an answer from there, or an operator, settles it.
+            if self.phase is _S.COMMITTING:
+                self._unsettled(now, reason)
+            return
+        self._move(_S.FAILING)
         if notify:
-            self._send_control(now, abort=pb.Abort(code=code, reason=reason))
-        self._pass = None
+            self._send(now, abort=pb.Abort(code=code, reason=reason))
+        self.precopy.pass_ = None
         if self.throttle:
             self.host.set_throttle(0.0)
-        # Before the commit the guest is still ours: run it again here. After it, the
-        # destination may already run it, so resuming here could run it twice.
-        if self.guest_stopped and not committed:
+        if self.guest_stopped:
             self.host.resume_guest()
             self.guest_stopped = False
         self.t_end = now
-        self.phase = SourcePhase.CANCELLED if cancelled else SourcePhase.FAILED
+        final = _S.CANCELLED if cancelled else _S.FAILED
+        self._move(final)
+        self._events.append(ev.Finished(final.value, reason))
 
     # -- reporting --------------------------------------------------------------------------
-    @property
-    def guest_runs_here(self) -> bool:
-        return not self.guest_stopped and self.phase is not SourcePhase.COMPLETED
+    def _mark_time(self, event: str, now: float) -> None:
+        self.timeline.append((event, now - self.t_start))
 
     def report(self, now: float) -> dict[str, Any]:
         end = self.t_end or now
         total_s = end - self.t_start
         status = {
-            SourcePhase.COMPLETED: "completed",
-            SourcePhase.FAILED: "failed",
-            SourcePhase.CANCELLED: "cancelled",
+            _S.COMPLETED: "completed",
+            _S.FAILED: "failed",
+            _S.CANCELLED: "cancelled",
+            _S.UNSETTLED: "unsettled",
         }.get(self.phase, "active")
         downtime = (
             (self.t_end - self.t_stop)
-            if (self.t_stop is not None and self.t_end is not None and self.phase is SourcePhase.COMPLETED)
+            if (self.t_stop is not None and self.t_end is not None and self.phase is _S.COMPLETED)
             else None
         )
+        p = self.precopy.pass_
+        link = self.link.stats
         return {
             "status": status,
             "phase": self.phase.value,
@@ -557,17 +657,26 @@ class SourceSession:
             "total_time_ms": ms(total_s),
             "setup_time_ms": ms(self.t_setup_done - self.t_start) if self.t_setup_done else None,
             "downtime_ms": ms(downtime),
-            "expected_downtime_ms": ms(self.expected_downtime_s),
+            "expected_downtime_ms": ms(self.precopy.expected_downtime_s),
             "downtime_limit_ms": self.params.downtime_limit_ms,
             "rounds": self.round,
             "throttle": round(self.throttle, 3),
             "ram": self.stats.ram_section(self.mem.ram_bytes),
             "tags": self.stats.tags_section(),
             "throughput_mbps": round(self.stats.total_bytes * 8 / 1e6 / total_s, 1) if total_s > 0 else 0.0,
-            "dirty_pages_rate": round(self.dirty_pages_rate, 1),
-            "pages_remaining": self._pass.remaining_bytes // PAGE_SIZE if self._pass else 0,
+            "dirty_pages_rate": round(self.precopy.dirty_pages_rate, 1),
+            "pages_remaining": p.remaining_bytes // PAGE_SIZE if p else 0,
+            "link": {
+                "epoch": self.link.epoch,
+                "reconnects": link.resumes,
+                "resent_messages": link.resent,
+                "resend_requests": link.resend_requests,
+                "corrupt_received": link.corrupt,
+            },
             "timeline_ms": {event: round(at * 1000, 3) for event, at in self.timeline},
             "verification": verification_section(
-                self.verified, self.dest_digests or self.source_digests, self.mismatched_pages
+                self.verified,
+                self.verifier.dest_digests or self.verifier.source_digests,
+                self.mismatched_pages,
             ),
         }

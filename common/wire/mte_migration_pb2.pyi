@@ -89,7 +89,7 @@ ERROR_BUSY: ErrorCode
 ERROR_INTERNAL: ErrorCode
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4")
+    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRANULE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -100,6 +100,7 @@ class Hello(_message.Message):
     NODE_NAME_FIELD_NUMBER: _ClassVar[int]
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     POPULATED_HINT_LZ4_FIELD_NUMBER: _ClassVar[int]
+    RECONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     page_size: int
     granule_size: int
@@ -110,7 +111,8 @@ class Hello(_message.Message):
     node_name: str
     auth_token: bytes
     populated_hint_lz4: bytes
-    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ...) -> None: ...
+    reconnect_timeout_ms: int
+    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ..., reconnect_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class HelloAck(_message.Message):
     __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit", "code")
@@ -285,14 +287,34 @@ class Started(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "credit", "digest_backlog")
+    __slots__ = ("acked_seq", "credit", "digest_backlog", "resend_from")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
     DIGEST_BACKLOG_FIELD_NUMBER: _ClassVar[int]
+    RESEND_FROM_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     credit: int
     digest_backlog: int
-    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., digest_backlog: _Optional[int] = ...) -> None: ...
+    resend_from: int
+    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., digest_backlog: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
+
+class Resume(_message.Message):
+    __slots__ = ("epoch", "last_received")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    last_received: int
+    def __init__(self, epoch: _Optional[int] = ..., last_received: _Optional[int] = ...) -> None: ...
+
+class ResumeAck(_message.Message):
+    __slots__ = ("epoch", "last_received", "guest_running")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    LAST_RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    GUEST_RUNNING_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    last_received: int
+    guest_running: bool
+    def __init__(self, epoch: _Optional[int] = ..., last_received: _Optional[int] = ..., guest_running: _Optional[bool] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ()
@@ -307,10 +329,12 @@ class Abort(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seq", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_page", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort")
+    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_page", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HELLO_ACK_FIELD_NUMBER: _ClassVar[int]
     RAM_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -327,9 +351,13 @@ class Envelope(_message.Message):
     ACK_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
+    RESUME_ACK_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     seq: int
+    received: int
+    epoch: int
     hello: Hello
     hello_ack: HelloAck
     ram_pages: RamPages
@@ -346,4 +374,6 @@ class Envelope(_message.Message):
     ack: Ack
     heartbeat: Heartbeat
     abort: Abort
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_page: _Optional[_Union[PostcopyPage, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ...) -> None: ...
+    resume: Resume
+    resume_ack: ResumeAck
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_page: _Optional[_Union[PostcopyPage, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ...) -> None: ...

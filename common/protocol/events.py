@@ -1,0 +1,41 @@
+"""What a session tells its daemon: typed events, taken after each call, instead of attributes
+the daemon would have to poll and compare."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class PhaseChanged:
+    phase: str
+
+
+@dataclass(frozen=True)
+class RoundStarted:
+    round: int
+    pages: int  # data pages and tag sections the round will send
+
+
+@dataclass(frozen=True)
+class Reconnect:
+    """The link is presumed broken: open a new connection for this epoch; the session's next
+    messages (a Resume first) go on it."""
+
+    epoch: int
+    silent_for_s: float
+
+
+@dataclass(frozen=True)
+class LinkRestored:
+    epoch: int
+    resent: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    status: str  # completed, failed, cancelled, unsettled
+    reason: str | None
+
+
+Event = PhaseChanged | RoundStarted | Reconnect | LinkRestored | Finished

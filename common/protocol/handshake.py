@@ -1,0 +1,73 @@
+"""The hello: what a source offers, and the destination's checks before it allocates anything."""
+
+from __future__ import annotations
+
+import hmac
+
+from common.constants import (
+    GRANULE_SIZE,
+    MAX_RAM_BYTES,
+    MAX_VCPUS,
+    MIN_RAM_BYTES,
+    PAGE_SIZE,
+    PROTOCOL_VERSION,
+)
+from common.guest.guest import Guest
+from common.protocol.params import MigrationParameters
+from common.wire import mte_migration_pb2 as pb
+from common.wire.bitmap import encode_bitmap
+
+REQUIRED_FEATURES = frozenset({pb.FEATURE_MTE, pb.FEATURE_VERIFY})
+
+
+def offered_features(use_lz4: bool) -> list[int]:
+    return sorted(REQUIRED_FEATURES) + ([pb.FEATURE_LZ4] if use_lz4 else [])
+
+
+def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> pb.Hello:
+    return pb.Hello(
+        protocol_version=PROTOCOL_VERSION,
+        page_size=PAGE_SIZE,
+        granule_size=GRANULE_SIZE,
+        ram_bytes=guest.memory.ram_bytes,
+        features=offered_features(params.use_lz4),
+        mode=pb.MODE_PRECOPY,
+        vcpu_count=len(guest.vcpus),
+        node_name=node_name,
+        auth_token=params.auth_token,
+        populated_hint_lz4=encode_bitmap(guest.memory.data_populated),
+        reconnect_timeout_ms=round(params.reconnect_timeout_s * 1000),
+    )
+
+
+def check_hello(hello: pb.Hello, auth_token: bytes) -> tuple[int, str] | None:
+    """None if the destination can take this migration; else an error code and a reason."""
+    if hello.protocol_version != PROTOCOL_VERSION:
+        return (
+            pb.ERROR_VERSION_MISMATCH,
+            f"protocol version {hello.protocol_version} is not supported; this destination speaks version {PROTOCOL_VERSION}",
+        )
+    if auth_token and not hmac.compare_digest(hello.auth_token, auth_token):
+        return pb.ERROR_UNAUTHORIZED, "authentication failed: the source's token does not match"
+    if hello.page_size != PAGE_SIZE or hello.granule_size != GRANULE_SIZE:
+        return (
+            pb.ERROR_GEOMETRY_MISMATCH,
+            f"page size {hello.page_size} / granule {hello.granule_size} differ from {PAGE_SIZE} / {GRANULE_SIZE}",
+        )
+    if not MIN_RAM_BYTES <= hello.ram_bytes <= MAX_RAM_BYTES or hello.ram_bytes % PAGE_SIZE:
+        return (
+            pb.ERROR_GEOMETRY_MISMATCH,
+            f"guest RAM of {hello.ram_bytes} bytes is outside {MIN_RAM_BYTES} .. {MAX_RAM_BYTES} or not whole pages",
+        )
+    if not 1 <= hello.vcpu_count <= MAX_VCPUS:
+        return pb.ERROR_GEOMETRY_MISMATCH, f"{hello.vcpu_count} vCPUs is outside 1 .. {MAX_VCPUS}"
+    missing = REQUIRED_FEATURES - set(hello.features)
+    if missing:
+        names = ", ".join(pb.Feature.Name(f) for f in sorted(missing))
+        return pb.ERROR_FEATURE_MISMATCH, f"the source does not offer required features: {names}"
+    if hello.mode != pb.MODE_PRECOPY:
+        return (
+            pb.ERROR_FEATURE_MISMATCH,
+            f"migration mode {pb.MigrationMode.Name(hello.mode)} is not supported by this destination",
+        )
+    return None

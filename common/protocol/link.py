@@ -1,0 +1,170 @@
+"""One side's view of a session's link: numbering, acknowledgement, resending and epochs.
+
+Pure: messages and the time in, decisions out. Both sessions hold one, for the direction they
+send in and the one they receive from.
+
+- Every sequenced message (seq >= 1) is kept until the peer acknowledges it, and is delivered
+  to the receiver once and in order. A message that arrives ahead of the next expected one (its
+  predecessor was lost or corrupted) is not delivered: the receiver asks for everything from
+  the missing one on (go-back-N; over one TCP connection, loss is rare and comes in runs).
+- Every message carries the highest number its sender received in order, so acknowledgement
+  rides on traffic either way; Ack messages add flow control.
+- An unacknowledged message is sent again when the peer asks, when nothing was acknowledged
+  for a retransmission timeout, and after a reconnect (a resume).
+- Each connection of a session has an epoch; messages of an older epoch are stale and ignored.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from common.wire.framing import Buffer
+
+# Unsequenced kinds: liveness and link control, never acknowledged or resent themselves.
+UNSEQUENCED = frozenset({"ack", "heartbeat", "resume", "resume_ack"})
+
+
+class Arrival(Enum):
+    NEXT = "next"  # the one expected: handle it
+    REPEAT = "repeat"  # already handled: ignore it (resends are idempotent)
+    AHEAD = "ahead"  # something before it was lost: ask for a resend, do not handle it
+
+
+@dataclass
+class Unacked:
+    """A sent message the peer has not confirmed. Control messages keep their body; data
+    messages keep what they carried (kind and page indices) and are encoded again from the
+    guest's current memory when resent, so a resend never carries a stale checksum. Either is
+    framed again under its own number with the current epoch."""
+
+    seq: int
+    kind: str
+    size: int
+    body: Any = None
+    data: Any = None
+
+
+@dataclass
+class LinkStats:
+    resent: int = 0  # messages sent again
+    resend_requests: int = 0  # times we asked the peer to send again
+    corrupt: int = 0  # messages from the peer dropped as corrupt
+    out_of_order: int = 0  # messages from the peer that arrived ahead of a lost one
+    resumes: int = 0  # reconnects that carried the session on
+
+
+class Link:
+    def __init__(self, session_id: bytes, now: float, *, rto_s: float) -> None:
+        self.session_id = session_id
+        self.epoch = 1
+        self.rto_s = rto_s
+        self.next_seq = 1
+        self.received = 0  # every peer message up to this one was delivered
+        self.peer_received = 0  # the peer holds every message of ours up to this one
+        self.unacked: deque[Unacked] = deque()
+        self.t_last_heard = now
+        self.t_last_sent = now
+        self.t_progress = now  # the last time the peer acknowledged something new
+        self._asked_from = 0  # the resend we last asked for, so a run of losses asks once
+        self._t_asked = 0.0
+        self.stats = LinkStats()
+
+    # -- sending --------------------------------------------------------------------------
+    def envelope(self, seq: int, **body: Any) -> pb.Envelope:
+        env = framing.envelope(self.session_id, seq, **body)
+        env.received = self.received
+        env.epoch = self.epoch
+        return env
+
+    def sequenced(self, now: float, payload: Buffer = b"", data: Any = None, **body: Any) -> list[Buffer]:
+        """Frames for a new sequenced message, kept until the peer acknowledges it."""
+        seq = self.next_seq
+        self.next_seq += 1
+        frames = framing.encode(self.envelope(seq, **body), payload)
+        size = sum(len(f) for f in frames)
+        if not self.unacked:
+            self.t_progress = now  # the retransmission clock starts with the first unacked
+        ((kind, message),) = body.items()
+        self.unacked.append(Unacked(seq, kind, size, None if data is not None else message, data))
+        self.t_last_sent = now
+        return frames
+
+    def unsequenced(self, now: float, **body: Any) -> list[Buffer]:
+        self.t_last_sent = now
+        return framing.encode(self.envelope(0, **body))
+
+    def again(self, entry: Unacked, payload: Buffer = b"", body: Any = None) -> list[Buffer]:
+        """A message framed again under its own number, with this epoch and what we received
+        so far; a data message passes its freshly encoded body and payload."""
+        return framing.encode(self.envelope(entry.seq, **{entry.kind: body or entry.body}), payload)
+
+    # -- receiving ------------------------------------------------------------------------
+    def heard(self, env: pb.Envelope, now: float) -> list[Unacked]:
+        """A valid message of this session and epoch arrived: note it, and release what it
+        acknowledges. Returns the released messages (their sizes measure bandwidth)."""
+        self.t_last_heard = now
+        return self.acknowledged(env.received, now)
+
+    def acknowledged(self, upto: int, now: float) -> list[Unacked]:
+        if upto >= self.next_seq:
+            raise ValueError(f"acknowledged message {upto}, never sent")
+        released: list[Unacked] = []
+        while self.unacked and self.unacked[0].seq <= upto:
+            released.append(self.unacked.popleft())
+        if upto > self.peer_received:
+            self.peer_received = upto
+            self.t_progress = now
+        return released
+
+    def arrive(self, seq: int) -> Arrival:
+        if seq <= self.received:
+            return Arrival.REPEAT
+        if seq != self.received + 1:
+            self.stats.out_of_order += 1
+            return Arrival.AHEAD
+        self.received = seq
+        self._asked_from = 0
+        return Arrival.NEXT
+
+    def stale(self, env: pb.Envelope) -> bool:
+        return env.epoch < self.epoch
+
+    def should_ask_resend(self, now: float) -> bool:
+        """After a loss, ask once for everything from the missing message on; ask again only
+        if a retransmission timeout passes without it."""
+        want = self.received + 1
+        if self._asked_from == want and now - self._t_asked < self.rto_s:
+            return False
+        self._asked_from = want
+        self._t_asked = now
+        self.stats.resend_requests += 1
+        return True
+
+    # -- resending --------------------------------------------------------------------------
+    def to_resend(self, after: int) -> list[Unacked]:
+        """Everything unacknowledged past `after`, oldest first (go-back-N)."""
+        entries = [e for e in self.unacked if e.seq > after]
+        self.stats.resent += len(entries)
+        return entries
+
+    def retransmit_due(self, now: float) -> bool:
+        return bool(self.unacked) and now - self.t_progress > self.rto_s
+
+    def restart_retransmit_clock(self, now: float) -> None:
+        self.t_progress = now
+
+    def new_epoch(self) -> int:
+        self.epoch += 1
+        self.stats.resumes += 1
+        return self.epoch
+
+    def data_in_flight(self) -> int:
+        return sum(1 for e in self.unacked if e.data is not None)
+
+    def silence(self, now: float) -> float:
+        return now - self.t_last_heard

@@ -1,0 +1,119 @@
+"""Precopy scheduling: what each round sends, when the guest stops, and how hard auto-converge
+holds it back (QEMU's iterate / convergence loop in miniature). Pure: the session feeds it the
+time and what the link measured, and acts on the verdict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import numpy as np
+
+from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
+from common.guest.digest import DigestCache
+from common.guest.memory import DirtySync, GuestMemory
+from common.protocol.params import MigrationParameters
+from common.protocol.stats import BandwidthMeter
+from common.transfer import PagePass
+
+# The guest is stopped only when both sides have at most this many pages left to hash, so that
+# hashing does not land inside the downtime (about a millisecond of work).
+CATCH_UP_PAGES = 4096
+
+
+class Verdict(Enum):
+    WAIT = "wait"  # something is in flight or unhashed: decide when it has caught up
+    NEXT_ROUND = "next-round"
+    SWITCHOVER = "switchover"
+    GIVE_UP = "give-up"  # not converging within the convergence timeout
+
+
+@dataclass(frozen=True)
+class RoundEnd:
+    verdict: Verdict
+    sync: DirtySync | None = None
+    reason: str = ""
+
+
+class Precopy:
+    def __init__(self, mem: GuestMemory, digests: DigestCache) -> None:
+        self.mem = mem
+        self.digests = digests
+        self.round = 0
+        self.pass_: PagePass | None = None
+        self.throttle = 0.0
+        self.expected_downtime_s: float | None = None
+        self.dirty_pages_rate = 0.0
+        self.t_round = 0.0
+        self._acked_at_round = 0
+
+    def first_round(self, now: float) -> tuple[int, int]:
+        """Round 1: every page ever written. Returns the never-written (zero) and never-tagged
+        page counts: they are zero on both sides already and cost nothing at all."""
+        self.round = 1
+        self.t_round = now
+        first = self.mem.populated_pages()
+        self.digests.mark(first.data_pages, first.tag_pages)
+        self.pass_ = PagePass(first.data_pages, first.tag_pages)
+        count = self.mem.page_count
+        return count - int(first.data_pages.size), count - int(first.tag_pages.size)
+
+    def end_of_round(
+        self,
+        now: float,
+        *,
+        in_flight: int,
+        dest_backlog: int,
+        active_for: float,
+        meter: BandwidthMeter,
+        params: MigrationParameters,
+    ) -> RoundEnd:
+        # Decide only once the destination has applied everything and both sides have hashed
+        # nearly all of it: what is still in flight or unhashed would otherwise be downtime.
+        behind = in_flight > 0 or self.digests.stale_pages > CATCH_UP_PAGES or dest_backlog > CATCH_UP_PAGES
+        if behind and active_for <= params.convergence_timeout_s:
+            return RoundEnd(Verdict.WAIT)
+        sync = self.mem.dirty_sync()
+        self.digests.mark(sync.data_pages, sync.tag_pages)
+        elapsed = max(now - self.t_round, 1e-6)
+        self.dirty_pages_rate = (sync.data_pages.size + sync.tag_pages.size) / elapsed
+        remaining = sync.data_pages.size * PAGE_SIZE + sync.tag_pages.size * PACKED_TAG_BYTES_PER_PAGE
+        bandwidth = meter.rate() or (meter.total / max(active_for, 1e-6)) or None
+        self.expected_downtime_s = remaining / bandwidth if bandwidth else None
+        limit_s = params.downtime_limit_ms / 1000.0
+        if remaining == 0 or (self.expected_downtime_s is not None and self.expected_downtime_s <= limit_s):
+            return RoundEnd(Verdict.SWITCHOVER, sync)
+        if active_for > params.convergence_timeout_s:
+            reason = (
+                f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
+                f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
+                f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {params.downtime_limit_ms:.0f} ms limit"
+                f" at throttle {self.throttle:.0%}"
+            )
+            return RoundEnd(Verdict.GIVE_UP, sync, reason)
+        # Auto-converge: a round that leaves more than half of what it sent dirty again means
+        # the guest outruns the link; hold its vCPU back a little more each time.
+        sent_this_round = max(1, meter.total - self._acked_at_round)
+        if self.round >= 2 and remaining > sent_this_round // 2:
+            self.throttle = min(
+                params.throttle_max,
+                self.throttle + params.throttle_increment if self.throttle else params.throttle_initial,
+            )
+        self._acked_at_round = meter.total
+        self.round += 1
+        self.t_round = now
+        self.pass_ = PagePass(sync.data_pages, sync.tag_pages)
+        return RoundEnd(Verdict.NEXT_ROUND, sync)
+
+    def final_pass(self, sync: DirtySync) -> None:
+        """The switchover pass: what the deciding sync found, plus what the guest dirtied
+        between that sync and its stop."""
+        self.round += 1
+        last = self.mem.dirty_sync()
+        self.digests.mark(last.data_pages, last.tag_pages)
+        self.pass_ = PagePass(
+            np.union1d(sync.data_pages, last.data_pages), np.union1d(sync.tag_pages, last.tag_pages)
+        )
+
+    def repair_pass(self, data: np.ndarray, tags: np.ndarray) -> None:
+        self.pass_ = PagePass(data, tags)
