@@ -1,0 +1,1 @@
+"""Fault injection for the migration link: a ZMTP-aware TCP proxy and network namespaces."""

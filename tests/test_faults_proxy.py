@@ -1,0 +1,138 @@
+"""Network faults on loopback: the real daemons with a fault proxy between them.
+
+Every test asserts from outside, through the reports and the guest digests against the
+unmigrated reference run: completed and equal, or failed cleanly with a reason, the source's
+guest running and the destination's never run. Never both, never neither, never a hang.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from faultinject.proxy import FaultProxy, Milestones
+from tests.e2e import Dest, Finished, reference, run_source, same_guest
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+
+STOP = "3000"
+# A busy 512 MiB guest, paced so that the migration runs while it works.
+BUSY_512 = [
+    "--ram", "512MiB", "--working-set", "8MiB", "--dirty-pages-per-step", "16",
+    "--steps-per-second", "1000", "--stop-at-step", STOP,
+]  # fmt: skip
+# Notice a broken link after 1 s of silence; go on reconnecting for 6 s.
+LINK = ["--peer-timeout", "1", "--reconnect-timeout", "6"]
+
+
+def migrate_through(
+    tmp: Path, proxy_setup: Callable[[FaultProxy], None], *, seed: str = "3", extra: tuple[str, ...] = ()
+) -> tuple[Finished, Finished, FaultProxy]:
+    dest = Dest(tmp, "--stop-at-step", STOP, "--peer-timeout", "1")
+    try:
+        with FaultProxy(("127.0.0.1", dest.port), seed=int(seed)) as proxy:
+            proxy_setup(proxy)
+            src = run_source(tmp, *BUSY_512, "--seed", seed, "--migrate-to", proxy.uri, *LINK, *extra)
+            got = dest.finish()
+    finally:
+        dest.kill()
+    return src, got, proxy
+
+
+def assert_completed_and_equal(tmp: Path, src: Finished, got: Finished, seed: str = "3") -> None:
+    assert src.code == 0, (
+        f"{src.report.get('error')}\n{src.stderr[-2000:]}\n--- dest ---\n{got.stderr[-2000:]}"
+    )
+    assert src.report["status"] == "completed" and src.report["verification"]["ok"] is True
+    assert got.code == 0 and got.report["guest"]["running"] is True
+    assert same_guest(got.report["guest"], reference(tmp, *BUSY_512, "--seed", seed))
+
+
+def assert_failed_cleanly(tmp: Path, src: Finished, got: Finished, seed: str = "3") -> None:
+    assert src.code != 0 and src.report["status"] == "failed" and src.report["error"]
+    assert src.report["guest"]["running"] is True, "the guest runs on at the source"
+    assert same_guest(src.report["guest"], reference(tmp, *BUSY_512, "--seed", seed))
+    assert got.code != 0
+    if got.report:  # a killed destination writes none
+        assert got.report["guest"] is None or got.report["guest"]["running"] is False
+    assert "keeps running here" in src.stdout
+
+
+def after(megabytes: int) -> Callable[[Milestones], bool]:
+    return lambda m: m.bytes_down > megabytes << 20
+
+
+def test_a_reset_and_a_stall_mid_stream_are_ridden_out(tmp_path: Path) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        def blip() -> None:
+            proxy.reset()
+            proxy.stall(1.5)
+
+        proxy.when(after(96), blip)
+
+    src, got, proxy = migrate_through(tmp_path, setup)
+    assert proxy.resets == 1
+    assert_completed_and_equal(tmp_path, src, got)
+    link = src.report["link"]
+    assert link["resent_messages"] > 0 or link["reconnects"] > 0, link
+
+
+def test_corrupted_chunks_are_sent_again(tmp_path: Path) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        proxy.corrupt_down = 0.002  # 0.2% of 64 KiB chunks, source to destination
+        proxy.corrupt_up = 0.002
+
+    src, got, proxy = migrate_through(tmp_path, setup)
+    assert proxy.corrupted > 0
+    assert_completed_and_equal(tmp_path, src, got)
+    assert got.report["link"]["corrupt_received"] > 0
+    assert src.report["link"]["resent_messages"] > 0
+
+
+def test_delay_jitter_and_a_rate_cap_slow_it_down_but_it_completes(tmp_path: Path) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        proxy.delay_s = 0.005
+        proxy.jitter_s = 0.005
+        proxy.rate = 200e6
+
+    src, got, _ = migrate_through(tmp_path, setup)
+    assert_completed_and_equal(tmp_path, src, got)
+
+
+@pytest.mark.parametrize(
+    "milestone",
+    [
+        pytest.param(lambda m: m.round >= 1, id="after-round-1"),
+        pytest.param(lambda m: m.switchover, id="switchover"),
+        pytest.param(lambda m: m.verify_requests >= 1, id="verification"),
+    ],
+)
+def test_a_reset_at_each_milestone_is_ridden_out(
+    tmp_path: Path, milestone: Callable[[Milestones], bool]
+) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        def blip() -> None:
+            proxy.reset()
+            proxy.stall(1.2)
+
+        proxy.when(milestone, blip)
+
+    src, got, proxy = migrate_through(tmp_path, setup)
+    assert proxy.resets == 1, "the milestone was reached and the fault fired"
+    assert_completed_and_equal(tmp_path, src, got)
+
+
+def test_a_link_cut_for_good_fails_cleanly_within_the_reconnect_timeout(tmp_path: Path) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        proxy.when(after(96), proxy.cut)
+
+    src, got, _ = migrate_through(tmp_path, setup)
+    assert_failed_cleanly(tmp_path, src, got)
+    assert "reconnecting for 6.0 s did not bring it back" in src.report["error"]
+    timeline = src.report["timeline_ms"]
+    lost = min(at for event, at in timeline.items() if event.startswith("link lost"))
+    # the source gave up 6 s after it last heard the destination: within its reconnect timeout
+    assert src.report["total_time_ms"] - lost <= 6000 + 1500
+    assert got.report["status"] == "failed" and "silent" in got.report["error"]
