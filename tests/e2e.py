@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,13 +36,16 @@ def reference(tmp: Path, *args: str) -> dict[str, Any]:
 
 
 class Dest:
-    def __init__(self, tmp: Path, *args: str) -> None:
+    def __init__(self, tmp: Path, *args: str, prefix: Sequence[str] = (), listen: str | None = None) -> None:
+        """A dest-node with --once, a report and a control endpoint; `prefix` runs it inside
+        something (a network namespace), where `listen` is its address."""
         self.port, control_port = free_ports(2)
-        self.uri = f"tcp://127.0.0.1:{self.port}"
-        self.control = f"tcp://127.0.0.1:{control_port}"
+        self.uri = listen or f"tcp://127.0.0.1:{self.port}"
+        self.control = f"ipc://{tmp}/dest-{self.port}.ctl" if prefix else f"tcp://127.0.0.1:{control_port}"
         self.report_path = tmp / f"dest-{self.port}.json"
         self.proc = subprocess.Popen(
             [
+                *prefix,
                 *DEST,
                 "--listen",
                 self.uri,
@@ -72,10 +76,13 @@ class Dest:
             self.proc.communicate(timeout=10)
 
 
-def start_source(tmp: Path, *args: str) -> tuple[subprocess.Popen[str], Path]:
+def start_source(tmp: Path, *args: str, prefix: Sequence[str] = ()) -> tuple[subprocess.Popen[str], Path]:
     report = tmp / f"source-{time.monotonic_ns()}.json"
     proc = subprocess.Popen(
-        [*SOURCE, *args, "--report", str(report)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        [*prefix, *SOURCE, *args, "--report", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     return proc, report
 

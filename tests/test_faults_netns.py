@@ -1,0 +1,111 @@
+"""Kernel network faults between the real daemons, each in its own network namespace on a
+veth pair: nftables loss, duplication, payload corruption and resets, a tbf rate limit, and
+the link set down. Runs as root (CI does); where namespaces cannot be made it skips, saying why."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from faultinject.netns import NamespaceError, NetPair
+from tests.e2e import Dest, finish_source, start_source
+from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal
+
+pytestmark = [pytest.mark.slow, pytest.mark.faults]
+PORT = 4444  # the namespaces are new: nothing else listens there
+
+
+@pytest.fixture
+def net() -> Iterator[NetPair]:
+    try:
+        pair = NetPair()
+    except NamespaceError as exc:
+        pytest.skip(f"network namespaces cannot be made here: {exc}")
+    with pair:
+        yield pair
+
+
+def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None, *extra: str):  # type: ignore[no-untyped-def]
+    dest = Dest(
+        tmp,
+        "--stop-at-step",
+        STOP,
+        "--peer-timeout",
+        "1",
+        prefix=net.command(net.dest, []),
+        listen=f"tcp://{net.dest_ip}:{PORT}",
+    )
+    try:
+        proc, report = start_source(
+            tmp,
+            *BUSY_512,
+            "--seed",
+            "3",
+            "--migrate-to",
+            dest.uri,
+            *LINK,
+            *extra,
+            prefix=net.command(net.source, []),
+        )
+        if during is not None:
+            threading.Thread(target=during, daemon=True).start()
+        src = finish_source(proc, report, timeout=120)
+        got = dest.finish(timeout=60)
+    finally:
+        dest.kill()
+    return src, got
+
+
+def test_one_percent_loss_and_duplication(net: NetPair, tmp_path: Path) -> None:
+    net.loss(10)
+    net.duplicate(10)
+    src, got = migrate_in(net, tmp_path)
+    assert_completed_and_equal(tmp_path, src, got)
+    assert "counter packets 0" not in net.nft_counters(net.dest), "the loss rules dropped packets"
+    assert "counter packets 0" not in net.nft_counters(net.source), "the duplication rule sent duplicates"
+
+
+def test_payload_corruption(net: NetPair, tmp_path: Path) -> None:
+    net.corrupt(5)
+    src, got = migrate_in(net, tmp_path)
+    assert_completed_and_equal(tmp_path, src, got)
+    assert "counter packets 0" not in net.nft_counters(net.dest)
+
+
+def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path) -> None:
+    seen: list[str] = []
+
+    def resets() -> None:
+        time.sleep(1.0)
+        net.reset_connections(PORT)
+        time.sleep(0.3)
+        seen.append(net.nft_counters(net.dest))
+        net.clear_nft(net.dest)
+
+    src, got = migrate_in(net, tmp_path, resets)
+    assert_completed_and_equal(tmp_path, src, got)
+    assert seen and "counter packets 0" not in seen[0], "resets were sent"
+
+
+def test_a_rate_limit(net: NetPair, tmp_path: Path) -> None:
+    net.rate_limit("400mbit")
+    src, got = migrate_in(net, tmp_path)
+    assert_completed_and_equal(tmp_path, src, got)
+    # the cap was felt: 512 MiB of mixed guest is ~140 MB on the wire, at most 50 MB/s
+    assert src.report["total_time_ms"] > 2000
+
+
+def test_the_link_down_for_three_seconds(net: NetPair, tmp_path: Path) -> None:
+    def flap() -> None:
+        time.sleep(1.0)
+        net.link(up=False)
+        time.sleep(3.0)
+        net.link(up=True)
+
+    src, got = migrate_in(net, tmp_path, flap)
+    assert_completed_and_equal(tmp_path, src, got)
+    assert src.report["link"]["reconnects"] >= 1, "a 3 s outage outlasts the 1 s peer timeout"
