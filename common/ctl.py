@@ -31,9 +31,16 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("status", help="the report so far")
     sub.add_parser("cancel", help="cancel the migration in progress")
+    migrate = sub.add_parser(
+        "migrate",
+        help="start a migration" if source else "send the guest that runs here on to another dest-node",
+    )
+    migrate.add_argument("uri", help="the destination, tcp://HOST:PORT")
+    settle = sub.add_parser(
+        "settle", help="after an unanswered commit: say where the guest runs (here resumes it on this node)"
+    )
+    settle.add_argument("where", choices=["here", "there"])
     if source:
-        migrate = sub.add_parser("migrate", help="start a migration")
-        migrate.add_argument("uri", help="the destination, tcp://HOST:PORT")
         setp = sub.add_parser("set-parameters", help=f"change {', '.join(SETTABLE)}")
         setp.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
         settle = sub.add_parser(

@@ -5,21 +5,23 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zmq
 
 from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
-from common.control import ControlServer
+from common.control import ControlError, ControlServer
 from common.guest.guest import Guest
 from common.guest.prefault import Prefaulter
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.logging import get_logger
+from common.outgoing import OutgoingMigration
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
+from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase
 from common.report import guest_summary, write_report
 
@@ -38,6 +40,8 @@ class DestOptions:
     stop_at_step: int | None = None
     report: str | None = None
     control: str | None = None
+    # for sending a guest that runs here onward (ctl migrate)
+    outgoing_params: MigrationParameters = field(default_factory=MigrationParameters)
 
 
 class DestDaemon:
@@ -65,6 +69,8 @@ class DestDaemon:
         self.runner: GuestRunner | None = None
         self.running_guest: Guest | None = None
         self.prefaulter: Prefaulter | None = None
+        self.outgoing: OutgoingMigration | None = None
+        self.last_outgoing: dict[str, Any] | None = None
         self.quit = False
         self.signalled: str | None = None
         self._reported_failure = False
@@ -74,7 +80,12 @@ class DestDaemon:
                 self.control = ControlServer(
                     self.ctx,
                     options.control,
-                    {"status": lambda _: self.status(), "cancel": lambda _: self.cancel()},
+                    {
+                        "status": lambda _: self.status(),
+                        "cancel": lambda _: self.cancel(),
+                        "migrate": self._ctl_migrate,
+                        "settle": self._ctl_settle,
+                    },
                 )
             except zmq.ZMQError as exc:
                 self.sock.close(linger=0)
@@ -93,6 +104,19 @@ class DestDaemon:
         self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)
         self.runner.start()
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.options.stop_at_step)
+
+    # the host interface of an outgoing migration: the guest that runs here
+    def stop_guest(self) -> None:
+        if self.runner is not None:
+            self.runner.pause()
+
+    def resume_guest(self) -> None:
+        if self.runner is not None:
+            self.runner.resume()
+
+    def set_throttle(self, share: float) -> None:
+        if self.runner is not None:
+            self.runner.throttle = share
 
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()
@@ -114,6 +138,10 @@ class DestDaemon:
         """The report so far; digests only when asked and the guest is not running."""
         report = self.session.report(time.monotonic())
         report["listen"] = self.address
+        if self.outgoing is not None:
+            report["outgoing"] = self.outgoing.session.report(time.monotonic())
+        elif self.last_outgoing is not None:
+            report["outgoing"] = self.last_outgoing
         guest = self.running_guest or self.session.guest
         running = self.runner is not None and self.runner.running
         report["guest"] = None
@@ -126,9 +154,68 @@ class DestDaemon:
         return report
 
     def cancel(self, reason: str = "cancelled by the destination's operator") -> dict[str, Any]:
+        outgoing = self.outgoing
+        if outgoing is not None and not outgoing.session.phase.terminal:
+            outgoing.session.cancel(time.monotonic(), reason)
+            outgoing.after_call()
+            return self.status()
         self.session.cancel(time.monotonic(), reason)
         self._flush()
         return self.status()
+
+    def _ctl_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
+        """Send the guest that runs here onward, as a source-node would."""
+        uri = args.get("uri")
+        if not isinstance(uri, str):
+            raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
+        if self.outgoing is not None and not self.outgoing.session.phase.terminal:
+            raise ControlError(
+                f"a migration is already in progress (phase {self.outgoing.session.phase.value})"
+            )
+        if self.session.phase is not DestPhase.RUNNING or self.running_guest is None:
+            raise ControlError(f"no guest runs here to migrate (phase {self.session.phase.value})")
+        if self.runner is None or self.runner.finished:
+            raise ControlError(
+                "the guest here has stopped (--stop-at-step): there is nothing live to migrate"
+            )
+        self.outgoing = OutgoingMigration(
+            self.ctx,
+            self.running_guest,
+            self,
+            self.options.outgoing_params,
+            uri,
+            self.log,
+            node_name="dest-node",
+        )
+        return {"session": self.outgoing.session.session_id.hex()}
+
+    def _ctl_settle(self, args: dict[str, Any]) -> dict[str, Any]:
+        where = args.get("where")
+        if where not in ("here", "there"):
+            raise ControlError('settle needs "where": "here" or "there"')
+        if self.outgoing is None:
+            raise ControlError("nothing to settle: no outgoing migration has run")
+        self.outgoing.session.settle(where == "here", time.monotonic())
+        self.outgoing.after_call()
+        return self.status()
+
+    def _outgoing_done(self) -> None:
+        """The guest left for good: this node is free for the next incoming migration."""
+        outgoing = self.outgoing
+        if outgoing is None or outgoing.finished is None or outgoing.finished.status != "completed":
+            return
+        if self.running_guest is None:
+            return
+        self.log.info("guest migrated away; waiting for the next incoming migration")
+        self.last_outgoing = outgoing.session.report(time.monotonic())
+        outgoing.close()
+        self.outgoing = None
+        self.runner = None
+        self.running_guest = None  # its memory goes with the last reference
+        if self.options.once:
+            self.quit = True
+            return
+        self.session = DestSession(self, self.options.params, time.monotonic())
 
     # -- the loop ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -185,6 +272,7 @@ class DestDaemon:
         poller.register(self.sock, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
+        registered: zmq.Socket[bytes] | None = None
         while not self.quit:
             if self.signalled:
                 self._handle_signal()
@@ -193,6 +281,16 @@ class DestDaemon:
             self.session.poll(now)
             self._flush()
             timeout = min(_POLL_CAP_S, max(0.0, self.session.next_deadline(now) - now))
+            outgoing = self.outgoing
+            sock = outgoing.socket if outgoing is not None else None
+            if sock is not registered:
+                if registered is not None:
+                    poller.unregister(registered)
+                if sock is not None:
+                    poller.register(sock, zmq.POLLIN)
+                registered = sock
+            if outgoing is not None:
+                timeout = min(timeout, outgoing.poll(now))
             guest_wait = self.runner.seconds_until_due(now) if self.runner else None
             if guest_wait is not None:
                 timeout = min(timeout, guest_wait)
@@ -200,12 +298,15 @@ class DestDaemon:
             if self.sock in events:
                 self._drain()
                 self._flush()
+            if outgoing is not None and registered is not None and registered in events:
+                outgoing.drain()
             if self.control and self.control.socket in events:
                 self.control.handle_one()
                 self._flush()
             if self.runner is not None:
                 self.runner.run_slice()
             self._observe()
+            self._outgoing_done()
             if self._done():
                 break
         return self._finish()
@@ -237,7 +338,9 @@ class DestDaemon:
             prefaulter.join()
         if self.runner is not None:
             self.runner.pause()
-        completed = self.session.phase is DestPhase.RUNNING
+        if self.outgoing is not None:
+            self.outgoing.close()
+        completed = self.session.phase is DestPhase.RUNNING or self.last_outgoing is not None
         report = self.status(with_digests=True)
         if self.options.report:
             write_report(self.options.report, report)

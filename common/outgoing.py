@@ -1,0 +1,166 @@
+"""One outgoing migration of a running guest: its SourceSession and the connection under it.
+
+Both daemons use it: source-node for the guest it booted, dest-node to send a guest it received
+onward (so two dest-nodes can pass a guest back and forth, as QEMU instances do). The session
+decides; this moves bytes, opens a new connection when the session asks for one (a reconnect),
+and logs what the session reports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import zmq
+
+from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
+from common.control import ControlError
+from common.endpoints import check_endpoint
+from common.guest.guest import Guest
+from common.protocol import events as ev
+from common.protocol.params import MigrationParameters
+from common.protocol.source import SourceHost, SourceSession
+from common.wire.framing import Buffer
+
+
+class OutgoingMigration:
+    def __init__(
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        guest: Guest,
+        host: SourceHost,
+        params: MigrationParameters,
+        uri: str,
+        log: Any,
+        *,
+        node_name: str = "source",
+    ) -> None:
+        try:
+            check_endpoint(uri, "destination")
+        except ValueError as exc:
+            raise ControlError(str(exc)) from None
+        self.ctx = ctx
+        self.uri = uri
+        self.log = log
+        self.socket: zmq.Socket[bytes] | None = None
+        self.pending: deque[list[Buffer]] = deque()
+        self.finished: ev.Finished | None = None
+        now = time.monotonic()
+        self.session = SourceSession(guest, host, params, now, node_name=node_name)
+        self._connect(epoch=1)  # raises ControlError, and nothing has started
+        self.session.start(now)
+        log.info(
+            "migration started",
+            destination=uri,
+            session=self.session.session_id.hex(),
+            ram_bytes=guest.memory.ram_bytes,
+        )
+        self.after_call()
+
+    # -- the connection --------------------------------------------------------------------------
+    def _connect(self, epoch: int) -> None:
+        """A fresh connection for this epoch. Its routing id names the session and epoch, so
+        that ZeroMQ's own reconnects (after a reset) keep it and the destination still knows it."""
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTING_ID, self.session.session_id + epoch.to_bytes(4, "big"))
+        # No ZMQ_IMMEDIATE: with it libzmq drops a disconnected peer's unread messages at once.
+        sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
+        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
+        sock.setsockopt(zmq.RECONNECT_IVL, 100)
+        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        try:
+            sock.connect(self.uri)
+        except zmq.ZMQError as exc:
+            sock.close(linger=0)
+            raise ControlError(f"cannot connect to {self.uri}: {exc}") from None
+        if self.socket is not None:
+            self.socket.close(linger=0)
+        self.socket = sock
+        # what waited for the old connection is either resent by the session or not needed
+        self.pending.clear()
+
+    def close(self) -> None:
+        if self.socket is not None:
+            self.flush()
+            self.socket.close(linger=CLOSE_LINGER_MS)  # a last Abort must reach the destination
+            self.socket = None
+
+    # -- driving the session -----------------------------------------------------------------------
+    def poll(self, now: float) -> float:
+        """Let the session act on time; returns how long the loop may sleep."""
+        session = self.session
+        if session.phase.ended:
+            return 3600.0
+        session.poll(now)
+        self.after_call()
+        return max(0.0, session.next_deadline(now) - now)
+
+    def after_call(self) -> None:
+        self._take_events()
+        self.flush()
+
+    def flush(self) -> None:
+        """Send what the session produced. Page payloads may be views of guest memory (no copy
+        was made to encode them), so they are copied by the socket here, before the vCPU's next
+        slice; whatever cannot be sent now is copied out before the guest may run again."""
+        self.pending.extend(self.session.take_outgoing())
+        while self.pending and self.socket is not None:
+            try:
+                self.socket.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=True)
+            except zmq.Again:
+                self.pending = deque([bytes(f) for f in frames] for frames in self.pending)
+                return
+            self.pending.popleft()
+
+    def drain(self) -> None:
+        sock = self.socket
+        while sock is not None and self.socket is sock:  # a reconnect replaces it: next turn
+            try:
+                frames = sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            self.session.receive([f.buffer for f in frames], time.monotonic())
+            self._take_events()
+        self.flush()
+
+    def _take_events(self) -> None:
+        session = self.session
+        for event in session.take_events():
+            if isinstance(event, ev.Reconnect):
+                self.log.warning(
+                    "link lost; reconnecting", epoch=event.epoch, silent_for_s=round(event.silent_for_s, 2)
+                )
+                try:
+                    self._connect(event.epoch)
+                except ControlError as exc:
+                    self.log.error("reconnect failed", reason=str(exc))
+            elif isinstance(event, ev.LinkRestored):
+                self.log.info("link restored", epoch=event.epoch, resent_messages=event.resent)
+            elif isinstance(event, ev.RoundStarted):
+                report = session.report(time.monotonic())
+                self.log.info(
+                    "round",
+                    round=event.round,
+                    pages=event.pages,
+                    expected_downtime_ms=report["expected_downtime_ms"],
+                    throughput_mbps=report["throughput_mbps"],
+                )
+            elif isinstance(event, ev.Finished):
+                self.finished = event
+                report = session.report(time.monotonic())
+                if event.status == "completed":
+                    self.log.info(
+                        "migration completed",
+                        downtime_ms=report["downtime_ms"],
+                        total_time_ms=report["total_time_ms"],
+                        rounds=session.round,
+                        note=event.reason,
+                    )
+                else:
+                    self.log.error(
+                        f"migration {event.status}",
+                        error=event.reason,
+                        guest_runs_here=session.guest_runs_here,
+                    )
