@@ -27,7 +27,11 @@ class ControlServer:
         self.socket = ctx.socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
-        self.socket.bind(address)
+        try:
+            self.socket.bind(address)
+        except zmq.ZMQError:
+            self.socket.close(linger=0)  # or the context could never terminate
+            raise
         self.address = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.handlers = handlers
 

@@ -335,6 +335,9 @@ def test_daemon_migrates_on_command_and_takes_new_parameters(tmp_path: Path) -> 
     assert request(control, "status")["result"]["status"] == "none"
     bad = request(control, "migrate", {"uri": "http://example"})
     assert bad["ok"] is False and "not a tcp://" in bad["error"]
+    no_port = request(control, "migrate", {"uri": "tcp://127.0.0.1"})
+    assert no_port["ok"] is False and "is not tcp://HOST:PORT" in no_port["error"]
+    assert request(control, "status")["result"]["guest"]["running"] is True, "the daemon and guest live on"
     assert request(control, "migrate", {"uri": dest.uri})["ok"]
     busy = request(control, "migrate", {"uri": dest.uri})
     assert busy["ok"] is False and "already in progress" in busy["error"]
@@ -342,6 +345,8 @@ def test_daemon_migrates_on_command_and_takes_new_parameters(tmp_path: Path) -> 
     assert request(control, "status")["result"]["status"] == "active"  # 64 MiB at 2 MiB/s
     refused = request(control, "set-parameters", {"window": 3})
     assert refused["ok"] is False and "cannot set window" in refused["error"]
+    not_finite = request(control, "set-parameters", {"convergence_timeout_s": "nan"})
+    assert not_finite["ok"] is False and "finite" in not_finite["error"]
     lifted = request(control, "set-parameters", {"max_bandwidth": 0, "downtime_limit_ms": 100})
     assert lifted["ok"] and lifted["result"]["max_bandwidth"] == 0
     done = wait_status(control, {"completed", "failed"})

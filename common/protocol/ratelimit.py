@@ -33,7 +33,7 @@ class TokenBucket:
         if not self.rate:
             return None
         self._refill(now)
-        if self.tokens >= 0:
+        if self.tokens > -1.0:  # within a byte: float rounding must not keep a sender waiting
             return None
         return now + -self.tokens / self.rate
 

@@ -1,0 +1,106 @@
+"""The pure parts under the link: the bandwidth cap, parameter checks, the phase table."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from common.protocol.params import MigrationParameters
+from common.protocol.phases import (
+    DEST_MOVES,
+    SOURCE_MOVES,
+    DestPhase,
+    PhaseMachine,
+    ProtocolError,
+    SourcePhase,
+)
+from common.protocol.ratelimit import TokenBucket
+from tests.protocol_harness import Pair, busy_guest
+from tests.test_protocol import assert_handed_over
+
+
+def sent_in(bucket: TokenBucket, start: float, seconds: float, size: int = 1 << 16) -> int:
+    """Bytes a sender that sends whenever allowed gets through in `seconds`."""
+    now, sent = start, 0
+    while now < start + seconds:
+        ready = bucket.ready_at(now)
+        if ready is not None:
+            now = ready
+            continue
+        bucket.spend(size, now)
+        sent += size
+    return sent
+
+
+@pytest.mark.parametrize("rate", [1 << 20, 50 << 20])
+def test_the_cap_holds_over_any_second(rate: int) -> None:
+    bucket = TokenBucket(rate, 0.0, min_burst=1 << 16)
+    assert sent_in(bucket, 0.0, 2.0) == pytest.approx(2 * rate, rel=0.05)
+
+
+def test_a_lowered_cap_takes_effect_at_once_and_a_raised_one_too() -> None:
+    bucket = TokenBucket(100 << 20, 0.0, min_burst=1 << 16)
+    sent_in(bucket, 0.0, 1.0)
+    bucket.set_rate(1 << 20, 1.0)
+    # no debt from the faster past: the next second carries the new rate, not nothing
+    assert sent_in(bucket, 1.0, 1.0) == pytest.approx(1 << 20, rel=0.1)
+    bucket.set_rate(0, 2.0)
+    assert bucket.ready_at(2.0) is None
+
+
+def test_the_cap_does_not_stretch_the_downtime() -> None:
+    cap = 2 << 20
+    params = MigrationParameters(max_bandwidth=cap, downtime_limit_ms=60_000)  # switch over at once
+    pair = Pair(
+        busy_guest(seed=9, ram=16 << 20, working_set=4 << 20, dirty_pages_per_step=32),
+        params=params,
+        guest_speed=2000,
+    ).run()
+    assert_handed_over(pair)
+    report = pair.src.report(pair.now)
+    last_pass = report["ram"]["downtime_bytes"]
+    assert last_pass > cap // 8, "the switchover pass is big enough to tell"
+    # at the cap it would take last_pass / cap seconds; it takes a fraction of that
+    assert report["downtime_ms"] < 1000 * last_pass / cap / 4
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["downtime_limit_ms", "peer_timeout_s", "reconnect_timeout_s", "convergence_timeout_s", "throttle_max"],
+)
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_non_finite_parameters_are_refused(name: str, value: float) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be a finite number"):
+        MigrationParameters(**{name: value}).check()
+
+
+def test_set_parameters_takes_sizes_and_names_what_it_refuses() -> None:
+    params = MigrationParameters()
+    assert params.updated({"max_bandwidth": "20MiB"}).max_bandwidth == 20 << 20
+    assert params.updated({"downtime_limit_ms": "50"}).downtime_limit_ms == 50.0
+    with pytest.raises(ValueError, match="max_bandwidth: 'fast' is not a size"):
+        params.updated({"max_bandwidth": "fast"})
+    with pytest.raises(ValueError, match="convergence_timeout_s must be a finite number"):
+        params.updated({"convergence_timeout_s": "nan"})
+    with pytest.raises(ValueError, match="cannot set window"):
+        params.updated({"window": 3})
+
+
+def test_every_phase_can_end_and_no_move_leaves_a_terminal_phase() -> None:
+    for moves, phases in ((SOURCE_MOVES, SourcePhase), (DEST_MOVES, DestPhase)):
+        assert set(moves) == set(phases), "every phase is in the table"
+        for phase in phases:
+            if phase.terminal:
+                assert not moves[phase]
+            else:
+                assert moves[phase], f"{phase} has a way out"
+
+
+def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None:
+    machine = PhaseMachine(SourcePhase.ACTIVE, SOURCE_MOVES, {})
+    with pytest.raises(ProtocolError, match="no move from active to committing"):
+        machine.move(SourcePhase.COMMITTING)
+    assert machine.phase is SourcePhase.ACTIVE
+    machine.move(SourcePhase.SWITCHOVER)
+    assert machine.phase is SourcePhase.SWITCHOVER
