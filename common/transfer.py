@@ -14,7 +14,7 @@ import numpy.typing as npt
 from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, PAGES_PER_BATCH, TAG_SECTIONS_PER_BATCH
 from common.guest.guest import Guest
 from common.guest.memory import GuestMemory
-from common.guest.vcpu import VcpuState
+from common.guest.vcpu import GENERAL_REGISTERS, SCALARS, VcpuState
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
     BatchStats,
@@ -94,8 +94,22 @@ def apply_tag_sections(mem: GuestMemory, msg: pb.TagSections, payload: Buffer) -
     return decoded
 
 
+def vcpu_to_proto(vcpu: VcpuState) -> pb.VcpuState:
+    return pb.VcpuState(index=vcpu.index, x=vcpu.x, **{name: getattr(vcpu, name) for name in SCALARS})
+
+
+def vcpu_from_proto(msg: pb.VcpuState) -> VcpuState:
+    """A peer's vCPU state, refused unless it has every general register."""
+    if len(msg.x) != GENERAL_REGISTERS:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"vCPU {msg.index} state has {len(msg.x)} general registers, expected {GENERAL_REGISTERS}",
+        )
+    return VcpuState(index=msg.index, x=list(msg.x), **{name: getattr(msg, name) for name in SCALARS})
+
+
 def device_state(guest: Guest) -> pb.DeviceState:
-    return pb.DeviceState(vcpus=[v.to_proto() for v in guest.vcpus])
+    return pb.DeviceState(vcpus=[vcpu_to_proto(v) for v in guest.vcpus])
 
 
 def apply_device_state(guest: Guest, msg: pb.DeviceState) -> None:
@@ -104,10 +118,7 @@ def apply_device_state(guest: Guest, msg: pb.DeviceState) -> None:
             pb.ERROR_GEOMETRY_MISMATCH,
             f"device state has {len(msg.vcpus)} vCPUs, the guest has {len(guest.vcpus)}",
         )
-    try:
-        vcpus = [VcpuState.from_proto(v) for v in msg.vcpus]
-    except ValueError as exc:
-        raise WireError(pb.ERROR_BAD_MESSAGE, str(exc)) from None
+    vcpus = [vcpu_from_proto(v) for v in msg.vcpus]
     if sorted(v.index for v in vcpus) != list(range(len(vcpus))):
         raise WireError(pb.ERROR_BAD_MESSAGE, "device state vCPU indices are not 0..n-1")
     guest.vcpus[:] = sorted(vcpus, key=lambda v: v.index)

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field, fields
 import xxhash
 
 from common.constants import SCTLR_TCF0_SHIFT, SCTLR_TCF_SHIFT
-from common.wire import mte_migration_pb2 as pb
 
 GENERAL_REGISTERS = 31
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
@@ -38,7 +37,7 @@ class VcpuState:
         self.sctlr_el1 = (self.sctlr_el1 & ~(0b11 << shift)) | ((mode & 0b11) << shift)
 
     def scalars(self) -> list[int]:
-        return [getattr(self, name) for name in _SCALARS]
+        return [getattr(self, name) for name in SCALARS]
 
     def to_bytes(self) -> bytes:
         values = [self.index, *self.x, *self.scalars()]
@@ -47,23 +46,9 @@ class VcpuState:
     def digest(self) -> bytes:
         return xxhash.xxh3_128_digest(self.to_bytes())
 
-    def to_proto(self) -> pb.VcpuState:
-        return pb.VcpuState(index=self.index, x=self.x, **{name: getattr(self, name) for name in _SCALARS})
-
-    @classmethod
-    def from_proto(cls, msg: pb.VcpuState) -> VcpuState:
-        if len(msg.x) != GENERAL_REGISTERS:
-            raise ValueError(
-                f"vCPU {msg.index} state has {len(msg.x)} general registers, expected {GENERAL_REGISTERS}"
-            )
-        return cls(index=msg.index, x=list(msg.x), **{name: getattr(msg, name) for name in _SCALARS})
-
-    def copy(self) -> VcpuState:
-        return VcpuState.from_proto(self.to_proto())
-
 
 # The registers beside X0..X30, in the order the digest packs them; the proto uses the same names.
-_SCALARS = tuple(f.name for f in fields(VcpuState) if f.name not in ("index", "x"))
+SCALARS = tuple(f.name for f in fields(VcpuState) if f.name not in ("index", "x"))
 
 
 def vcpus_digest(vcpus: list[VcpuState]) -> bytes:
