@@ -21,6 +21,7 @@ import argparse
 import ast
 import copy
 import os
+import random
 import signal
 import sys
 import time
@@ -32,6 +33,13 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+_TERMINAL = os.dup(1)  # progress goes here: pytest captures stdout while the session runs
+
+
+def say(text: str) -> None:
+    os.write(_TERMINAL, (text + "\n").encode())
+
+
 PURE = ["common/wire", "common/protocol", "common/guest/mte.py", "common/guest/memory.py"]
 FAST_TESTS = ["tests", "-m", "not slow and not faults"]
 
@@ -256,14 +264,24 @@ def install(mutant: Mutant) -> bool:
     return placed
 
 
-# -- which tests reach which function -----------------------------------------------------------
-class _CallRecorder:
-    def __init__(self, files: set[str]) -> None:
-        self.files = files
+# -- which tests reach which function, and the mutants run inside one pytest session --------
+class MutationSession:
+    """A pytest plugin that takes over the test loop: it runs every fast test once, recording
+    which functions each test calls, then forks a child per mutant that swaps the mutated code
+    in and runs only the tests that reach it, stopping at the first failure. Collection and
+    start-up happen once, not once per mutant."""
+
+    def __init__(self, files: list[str], mutants: list[Mutant], workers: int) -> None:
+        self.files = {str(ROOT / f) for f in files}
+        self.mutants = mutants
+        self.workers = workers
         self.current: str | None = None
         self.reached: dict[tuple[str, int], set[str]] = defaultdict(set)
         self.durations: dict[str, float] = {}
         self.failed: list[str] = []
+        self.results: dict[Mutant, str] = {}
+        self.baseline_s = 0.0
+        self.kills: dict[str, int] = defaultdict(int)  # which test failed first, per mutant
 
     def _profile(self, frame: types.FrameType, event: str, _: Any) -> None:
         if event == "call" and self.current is not None:
@@ -271,20 +289,79 @@ class _CallRecorder:
             if code.co_filename in self.files:
                 self.reached[(code.co_filename, code.co_firstlineno)].add(self.current)
 
-    # pytest hooks
-    def pytest_runtest_call(self, item: Any) -> None:
-        self.current = item.nodeid
-        sys.setprofile(self._profile)
+    def pytest_runtestloop(self, session: Any) -> bool:
+        from _pytest.runner import runtestprotocol
 
-    def pytest_runtest_teardown(self, item: Any) -> None:
-        sys.setprofile(None)
-        self.current = None
+        items = {item.nodeid: item for item in session.items}
+        began = time.monotonic()
+        for i, item in enumerate(session.items):
+            nextitem = session.items[i + 1] if i + 1 < len(session.items) else None
+            self.current = item.nodeid
+            sys.setprofile(self._profile)
+            t = time.monotonic()
+            try:
+                reports = runtestprotocol(item, nextitem=nextitem, log=False)
+            finally:
+                sys.setprofile(None)
+                self.current = None
+            self.durations[item.nodeid] = time.monotonic() - t
+            if any(r.failed for r in reports):
+                self.failed.append(item.nodeid)
+        self.baseline_s = time.monotonic() - began
+        say(f"fast tests: {len(items)} in {self.baseline_s:.1f} s; {len(self.mutants)} mutants to run")
+        if self.failed:
+            return True
+        self._run_mutants(items, runtestprotocol)
+        return True
 
-    def pytest_runtest_logreport(self, report: Any) -> None:
-        if report.when == "call":
-            self.durations[report.nodeid] = report.duration
-            if report.failed:
-                self.failed.append(report.nodeid)
+    def _run_mutants(self, items: dict[str, Any], runtestprotocol: Any) -> None:
+        queue = list(self.mutants)
+        running: dict[int, tuple[Mutant, float, float, list[str]]] = {}
+        while queue or running:
+            while queue and len(running) < self.workers:
+                mutant = queue.pop(0)
+                tests = self.tests_for(mutant)
+                if not tests:
+                    self.results[mutant] = "no test reaches it"
+                    continue
+                bound = 10.0 + 3.0 * sum(self.durations.get(t, 0.0) for t in tests)
+                pid = os.fork()
+                if pid == 0:
+                    _run_child(mutant, [items[t] for t in tests], runtestprotocol)
+                running[pid] = (mutant, time.monotonic(), bound, tests)
+            if not running:
+                continue
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                for child, (_, began, bound, _tests) in list(running.items()):
+                    if time.monotonic() - began > bound:
+                        os.kill(child, signal.SIGKILL)
+                time.sleep(0.005)
+                continue
+            mutant, began, bound, tests = running.pop(pid)
+            if os.WIFSIGNALED(status):
+                self.results[mutant] = (
+                    "killed (timeout)" if time.monotonic() - began > bound else "killed (crash)"
+                )
+            else:
+                rc = os.WEXITSTATUS(status)
+                self.results[mutant] = {0: "survived", 3: "not placeable"}.get(rc, "killed")
+                if rc >= 10 and rc - 10 < len(tests):
+                    self.kills[tests[rc - 10]] += 1
+            if len(self.results) % 25 == 0:
+                killed = sum(r.startswith("killed") for r in self.results.values())
+                say(f"  {len(self.results)}/{len(self.mutants)} mutants, {killed} killed")
+
+    def tests_for(self, mutant: Mutant) -> list[str]:
+        filename = str(ROOT / mutant.path)
+        enclosing = [r for r in _function_ranges(mutant.path) if r[0] <= mutant.line <= r[1]]
+        if not enclosing:
+            return []
+        innermost = max(enclosing, key=lambda r: r[0])
+        tests = self.reached.get((filename, innermost[2]), set())
+        # the tests that killed most mutants so far go first, then the quickest: a mutant that
+        # dies, dies early; only a survivor runs them all
+        return sorted(tests, key=lambda t: (-self.kills[t], self.durations.get(t, 0.0)))
 
 
 def _function_ranges(path: str) -> list[tuple[int, int, int]]:
@@ -298,29 +375,20 @@ def _function_ranges(path: str) -> list[tuple[int, int, int]]:
     return out
 
 
-def tests_for(mutant: Mutant, recorder: _CallRecorder) -> list[str]:
-    filename = str(ROOT / mutant.path)
-    enclosing = [r for r in _function_ranges(mutant.path) if r[0] <= mutant.line <= r[1]]
-    if not enclosing:
-        return []
-    innermost = max(enclosing, key=lambda r: r[0])
-    tests = recorder.reached.get((filename, innermost[2]), set())
-    return sorted(tests, key=lambda t: recorder.durations.get(t, 0.0))
-
-
-# -- running ----------------------------------------------------------------------------------
-def _run_child(mutant: Mutant, tests: list[str]) -> None:
-    import pytest
-
+def _run_child(mutant: Mutant, items: list[Any], runtestprotocol: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
-    if not install(mutant):
-        os._exit(3)
-    code = pytest.main(
-        [*tests, "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly", "--timeout=60", "-o", "addopts="],
-    )
-    os._exit(int(code))
+    try:
+        if not install(mutant):
+            os._exit(3)
+        for i, item in enumerate(items):
+            reports = runtestprotocol(item, nextitem=None, log=False)
+            if any(r.failed for r in reports):
+                os._exit(10 + i if i < 240 else 1)  # which test killed it: it goes first next time
+    except BaseException:  # a mutant that breaks the machinery itself is caught too
+        os._exit(1)
+    os._exit(0)
 
 
 def main() -> int:
@@ -330,7 +398,9 @@ def main() -> int:
     parser.add_argument("paths", nargs="*", help="files or folders to mutate (default: the pure modules)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--show-survivors", action="store_true")
-    parser.add_argument("--limit", type=int, default=0, help="at most this many mutants (0: all)")
+    parser.add_argument(
+        "--sample", type=int, default=0, help="a seeded random sample of this many mutants (0: all)"
+    )
     args = parser.parse_args()
 
     os.chdir(ROOT)
@@ -341,70 +411,36 @@ def main() -> int:
         found = sorted(target.rglob("*.py")) if target.is_dir() else [target]
         files += [str(f.relative_to(ROOT)) for f in found if "_pb2" not in f.name and f.name != "__init__.py"]
     os.environ.setdefault("HYPOTHESIS_PROFILE", "mutation")
-    for f in files:
-        source_of(f)
+    mutants = [m for f in files for m in find_mutants(f)]
+    total = len(mutants)
+    if args.sample and args.sample < total:
+        mutants = sorted(random.Random(0).sample(mutants, args.sample), key=lambda m: (m.path, m.index))
 
     import pytest
 
-    recorder = _CallRecorder({str(ROOT / f) for f in files})
+    plugin = MutationSession(files, mutants, args.workers)
     started = time.monotonic()
-    code = pytest.main([*FAST_TESTS, "-q", "-p", "no:cacheprovider", "-o", "addopts="], plugins=[recorder])
-    if code != 0 or recorder.failed:
-        print(f"the fast tests do not pass unmutated ({recorder.failed}); fix them first", file=sys.stderr)
+    pytest.main(
+        [*FAST_TESTS, "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--timeout=0"], plugins=[plugin]
+    )
+    if plugin.failed:
+        print(f"the fast tests do not pass unmutated ({plugin.failed}); fix them first", file=sys.stderr)
         return 2
-    baseline = time.monotonic() - started
-    print(f"fast tests: {len(recorder.durations)} in {baseline:.1f} s", flush=True)
-
-    mutants = [m for f in files for m in find_mutants(f)]
-    if args.limit:
-        mutants = mutants[: args.limit]
-    results: dict[Mutant, str] = {}
-    queue = list(mutants)
-    running: dict[int, tuple[Mutant, float, float]] = {}
-    while queue or running:
-        while queue and len(running) < args.workers:
-            mutant = queue.pop(0)
-            tests = tests_for(mutant, recorder)
-            if not tests:
-                results[mutant] = "no test reaches it"
-                continue
-            bound = 10.0 + 3.0 * sum(recorder.durations.get(t, 0.0) for t in tests)
-            pid = os.fork()
-            if pid == 0:
-                _run_child(mutant, tests)
-            running[pid] = (mutant, time.monotonic(), bound)
-        if not running:
-            continue
-        pid, status = os.waitpid(-1, os.WNOHANG)
-        if pid == 0:
-            for child, (_, began, bound) in list(running.items()):
-                if time.monotonic() - began > bound:
-                    os.kill(child, signal.SIGKILL)
-            time.sleep(0.01)
-            continue
-        mutant, began, bound = running.pop(pid)
-        if os.WIFSIGNALED(status):
-            results[mutant] = "killed (timeout)" if time.monotonic() - began > bound else "killed (crash)"
-        else:
-            rc = os.WEXITSTATUS(status)
-            results[mutant] = {0: "survived", 3: "not placeable", 5: "survived"}.get(rc, "killed")
-        done = len(results)
-        if done % 50 == 0:
-            print(f"  {done}/{len(mutants)} mutants", flush=True)
-
+    results = plugin.results
     placeable = {m: r for m, r in results.items() if r != "not placeable"}
     per_file: dict[str, list[str]] = defaultdict(list)
     for m, r in placeable.items():
         per_file[m.path].append(r)
-    print(f"\n{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}")
-    total = killed = 0
+    sampled = f" (a seeded sample of {len(mutants)} of {total})" if len(mutants) < total else ""
+    print(f"\n{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}{sampled}")
+    all_total = killed = 0
     for path in files:
         rs = per_file.get(path, [])
         k = sum(r.startswith("killed") for r in rs)
-        total += len(rs)
+        all_total += len(rs)
         killed += k
         print(f"{path:40} {len(rs):8} {k:8} {k / len(rs) if rs else 1:7.1%}")
-    print(f"{'all':40} {total:8} {killed:8} {killed / max(total, 1):7.1%}")
+    print(f"{'all':40} {all_total:8} {killed:8} {killed / max(all_total, 1):7.1%}")
     print(
         f"({len(results) - len(placeable)} mutants could not be placed; {time.monotonic() - started:.0f} s)"
     )

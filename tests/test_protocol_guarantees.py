@@ -13,6 +13,7 @@ import pytest
 
 from common.constants import PAGE_SIZE, PROTOCOL_VERSION
 from common.guest.digest import DigestCache
+from common.guest.workload import Fill
 from common.protocol.dest import DestParameters
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
@@ -47,6 +48,19 @@ def test_a_commit_whose_answer_never_comes_keeps_the_guest_stopped_until_settled
     assert pair.dst_host.started.digests() == pair.guest.digests()
     pair.src.settle(runs_here=False, now=pair.now)
     assert pair.src.phase is SourcePhase.COMPLETED and pair.src_host.resumes == 0
+
+
+def test_a_protocol_error_after_the_commit_never_resumes_the_source() -> None:
+    pair = Pair(busy_guest(), params=QUICK, guest_speed=1000)
+    silence_after_commit(pair)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RUNNING)
+    assert pair.src.phase is SourcePhase.COMMITTING
+    # a garbled peer speaks out of turn: the migration fails, but the guest may run there
+    to_source(pair, verify_result=pb.VerifyResult(ok=True, attempt=9))
+    assert pair.src.phase is SourcePhase.UNSETTLED
+    assert pair.src_host.resumes == 0 and not pair.src_host.running
+    assert "verify_result" in (pair.src.failure.reason if pair.src.failure else "")
 
 
 def test_an_operator_may_settle_an_unanswered_commit_for_the_source() -> None:
@@ -122,7 +136,11 @@ def test_guest_stops_only_when_the_destination_has_hashed_what_it_got() -> None:
 
 
 def test_guest_stops_only_when_the_source_has_hashed_what_it_sent() -> None:
-    pair = Pair(busy_guest(ram=64 << 20), params=MigrationParameters(digest_budget_pages=16)).run()
+    # every page written, a fast link, and the source hashes one leaf per turn: round 1 is
+    # on the wire long before the source has hashed what it sent
+    guest = busy_guest(ram=64 << 20, fill=Fill.RANDOM)
+    fast = Faults(bandwidth=1e11)
+    pair = Pair(guest, params=MigrationParameters(digest_budget_pages=1), to_dest=fast).run()
     assert_handed_over(pair)
     assert pair.src_host.at_stop["own_backlog"] <= CATCH_UP_PAGES, pair.src_host.at_stop
 

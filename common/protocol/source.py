@@ -429,8 +429,7 @@ class SourceSession:
         if not self.connected:
             return
         while self.precopy.pass_ is not None and self.in_flight < self.params.window:
-            # the cap paces precopy; inside the downtime every byte is downtime, so none waits
-            if not self.guest_stopped:
+            if self._capped():
                 self._rate_limited_until = self.bucket.ready_at(now)
                 if self._rate_limited_until is not None:
                     return
@@ -442,6 +441,10 @@ class SourceSession:
                 self.precopy.pass_ = None
                 self._end_of_pass(now)
 
+    def _capped(self) -> bool:
+        """The cap paces precopy; inside the downtime every byte is downtime, so none waits."""
+        return not self.guest_stopped
+
     def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
         indices = np.asarray(batch.body.page_index, dtype=np.int64)
         frames = self.link.sequenced(
@@ -450,7 +453,7 @@ class SourceSession:
         size = sum(len(f) for f in frames)
         self._outgoing.append(frames)
         self._account(size)
-        if not self.guest_stopped:
+        if self._capped():
             self.bucket.spend(size, now)
         if batch.kind == "ram_pages":
             self.stats.ram_bytes += size
