@@ -9,8 +9,6 @@ TAG_BITS = 4
 TAG_MASK = 0xF
 # Two 4-bit tags per byte: the layout the kernel keeps and the one on our wire.
 PACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE // 2  # 128
-# KVM_ARM_MTE_COPY_TAGS hands out one tag per byte.
-UNPACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE  # 256
 
 MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 30

@@ -281,7 +281,8 @@ class MutationSession:
         self.failed: list[str] = []
         self.results: dict[Mutant, str] = {}
         self.baseline_s = 0.0
-        self.kills: dict[str, int] = defaultdict(int)  # which test failed first, per mutant
+        self.kills: dict[str, int] = defaultdict(int)
+        self.verbose = False  # which test failed first, per mutant
 
     def _profile(self, frame: types.FrameType, event: str, _: Any) -> None:
         if event == "call" and self.current is not None:
@@ -346,6 +347,8 @@ class MutationSession:
             else:
                 rc = os.WEXITSTATUS(status)
                 self.results[mutant] = {0: "survived", 3: "not placeable"}.get(rc, "killed")
+                if rc == 0 and self.verbose:
+                    say(f"  survived: {mutant.path}:{mutant.line}  {mutant.description}")
                 if rc >= 10 and rc - 10 < len(tests):
                     self.kills[tests[rc - 10]] += 1
             if len(self.results) % 25 == 0:
@@ -419,6 +422,7 @@ def main() -> int:
     import pytest
 
     plugin = MutationSession(files, mutants, args.workers)
+    plugin.verbose = args.show_survivors
     started = time.monotonic()
     pytest.main(
         [*FAST_TESTS, "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--timeout=0"], plugins=[plugin]

@@ -18,12 +18,15 @@ from common.constants import (
 )
 from common.guest.memory import GuestMemory
 from common.guest.mte import (
+    AccessResult,
     TagCheckFault,
     checked_load,
     checked_store,
     choose_non_excluded_tag,
     irg,
     make_pointer,
+    pointer_address,
+    pointer_tag,
 )
 from common.guest.vcpu import VcpuState
 
@@ -41,6 +44,127 @@ def vcpu_with(mode: int, el: int = 1) -> VcpuState:
     v = VcpuState()
     v.set_tcf(el, mode)
     return v
+
+
+MODES = {"none": TCF_NONE, "sync": TCF_SYNC, "async": TCF_ASYNC, "asymmetric": TCF_ASYMMETRIC}
+# What a mismatched access does, per SCTLR_EL1.TCF/TCF0 value and access kind.
+OUTCOME = {
+    ("none", "load"): "ignored",
+    ("none", "store"): "ignored",
+    ("sync", "load"): "fault",
+    ("sync", "store"): "fault",
+    ("async", "load"): "recorded",
+    ("async", "store"): "recorded",
+    ("asymmetric", "load"): "fault",
+    ("asymmetric", "store"): "recorded",
+}
+ALLOCATION_TAG = 0x5  # of the fixture's page 1
+WRONG_TAG = 0xA
+
+
+@pytest.mark.parametrize("upper_half", [False, True], ids=["ttbr0", "ttbr1"])
+@pytest.mark.parametrize("el", [0, 1], ids=["el0", "el1"])
+@pytest.mark.parametrize("mode_name, access_kind", list(OUTCOME))
+def test_mismatch_outcome_per_mode_access_and_el(
+    mem: GuestMemory, mode_name: str, access_kind: str, el: int, upper_half: bool
+) -> None:
+    """The exact outcome of a mismatched access: the TCF field of the access's EL decides;
+    sync faults and leaves memory alone, async completes and sets exactly one sticky bit (TF0
+    or TF1 by address bit 55) of exactly one register (TFSR_EL1 for EL1, TFSRE0_EL1 for EL0),
+    asymmetric is sync on loads and async on stores, none completes and records nothing."""
+    outcome = OUTCOME[(mode_name, access_kind)]
+    is_write = access_kind == "store"
+    vcpu = VcpuState()
+    vcpu.set_tcf(el, MODES[mode_name])
+    # the other EL's field asks for something else, so reading the wrong field shows
+    vcpu.set_tcf(1 - el, TCF_NONE if outcome == "fault" else TCF_SYNC)
+    address = PAGE_SIZE + 3 * GRANULE_SIZE
+    mem.write(address, b"old!")
+    pointer = make_pointer(address, WRONG_TAG) | (TTBR1 if upper_half else 0)
+
+    def access() -> object:
+        if is_write:
+            return checked_store(mem, vcpu, pointer, b"new!", el=el)
+        return checked_load(mem, vcpu, pointer, 4, el=el)
+
+    if outcome == "fault":
+        with pytest.raises(TagCheckFault) as info:
+            access()
+        fault = info.value
+        assert (fault.pointer, fault.logical_tag, fault.allocation_tag) == (
+            pointer,
+            WRONG_TAG,
+            ALLOCATION_TAG,
+        )
+        assert fault.is_write is is_write and access_kind in str(fault)
+        assert mem.read(address, 4) == b"old!"  # a faulting store does not happen
+        assert (vcpu.tfsr_el1, vcpu.tfsre0_el1) == (0, 0)
+        return
+
+    result = access()
+    if is_write:
+        assert result is True  # the mismatch is reported to the caller
+        assert mem.read(address, 4) == b"new!"
+    else:
+        assert isinstance(result, AccessResult)
+        assert result.data == b"old!" and result.tag_mismatch is True
+    bit = TFSR_TF1 if upper_half else TFSR_TF0
+    if outcome == "recorded":
+        assert (vcpu.tfsr_el1, vcpu.tfsre0_el1) == ((bit, 0) if el == 1 else (0, bit))
+    else:
+        assert (vcpu.tfsr_el1, vcpu.tfsre0_el1) == (0, 0)
+
+
+@pytest.mark.parametrize("el", [0, 1])
+@pytest.mark.parametrize("mode_name", list(MODES))
+def test_matching_access_does_nothing_but_the_access(mem: GuestMemory, mode_name: str, el: int) -> None:
+    vcpu = VcpuState()
+    vcpu.set_tcf(el, MODES[mode_name])
+    pointer = make_pointer(PAGE_SIZE + 32, ALLOCATION_TAG) | TTBR1
+    assert checked_store(mem, vcpu, pointer, b"abcd", el=el) is False
+    loaded = checked_load(mem, vcpu, pointer, 4, el=el)
+    assert loaded.data == b"abcd" and loaded.tag_mismatch is False
+    assert (vcpu.tfsr_el1, vcpu.tfsre0_el1) == (0, 0)
+
+
+@pytest.mark.parametrize("el", [0, 1])
+def test_async_bits_are_sticky(mem: GuestMemory, el: int) -> None:
+    vcpu = VcpuState()
+    vcpu.set_tcf(el, TCF_ASYNC)
+    checked_store(mem, vcpu, make_pointer(PAGE_SIZE, WRONG_TAG) | TTBR1, b"x", el=el)
+    checked_load(mem, vcpu, make_pointer(PAGE_SIZE, WRONG_TAG), 1, el=el)
+    checked_load(mem, vcpu, make_pointer(PAGE_SIZE, ALLOCATION_TAG), 1, el=el)  # a match clears nothing
+    register = vcpu.tfsr_el1 if el == 1 else vcpu.tfsre0_el1
+    assert register == TFSR_TF0 | TFSR_TF1
+
+
+def test_fault_names_the_first_mismatched_granule(mem: GuestMemory) -> None:
+    mem.set_tags(PAGE_SIZE + 2 * GRANULE_SIZE, GRANULE_SIZE, 0x3)
+    mem.set_tags(PAGE_SIZE + 3 * GRANULE_SIZE, GRANULE_SIZE, 0x4)
+    vcpu = vcpu_with(TCF_SYNC)
+    pointer = make_pointer(PAGE_SIZE + GRANULE_SIZE, ALLOCATION_TAG)
+    with pytest.raises(TagCheckFault) as info:
+        checked_store(mem, vcpu, pointer, b"\xee" * (3 * GRANULE_SIZE))
+    assert info.value.allocation_tag == 0x3
+    assert "logical tag 0x5, allocation tag 0x3" in str(info.value)
+    assert f"{pointer:#018x}" in str(info.value)
+    assert mem.read(PAGE_SIZE + GRANULE_SIZE, 3 * GRANULE_SIZE) == bytes(3 * GRANULE_SIZE)
+
+
+def test_pointer_layout() -> None:
+    """Bits 59:56 carry the logical tag, bit 55 selects the upper half, the rest the address."""
+    pointer = make_pointer(0x1234_5678 | TTBR1 | 0xAB << 56, 0x1C)
+    assert pointer == 0x0C80_0000_1234_5678
+    assert pointer_tag(pointer) == 0xC
+    assert pointer_address(pointer) == 0x1234_5678
+    assert pointer_address(0xFF80_0000_0000_1000) == 0x1000
+
+
+def test_upper_half_pointer_reaches_the_same_guest_offset(mem: GuestMemory) -> None:
+    vcpu = vcpu_with(TCF_SYNC)
+    checked_store(mem, vcpu, make_pointer(PAGE_SIZE + 40, ALLOCATION_TAG) | TTBR1, b"hi")
+    assert mem.read(PAGE_SIZE + 40, 2) == b"hi"
+    assert checked_load(mem, vcpu, make_pointer(PAGE_SIZE + 40, ALLOCATION_TAG), 2).data == b"hi"
 
 
 def test_matching_tag_passes_in_every_mode(mem: GuestMemory) -> None:

@@ -18,7 +18,6 @@ import numpy.typing as npt
 
 from common.constants import (
     GRANULE_SIZE,
-    GRANULES_PER_PAGE,
     MAX_RAM_BYTES,
     MIN_RAM_BYTES,
     PACKED_TAG_BYTES_PER_PAGE,
@@ -90,13 +89,6 @@ class GuestMemory:
                 f"access of {length} bytes at {addr:#x} is outside guest RAM of {self.ram_bytes:#x} bytes"
             )
 
-    def check_pages(self, indices: npt.ArrayLike) -> PageIndices:
-        idx = np.asarray(indices, dtype=np.int64)
-        if idx.size and (idx.min() < 0 or idx.max() >= self.page_count):
-            bad = int(idx[(idx < 0) | (idx >= self.page_count)][0])
-            raise GuestAddressError(f"page {bad} is outside guest RAM of {self.page_count} pages")
-        return idx
-
     def _mark(self, bitmap: npt.NDArray[np.bool_], addr: int, length: int) -> None:
         if length:
             bitmap[addr // PAGE_SIZE : (addr + length - 1) // PAGE_SIZE + 1] = True
@@ -151,14 +143,11 @@ class GuestMemory:
         first = addr // GRANULE_SIZE
         end = first + length // GRANULE_SIZE
         with self.lock:
-            if first & 1:
-                self._set_nibble(first, tag)
-                first += 1
-            if end > first and end & 1:
-                self._set_nibble(end - 1, tag)
-                end -= 1
-            if end > first:
-                self.tag_bytes[first >> 1 : end >> 1] = tag | (tag << 4)
+            # The first and last granule by nibble (either may share its byte with a granule
+            # outside the range), every whole byte between them at once.
+            self._set_nibble(first, tag)
+            self._set_nibble(end - 1, tag)
+            self.tag_bytes[(first + 1) >> 1 : end >> 1] = tag | (tag << 4)
             self._mark(self.tag_dirty, addr, length)
             self._mark(self.tags_populated, addr, length)
 
@@ -167,33 +156,10 @@ class GuestMemory:
         byte = int(self.tag_bytes[i])
         self.tag_bytes[i] = (byte & 0x0F) | (tag << 4) if granule & 1 else (byte & 0xF0) | tag
 
-    def set_granule_tags(self, addr: int, tags: npt.ArrayLike) -> None:
-        """Give consecutive granules from addr one tag each (tags one per element)."""
-        values = np.asarray(tags, dtype=np.uint8) & TAG_MASK
-        length = values.size * GRANULE_SIZE
-        if addr % GRANULE_SIZE:
-            raise GuestAddressError(f"tag store at {addr:#x} is not granule aligned")
-        self.check_range(addr, length)
-        first = addr // GRANULE_SIZE
-        with self.lock:
-            if first & 1 or values.size & 1:
-                for k, tag in enumerate(values.tolist()):
-                    self._set_nibble(first + k, tag)
-            else:
-                self.tag_bytes[first >> 1 : (first + values.size) >> 1] = pack_tags(values)
-            self._mark(self.tag_dirty, addr, length)
-            self._mark(self.tags_populated, addr, length)
-
     # -- bulk per page range -----------------------------------------------------------------
     def read_tags_packed(self, first_page: int, count: int) -> npt.NDArray[np.uint8]:
         self.check_range(first_page * PAGE_SIZE, count * PAGE_SIZE)
         return self.page_tags[first_page : first_page + count].copy()
-
-    def read_tags_unpacked(self, first_page: int, count: int) -> npt.NDArray[np.uint8]:
-        """The KVM_ARM_MTE_COPY_TAGS layout: one tag per byte, 256 bytes per page."""
-        return unpack_tags(self.read_tags_packed(first_page, count).reshape(-1)).reshape(
-            count, GRANULES_PER_PAGE
-        )
 
     def write_tags_packed(self, first_page: int, packed: npt.ArrayLike) -> None:
         values = np.asarray(packed, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
@@ -203,14 +169,6 @@ class GuestMemory:
             self.page_tags[first_page : first_page + count] = values
             self.tag_dirty[first_page : first_page + count] = True
             self.tags_populated[first_page : first_page + count] = True
-
-    def write_tags_unpacked(self, first_page: int, unpacked: npt.ArrayLike) -> None:
-        values = np.asarray(unpacked, dtype=np.uint8)
-        if values.size % GRANULES_PER_PAGE:
-            raise ValueError(f"{values.size} tags is not a whole number of pages")
-        if values.size and int(values.max()) > TAG_MASK:
-            raise ValueError("an unpacked tag is wider than 4 bits")
-        self.write_tags_packed(first_page, pack_tags(values.reshape(-1)))
 
     # -- placement by a migration (no dirtying: these are not guest writes) -------------------
     def place_pages(self, indices: PageIndices, data: npt.NDArray[np.uint8]) -> None:
@@ -258,12 +216,6 @@ def _scatter(table: npt.NDArray[Any], indices: PageIndices, values: Any) -> None
         table[int(indices[0]) : int(indices[0]) + indices.size] = values
     else:
         table[indices] = values
-
-
-def pack_tags(unpacked: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
-    """One tag per byte (even count) to two per byte, granule 2k in the low nibble."""
-    flat = np.asarray(unpacked, dtype=np.uint8).reshape(-1)
-    return ((flat[0::2] & TAG_MASK) | ((flat[1::2] & TAG_MASK) << 4)).astype(np.uint8)
 
 
 def unpack_tags(packed: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:

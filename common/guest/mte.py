@@ -24,6 +24,8 @@ from common.guest.vcpu import VcpuState
 _TTBR1_BIT = 1 << 55
 # Our guest addresses are offsets into guest RAM; bits 63:56 hold the tag, bit 55 the half.
 _OFFSET_MASK = ADDRESS_MASK & ~_TTBR1_BIT
+# RGSR_EL1.TAG, bits 3:0: the tag the last IRG produced, where the next one starts.
+_RGSR_TAG = TAG_MASK
 
 
 class TagCheckFault(Exception):
@@ -117,13 +119,19 @@ def choose_non_excluded_tag(tag: int, offset: int, exclude: int) -> int:
     return tag
 
 
-def irg(vcpu: VcpuState, extra_exclude: int = 0) -> int:
-    """IRG: a pseudo-random tag from RGSR_EL1, never one excluded by GCR_EL1 (or the
-    register operand, as IRG Xd, Xn, Xm allows)."""
-    exclude = (vcpu.gcr_el1 | extra_exclude) & GCR_EXCLUDE_MASK
-    if exclude == GCR_EXCLUDE_MASK:
-        return 0
+def _random_tag(vcpu: VcpuState) -> int:
+    """The architecture's RandomTag: four LFSR bits, the first one drawn in bit 0."""
     tag = 0
     for i in range(4):
         tag |= _next_random_tag_bit(vcpu) << i
-    return choose_non_excluded_tag(tag, 0, exclude)
+    return tag
+
+
+def irg(vcpu: VcpuState, extra_exclude: int = 0) -> int:
+    """IRG: step from RGSR_EL1.TAG by RandomTag() past the tags excluded by GCR_EL1 (or by the
+    register operand, as IRG Xd, Xn, Xm allows); the result becomes RGSR_EL1.TAG. The LFSR
+    advances even when every tag is excluded, as the architecture's pseudocode has it."""
+    offset = _random_tag(vcpu)
+    tag = choose_non_excluded_tag(vcpu.rgsr_el1 & _RGSR_TAG, offset, vcpu.gcr_el1 | extra_exclude)
+    vcpu.rgsr_el1 = (vcpu.rgsr_el1 & ~_RGSR_TAG) | tag
+    return tag

@@ -39,10 +39,6 @@ class BatchStats:
     lz4: int = 0
     payload_bytes: int = 0
 
-    def add(self, other: BatchStats) -> None:
-        for name in self.__dataclass_fields__:
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-
 
 def gather_rows(table: U8, indices: Indices, *, view_ok: bool = False) -> U8:
     """table[indices]: a fresh array, or with view_ok a view where the pages are contiguous."""
@@ -63,8 +59,7 @@ def nonzero_rows(rows: U8) -> npt.NDArray[np.bool_]:
 
 
 def _lz4_pays(rows: U8, candidates: Indices) -> bool:
-    if candidates.size == 0:
-        return False
+    """Whether lz4 shrinks a sample of the candidate rows below LZ4_WORTH_RATIO (never, for none)."""
     sample = candidates[
         np.linspace(0, candidates.size - 1, min(LZ4_SAMPLE_PAGES, candidates.size)).astype(np.int64)
     ]
@@ -76,12 +71,12 @@ def _lz4_pays(rows: U8, candidates: Indices) -> bool:
 def _compress_rows(
     rows: U8,
     raw_rows: Indices,
-    raw_code: int,
     lz4_code: int,
     encodings: npt.NDArray[np.int32],
     lengths: npt.NDArray[np.int64],
 ) -> list[bytes]:
-    """lz4 each candidate row, keeping raw bytes where lz4 does not shrink it."""
+    """lz4 each candidate row, keeping raw bytes (and the raw encoding and length the caller
+    set) where lz4 does not shrink it."""
     parts: list[bytes] = []
     row_bytes = rows.shape[1]
     for i in raw_rows.tolist():
@@ -91,7 +86,6 @@ def _compress_rows(
             encodings[i], lengths[i] = lz4_code, len(packed)
             parts.append(packed)
         else:
-            encodings[i], lengths[i] = raw_code, row_bytes
             parts.append(raw)
     return parts
 
@@ -110,10 +104,8 @@ def encode_ram_pages(
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
     data_rows = np.flatnonzero(nonzero)
     stats = BatchStats(pages=int(indices.size), zero=int(indices.size - data_rows.size))
-    payload: Buffer
     if use_lz4 and _lz4_pays(rows, data_rows):
-        parts = _compress_rows(rows, data_rows, pb.PAGE_RAW, pb.PAGE_LZ4, encodings, lengths)
-        payload = b"".join(parts)
+        payload: Buffer = b"".join(_compress_rows(rows, data_rows, pb.PAGE_LZ4, encodings, lengths))
         stats.lz4 = int(np.count_nonzero(encodings == pb.PAGE_LZ4))
     else:
         # The common fast path: no per-page Python work. A contiguous batch of pages with
@@ -148,7 +140,7 @@ def encode_tag_sections(
     )
     compressed = use_lz4 and _lz4_pays(rows, varied)
     if compressed:
-        varied_parts = iter(_compress_rows(rows, varied, pb.TAG_RAW, pb.TAG_LZ4, encodings, lengths))
+        varied_parts = iter(_compress_rows(rows, varied, pb.TAG_LZ4, encodings, lengths))
     else:
         varied_parts = iter(rows[i].tobytes() for i in varied.tolist())
     if varied.size == indices.size and not compressed:
