@@ -44,6 +44,8 @@ class Link:
     faults: Faults
     queue: list[tuple[float, list[bytes]]] = field(default_factory=list)
     carried: int = 0
+    carried_bytes: int = 0  # every byte put on the link, lost or not
+    first_bytes: int = 0  # the size of the first message (a hello, on the way down)
     busy_until: float = 0.0
     events: list[str] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # of every message, when the link reads them
@@ -55,6 +57,10 @@ class Link:
     def put(self, frames: list[bytes], now: float) -> None:
         f = self.faults
         self.carried += 1
+        size = sum(len(x) for x in frames)
+        self.carried_bytes += size
+        if self.carried == 1:
+            self.first_bytes = size
         if f.cut_after is not None and self.carried > f.cut_after:
             return
         if (f.outage is not None and f.outage[0] <= now < f.outage[1]) or (self.cut_when and self.cut_when()):

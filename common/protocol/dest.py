@@ -167,7 +167,7 @@ class DestSession:
         except WireError as exc:
             self._fail(exc.code, exc.reason, now)
             return
-        if message.kind not in ("ram_pages", "tag_sections") and self.phase in _LIVE:
+        if message.kind not in ("ram_pages", "tag_sections") and self.phase is not _D.FAILED:
             self._ack(now)  # data messages are acknowledged with the flow control
 
     def poll(self, now: float) -> None:

@@ -88,6 +88,7 @@ class SourceSession:
         self._catching_up = False
         self._resend_vcpus = True
         self._rate_limited_until: float | None = None
+        self._commit_acked = False
         # the link: None while connected; else when the current reconnect began and its next try
         self._reconnecting_since: float | None = None
         self._next_resume_at = 0.0
@@ -182,6 +183,7 @@ class SourceSession:
             return
         if env.seq == 0:
             self._on_unsequenced(message, now)
+            self._settle_by_ack(now)
             return
         arrival = self.link.arrive(env.seq)
         if arrival is Arrival.REPEAT:
@@ -204,6 +206,7 @@ class SourceSession:
             return
         if not self.phase.terminal:
             self._ack(now)
+        self._settle_by_ack(now)
 
     def poll(self, now: float) -> None:
         """Advance on time: send what the window and bandwidth allow, watch the link."""
@@ -355,9 +358,15 @@ class SourceSession:
     def _acknowledged(self, entry: Unacked, now: float) -> None:
         if entry.data is not None:
             self.meter.add(now, entry.size)
-        elif entry.kind == "commit" and self.phase in (_S.COMMITTING, _S.UNSETTLED):
+        elif entry.kind == "commit":
             # The destination acknowledges a message only after handling it, and handling the
             # commit starts the guest there: this ack says where it runs, even if Started is lost.
+            self._commit_acked = True
+
+    def _settle_by_ack(self, now: float) -> None:
+        """After the message that carried it was handled: a Started in the same message says
+        more than the ack of the commit does."""
+        if self._commit_acked and self.phase in (_S.COMMITTING, _S.UNSETTLED):
             self._complete(now, "destination acknowledged the commit")
 
     def _ask_resend(self, now: float) -> None:

@@ -1,0 +1,147 @@
+"""What the reports say, checked against what happened on the wire and in the guest: every
+number a user reads must be the one it claims to be."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from common.protocol.events import Finished, RoundStarted
+from common.protocol.params import MigrationParameters
+from common.protocol.phases import SourcePhase
+from tests.protocol_harness import Faults, Pair, busy_guest
+from tests.test_protocol import assert_handed_over
+
+
+def idle_pair() -> tuple[Pair, dict, dict]:
+    guest = busy_guest(seed=12)
+    pair = Pair(guest, to_dest=Faults(latency_s=0.001), to_source=Faults(latency_s=0.001, seed=1))
+    stopped: list[float] = []
+    stop = pair.src_host.stop_guest
+
+    def timed_stop() -> None:
+        stopped.append(pair.now)
+        stop()
+
+    pair.src_host.stop_guest = timed_stop  # type: ignore[method-assign]
+    pair.run()
+    assert_handed_over(pair)
+    pair.stopped_at = stopped[0]  # type: ignore[attr-defined]
+    return pair, pair.src.report(pair.now), pair.dst.report(pair.now)
+
+
+def test_page_and_tag_counts_are_those_of_the_guest() -> None:
+    pair, src, dst = idle_pair()
+    mem = pair.guest.memory
+    data = np.flatnonzero(mem.data_populated)
+    tags = np.flatnonzero(mem.tags_populated)
+    zero_written = int(sum(not mem.pages[p].any() for p in data))
+    untagged_written = int(sum(not mem.page_tags[p].any() for p in tags))
+    assert src["ram"]["total_bytes"] == mem.ram_bytes
+    assert src["ram"]["pages_sent"] == data.size == dst["ram"]["pages_sent"]
+    assert src["ram"]["zero_pages"] == mem.page_count - data.size + zero_written
+    assert dst["ram"]["zero_pages"] == zero_written
+    assert src["tags"]["sections_sent"] == tags.size == dst["tags"]["sections_sent"]
+    assert src["tags"]["untagged_pages"] == mem.page_count - tags.size + untagged_written
+    assert dst["tags"]["untagged_pages"] == untagged_written
+
+
+def test_byte_counts_add_up_to_what_crossed_the_wire() -> None:
+    pair, src, dst = idle_pair()
+    ram, tags = src["ram"], src["tags"]
+    # precopy and downtime bytes are everything the source sent after the hello
+    assert ram["precopy_bytes"] + ram["downtime_bytes"] == pair.down.carried_bytes - pair.down.first_bytes
+    assert ram["transferred_bytes"] + tags["transferred_bytes"] < ram["precopy_bytes"] + ram["downtime_bytes"]
+    assert ram["transferred_bytes"] > ram["pages_sent"] * 0  # pages that are not zero cost bytes
+    # the destination counts payload bytes only: less than the wire bytes, more than nothing
+    assert 0 < dst["ram"]["transferred_bytes"] < ram["transferred_bytes"]
+    assert 0 < dst["tags"]["transferred_bytes"] < tags["transferred_bytes"]
+    total_s = src["total_time_ms"] / 1000
+    assert src["throughput_mbps"] == round(pair.down.carried_bytes * 8 / 1e6 / total_s, 1)
+
+
+def test_times_are_measured_where_they_say() -> None:
+    pair, src, dst = idle_pair()
+    timeline = src["timeline_ms"]
+    order = list(timeline)
+    expected = ["setup done", "round 1 sent", "guest stopped", "verify request 1 sent", "verify result 1: ok"]
+    assert order[: len(expected)] == expected and order[-1] == "destination running"
+    assert list(timeline.values()) == sorted(timeline.values())
+    stopped_ms = pair.stopped_at * 1000  # type: ignore[attr-defined]
+    assert timeline["guest stopped"] == pytest.approx(stopped_ms, abs=1e-3)
+    assert src["downtime_ms"] == pytest.approx(timeline["destination running"] - stopped_ms, abs=1e-2)
+    assert src["setup_time_ms"] == pytest.approx(timeline["setup done"], abs=1e-3)
+    # a round trip of 1 ms latency each way, at the least
+    assert src["setup_time_ms"] >= 2.0
+    assert src["total_time_ms"] == pytest.approx(timeline["destination running"], abs=1e-2)
+    # the destination measures from the stop marker to its start: one latency less
+    assert 0 < dst["downtime_ms"] < src["downtime_ms"]
+    assert src["expected_downtime_ms"] is not None and src["expected_downtime_ms"] >= 0
+
+
+def test_status_verification_and_link_sections() -> None:
+    pair, src, dst = idle_pair()
+    digests = pair.guest.digests()
+    for report in (src, dst):
+        assert report["status"] == "completed" and report["error"] is None and report["mode"] == "precopy"
+        v = report["verification"]
+        assert v == {
+            "ok": True,
+            "ram_digest": digests.ram.hex(),
+            "tag_digest": digests.tags.hex(),
+            "vcpu_digest": digests.vcpu.hex(),
+            "mismatched_pages": [],
+        }
+    assert src["phase"] == "completed" and dst["phase"] == "running"
+    assert src["rounds"] == 2 == dst["rounds"]  # round 1 and the switchover pass
+    assert src["pages_remaining"] == 0 and src["throttle"] == 0
+    assert src["downtime_limit_ms"] == MigrationParameters().downtime_limit_ms
+    assert src["link"] == {
+        "epoch": 1,
+        "reconnects": 0,
+        "resent_messages": 0,
+        "resend_requests": 0,
+        "corrupt_received": 0,
+    }
+    assert dst["link"] == {
+        "epoch": 1,
+        "resumes": 0,
+        "resent_messages": 0,
+        "resend_requests": 0,
+        "corrupt_received": 0,
+    }
+    assert dst["refused_messages"] == 0
+
+
+def test_a_failed_migration_reports_why_and_where() -> None:
+    params = MigrationParameters(max_bandwidth=1 << 20)
+    pair = Pair(busy_guest(), params=params, guest_speed=1000)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.now > 0.3)
+    pair.src.cancel(pair.now, "because the test says so")
+    pair.run_until(pair.settled)
+    src, dst = pair.src.report(pair.now), pair.dst.report(pair.now)
+    assert src["status"] == "cancelled" and src["error"] == "because the test says so"
+    assert src["phase"] == "cancelled" and src["downtime_ms"] is None
+    assert dst["status"] == "cancelled" and dst["error"] == "source aborted: because the test says so"
+    assert src["verification"]["ok"] is None and dst["verification"]["ok"] is None
+    assert src["pages_remaining"] == 0  # the pass was dropped, nothing is still to send
+    assert pair.src.phase is SourcePhase.CANCELLED
+
+
+def test_events_tell_the_daemon_each_round_and_the_end() -> None:
+    idle = busy_guest(seed=3)
+    first_round = int(idle.memory.data_populated.sum() + idle.memory.tags_populated.sum())
+    idle_rounds = [(e.round, e.pages) for e in Pair(idle).run().events if isinstance(e, RoundStarted)]
+    assert idle_rounds == [(1, first_round)]
+    pair = Pair(
+        busy_guest(seed=3, dirty_pages_per_step=8),
+        params=MigrationParameters(downtime_limit_ms=2),
+        guest_speed=2000,
+    )
+    pair.run()
+    assert_handed_over(pair)
+    rounds = [e for e in pair.events if isinstance(e, RoundStarted)]
+    assert len(rounds) >= 2 and [r.round for r in rounds] == list(range(1, len(rounds) + 1))
+    finished = [e for e in pair.src.take_events() + pair.events if isinstance(e, Finished)]
+    assert [f.status for f in finished] == ["completed"]
