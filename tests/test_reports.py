@@ -136,12 +136,16 @@ def test_events_tell_the_daemon_each_round_and_the_end() -> None:
     assert idle_rounds == [(1, first_round)]
     pair = Pair(
         busy_guest(seed=3, dirty_pages_per_step=8),
-        params=MigrationParameters(downtime_limit_ms=2),
+        params=MigrationParameters(downtime_limit_ms=5, max_bandwidth=8 << 20),
         guest_speed=2000,
     )
     pair.run()
     assert_handed_over(pair)
     rounds = [e for e in pair.events if isinstance(e, RoundStarted)]
     assert len(rounds) >= 2 and [r.round for r in rounds] == list(range(1, len(rounds) + 1))
+    sent = [event for event in pair.src.report(pair.now)["timeline_ms"] if event.endswith(" sent")]
+    # each round is logged under its own number, and the switchover pass is the one after
+    assert sent[: len(rounds)] == [f"round {r.round} sent" for r in rounds]
+    assert pair.dst.rounds == len(rounds) + 1 == pair.src.round
     finished = [e for e in pair.src.take_events() + pair.events if isinstance(e, Finished)]
     assert [f.status for f in finished] == ["completed"]

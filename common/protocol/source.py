@@ -477,6 +477,7 @@ class SourceSession:
         if self.phase is _S.SWITCHOVER:
             self._finish_switchover(now)
             return
+        finished_round = self.round
         end = self.precopy.end_of_round(
             now,
             in_flight=self.in_flight,
@@ -488,11 +489,11 @@ class SourceSession:
         self._catching_up = end.verdict is Verdict.WAIT
         if end.sync is None:
             return
-        self._mark_time(f"round {self.round} sent", now)
+        self._mark_time(f"round {finished_round} sent", now)
         self._send(
             now,
             end_of_round=pb.EndOfRound(
-                round=self.round,
+                round=finished_round,
                 pages_sent=self.stats.pages_sent,
                 tag_sections_sent=self.stats.tag_sections,
                 remaining_dirty_pages=int(end.sync.data_pages.size),
