@@ -1,0 +1,223 @@
+"""The destination session on its own: fed messages by hand, with the time, so that each of its
+rules (silence, heartbeats, resumes, refusals, resends) is seen doing its job."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from common.constants import PROTOCOL_VERSION
+from common.protocol.dest import DestParameters, DestSession
+from common.protocol.events import LinkRestored
+from common.protocol.phases import DestPhase
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from common.wire.bitmap import encode_bitmap
+from tests.protocol_harness import FakeDestHost
+
+SESSION = b"s" * 8
+PEER = b"peer-1"
+
+
+def hello(**changes: Any) -> pb.Hello:
+    h = pb.Hello(
+        protocol_version=PROTOCOL_VERSION,
+        page_size=4096,
+        granule_size=16,
+        ram_bytes=1 << 20,
+        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
+        mode=pb.MODE_PRECOPY,
+        vcpu_count=1,
+    )
+    for name, value in changes.items():
+        setattr(h, name, value)
+    return h
+
+
+def frames(seq: int, epoch: int = 1, received: int = 0, session: bytes = SESSION, **body: Any) -> list[Any]:
+    env = framing.envelope(session, seq, **body)
+    env.epoch = epoch
+    env.received = received
+    return framing.encode(env)
+
+
+def replies(dst: DestSession) -> list[tuple[bytes, framing.Message]]:
+    return [(peer, framing.decode(f)) for peer, f in dst.take_outgoing()]
+
+
+def receiving(params: DestParameters | None = None, **hello_changes: Any) -> tuple[DestSession, FakeDestHost]:
+    host = FakeDestHost()
+    dst = DestSession(host, params or DestParameters(), 0.0)
+    dst.receive(PEER, frames(1, hello=hello(**hello_changes)), 0.0)
+    assert dst.phase is DestPhase.RECEIVING
+    [(_, ack)] = replies(dst)
+    assert ack.kind == "hello_ack" and ack.envelope.seq == 1
+    return dst, host
+
+
+def test_a_silent_source_is_given_its_reconnect_timeout_then_discarded() -> None:
+    dst, host = receiving(DestParameters(peer_timeout_s=1.0), reconnect_timeout_ms=4000)
+    assert dst.keep_for_s == 4.0
+    dst.poll(3.9)
+    assert dst.phase is DestPhase.RECEIVING
+    dst.poll(4.1)
+    assert dst.phase is DestPhase.FAILED and host.discarded == 1
+    assert dst.failure is not None and dst.failure.code == pb.ERROR_TIMEOUT
+    assert "source silent for 4.1 s (it had 4.0 s to reconnect)" in dst.failure.reason
+
+
+def test_without_a_reconnect_timeout_the_peer_timeout_holds() -> None:
+    dst, _ = receiving(DestParameters(peer_timeout_s=1.5))
+    assert dst.keep_for_s == 1.5
+    dst.poll(1.6)
+    assert dst.phase is DestPhase.FAILED
+
+
+def test_a_quiet_destination_sends_heartbeats_and_sleeps_until_the_next() -> None:
+    dst, _ = receiving(DestParameters(heartbeat_interval_s=0.5, peer_timeout_s=10.0))
+    assert dst.next_deadline(0.1) == 0.5  # the first heartbeat is due half a second after the hello_ack
+    dst.poll(0.4)
+    assert replies(dst) == []
+    dst.poll(0.5)
+    [(peer, beat)] = replies(dst)
+    assert peer == PEER and beat.kind == "heartbeat" and beat.envelope.seq == 0
+    assert dst.next_deadline(0.6) == 1.0
+
+
+def test_a_waiting_destination_has_nothing_to_do() -> None:
+    dst = DestSession(FakeDestHost(), DestParameters(), 0.0)
+    assert dst.next_deadline(5.0) >= 5.0 + 3600
+    dst.poll(100.0)
+    assert dst.phase is DestPhase.WAITING and replies(dst) == []
+
+
+def test_a_hello_must_open_its_session() -> None:
+    dst = DestSession(FakeDestHost(), DestParameters(), 0.0)
+    dst.receive(PEER, frames(2, hello=hello()), 0.0)
+    [(_, ack)] = replies(dst)
+    assert not ack.envelope.hello_ack.accepted and "must be message 1" in ack.envelope.hello_ack.reason
+    assert dst.refused_messages == 1 and dst.guest is None
+
+
+def test_the_populated_hint_is_prefaulted() -> None:
+    hint = np.zeros(256, dtype=np.bool_)
+    hint[[3, 7, 200]] = True
+    _, host = receiving(populated_hint_lz4=encode_bitmap(hint))
+    assert host.prefault_hint.tolist() == [3, 7, 200]  # type: ignore[attr-defined]
+
+
+def test_the_epoch_of_the_hello_is_the_sessions() -> None:
+    host = FakeDestHost()
+    dst = DestSession(host, DestParameters(), 0.0)
+    dst.receive(PEER, frames(1, epoch=3, hello=hello()), 0.0)
+    assert dst.link.epoch == 3
+    dst.receive(PEER, frames(2, epoch=2, heartbeat=pb.Heartbeat()), 0.0)
+    assert dst.link.received == 1, "a message of an older epoch is stale"
+
+
+def test_a_resume_moves_the_session_to_the_new_connection_and_resends_what_is_missing() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(2, end_of_round=pb.EndOfRound(round=1, final=True)), 0.1)
+    replies(dst)
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=0)), 0.2)
+    out = replies(dst)
+    assert [(p, m.kind) for p, m in out] == [(b"peer-2", "resume_ack"), (b"peer-2", "hello_ack")]
+    ack = out[0][1].envelope.resume_ack
+    assert ack.epoch == 2 and ack.last_received == 2 and not ack.guest_running
+    assert dst.peer == b"peer-2" and dst.link.epoch == 2 and dst.link.stats.resumes == 1
+    assert any(isinstance(e, LinkRestored) and e.epoch == 2 for e in dst.take_events())
+    # the old connection is left behind: what still comes on it changes nothing
+    dst.receive(PEER, frames(3, epoch=1, end_of_round=pb.EndOfRound(round=9)), 0.3)
+    assert dst.link.received == 2 and dst.rounds == 1
+    assert [(p, m.kind) for p, m in replies(dst)] == [(PEER, "abort")]
+    # the same resume again (a retry) moves nothing and counts no second resume
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=1)), 0.3)
+    assert dst.link.stats.resumes == 1
+    assert [m.kind for _, m in replies(dst)] == ["resume_ack"]
+
+
+def test_a_resume_that_claims_too_much_or_comes_late_is_refused() -> None:
+    dst, _ = receiving()
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=5)), 0.1)
+    [(peer, refusal)] = replies(dst)
+    assert peer == b"peer-2" and refusal.kind == "abort" and "never sent" in refusal.envelope.abort.reason
+    assert dst.peer == PEER and dst.link.epoch == 1
+    dst.cancel(0.2)
+    replies(dst)
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=1)), 0.3)
+    [(_, late)] = replies(dst)
+    assert late.envelope.abort.code == pb.ERROR_WRONG_SESSION and "discarded" in late.envelope.abort.reason
+
+
+def test_a_running_destination_says_so_when_its_source_resumes() -> None:
+    dst, host = receiving()
+    dst.receive(PEER, frames(2, end_of_round=pb.EndOfRound(round=1, final=True)), 0.1)
+    dst.phase  # noqa: B018 - the machine moves only through the protocol below
+    dst.machine.move(DestPhase.AWAIT_COMMIT)
+    dst.receive(PEER, frames(3, commit=pb.Commit()), 0.2)
+    assert dst.phase is DestPhase.RUNNING and host.started is not None
+    replies(dst)
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=1)), 0.3)
+    out = replies(dst)
+    assert out[0][1].envelope.resume_ack.guest_running is True
+    assert [m.kind for _, m in out[1:]] == ["started"], "the Started it lost is sent again"
+
+
+def test_link_messages_must_be_unsequenced_ones() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(0, resume_ack=pb.ResumeAck(epoch=1)), 0.1)
+    assert dst.phase is DestPhase.FAILED and "resume_ack without a sequence number" in dst.failure.reason  # type: ignore[union-attr]
+    dst2, _ = receiving()
+    dst2.receive(PEER, frames(0, commit=pb.Commit()), 0.1)
+    assert dst2.phase is DestPhase.FAILED and "commit without a sequence number" in dst2.failure.reason  # type: ignore[union-attr]
+
+
+def test_the_source_asks_for_a_resend() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(0, ack=pb.Ack(acked_seq=1, resend_from=1)), 0.1)
+    assert [m.kind for _, m in replies(dst)] == ["hello_ack"] and dst.link.stats.resent == 1
+    dst.receive(PEER, frames(0, ack=pb.Ack(acked_seq=1, resend_from=9)), 0.2)
+    assert dst.phase is DestPhase.FAILED and "asked for message 9, never sent" in dst.failure.reason  # type: ignore[union-attr]
+
+
+def test_an_ack_of_a_reply_never_sent_fails_the_session() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(2, received=5, end_of_round=pb.EndOfRound(round=1)), 0.1)
+    assert dst.phase is DestPhase.FAILED and "acknowledged message 5, never sent" in dst.failure.reason  # type: ignore[union-attr]
+
+
+def test_damage_from_our_source_is_asked_for_again_and_from_a_stranger_refused() -> None:
+    dst, _ = receiving()
+    good = frames(2, end_of_round=pb.EndOfRound(round=1))
+    damaged = [bytes(good[0][:-1]) + bytes([good[0][-1] ^ 1])]
+    dst.receive(PEER, damaged, 0.1)
+    [(peer, ask)] = replies(dst)
+    assert peer == PEER and ask.envelope.ack.resend_from == 2 and dst.link.stats.corrupt == 1
+    assert dst.phase is DestPhase.RECEIVING and dst.refused_messages == 0
+    dst.receive(b"stranger", damaged, 0.2)
+    [(peer, refusal)] = replies(dst)
+    assert peer == b"stranger" and refusal.envelope.abort.code == pb.ERROR_CHECKSUM
+    assert dst.refused_messages == 1
+
+
+def test_the_stop_marker_is_taken_once() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(2, end_of_round=pb.EndOfRound(round=1)), 0.1)
+    assert not dst.source_stopped and dst.rounds == 1
+    dst.receive(PEER, frames(3, end_of_round=pb.EndOfRound(round=2, final=True)), 0.2)
+    assert dst.source_stopped and dst.t_stop_seen == 0.2 and dst.rounds == 2
+    dst.receive(PEER, frames(4, end_of_round=pb.EndOfRound(round=3, final=True)), 0.3)
+    assert dst.t_stop_seen == 0.2
+
+
+def test_an_abort_from_the_source_is_not_answered_and_a_cancel_is() -> None:
+    dst, host = receiving()
+    dst.receive(PEER, frames(2, abort=pb.Abort(code=pb.ERROR_CANCELLED, reason="bye")), 0.1)
+    assert dst.phase is DestPhase.FAILED and host.discarded == 1 and dst.t_end == 0.1
+    assert [m.kind for _, m in replies(dst)] == []
+    assert dst.report(0.2)["status"] == "cancelled" and dst.report(0.2)["error"] == "source aborted: bye"
+    dst2, _ = receiving()
+    dst2.cancel(0.1, "operator says no")
+    [(_, abort)] = replies(dst2)
+    assert abort.envelope.abort.reason == "operator says no" and abort.envelope.seq == 2
