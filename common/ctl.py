@@ -43,11 +43,6 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
     if source:
         setp = sub.add_parser("set-parameters", help=f"change {', '.join(SETTABLE)}")
         setp.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
-        settle = sub.add_parser(
-            "settle",
-            help="after an unanswered commit: say where the guest runs (here resumes it on the source)",
-        )
-        settle.add_argument("where", choices=["here", "there"])
     args = parser.parse_args(argv)
     payload: dict[str, Any] = {}
     if args.command == "migrate":

@@ -104,3 +104,20 @@ def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None
     assert machine.phase is SourcePhase.ACTIVE
     machine.move(SourcePhase.SWITCHOVER)
     assert machine.phase is SourcePhase.SWITCHOVER
+
+
+@pytest.mark.parametrize("prog, source", [("source-node ctl", True), ("dest-node ctl", False)])
+def test_ctl_offers_each_daemon_what_it_answers(
+    prog: str, source: bool, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from common.ctl import ctl_main
+
+    with pytest.raises(SystemExit):
+        ctl_main(["--help"], prog, source=source)
+    usage = capsys.readouterr().out
+    for command in ("status", "cancel", "migrate", "settle"):
+        assert command in usage
+    assert ("set-parameters" in usage) is source
+    with pytest.raises(SystemExit) as bad:
+        ctl_main(["--control", "127.0.0.1:1", "status"], prog, source=source)
+    assert bad.value.code == 2 and "is not a tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err
