@@ -35,7 +35,8 @@ from common.protocol import events as ev
 from common.protocol.handshake import REQUIRED_FEATURES, check_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link
 from common.protocol.phases import DEST_EXPECTS, DEST_MOVES, DestPhase, Failure, PhaseMachine
-from common.protocol.stats import TransferStats, ms, verification_section
+from common.protocol.reports import dest_report
+from common.protocol.stats import TransferStats
 from common.protocol.verify import destination_verdict
 from common.transfer import apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
@@ -472,39 +473,4 @@ class DestSession:
 
     # -- reporting ---------------------------------------------------------------------------
     def report(self, now: float) -> dict[str, Any]:
-        end = self.t_end or now
-        status = {_D.RUNNING: "completed", _D.FAILED: "failed"}.get(self.phase, "active")
-        if self.failure and self.failure.code == pb.ERROR_CANCELLED:
-            status = "cancelled"
-        downtime = self.t_running - self.t_stop_seen if self.t_running and self.t_stop_seen else None
-        total = end - (self.t_hello or self.t_start)
-        link = self.link.stats
-        return {
-            "status": status,
-            "phase": self.phase.value,
-            "mode": "precopy",
-            "error": self.failure.reason if self.failure else None,
-            "total_time_ms": ms(total),
-            # what this side sees of setup: from the hello to the first page batch
-            "setup_time_ms": ms(self.t_first_data - self.t_hello)
-            if self.t_hello and self.t_first_data
-            else None,
-            "downtime_ms": ms(downtime),
-            "expected_downtime_ms": None,
-            "rounds": self.rounds,
-            "ram": self.stats.ram_section(self.guest.memory.ram_bytes if self.guest else 0),
-            "tags": self.stats.tags_section(),
-            "throughput_mbps": round((self.stats.ram_bytes + self.stats.tag_bytes) * 8 / 1e6 / total, 1)
-            if total > 0
-            else 0.0,
-            "dirty_pages_rate": None,
-            "refused_messages": self.refused_messages,
-            "link": {
-                "epoch": self.link.epoch,
-                "resumes": link.resumes,
-                "resent_messages": link.resent,
-                "resend_requests": link.resend_requests,
-                "corrupt_received": link.corrupt,
-            },
-            "verification": verification_section(self.verified, self.my_digests, self.mismatched_pages),
-        }
+        return dest_report(self, now)

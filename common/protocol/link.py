@@ -168,3 +168,34 @@ class Link:
 
     def silence(self, now: float) -> float:
         return now - self.t_last_heard
+
+
+class Reconnector:
+    """When a broken link's next Resume goes out: at once, then backing off from the first
+    interval to the last (RECONNECT_BACKOFF_S), until an answer restores the link."""
+
+    def __init__(self, backoff: tuple[float, float]) -> None:
+        self.first, self.cap = backoff
+        self.since: float | None = None  # None: connected
+        self.next_at = 0.0
+        self.attempts = 0
+
+    @property
+    def connected(self) -> bool:
+        return self.since is None
+
+    def broken(self, now: float) -> None:
+        self.since = now
+        self.attempts = 0
+        self.next_at = now
+
+    def resume_due(self, now: float) -> bool:
+        """True when a Resume should go out now (and schedules the next one)."""
+        if self.connected or now < self.next_at:
+            return False
+        self.next_at = now + min(self.cap, self.first * 2**self.attempts)
+        self.attempts += 1
+        return True
+
+    def restored(self) -> None:
+        self.since = None

@@ -23,7 +23,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.constants import (
-    PAGE_SIZE,
     RECONNECT_BACKOFF_S,
     SESSION_ID_BYTES,
 )
@@ -31,12 +30,13 @@ from common.guest.digest import DigestCache
 from common.guest.guest import Guest
 from common.protocol import events as ev
 from common.protocol.handshake import source_hello
-from common.protocol.link import UNSEQUENCED, Arrival, Link, Unacked
+from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
-from common.protocol.stats import BandwidthMeter, TransferStats, ms, verification_section
+from common.protocol.reports import source_report
+from common.protocol.stats import BandwidthMeter, TransferStats
 from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
@@ -89,10 +89,7 @@ class SourceSession:
         self._resend_vcpus = True
         self._rate_limited_until: float | None = None
         self._commit_acked = False
-        # the link: None while connected; else when the current reconnect began and its next try
-        self._reconnecting_since: float | None = None
-        self._next_resume_at = 0.0
-        self._resume_attempt = 0
+        self.reconnector = Reconnector(RECONNECT_BACKOFF_S)
         # times
         self.t_start = now
         self.t_setup_done: float | None = None
@@ -131,7 +128,7 @@ class SourceSession:
 
     @property
     def connected(self) -> bool:
-        return self._reconnecting_since is None
+        return self.reconnector.connected
 
     @property
     def guest_runs_here(self) -> bool:
@@ -238,7 +235,7 @@ class SourceSession:
         if link.unacked:
             deadline = min(deadline, link.t_progress + link.rto_s)
         if not self.connected:
-            return min(deadline, self._next_resume_at)
+            return min(deadline, self.reconnector.next_at)
         if self.phase in _SENDING:
             if self.precopy.pass_ is not None and self.in_flight < self.params.window:
                 deadline = min(deadline, self._rate_limited_until or now)
@@ -290,18 +287,13 @@ class SourceSession:
             self._give_up(now, silent)
             return False
         elif self.connected and silent > self.params.peer_timeout_s:
-            self._reconnecting_since = now
-            self._resume_attempt = 0
-            self._next_resume_at = now
+            self.reconnector.broken(now)
             epoch = link.new_epoch()
             self._events.append(ev.Reconnect(epoch, silent))
             self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
         if not self.connected:
-            if now >= self._next_resume_at:
+            if self.reconnector.resume_due(now):
                 self._unsequenced(now, resume=pb.Resume(epoch=link.epoch, last_received=link.received))
-                first, cap = RECONNECT_BACKOFF_S
-                self._next_resume_at = now + min(cap, first * 2**self._resume_attempt)
-                self._resume_attempt += 1
             return True
         if link.retransmit_due(now):
             self._resend(link.to_resend(link.peer_received), now)
@@ -345,7 +337,7 @@ class SourceSession:
     def _on_resume_ack(self, ack: pb.ResumeAck, now: float) -> None:
         if ack.epoch != self.link.epoch or self.connected:
             return  # an answer to an earlier attempt
-        self._reconnecting_since = None
+        self.reconnector.restored()
         entries = self.link.to_resend(ack.last_received)
         self._events.append(ev.LinkRestored(self.link.epoch, len(entries)))
         self._mark_time(f"link restored (epoch {self.link.epoch})", now)
@@ -642,54 +634,8 @@ class SourceSession:
         self._move(final)
         self._events.append(ev.Finished(final.value, reason))
 
-    # -- reporting --------------------------------------------------------------------------
     def _mark_time(self, event: str, now: float) -> None:
         self.timeline.append((event, now - self.t_start))
 
     def report(self, now: float) -> dict[str, Any]:
-        end = self.t_end or now
-        total_s = end - self.t_start
-        status = {
-            _S.COMPLETED: "completed",
-            _S.FAILED: "failed",
-            _S.CANCELLED: "cancelled",
-            _S.UNSETTLED: "unsettled",
-        }.get(self.phase, "active")
-        downtime = (
-            (self.t_end - self.t_stop)
-            if (self.t_stop is not None and self.t_end is not None and self.phase is _S.COMPLETED)
-            else None
-        )
-        p = self.precopy.pass_
-        link = self.link.stats
-        return {
-            "status": status,
-            "phase": self.phase.value,
-            "mode": "precopy",
-            "error": self.failure.reason if self.failure else None,
-            "total_time_ms": ms(total_s),
-            "setup_time_ms": ms(self.t_setup_done - self.t_start) if self.t_setup_done else None,
-            "downtime_ms": ms(downtime),
-            "expected_downtime_ms": ms(self.precopy.expected_downtime_s),
-            "downtime_limit_ms": self.params.downtime_limit_ms,
-            "rounds": self.round,
-            "throttle": round(self.throttle, 3),
-            "ram": self.stats.ram_section(self.mem.ram_bytes),
-            "tags": self.stats.tags_section(),
-            "throughput_mbps": round(self.stats.total_bytes * 8 / 1e6 / total_s, 1) if total_s > 0 else 0.0,
-            "dirty_pages_rate": round(self.precopy.dirty_pages_rate, 1),
-            "pages_remaining": p.remaining_bytes // PAGE_SIZE if p else 0,
-            "link": {
-                "epoch": self.link.epoch,
-                "reconnects": link.resumes,
-                "resent_messages": link.resent,
-                "resend_requests": link.resend_requests,
-                "corrupt_received": link.corrupt,
-            },
-            "timeline_ms": {event: round(at * 1000, 3) for event, at in self.timeline},
-            "verification": verification_section(
-                self.verified,
-                self.verifier.dest_digests or self.verifier.source_digests,
-                self.mismatched_pages,
-            ),
-        }
+        return source_report(self, now)

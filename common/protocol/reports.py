@@ -1,0 +1,108 @@
+"""The reports both sessions give: built in one place, from what the sessions counted."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from common.constants import PAGE_SIZE
+from common.protocol.phases import DestPhase, SourcePhase
+from common.protocol.stats import ms, verification_section
+from common.wire import mte_migration_pb2 as pb
+
+if TYPE_CHECKING:
+    from common.protocol.dest import DestSession
+    from common.protocol.source import SourceSession
+
+
+def source_report(session: SourceSession, now: float) -> dict[str, Any]:
+    """The source's report: what a user reads, during and after a migration."""
+    end = session.t_end or now
+    total_s = end - session.t_start
+    status = {
+        SourcePhase.COMPLETED: "completed",
+        SourcePhase.FAILED: "failed",
+        SourcePhase.CANCELLED: "cancelled",
+        SourcePhase.UNSETTLED: "unsettled",
+    }.get(session.phase, "active")
+    downtime = (
+        (session.t_end - session.t_stop)
+        if (
+            session.t_stop is not None
+            and session.t_end is not None
+            and session.phase is SourcePhase.COMPLETED
+        )
+        else None
+    )
+    p = session.precopy.pass_
+    link = session.link.stats
+    return {
+        "status": status,
+        "phase": session.phase.value,
+        "mode": "precopy",
+        "error": session.failure.reason if session.failure else None,
+        "total_time_ms": ms(total_s),
+        "setup_time_ms": ms(session.t_setup_done - session.t_start) if session.t_setup_done else None,
+        "downtime_ms": ms(downtime),
+        "expected_downtime_ms": ms(session.precopy.expected_downtime_s),
+        "downtime_limit_ms": session.params.downtime_limit_ms,
+        "rounds": session.round,
+        "throttle": round(session.throttle, 3),
+        "ram": session.stats.ram_section(session.mem.ram_bytes),
+        "tags": session.stats.tags_section(),
+        "throughput_mbps": round(session.stats.total_bytes * 8 / 1e6 / total_s, 1) if total_s > 0 else 0.0,
+        "dirty_pages_rate": round(session.precopy.dirty_pages_rate, 1),
+        "pages_remaining": p.remaining_bytes // PAGE_SIZE if p else 0,
+        "link": {
+            "epoch": session.link.epoch,
+            "reconnects": link.resumes,
+            "resent_messages": link.resent,
+            "resend_requests": link.resend_requests,
+            "corrupt_received": link.corrupt,
+        },
+        "timeline_ms": {event: round(at * 1000, 3) for event, at in session.timeline},
+        "verification": verification_section(
+            session.verified,
+            session.verifier.dest_digests or session.verifier.source_digests,
+            session.mismatched_pages,
+        ),
+    }
+
+
+def dest_report(session: DestSession, now: float) -> dict[str, Any]:
+    """The destination's report, in the same vocabulary as the source's."""
+    end = session.t_end or now
+    status = {DestPhase.RUNNING: "completed", DestPhase.FAILED: "failed"}.get(session.phase, "active")
+    if session.failure and session.failure.code == pb.ERROR_CANCELLED:
+        status = "cancelled"
+    downtime = session.t_running - session.t_stop_seen if session.t_running and session.t_stop_seen else None
+    total = end - (session.t_hello or session.t_start)
+    link = session.link.stats
+    return {
+        "status": status,
+        "phase": session.phase.value,
+        "mode": "precopy",
+        "error": session.failure.reason if session.failure else None,
+        "total_time_ms": ms(total),
+        # what this side sees of setup: from the hello to the first page batch
+        "setup_time_ms": ms(session.t_first_data - session.t_hello)
+        if session.t_hello and session.t_first_data
+        else None,
+        "downtime_ms": ms(downtime),
+        "expected_downtime_ms": None,
+        "rounds": session.rounds,
+        "ram": session.stats.ram_section(session.guest.memory.ram_bytes if session.guest else 0),
+        "tags": session.stats.tags_section(),
+        "throughput_mbps": round((session.stats.ram_bytes + session.stats.tag_bytes) * 8 / 1e6 / total, 1)
+        if total > 0
+        else 0.0,
+        "dirty_pages_rate": None,
+        "refused_messages": session.refused_messages,
+        "link": {
+            "epoch": session.link.epoch,
+            "resumes": link.resumes,
+            "resent_messages": link.resent,
+            "resend_requests": link.resend_requests,
+            "corrupt_received": link.corrupt,
+        },
+        "verification": verification_section(session.verified, session.my_digests, session.mismatched_pages),
+    }
