@@ -7,7 +7,9 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
+from common.constants import PROTOCOL_VERSION
 from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
 from common.guest.workload import Workload, WorkloadConfig, boot
@@ -279,21 +281,29 @@ class Pair:
         return self
 
 
+def good_hello(**changes: Any) -> pb.Hello:
+    """A hello a destination accepts, with the named fields changed."""
+    hello = pb.Hello(
+        protocol_version=PROTOCOL_VERSION,
+        page_size=4096,
+        granule_size=16,
+        ram_bytes=1 << 20,
+        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
+        mode=pb.MODE_PRECOPY,
+        vcpu_count=1,
+    )
+    for name, value in changes.items():
+        if name == "features":
+            del hello.features[:]
+            hello.features.extend(value)
+        else:
+            setattr(hello, name, value)
+    return hello
+
+
 def hello_of_version(version: int) -> pb.Envelope:
     """A hello that is right in every way but its protocol version."""
-    return framing.envelope(
-        b"x" * 8,
-        1,
-        hello=pb.Hello(
-            protocol_version=version,
-            page_size=4096,
-            granule_size=16,
-            ram_bytes=1 << 20,
-            features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
-            mode=pb.MODE_PRECOPY,
-            vcpu_count=1,
-        ),
-    )
+    return framing.envelope(b"x" * 8, 1, hello=good_hello(protocol_version=version))
 
 
 def busy_guest(seed: int = 1, ram: int = 8 << 20, **knobs: object) -> Guest:

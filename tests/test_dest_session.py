@@ -7,32 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from common.constants import PROTOCOL_VERSION
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import LinkRestored
 from common.protocol.phases import DestPhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
-from tests.protocol_harness import FakeDestHost
+from tests.protocol_harness import FakeDestHost, good_hello
 
 SESSION = b"s" * 8
 PEER = b"peer-1"
-
-
-def hello(**changes: Any) -> pb.Hello:
-    h = pb.Hello(
-        protocol_version=PROTOCOL_VERSION,
-        page_size=4096,
-        granule_size=16,
-        ram_bytes=1 << 20,
-        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
-        mode=pb.MODE_PRECOPY,
-        vcpu_count=1,
-    )
-    for name, value in changes.items():
-        setattr(h, name, value)
-    return h
 
 
 def frames(seq: int, epoch: int = 1, received: int = 0, session: bytes = SESSION, **body: Any) -> list[Any]:
@@ -49,7 +33,7 @@ def replies(dst: DestSession) -> list[tuple[bytes, framing.Message]]:
 def receiving(params: DestParameters | None = None, **hello_changes: Any) -> tuple[DestSession, FakeDestHost]:
     host = FakeDestHost()
     dst = DestSession(host, params or DestParameters(), 0.0)
-    dst.receive(PEER, frames(1, hello=hello(**hello_changes)), 0.0)
+    dst.receive(PEER, frames(1, hello=good_hello(**hello_changes)), 0.0)
     assert dst.phase is DestPhase.RECEIVING
     [(_, ack)] = replies(dst)
     assert ack.kind == "hello_ack" and ack.envelope.seq == 1
@@ -94,7 +78,7 @@ def test_a_waiting_destination_has_nothing_to_do() -> None:
 
 def test_a_hello_must_open_its_session() -> None:
     dst = DestSession(FakeDestHost(), DestParameters(), 0.0)
-    dst.receive(PEER, frames(2, hello=hello()), 0.0)
+    dst.receive(PEER, frames(2, hello=good_hello()), 0.0)
     [(_, ack)] = replies(dst)
     assert not ack.envelope.hello_ack.accepted and "must be message 1" in ack.envelope.hello_ack.reason
     assert dst.refused_messages == 1 and dst.guest is None
@@ -110,7 +94,7 @@ def test_the_populated_hint_is_prefaulted() -> None:
 def test_the_epoch_of_the_hello_is_the_sessions() -> None:
     host = FakeDestHost()
     dst = DestSession(host, DestParameters(), 0.0)
-    dst.receive(PEER, frames(1, epoch=3, hello=hello()), 0.0)
+    dst.receive(PEER, frames(1, epoch=3, hello=good_hello()), 0.0)
     assert dst.link.epoch == 3
     dst.receive(PEER, frames(2, epoch=2, heartbeat=pb.Heartbeat()), 0.0)
     assert dst.link.received == 1, "a message of an older epoch is stale"

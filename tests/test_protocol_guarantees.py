@@ -21,7 +21,7 @@ from common.protocol.precopy import CATCH_UP_PAGES
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
-from tests.protocol_harness import PEER, Faults, Pair, busy_guest
+from tests.protocol_harness import PEER, Faults, Pair, busy_guest, good_hello
 from tests.test_protocol import assert_handed_over, assert_stayed_on_source
 
 QUICK = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1)
@@ -183,25 +183,6 @@ def test_a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() -> None:
 
 
 # -- hostile input the sessions refuse ----------------------------------------------------------------
-def good_hello(**changes: Any) -> pb.Hello:
-    hello = pb.Hello(
-        protocol_version=PROTOCOL_VERSION,
-        page_size=4096,
-        granule_size=16,
-        ram_bytes=1 << 20,
-        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY],
-        mode=pb.MODE_PRECOPY,
-        vcpu_count=1,
-    )
-    for name, value in changes.items():
-        if name == "features":
-            del hello.features[:]
-            hello.features.extend(value)
-        else:
-            setattr(hello, name, value)
-    return hello
-
-
 @pytest.mark.parametrize(
     "changes, code, words",
     [
