@@ -164,3 +164,36 @@ class OutgoingMigration:
                         error=event.reason,
                         guest_runs_here=session.guest_runs_here,
                     )
+
+
+class SocketSlot:
+    """A poller's entry for an outgoing migration's connection, which a reconnect replaces:
+    both daemons' loops keep it current with `track` and ask it whether the socket is ready."""
+
+    def __init__(self, poller: zmq.Poller) -> None:
+        self.poller = poller
+        self.registered: zmq.Socket[bytes] | None = None
+
+    def track(self, outgoing: OutgoingMigration | None) -> None:
+        sock = outgoing.socket if outgoing is not None else None
+        if sock is self.registered:
+            return
+        if self.registered is not None:
+            self.poller.unregister(self.registered)
+        if sock is not None:
+            self.poller.register(sock, zmq.POLLIN)
+        self.registered = sock
+
+    def want_writable(self, writable: bool) -> None:
+        if self.registered is not None:
+            self.poller.modify(self.registered, zmq.POLLIN | (zmq.POLLOUT if writable else 0))
+
+    def service(self, outgoing: OutgoingMigration | None, events: dict[Any, int]) -> bool:
+        """Read or write what the poll found; True if the socket was ready."""
+        if outgoing is None or self.registered is None or self.registered not in events:
+            return False
+        if events[self.registered] & zmq.POLLIN:
+            outgoing.drain()
+        else:
+            outgoing.flush()
+        return True

@@ -18,7 +18,7 @@ from common.guest.prefault import Prefaulter
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.logging import get_logger
-from common.outgoing import OutgoingMigration
+from common.outgoing import OutgoingMigration, SocketSlot
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
@@ -272,7 +272,7 @@ class DestDaemon:
         poller.register(self.sock, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
-        registered: zmq.Socket[bytes] | None = None
+        slot = SocketSlot(poller)
         while not self.quit:
             if self.signalled:
                 self._handle_signal()
@@ -282,15 +282,11 @@ class DestDaemon:
             self._flush()
             timeout = min(_POLL_CAP_S, max(0.0, self.session.next_deadline(now) - now))
             outgoing = self.outgoing
-            sock = outgoing.socket if outgoing is not None else None
-            if sock is not registered:
-                if registered is not None:
-                    poller.unregister(registered)
-                if sock is not None:
-                    poller.register(sock, zmq.POLLIN)
-                registered = sock
             if outgoing is not None:
                 timeout = min(timeout, outgoing.poll(now))
+            slot.track(outgoing)
+            if outgoing is not None:
+                slot.want_writable(bool(outgoing.pending))
             guest_wait = self.runner.seconds_until_due(now) if self.runner else None
             if guest_wait is not None:
                 timeout = min(timeout, guest_wait)
@@ -298,8 +294,7 @@ class DestDaemon:
             if self.sock in events:
                 self._drain()
                 self._flush()
-            if outgoing is not None and registered is not None and registered in events:
-                outgoing.drain()
+            slot.service(outgoing, events)
             if self.control and self.control.socket in events:
                 self.control.handle_one()
                 self._flush()

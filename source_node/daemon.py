@@ -15,7 +15,7 @@ from common.control import ControlError, ControlServer
 from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
 from common.logging import get_logger
-from common.outgoing import OutgoingMigration
+from common.outgoing import OutgoingMigration, SocketSlot
 from common.progress import Progress
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SourcePhase
@@ -199,7 +199,7 @@ class SourceDaemon:
         poller = zmq.Poller()
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
-        registered: zmq.Socket[bytes] | None = None
+        slot = SocketSlot(poller)
         while not self.quit:
             if self.signalled:
                 self._handle_signal()
@@ -207,13 +207,7 @@ class SourceDaemon:
                     break
             now = time.monotonic()
             outgoing = self.outgoing
-            sock = outgoing.socket if outgoing is not None else None
-            if sock is not registered:
-                if registered is not None:
-                    poller.unregister(registered)
-                if sock is not None:
-                    poller.register(sock, zmq.POLLIN)
-                registered = sock
+            slot.track(outgoing)
             timeout = _POLL_CAP_S
             guest_wait = self.runner.seconds_until_due(now)
             if guest_wait is not None:
@@ -221,14 +215,10 @@ class SourceDaemon:
             if outgoing is not None and not outgoing.session.phase.ended:
                 timeout = min(timeout, outgoing.poll(now))
                 self._note_finish()
-                if outgoing.socket is registered and registered is not None:
-                    poller.modify(registered, zmq.POLLIN | (zmq.POLLOUT if outgoing.pending else 0))
+                slot.track(outgoing)  # the poll may have reconnected
+                slot.want_writable(bool(outgoing.pending))
             events = dict(poller.poll(int(timeout * 1000)))
-            if outgoing is not None and registered is not None and registered in events:
-                if events[registered] & zmq.POLLIN:
-                    outgoing.drain()
-                else:
-                    outgoing.flush()
+            if slot.service(outgoing, events):
                 self._note_finish()
             if self.control and self.control.socket in events:
                 self.control.handle_one()
