@@ -21,6 +21,8 @@ from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 
 PEER = b"source-peer"
+# A monotonic clock is never zero: starting elsewhere keeps "time since start" honest in every sum.
+CLOCK_START = 1000.0
 
 
 @dataclass
@@ -65,7 +67,9 @@ class Link:
             self.first_bytes = size
         if f.cut_after is not None and self.carried > f.cut_after:
             return
-        if (f.outage is not None and f.outage[0] <= now < f.outage[1]) or (self.cut_when and self.cut_when()):
+        if (f.outage is not None and f.outage[0] <= now - CLOCK_START < f.outage[1]) or (
+            self.cut_when and self.cut_when()
+        ):
             self.events.append("outage")
             return
         frames = [bytes(x) for x in frames]
@@ -199,7 +203,7 @@ class Pair:
         to_source: Faults | None = None,
         guest_speed: float = 0.0,
     ) -> None:
-        self.now = 0.0
+        self.now = CLOCK_START
         self.guest = guest
         self.src_host = FakeSourceHost()
         self.dst_host = FakeDestHost()
@@ -266,6 +270,11 @@ class Pair:
         """Migrate until both sides have settled, or max_seconds of fake time have passed."""
         self.src.start(self.now)
         return self.run_until(self.settled, max_seconds)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since the pair was made."""
+        return self.now - CLOCK_START
 
     def settled(self) -> bool:
         return self.src.phase.terminal and (self.dst.phase.terminal or self.dst.phase.value == "waiting")

@@ -121,3 +121,76 @@ def test_ctl_offers_each_daemon_what_it_answers(
     with pytest.raises(SystemExit) as bad:
         ctl_main(["--control", "127.0.0.1:1", "status"], prog, source=source)
     assert bad.value.code == 2 and "is not a tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("accepted", "refused"),
+    [
+        ({"downtime_limit_ms": 0.001}, {"downtime_limit_ms": 0}),
+        ({"max_bandwidth": 0}, {"max_bandwidth": -1}),
+        ({"window": 1}, {"window": 0}),
+        ({"window": 1024}, {"window": 1025}),
+        ({"heartbeat_interval_s": 0.001}, {"heartbeat_interval_s": 0}),
+        (
+            {"heartbeat_interval_s": 0.99, "peer_timeout_s": 1.0, "reconnect_timeout_s": 1.0},
+            {"heartbeat_interval_s": 1.0, "peer_timeout_s": 1.0, "reconnect_timeout_s": 1.0},
+        ),
+        (
+            {"peer_timeout_s": 4.0, "reconnect_timeout_s": 4.0},
+            {"peer_timeout_s": 4.0, "reconnect_timeout_s": 3.99},
+        ),
+        ({"throttle_initial": 0.0}, {"throttle_initial": -0.01}),
+        ({"throttle_initial": 0.5, "throttle_max": 0.5}, {"throttle_initial": 0.6, "throttle_max": 0.5}),
+        ({"throttle_max": 0.999}, {"throttle_max": 1.0}),
+        ({"convergence_timeout_s": 0.001}, {"convergence_timeout_s": 0}),
+        ({"digest_budget_pages": 1}, {"digest_budget_pages": 0}),
+    ],
+)
+def test_each_parameter_check_sits_at_its_edge(accepted: dict, refused: dict) -> None:
+    assert MigrationParameters(**accepted).check() == MigrationParameters(**accepted)
+    with pytest.raises(ValueError):
+        MigrationParameters(**refused).check()
+
+
+def test_set_parameters_converts_what_an_operator_types() -> None:
+    params = MigrationParameters()
+    assert params.updated({"max_bandwidth": 1000}).max_bandwidth == 1000
+    assert params.updated({"reconnect_timeout_s": 20}).reconnect_timeout_s == 20.0
+    assert params.updated({}) == params
+    with pytest.raises(ValueError, match="downtime_limit_ms: True is not a number"):
+        params.updated({"downtime_limit_ms": True})
+    with pytest.raises(ValueError, match="downtime_limit_ms: 'soon' is not a number"):
+        params.updated({"downtime_limit_ms": "soon"})
+    with pytest.raises(ValueError, match="downtime_limit_ms: None is not a number"):
+        params.updated({"downtime_limit_ms": None})
+    assert params.settable() == {
+        "downtime_limit_ms": params.downtime_limit_ms,
+        "max_bandwidth": 0,
+        "convergence_timeout_s": params.convergence_timeout_s,
+        "reconnect_timeout_s": params.reconnect_timeout_s,
+    }
+
+
+def test_the_bucket_holds_one_window_of_the_rate_and_at_least_one_message() -> None:
+    bucket = TokenBucket(1_000_000, 10.0, min_burst=1000)
+    assert bucket.burst == 50_000 and bucket.tokens == 50_000
+    assert TokenBucket(1000, 10.0, min_burst=1000).burst == 1000
+    bucket.spend(50_000, 10.0)
+    assert bucket.ready_at(10.0) is None, "an empty bucket is not a debt"
+    bucket.spend(20_000, 10.0)
+    assert bucket.ready_at(10.0) == pytest.approx(10.02), "the debt, paid back at the rate"
+    assert bucket.ready_at(10.01) == pytest.approx(10.02)
+    assert bucket.ready_at(10.02) is None
+    assert bucket.tokens == pytest.approx(0.0, abs=1e-6)
+    bucket.ready_at(9.0)  # a clock read late never refills backwards
+    assert bucket.t == 10.02
+    assert bucket.ready_at(20.0) is None and bucket.tokens == 50_000, "refills to the burst, no more"
+    bucket.spend(50_000.5, 20.0)  # type: ignore[arg-type]
+    assert bucket.ready_at(20.0) is None, "half a byte of debt does not keep a sender waiting"
+    bucket.set_rate(2_000_000, 20.0)
+    assert bucket.burst == 100_000 and bucket.tokens == pytest.approx(-0.5)
+    bucket.set_rate(1_000_000, 30.0)
+    assert bucket.tokens == 50_000, "a lowered cap drops the tokens saved at the higher one"
+    unlimited = TokenBucket(0, 0.0, min_burst=1000)
+    unlimited.spend(10**9, 0.0)
+    assert unlimited.ready_at(0.0) is None and unlimited.tokens == 1000

@@ -68,12 +68,28 @@ def test_a_loss_is_asked_for_once_until_a_timeout_passes() -> None:
     link.arrive(1)
     assert link.arrive(3) is Arrival.AHEAD and link.stats.out_of_order == 1
     assert link.should_ask_resend(10.0)
-    assert not link.should_ask_resend(10.5)
-    assert link.should_ask_resend(11.01), "asked again once the first request may have been lost"
+    assert link.should_ask_resend(10.5) is False
+    assert link.should_ask_resend(11.0), "asked again once the first request may have been lost"
     assert link.stats.resend_requests == 2
     assert link.arrive(2) is Arrival.NEXT
     assert link.arrive(4) is Arrival.AHEAD
     assert link.should_ask_resend(11.02), "a new loss is asked for at once"
+
+
+def test_a_lost_first_message_is_asked_for_at_once_even_early_on() -> None:
+    link = Link(b"s", 0.0, rto_s=1.0)
+    assert link.arrive(2) is Arrival.AHEAD
+    assert link.should_ask_resend(0.5), "nothing was asked before: no timeout to wait for"
+    assert not link.should_ask_resend(0.6)
+
+
+def test_any_message_sent_counts_as_a_sign_of_life() -> None:
+    link = Link(b"s", 0.0, rto_s=1.0)
+    assert link.t_last_sent == 0.0
+    link.sequenced(2.0, commit=pb.Commit())
+    assert link.t_last_sent == 2.0, "no heartbeat is due while data flows"
+    link.unsequenced(3.0, heartbeat=pb.Heartbeat())
+    assert link.t_last_sent == 3.0
 
 
 def test_stale_is_an_older_epoch_only() -> None:
@@ -98,7 +114,7 @@ def test_silence_and_data_in_flight() -> None:
 
 
 def test_reconnect_attempts_back_off_to_a_cap() -> None:
-    r = Reconnector((0.1, 1.0))
+    r = Reconnector(0.1, 1.0)
     assert r.connected and not r.resume_due(0.0)
     r.broken(10.0)
     assert not r.connected

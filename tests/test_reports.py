@@ -9,7 +9,7 @@ import pytest
 from common.protocol.events import Finished, RoundStarted
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SourcePhase
-from tests.protocol_harness import Faults, Pair, busy_guest
+from tests.protocol_harness import CLOCK_START, Faults, Pair, busy_guest
 from tests.test_protocol import assert_handed_over
 
 
@@ -67,7 +67,7 @@ def test_times_are_measured_where_they_say() -> None:
     expected = ["setup done", "round 1 sent", "guest stopped", "verify request 1 sent", "verify result 1: ok"]
     assert order[: len(expected)] == expected and order[-1] == "destination running"
     assert list(timeline.values()) == sorted(timeline.values())
-    stopped_ms = pair.stopped_at * 1000  # type: ignore[attr-defined]
+    stopped_ms = (pair.stopped_at - CLOCK_START) * 1000  # type: ignore[attr-defined]
     assert timeline["guest stopped"] == pytest.approx(stopped_ms, abs=1e-3)
     assert src["downtime_ms"] == pytest.approx(timeline["destination running"] - stopped_ms, abs=1e-2)
     assert src["setup_time_ms"] == pytest.approx(timeline["setup done"], abs=1e-3)
@@ -117,7 +117,7 @@ def test_a_failed_migration_reports_why_and_where() -> None:
     params = MigrationParameters(max_bandwidth=1 << 20)
     pair = Pair(busy_guest(), params=params, guest_speed=1000)
     pair.src.start(pair.now)
-    pair.run_until(lambda: pair.now > 0.3)
+    pair.run_until(lambda: pair.elapsed > 0.3)
     pair.src.cancel(pair.now, "because the test says so")
     pair.run_until(pair.settled)
     src, dst = pair.src.report(pair.now), pair.dst.report(pair.now)

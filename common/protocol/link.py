@@ -70,7 +70,8 @@ class Link:
         self.t_last_heard = now
         self.t_last_sent = now
         self.t_progress = now  # the last time the peer acknowledged something new
-        self._asked_from = 0  # the resend we last asked for, so a run of losses asks once
+        # What we had received when we last asked for a resend, and when: a run of losses asks once
+        self._asked_after = -1
         self._t_asked = 0.0
         self.stats = LinkStats()
 
@@ -128,7 +129,6 @@ class Link:
             self.stats.out_of_order += 1
             return Arrival.AHEAD
         self.received = seq
-        self._asked_from = 0
         return Arrival.NEXT
 
     def stale(self, env: pb.Envelope) -> bool:
@@ -137,10 +137,9 @@ class Link:
     def should_ask_resend(self, now: float) -> bool:
         """After a loss, ask once for everything from the missing message on; ask again only
         if a retransmission timeout passes without it."""
-        want = self.received + 1
-        if self._asked_from == want and now - self._t_asked < self.rto_s:
+        if self._asked_after == self.received and now - self._t_asked < self.rto_s:
             return False
-        self._asked_from = want
+        self._asked_after = self.received
         self._t_asked = now
         self.stats.resend_requests += 1
         return True
@@ -170,15 +169,16 @@ class Link:
         return now - self.t_last_heard
 
 
+@dataclass
 class Reconnector:
     """When a broken link's next Resume goes out: at once, then backing off from the first
-    interval to the last (RECONNECT_BACKOFF_S), until an answer restores the link."""
+    interval to the cap (RECONNECT_BACKOFF_S), until an answer restores the link."""
 
-    def __init__(self, backoff: tuple[float, float]) -> None:
-        self.first, self.cap = backoff
-        self.since: float | None = None  # None: connected
-        self.next_at = 0.0
-        self.attempts = 0
+    first: float
+    cap: float
+    since: float | None = None  # None: connected
+    next_at: float = 0.0
+    attempts: int = 0
 
     @property
     def connected(self) -> bool:

@@ -89,7 +89,7 @@ class SourceSession:
         self._resend_vcpus = True
         self._rate_limited_until: float | None = None
         self._commit_acked = False
-        self.reconnector = Reconnector(RECONNECT_BACKOFF_S)
+        self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # times
         self.t_start = now
         self.t_setup_done: float | None = None

@@ -1,0 +1,180 @@
+"""Each report field computed from known counters and times: the arithmetic, the units and the
+rounding a user reads, without a migration in between (test_reports checks them against one)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from common.constants import PAGE_SIZE
+from common.protocol.link import LinkStats
+from common.protocol.phases import DestPhase, SourcePhase
+from common.protocol.reports import dest_report, source_report
+from common.protocol.stats import TransferStats
+from common.wire import mte_migration_pb2 as pb
+
+# 1543751 bytes in one second are 12.350008 Mbit/s: a hair above a rounding edge, so that the
+# unit (10**6 bits) and the rounding to 0.1 are both pinned
+EDGE_BYTES = 1_543_751
+EDGE_MBPS = 12.4
+
+
+def source(**overrides: Any) -> Any:
+    stats = TransferStats(ram_bytes=EDGE_BYTES - 1000, tag_bytes=600, other_bytes=400)
+    session = SimpleNamespace(
+        t_start=100.0,
+        t_setup_done=100.25,
+        t_stop=100.5,
+        t_end=101.0,
+        phase=SourcePhase.COMPLETED,
+        failure=None,
+        precopy=SimpleNamespace(
+            pass_=SimpleNamespace(remaining_bytes=5 * PAGE_SIZE + 100),
+            expected_downtime_s=0.0421234,
+            dirty_pages_rate=12.34,
+        ),
+        link=SimpleNamespace(epoch=3, stats=LinkStats(resent=4, resend_requests=5, corrupt=6, resumes=2)),
+        params=SimpleNamespace(downtime_limit_ms=300.0),
+        round=7,
+        throttle=0.12345,
+        stats=stats,
+        mem=SimpleNamespace(ram_bytes=1 << 30),
+        timeline=[("setup done", 0.25), ("guest stopped", 0.0001234)],
+        verified=True,
+        verifier=SimpleNamespace(dest_digests={"ram": "aa"}, source_digests={"ram": "bb"}),
+        mismatched_pages=[],
+    )
+    for name, value in overrides.items():
+        setattr(session, name, value)
+    return session
+
+
+def test_the_source_report_computes_each_field() -> None:
+    report = source_report(source(), now=500.0)
+    assert report["status"] == "completed" and report["phase"] == "completed" and report["error"] is None
+    assert report["total_time_ms"] == 1000.0  # from the start to the end, not to `now`
+    assert report["setup_time_ms"] == 250.0
+    assert report["downtime_ms"] == 500.0
+    assert report["expected_downtime_ms"] == 42.123
+    assert report["downtime_limit_ms"] == 300.0 and report["rounds"] == 7
+    assert report["throttle"] == 0.123
+    assert report["throughput_mbps"] == EDGE_MBPS
+    assert report["dirty_pages_rate"] == 12.3
+    assert report["pages_remaining"] == 5
+    assert report["ram"]["total_bytes"] == 1 << 30
+    assert report["link"] == {
+        "epoch": 3,
+        "reconnects": 2,
+        "resent_messages": 4,
+        "resend_requests": 5,
+        "corrupt_received": 6,
+    }
+    assert report["timeline_ms"] == {"setup done": 250.0, "guest stopped": 0.123}
+    assert report["verification"]["ram_digest"] == "aa", "the destination's digests, once it answered"
+
+
+def test_the_source_report_while_running_and_after_a_failure() -> None:
+    running = source_report(
+        source(phase=SourcePhase.ACTIVE, t_end=None, t_stop=None, t_setup_done=None), now=100.5
+    )
+    assert running["status"] == "active" and running["total_time_ms"] == 500.0
+    assert running["setup_time_ms"] is None and running["downtime_ms"] is None
+    failed = source_report(
+        source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost")), now=500.0
+    )
+    assert failed["status"] == "failed" and failed["error"] == "lost"
+    assert failed["downtime_ms"] is None, "a failed migration had no downtime: the guest runs on"
+    for phase, status in (
+        (SourcePhase.CANCELLED, "cancelled"),
+        (SourcePhase.UNSETTLED, "unsettled"),
+        (SourcePhase.SWITCHOVER, "active"),
+    ):
+        assert source_report(source(phase=phase), now=500.0)["status"] == status
+    asked = source(verifier=SimpleNamespace(dest_digests=None, source_digests={"ram": "bb"}))
+    assert source_report(asked, now=500.0)["verification"]["ram_digest"] == "bb"
+    nothing_left = source_report(
+        source(precopy=SimpleNamespace(pass_=None, expected_downtime_s=None, dirty_pages_rate=0.0)), now=500.0
+    )
+    assert nothing_left["pages_remaining"] == 0 and nothing_left["expected_downtime_ms"] is None
+    instant = source_report(source(t_end=100.0), now=100.0)
+    assert instant["throughput_mbps"] == 0.0, "no time, no rate (and no division by zero)"
+
+
+def dest(**overrides: Any) -> Any:
+    session = SimpleNamespace(
+        t_start=50.0,
+        t_hello=100.0,
+        t_first_data=100.125,
+        t_stop_seen=100.5,
+        t_running=100.625,
+        t_end=None,
+        phase=DestPhase.RUNNING,
+        failure=None,
+        rounds=4,
+        stats=TransferStats(ram_bytes=EDGE_BYTES - 600, tag_bytes=600, other_bytes=10_000),
+        guest=SimpleNamespace(memory=SimpleNamespace(ram_bytes=1 << 30)),
+        refused_messages=2,
+        link=SimpleNamespace(epoch=2, stats=LinkStats(resent=1, resend_requests=2, corrupt=3, resumes=1)),
+        verified=True,
+        my_digests={"ram": "cc", "tags": "dd", "vcpu": "ee"},
+        mismatched_pages=[],
+    )
+    for name, value in overrides.items():
+        setattr(session, name, value)
+    return session
+
+
+def test_the_destination_report_computes_each_field() -> None:
+    report = dest_report(dest(), now=101.0)
+    assert report["status"] == "completed" and report["phase"] == "running"
+    assert report["total_time_ms"] == 1000.0, "from the hello, not from when the daemon started"
+    assert report["setup_time_ms"] == 125.0
+    assert report["downtime_ms"] == 125.0
+    assert report["throughput_mbps"] == EDGE_MBPS, "pages and tags only"
+    assert report["rounds"] == 4 and report["refused_messages"] == 2
+    assert report["ram"]["total_bytes"] == 1 << 30
+    assert report["link"] == {
+        "epoch": 2,
+        "resumes": 1,
+        "resent_messages": 1,
+        "resend_requests": 2,
+        "corrupt_received": 3,
+    }
+    assert report["verification"] == {
+        "ok": True,
+        "ram_digest": "cc",
+        "tag_digest": "dd",
+        "vcpu_digest": "ee",
+        "mismatched_pages": [],
+    }
+
+
+@pytest.mark.parametrize(
+    ("phase", "failure", "status"),
+    [
+        (DestPhase.RUNNING, None, "completed"),
+        (DestPhase.FAILED, SimpleNamespace(code=pb.ERROR_CANCELLED, reason="source aborted"), "cancelled"),
+        (DestPhase.FAILED, SimpleNamespace(code=pb.ERROR_VERIFICATION_FAILED, reason="differs"), "failed"),
+        (DestPhase.RECEIVING, None, "active"),
+    ],
+)
+def test_the_destination_status(phase: DestPhase, failure: Any, status: str) -> None:
+    report = dest_report(dest(phase=phase, failure=failure), now=101.0)
+    assert report["status"] == status
+    assert report["error"] == (failure.reason if failure else None)
+
+
+def test_the_destination_report_before_the_guest_runs() -> None:
+    early = dest(t_hello=None, t_first_data=None, t_stop_seen=100.5, t_running=None, t_end=51.0, guest=None)
+    report = dest_report(early, now=500.0)
+    assert report["total_time_ms"] == 1000.0, "from the daemon's start while no hello came"
+    assert report["setup_time_ms"] is None and report["downtime_ms"] is None
+    assert report["ram"]["total_bytes"] == 0
+    no_stop = dest_report(dest(t_stop_seen=None), now=101.0)
+    assert no_stop["downtime_ms"] is None
+    no_data = dest_report(dest(t_first_data=None), now=101.0)
+    assert no_data["setup_time_ms"] is None
+    instant = dest_report(dest(t_end=100.0), now=100.0)
+    assert instant["throughput_mbps"] == 0.0
