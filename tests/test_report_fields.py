@@ -15,9 +15,9 @@ from common.protocol.reports import dest_report, source_report
 from common.protocol.stats import TransferStats
 from common.wire import mte_migration_pb2 as pb
 
-# 1543751 bytes in one second are 12.350008 Mbit/s: a hair above a rounding edge, so that the
-# unit (10**6 bits) and the rounding to 0.1 are both pinned
-EDGE_BYTES = 1_543_751
+# 3087502 bytes in two seconds are 12.350008 Mbit/s: a hair above a rounding edge, so that the
+# unit (10**6 bits), the division by the time and the rounding to 0.1 are all pinned
+EDGE_BYTES = 3_087_502
 EDGE_MBPS = 12.4
 
 
@@ -26,8 +26,8 @@ def source(**overrides: Any) -> Any:
     session = SimpleNamespace(
         t_start=100.0,
         t_setup_done=100.25,
-        t_stop=100.5,
-        t_end=101.0,
+        t_stop=101.5,
+        t_end=102.0,
         phase=SourcePhase.COMPLETED,
         failure=None,
         precopy=SimpleNamespace(
@@ -54,7 +54,7 @@ def source(**overrides: Any) -> Any:
 def test_the_source_report_computes_each_field() -> None:
     report = source_report(source(), now=500.0)
     assert report["status"] == "completed" and report["phase"] == "completed" and report["error"] is None
-    assert report["total_time_ms"] == 1000.0  # from the start to the end, not to `now`
+    assert report["total_time_ms"] == 2000.0  # from the start to the end, not to `now`
     assert report["setup_time_ms"] == 250.0
     assert report["downtime_ms"] == 500.0
     assert report["expected_downtime_ms"] == 42.123
@@ -127,9 +127,9 @@ def dest(**overrides: Any) -> Any:
 
 
 def test_the_destination_report_computes_each_field() -> None:
-    report = dest_report(dest(), now=101.0)
+    report = dest_report(dest(), now=102.0)
     assert report["status"] == "completed" and report["phase"] == "running"
-    assert report["total_time_ms"] == 1000.0, "from the hello, not from when the daemon started"
+    assert report["total_time_ms"] == 2000.0, "from the hello, not from when the daemon started"
     assert report["setup_time_ms"] == 125.0
     assert report["downtime_ms"] == 125.0
     assert report["throughput_mbps"] == EDGE_MBPS, "pages and tags only"
