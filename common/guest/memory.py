@@ -11,7 +11,7 @@ from __future__ import annotations
 import mmap
 import threading
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -30,6 +30,10 @@ from common.indices import contiguous
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 PageIndices = npt.NDArray[np.int64]
+
+
+class AccessGate(Protocol):
+    def check(self, addr: int, length: int, writing: bool) -> None: ...
 
 
 class GuestAddressError(ValueError):
@@ -81,6 +85,8 @@ class GuestMemory:
         # Guards the dirty bitmaps against a vCPU thread: a store and its dirty mark happen
         # under it, and a dirty sync takes it, so no write slips between read and clear.
         self.lock = threading.RLock()
+        # Postcopy on the destination: sees every guest access first (presence.PresenceGate).
+        self.gate: AccessGate | None = None
 
     # -- bounds -----------------------------------------------------------------------------
     def check_range(self, addr: int, length: int) -> None:
@@ -96,11 +102,15 @@ class GuestMemory:
     # -- data ---------------------------------------------------------------------------
     def read(self, addr: int, length: int) -> bytes:
         self.check_range(addr, length)
+        if self.gate is not None:
+            self.gate.check(addr, length, False)
         return self.ram[addr : addr + length].tobytes()
 
     def write(self, addr: int, data: bytes | npt.NDArray[np.uint8]) -> None:
         length = len(data)
         self.check_range(addr, length)
+        if self.gate is not None:
+            self.gate.check(addr, length, True)
         with self.lock:
             self.ram[addr : addr + length] = (
                 np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) else data
@@ -118,6 +128,8 @@ class GuestMemory:
     def get_tag(self, addr: int) -> int:
         """LDG: the allocation tag of the granule holding addr."""
         self.check_range(addr, 1)
+        if self.gate is not None:
+            self.gate.check(addr, 1, False)
         granule = addr // GRANULE_SIZE
         byte = int(self.tag_bytes[granule >> 1])
         return (byte >> 4) & TAG_MASK if granule & 1 else byte & TAG_MASK
@@ -125,6 +137,8 @@ class GuestMemory:
     def granule_tags(self, addr: int, length: int) -> npt.NDArray[np.uint8]:
         """The allocation tags, one per byte, of every granule that [addr, addr+length) touches."""
         self.check_range(addr, length)
+        if self.gate is not None:
+            self.gate.check(addr, length, False)
         first = addr // GRANULE_SIZE
         last = (addr + max(length, 1) - 1) // GRANULE_SIZE
         packed = self.tag_bytes[first >> 1 : (last >> 1) + 1]
@@ -139,6 +153,8 @@ class GuestMemory:
         self.check_range(addr, length)
         if not length:
             return
+        if self.gate is not None:
+            self.gate.check(addr, length, True)
         tag &= TAG_MASK
         first = addr // GRANULE_SIZE
         end = first + length // GRANULE_SIZE

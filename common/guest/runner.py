@@ -47,10 +47,19 @@ class GuestRunner:
         self.slice_s = slice_s
         self.throttle = 0.0  # share of its slice the vCPU is held off, 0 .. 0.99
         self._running = False
-        rate = workload.steps_per_second
-        self._interval = 1.0 / rate if rate > 0 else 0.0
         self._next_due = 0.0
         self._held_until = 0.0  # auto-converge: no slice before this time
+
+    @property
+    def _interval(self) -> float:
+        # read each time: a postcopy destination learns the pace only once the page holding it arrived
+        rate = self.workload.steps_per_second
+        return 1.0 / rate if rate > 0 else 0.0
+
+    @property
+    def blocked(self) -> bool:
+        """Postcopy: the vCPU waits for a page; the loop runs no slice until it is placed."""
+        return bool(getattr(self.workload, "blocked", False))
 
     @property
     def step(self) -> int:
@@ -63,6 +72,10 @@ class GuestRunner:
     @property
     def running(self) -> bool:
         return self._running and not self.finished
+
+    @property
+    def waiting_for_page(self) -> bool:
+        return self.running and self.blocked
 
     def start(self) -> None:
         self._running = True
@@ -78,7 +91,7 @@ class GuestRunner:
 
     def seconds_until_due(self, now: float) -> float | None:
         """How long the loop may sleep before the vCPU wants its next slice (None: never)."""
-        if not self.running:
+        if not self.running or self.blocked:
             return None
         due = max(self._next_due, self._held_until) if self._interval else self._held_until
         return max(0.0, due - now)
@@ -90,14 +103,15 @@ class GuestRunner:
             return 0
         budget = self.slice_s
         ran = 0
-        while not self.finished:
+        interval = self._interval
+        while not self.finished and not self.blocked:
             t = self.clock()
             if t - began >= budget and ran:
                 break
-            if self._interval:
+            if interval:
                 if t < self._next_due:
                     break
-                self._next_due += self._interval
+                self._next_due += interval
                 if self._next_due < t - 1.0:  # far behind (a long pause): do not sprint
                     self._next_due = t
             self.workload.step()
