@@ -9,8 +9,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from common.constants import PROTOCOL_VERSION
 from common.guest.guest import Guest
+from common.guest.presence import PresenceGate, RestartableVcpu
 from common.guest.runner import GuestRunner
 from common.guest.workload import Workload, WorkloadConfig, boot
 from common.protocol.dest import DestParameters, DestSession
@@ -151,15 +154,47 @@ class FakeDestHost:
     def __init__(self) -> None:
         self.started: Guest | None = None
         self.discarded = 0
+        self.gate: PresenceGate | None = None
+        self.vcpu: RestartableVcpu | None = None
+        # set by the Pair: how the destination runs a guest it starts (postcopy tests)
+        self.make_runner: (
+            Callable[[Guest, PresenceGate | None], tuple[GuestRunner, RestartableVcpu]] | None
+        ) = None
+        self.runner: GuestRunner | None = None
 
-    def start_guest(self, guest: Guest) -> None:
+    def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         self.started = guest
+        self.gate = gate
+        if self.make_runner is not None:
+            self.runner, self.vcpu = self.make_runner(guest, gate)
+            self.runner.start()
+
+    def take_page_misses(self) -> list[int]:
+        return self.vcpu.take_misses() if self.vcpu is not None else []
 
     def discard_guest(self, guest: Guest) -> None:
         self.discarded += 1
 
     def prefault(self, guest: Guest, pages: object) -> None:
         self.prefault_hint = pages
+
+
+class TimedDestWorkload:
+    """The destination's workload in postcopy tests: each completed step costs fake time."""
+
+    def __init__(self, pair: Pair, workload: Workload, step_cost_s: float) -> None:
+        self.pair = pair
+        self.workload = workload
+        self.step_cost_s = step_cost_s
+        self.steps_per_second = 0.0
+
+    @property
+    def step_count(self) -> int:
+        return self.workload.step_count
+
+    def step(self) -> None:
+        self.workload.step()
+        self.pair.now += self.step_cost_s
 
 
 class TimedWorkload:
@@ -202,6 +237,7 @@ class Pair:
         to_dest: Faults | None = None,
         to_source: Faults | None = None,
         guest_speed: float = 0.0,
+        dest_stop_at_step: int | None = None,
     ) -> None:
         self.now = CLOCK_START
         self.guest = guest
@@ -216,6 +252,18 @@ class Pair:
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
         self.events: list[object] = []
         self.runner: GuestRunner | None = None
+        if dest_stop_at_step is not None:
+            cost = 1.0 / (guest_speed or 2000.0)
+
+            def make_runner(guest: Guest, gate: PresenceGate | None) -> tuple[GuestRunner, RestartableVcpu]:
+                vcpu = RestartableVcpu(
+                    guest,
+                    gate or PresenceGate(guest.memory, np.ones(guest.memory.page_count, dtype=np.bool_)),
+                    lambda g: TimedDestWorkload(self, Workload(g), cost),
+                )
+                return GuestRunner(vcpu, stop_at_step=dest_stop_at_step, clock=lambda: self.now), vcpu
+
+            self.dst_host.make_runner = make_runner
         if guest_speed:
             # guest_speed: steps per second of fake time when nothing else runs
             self.runner = GuestRunner(TimedWorkload(self, 1.0 / guest_speed), clock=lambda: self.now)
@@ -251,6 +299,9 @@ class Pair:
             self.down.put(frames, self.now)
         if self.runner is not None:
             self.runner.run_slice()
+        dest_runner = self.dst_host.runner
+        if dest_runner is not None:
+            dest_runner.run_slice()
         wake = [self.now + POLL_CAP_S]
         for session in (src, dst):
             if not session.phase.terminal:
@@ -259,10 +310,13 @@ class Pair:
             arrival = link.next_arrival()
             if arrival is not None:
                 wake.append(arrival)
-        if self.runner is not None:
-            due = self.runner.seconds_until_due(self.now)
-            if due is not None:
-                wake.append(self.now + due)
+        for runner in (self.runner, dest_runner):
+            if runner is not None:
+                due = runner.seconds_until_due(self.now)
+                if due is not None:
+                    wake.append(self.now + due)
+        if self.dst_host.vcpu is not None and self.dst_host.vcpu.misses:
+            wake.append(self.now)  # the destination asks at its next turn
         self.now = max(min(wake), self.now + MIN_TURN_S)
         self.turns += 1
 

@@ -120,15 +120,15 @@ ALL_BODIES = {
         ]
     ),
     "page_request": pb.PageRequest(page_index=[5, 6]),
-    "postcopy_page": pb.PostcopyPage(
-        page_index=4,
-        data_encoding=pb.PAGE_RAW,
-        data_length=4096,
-        tag_encoding=pb.TAG_RAW,
-        tag_length=128,
+    "postcopy_pages": pb.PostcopyPages(
+        data=pb.RamPages(page_index=[4], encoding=[pb.PAGE_RAW], length=[4096]),
+        tags=pb.TagSections(page_index=[4], encoding=[pb.TAG_RAW], length=[128]),
+        data_bytes=4096,
         requested=True,
     ),
-    "received_bitmap": pb.ReceivedBitmap(page_count=8, bitmap_lz4=b"\x01"),
+    "received_bitmap": pb.ReceivedBitmap(page_count=8, bitmap_lz4=b"\x01", complete=True),
+    "page_manifest": pb.PageDigests(first_page=0, ram_digests=b"\x02" * 8, tag_digests=b"\x03" * 8),
+    "postcopy_start": pb.PostcopyStart(page_count=256),
     "verify_request": pb.VerifyRequest(
         source=pb.GuestDigests(
             ram_digest=b"r" * 16, tag_digest=b"t" * 16, vcpu_digest=b"v" * 16, ram_block_digests=b"\x00" * 8
@@ -160,7 +160,7 @@ def test_every_body_in_the_schema_is_covered() -> None:
 def test_every_message_type_round_trips(kind: str) -> None:
     body = ALL_BODIES[kind]
     env = framing.envelope(SESSION, 42, **{kind: body})
-    payload = b"payload-bytes" if kind in ("ram_pages", "postcopy_page") else b""
+    payload = b"payload-bytes" if kind in ("ram_pages", "postcopy_pages") else b""
     got = framing.decode(framing.encode(env, payload))
     assert got.kind == kind
     assert getattr(got.envelope, kind) == body

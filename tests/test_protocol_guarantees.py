@@ -195,7 +195,8 @@ def test_a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() -> None:
         ({"vcpu_count": 65}, pb.ERROR_GEOMETRY_MISMATCH, "65 vCPUs"),
         ({"features": [pb.FEATURE_VERIFY]}, pb.ERROR_FEATURE_MISMATCH, "FEATURE_MTE"),
         ({"features": [pb.FEATURE_MTE]}, pb.ERROR_FEATURE_MISMATCH, "FEATURE_VERIFY"),
-        ({"mode": pb.MODE_POSTCOPY}, pb.ERROR_FEATURE_MISMATCH, "MODE_POSTCOPY is not supported"),
+        ({"mode": pb.MODE_POSTCOPY}, pb.ERROR_FEATURE_MISMATCH, "postcopy mode without the postcopy feature"),
+        ({"mode": 7}, pb.ERROR_FEATURE_MISMATCH, "is not supported by this destination"),
         (
             {"populated_hint_lz4": encode_bitmap(np.ones(512, dtype=np.bool_))},
             pb.ERROR_BAD_MESSAGE,

@@ -36,7 +36,9 @@ def source(**overrides: Any) -> Any:
             dirty_pages_rate=12.34,
         ),
         link=SimpleNamespace(epoch=3, stats=LinkStats(resent=4, resend_requests=5, corrupt=6, resumes=2)),
-        params=SimpleNamespace(downtime_limit_ms=300.0),
+        params=SimpleNamespace(downtime_limit_ms=300.0, postcopy=False),
+        postcopy=None,
+        t_dest_running=None,
         round=7,
         throttle=0.12345,
         stats=stats,
@@ -120,6 +122,8 @@ def dest(**overrides: Any) -> Any:
         verified=True,
         my_digests={"ram": "cc", "tags": "dd", "vcpu": "ee"},
         mismatched_pages=[],
+        postcopy_mode=False,
+        postcopy=None,
     )
     for name, value in overrides.items():
         setattr(session, name, value)

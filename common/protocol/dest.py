@@ -30,26 +30,35 @@ from common.constants import (
 )
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
+from common.guest.presence import PresenceGate
+from common.guest.vcpu import vcpus_digest
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
 from common.protocol.handshake import REQUIRED_FEATURES, check_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link
 from common.protocol.phases import DEST_EXPECTS, DEST_MOVES, DestPhase, Failure, PhaseMachine
+from common.protocol.postcopy import DestPostcopy
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.verify import destination_verdict
 from common.transfer import apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.bitmap import decode_bitmap
+from common.wire.bitmap import decode_bitmap, encode_bitmap
+from common.wire.codec import decode_postcopy_pages
 from common.wire.framing import Buffer, WireError
 
 _D = DestPhase
-_LIVE = (_D.RECEIVING, _D.AWAIT_COMMIT)
+_LIVE = (_D.RECEIVING, _D.AWAIT_COMMIT, _D.POSTCOPY)
 
 
 class DestHost(Protocol):
-    def start_guest(self, guest: Guest) -> None: ...
+    def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
+        """Run the guest here; in postcopy its accesses go through the gate."""
+
+    def take_page_misses(self) -> list[int]:
+        """Postcopy: the pages the guest found missing since the last call."""
+
     def discard_guest(self, guest: Guest) -> None: ...
     def prefault(self, guest: Guest, pages: np.ndarray) -> None:
         """The source says these pages will arrive: fault them in ahead, if that helps."""
@@ -67,6 +76,9 @@ class DestParameters:
     digest_budget_pages: int = DEST_DIGEST_BUDGET_PAGES  # pages hashed per loop turn
     # Test builds only: flip a byte of this page after placing it, to prove verification.
     corrupt_page: int | None = None
+    # Test builds only: place postcopy data and tags apart (a turn between), to prove that the
+    # atomicity test can fail.
+    split_placement: bool = False
 
 
 class DestSession:
@@ -99,6 +111,9 @@ class DestSession:
         self.t_end: float | None = None
         self._corrupted = False
         self._repairing = False
+        self.postcopy_mode = False
+        self.postcopy: DestPostcopy | None = None
+        self.gate: PresenceGate | None = None
 
     @property
     def phase(self) -> DestPhase:
@@ -168,7 +183,10 @@ class DestSession:
         except WireError as exc:
             self._fail(exc.code, exc.reason, now)
             return
-        if message.kind not in ("ram_pages", "tag_sections") and self.phase is not _D.FAILED:
+        if (
+            message.kind not in ("ram_pages", "tag_sections", "postcopy_pages")
+            and self.phase is not _D.FAILED
+        ):
             self._ack(now)  # data messages are acknowledged with the flow control
 
     def poll(self, now: float) -> None:
@@ -181,8 +199,10 @@ class DestSession:
                 self._resend_from(link.peer_received, now)
                 link.restart_retransmit_clock(now)
             return
+        if self.phase is _D.POSTCOPY:
+            self._poll_postcopy(now)
         silent = link.silence(now)
-        if silent > self.keep_for_s:
+        if silent > self.keep_for_s and self.phase is not _D.POSTCOPY:
             self._fail(
                 pb.ERROR_TIMEOUT,
                 f"source silent for {silent:.1f} s (it had {self.keep_for_s:.1f} s to reconnect); what arrived is discarded",
@@ -203,12 +223,25 @@ class DestSession:
             ):
                 self._ack(now)
 
+    def _poll_postcopy(self, now: float) -> None:
+        """Ask for what the guest missed; the source may be silent: the guest runs on the pages
+        it holds and waits only on missing ones (never discarded, never failed from here)."""
+        pc = self.postcopy
+        assert pc is not None and self.guest is not None
+        if pc.late_tags:
+            pc.place_late_tags(self.guest.memory)
+        wanted = pc.to_request(self.host.take_page_misses(), now)
+        if wanted:
+            self._send(now, page_request=pb.PageRequest(page_index=wanted))
+
     def next_deadline(self, now: float) -> float:
         link = self.link
         if self.phase is _D.RUNNING and link.unacked:
             return link.t_progress + link.rto_s
         if self.phase in _LIVE:
             if self.digests is not None and self.digests.stale_pages and not self.source_stopped:
+                return now
+            if self.postcopy is not None and self.postcopy.late_tags:
                 return now
             deadline = min(
                 link.t_last_sent + self.params.heartbeat_interval_s, link.t_last_heard + self.keep_for_s
@@ -219,6 +252,10 @@ class DestSession:
         return now + 3600.0
 
     def cancel(self, now: float, reason: str = "cancelled by the destination's operator") -> None:
+        if self.phase is _D.POSTCOPY:
+            raise RuntimeError(
+                "too late to cancel: the guest runs here in postcopy and the source is stopped"
+            )
         if self.phase not in _LIVE:
             raise RuntimeError(f"no incoming migration to cancel (phase {self.phase.value})")
         self._fail(pb.ERROR_CANCELLED, reason, now)
@@ -276,7 +313,10 @@ class DestSession:
         self.guest = Guest.create(hello.ram_bytes, hello.vcpu_count)
         self.digests = DigestCache(self.guest.memory)
         self.use_lz4 = pb.FEATURE_LZ4 in hello.features
+        self.postcopy_mode = hello.mode == pb.MODE_POSTCOPY
         features = sorted(REQUIRED_FEATURES) + ([pb.FEATURE_LZ4] if self.use_lz4 else [])
+        if self.postcopy_mode:
+            features.append(pb.FEATURE_POSTCOPY)
         self._move(_D.RECEIVING)
         if hint is not None:
             self.host.prefault(self.guest, np.flatnonzero(hint))
@@ -388,7 +428,101 @@ class DestSession:
         self._fail(msg.code, f"source aborted: {msg.reason}", now, notify=False)
 
     # -- verification and handover -------------------------------------------------------------
+    # -- postcopy -------------------------------------------------------------------------------
+    def _on_page_manifest(self, msg: pb.PageDigests, _: Buffer, now: float) -> None:
+        assert self.guest is not None
+        if not self.postcopy_mode:
+            raise WireError(pb.ERROR_BAD_MESSAGE, "page manifest in a precopy migration")
+        if self.postcopy is None:
+            self.postcopy = DestPostcopy(self.guest.memory.page_count)
+            self.postcopy.split_placement = self.params.split_placement
+        self.postcopy.add_manifest(msg)
+
+    def _on_postcopy_start(self, msg: pb.PostcopyStart, _: Buffer, now: float) -> None:
+        assert self.guest is not None
+        pc = self.postcopy
+        if pc is None or not self.source_stopped:
+            raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy start before the switchover and its manifest")
+        if msg.page_count != self.guest.memory.page_count:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"postcopy start for {msg.page_count} pages")
+        mem = self.guest.memory
+        pc.start(mem)
+        pc.vcpu_digest = vcpus_digest(self.guest.vcpus)
+        self.digests = None  # pages are checked one by one against the manifest from here
+        if not pc.complete:
+            self.gate = PresenceGate(mem, pc.present)
+            mem.gate = self.gate
+        self.host.start_guest(self.guest, self.gate)
+        self._move(_D.POSTCOPY)
+        self.t_running = now
+        self._events.append(ev.PostcopyStarted(pc.missing()))
+        self._send_bitmap(now)
+
+    def _on_postcopy_pages(self, msg: pb.PostcopyPages, payload: Buffer, now: float) -> None:
+        assert self.guest is not None and self.postcopy is not None
+        pc = self.postcopy
+        batch = decode_postcopy_pages(msg, payload, self.guest.memory.page_count)
+        placed = pc.place(self.guest.memory, batch, msg.requested, now)
+        self.stats.pages_sent += int(placed.pages.size)
+        self.stats.ram_bytes += len(payload)
+        self.stats.postcopy_bytes += len(payload)
+        self._ack(now)
+        if placed.rejected.size:
+            # a copy that does not match the manifest is never shown to the guest: ask again
+            wanted = pc.to_request(placed.rejected.tolist(), now)
+            if wanted:
+                self._send(now, page_request=pb.PageRequest(page_index=wanted))
+        if pc.complete and not pc.late_tags:
+            self._all_present(now)
+
+    def _all_present(self, now: float) -> None:
+        assert self.guest is not None
+        if self.guest.memory.gate is not None:
+            self.guest.memory.gate = None  # no more journaling: every access is to a present page
+            self._send_bitmap(now)
+
+    def _send_bitmap(self, now: float) -> None:
+        assert self.postcopy is not None
+        pc = self.postcopy
+        self._send(
+            now,
+            received_bitmap=pb.ReceivedBitmap(
+                page_count=pc.page_count,
+                bitmap_lz4=b"" if pc.complete else encode_bitmap(pc.present),
+                complete=pc.complete,
+            ),
+        )
+
+    def _postcopy_verdict(self, msg: pb.VerifyRequest, now: float) -> None:
+        pc = self.postcopy
+        assert pc is not None and self.guest is not None
+        ours = pc.digest()
+        ok = pc.complete and msg.source.ram_digest == ours and msg.source.vcpu_digest == pc.vcpu_digest
+        self.verified = ok
+        self.my_digests = {"ram": ours.hex(), "tags": "", "vcpu": pc.vcpu_digest.hex()}
+        self._send(
+            now,
+            verify_result=pb.VerifyResult(
+                ok=ok,
+                attempt=msg.attempt,
+                vcpu_mismatch=msg.source.vcpu_digest != pc.vcpu_digest,
+                destination=pb.GuestDigests(ram_digest=ours, vcpu_digest=pc.vcpu_digest),
+            ),
+        )
+        if not ok and self.failure is None:
+            self.failure = Failure(
+                pb.ERROR_VERIFICATION_FAILED,
+                "postcopy verification failed: the manifest or the vCPU state differs from the source's",
+                self.phase.value,
+            )
+        self._move(_D.RUNNING)
+        self.t_end = now
+        self._events.append(ev.Finished("completed" if ok else "failed", None if ok else self.failure.reason))  # type: ignore[union-attr]
+
     def _on_verify_request(self, msg: pb.VerifyRequest, _: Buffer, now: float) -> None:
+        if self.phase is _D.POSTCOPY:
+            self._postcopy_verdict(msg, now)
+            return
         assert self.guest is not None and self.digests is not None
         if not self.source_stopped:
             raise WireError(pb.ERROR_BAD_MESSAGE, "verify_request before the source stopped its guest")
@@ -458,6 +592,15 @@ class DestSession:
 
     def _fail(self, code: int, reason: str, now: float, *, notify: bool = True) -> None:
         if self.phase.terminal or self.phase is _D.FAILING:
+            return
+        if self.phase is _D.POSTCOPY:
+            # The guest runs here and the source is stopped: it is never discarded. The fault is
+            # noted and refused; the source may resume the session and carry on.
+            self.refused_messages += 1
+            if self.failure is None:
+                self.failure = Failure(
+                    code, f"{reason} (refused; the guest keeps running here)", self.phase.value
+                )
             return
         if self.failure is None:
             self.failure = Failure(code, reason, self.phase.value)

@@ -33,9 +33,16 @@ class LinkRestored:
 
 
 @dataclass(frozen=True)
+class PostcopyStarted:
+    """The destination runs the guest with this many pages still to come."""
+
+    missing_pages: int
+
+
+@dataclass(frozen=True)
 class Finished:
     status: str  # completed, failed, cancelled, unsettled
     reason: str | None
 
 
-Event = PhaseChanged | RoundStarted | Reconnect | LinkRestored | Finished
+Event = PhaseChanged | RoundStarted | Reconnect | LinkRestored | PostcopyStarted | Finished

@@ -30,8 +30,8 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
         page_size=PAGE_SIZE,
         granule_size=GRANULE_SIZE,
         ram_bytes=guest.memory.ram_bytes,
-        features=offered_features(params.use_lz4),
-        mode=pb.MODE_PRECOPY,
+        features=offered_features(params.use_lz4) + ([pb.FEATURE_POSTCOPY] if params.postcopy else []),
+        mode=pb.MODE_POSTCOPY if params.postcopy else pb.MODE_PRECOPY,
         vcpu_count=len(guest.vcpus),
         node_name=node_name,
         auth_token=params.auth_token,
@@ -65,9 +65,11 @@ def check_hello(hello: pb.Hello, auth_token: bytes) -> tuple[int, str] | None:
     if missing:
         names = ", ".join(pb.Feature.Name(f) for f in sorted(missing))
         return pb.ERROR_FEATURE_MISMATCH, f"the source does not offer required features: {names}"
-    if hello.mode != pb.MODE_PRECOPY:
+    if hello.mode == pb.MODE_POSTCOPY and pb.FEATURE_POSTCOPY not in hello.features:
+        return pb.ERROR_FEATURE_MISMATCH, "postcopy mode without the postcopy feature"
+    if hello.mode not in (pb.MODE_PRECOPY, pb.MODE_POSTCOPY):
         return (
             pb.ERROR_FEATURE_MISMATCH,
-            f"migration mode {pb.MigrationMode.Name(hello.mode)} is not supported by this destination",
+            f"migration mode {hello.mode} is not supported by this destination",
         )
     return None

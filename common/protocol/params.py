@@ -42,6 +42,12 @@ class MigrationParameters:
     convergence_timeout_s: float = 60.0
     # Pages hashed per loop turn while the guest runs: small enough not to stall the stream.
     digest_budget_pages: int = SOURCE_DIGEST_BUDGET_PAGES
+    # Postcopy: the destination runs the guest after this many precopy rounds (0: at once).
+    postcopy: bool = False
+    postcopy_after_rounds: int = 1
+    # After the switchover a broken link pauses both sides; the source reconnects this long
+    # before it stops trying and leaves the handover to an operator (ctl recover / settle).
+    postcopy_recover_timeout_s: float = 60.0
 
     def check(self) -> MigrationParameters:
         for f in fields(self):
@@ -72,6 +78,13 @@ class MigrationParameters:
             raise ValueError("convergence timeout must be positive")
         if self.digest_budget_pages < 1:
             raise ValueError("the digest budget must be at least one page")
+        if self.postcopy_after_rounds < 0:
+            raise ValueError(f"postcopy after {self.postcopy_after_rounds} rounds: must be 0 or more")
+        if self.postcopy_recover_timeout_s < self.peer_timeout_s:
+            raise ValueError(
+                f"postcopy recover timeout {self.postcopy_recover_timeout_s} s must be at least the "
+                f"peer timeout ({self.peer_timeout_s} s)"
+            )
         return self
 
     def updated(self, changes: dict[str, Any]) -> MigrationParameters:

@@ -28,10 +28,19 @@ class SourcePhase(Enum):
     # The commit went out and no answer came back before the link gave up: the guest is
     # stopped here and may run there. Only the destination, or an operator, can settle it.
     UNSETTLED = "unsettled"
+    # Postcopy: the guest runs on the destination; this side serves the pages it lacks and
+    # keeps every one until the end. Paused: the link broke, the source reconnects.
+    POSTCOPY = "postcopy"
+    POSTCOPY_PAUSED = "postcopy-paused"
+    POSTCOPY_VERIFYING = "postcopy-verifying"
 
     @property
     def terminal(self) -> bool:
         return not SOURCE_MOVES[self]
+
+    @property
+    def postcopy(self) -> bool:
+        return self in (SourcePhase.POSTCOPY, SourcePhase.POSTCOPY_PAUSED, SourcePhase.POSTCOPY_VERIFYING)
 
     @property
     def ended(self) -> bool:
@@ -44,6 +53,8 @@ class DestPhase(Enum):
     RECEIVING = "receiving"
     AWAIT_COMMIT = "await-commit"  # verified; the source decides
     RUNNING = "running"  # the guest runs here; migration completed
+    # Postcopy: the guest runs here while pages still arrive; never discarded from here on.
+    POSTCOPY = "postcopy"
     FAILING = "failing"
     FAILED = "failed"
 
@@ -56,11 +67,15 @@ _S = SourcePhase
 SOURCE_MOVES: Mapping[SourcePhase, frozenset[SourcePhase]] = {
     _S.IDLE: frozenset({_S.SETUP}),
     _S.SETUP: frozenset({_S.ACTIVE, _S.FAILING}),
-    _S.ACTIVE: frozenset({_S.SWITCHOVER, _S.FAILING}),
+    _S.ACTIVE: frozenset({_S.SWITCHOVER, _S.POSTCOPY, _S.FAILING}),
+    _S.POSTCOPY: frozenset({_S.POSTCOPY_PAUSED, _S.POSTCOPY_VERIFYING, _S.UNSETTLED}),
+    _S.POSTCOPY_PAUSED: frozenset({_S.POSTCOPY, _S.UNSETTLED}),
+    _S.POSTCOPY_VERIFYING: frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED, _S.UNSETTLED}),
     _S.SWITCHOVER: frozenset({_S.VERIFYING, _S.FAILING}),
     _S.VERIFYING: frozenset({_S.SWITCHOVER, _S.COMMITTING, _S.FAILING}),  # back: a repair pass
     _S.COMMITTING: frozenset({_S.COMPLETED, _S.UNSETTLED, _S.FAILING}),
-    _S.UNSETTLED: frozenset({_S.COMPLETED, _S.FAILING}),  # settled by the destination or by hand
+    # settled by the destination or by hand; after postcopy, `recover` tries the link again
+    _S.UNSETTLED: frozenset({_S.COMPLETED, _S.FAILING, _S.POSTCOPY_PAUSED}),
     _S.FAILING: frozenset({_S.FAILED, _S.CANCELLED}),
     _S.COMPLETED: frozenset(),
     _S.FAILED: frozenset(),
@@ -70,7 +85,8 @@ SOURCE_MOVES: Mapping[SourcePhase, frozenset[SourcePhase]] = {
 _D = DestPhase
 DEST_MOVES: Mapping[DestPhase, frozenset[DestPhase]] = {
     _D.WAITING: frozenset({_D.RECEIVING}),
-    _D.RECEIVING: frozenset({_D.AWAIT_COMMIT, _D.FAILING}),
+    _D.RECEIVING: frozenset({_D.AWAIT_COMMIT, _D.POSTCOPY, _D.FAILING}),
+    _D.POSTCOPY: frozenset({_D.RUNNING}),  # a postcopy guest is never discarded
     _D.AWAIT_COMMIT: frozenset({_D.RUNNING, _D.FAILING}),
     _D.FAILING: frozenset({_D.FAILED}),
     _D.RUNNING: frozenset(),
@@ -86,12 +102,25 @@ SOURCE_EXPECTS: Mapping[SourcePhase, frozenset[str]] = {
     _S.VERIFYING: frozenset({"verify_result", "abort"}),
     _S.COMMITTING: frozenset({"started", "abort"}),
     _S.UNSETTLED: frozenset({"started"}),
+    _S.POSTCOPY: frozenset({"page_request", "received_bitmap", "abort"}),
+    _S.POSTCOPY_PAUSED: frozenset({"page_request", "received_bitmap", "abort"}),
+    _S.POSTCOPY_VERIFYING: frozenset({"page_request", "received_bitmap", "verify_result", "abort"}),
 }
 _RECEIVING = frozenset(
-    {"ram_pages", "tag_sections", "end_of_round", "device_state", "verify_request", "abort"}
+    {
+        "ram_pages",
+        "tag_sections",
+        "end_of_round",
+        "device_state",
+        "verify_request",
+        "abort",
+        "page_manifest",
+        "postcopy_start",
+    }
 )
 DEST_EXPECTS: Mapping[DestPhase, frozenset[str]] = {
     _D.RECEIVING: _RECEIVING,
+    _D.POSTCOPY: frozenset({"postcopy_pages", "verify_request", "abort"}),
     _D.AWAIT_COMMIT: frozenset({"commit", "abort"}),
 }
 

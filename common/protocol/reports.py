@@ -33,12 +33,16 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         )
         else None
     )
+    pc = session.postcopy
+    if pc is not None:
+        # the guest ran again as soon as the destination started it, not at the end
+        downtime = session.t_dest_running - session.t_stop if session.t_dest_running else None
     p = session.precopy.pass_
     link = session.link.stats
     return {
         "status": status,
         "phase": session.phase.value,
-        "mode": "precopy",
+        "mode": "postcopy" if session.params.postcopy else "precopy",
         "error": session.failure.reason if session.failure else None,
         "total_time_ms": ms(total_s),
         "setup_time_ms": ms(session.t_setup_done - session.t_start) if session.t_setup_done else None,
@@ -60,6 +64,14 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             "corrupt_received": link.corrupt,
         },
         "timeline_ms": {event: round(at * 1000, 3) for event, at in session.timeline},
+        "postcopy": None
+        if pc is None
+        else {
+            "requests": pc.requests,
+            "background_pages": pc.background_pages,
+            "pages_missing_at_destination": pc.missing(),
+            "recoveries": pc.recoveries,
+        },
         "verification": verification_section(
             session.verified,
             session.verifier.dest_digests or session.verifier.source_digests,
@@ -72,6 +84,8 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     """The destination's report, in the same vocabulary as the source's."""
     end = session.t_end or now
     status = {DestPhase.RUNNING: "completed", DestPhase.FAILED: "failed"}.get(session.phase, "active")
+    if session.phase is DestPhase.RUNNING and session.verified is False:
+        status = "failed"
     if session.failure and session.failure.code == pb.ERROR_CANCELLED:
         status = "cancelled"
     downtime = session.t_running - session.t_stop_seen if session.t_running and session.t_stop_seen else None
@@ -80,7 +94,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     return {
         "status": status,
         "phase": session.phase.value,
-        "mode": "precopy",
+        "mode": "postcopy" if session.postcopy_mode else "precopy",
         "error": session.failure.reason if session.failure else None,
         "total_time_ms": ms(total),
         # what this side sees of setup: from the hello to the first page batch
@@ -105,4 +119,21 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
             "corrupt_received": link.corrupt,
         },
         "verification": verification_section(session.verified, session.my_digests, session.mismatched_pages),
+        "postcopy": None if session.postcopy is None else _dest_postcopy(session, end),
+    }
+
+
+def _dest_postcopy(session: DestSession, end: float) -> dict[str, Any]:
+    pc = session.postcopy
+    assert pc is not None
+    return {
+        "requests": len(pc.latencies_s),
+        "fault_latency_ms": pc.latency_ms(),
+        "blocktime_ms": round(sum(pc.latencies_s) * 1000.0, 3),
+        "background_pages": pc.background_pages,
+        "requested_pages": pc.requested_pages,
+        "rejected_pages": pc.rejected_pages,
+        "duplicate_pages": pc.duplicate_pages,
+        "pages_missing": pc.missing(),
+        "recoveries": session.link.stats.resumes,
     }

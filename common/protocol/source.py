@@ -23,16 +23,19 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.constants import (
+    MAX_PAGES_PER_MESSAGE,
     RECONNECT_BACKOFF_S,
     SESSION_ID_BYTES,
 )
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
+from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
 from common.protocol.handshake import source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
+from common.protocol.postcopy import BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
@@ -41,11 +44,12 @@ from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.codec import encode_ram_pages, encode_tag_sections
+from common.wire.bitmap import decode_bitmap
+from common.wire.codec import encode_postcopy_pages, encode_ram_pages, encode_tag_sections
 from common.wire.framing import Buffer, WireError
 
 _S = SourcePhase
-_SENDING = (_S.ACTIVE, _S.SWITCHOVER)
+_SENDING = (_S.ACTIVE, _S.SWITCHOVER, _S.POSTCOPY, _S.POSTCOPY_VERIFYING)
 
 
 class SourceHost(Protocol):
@@ -90,10 +94,17 @@ class SourceSession:
         self._rate_limited_until: float | None = None
         self._commit_acked = False
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
+        # postcopy: set at the switchover; from then on the guest is the destination's
+        self.postcopy: SourcePostcopy | None = None
+        self._postcopy_now = False  # an operator's postcopy-start
+        self._manifest_digest = b""
+        self._switchover_vcpus = b""
+        self._paused_from: SourcePhase | None = None
         # times
         self.t_start = now
         self.t_setup_done: float | None = None
         self.t_stop: float | None = None
+        self.t_dest_running: float | None = None  # postcopy: the destination said it runs
         self.t_end: float | None = None
         self.timeline: list[tuple[str, float]] = []  # (event, seconds since start)
 
@@ -246,7 +257,7 @@ class SourceSession:
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
         if self.phase.terminal:
             return
-        if self.phase in (_S.COMMITTING, _S.UNSETTLED):
+        if self.phase in (_S.COMMITTING, _S.UNSETTLED) or self.phase.postcopy:
             raise RuntimeError("too late to cancel: the guest has been handed to the destination")
         self._fail(pb.ERROR_CANCELLED, reason, now, cancelled=True)
 
@@ -266,6 +277,30 @@ class SourceSession:
         else:
             self._complete(now, "settled by the operator: the guest runs on the destination")
 
+    def start_postcopy(self, now: float) -> None:
+        """An operator's postcopy-start: switch a running precopy over now."""
+        if not self.params.postcopy:
+            raise RuntimeError("this migration runs in precopy mode; start it with --mode postcopy")
+        if self.phase not in (_S.SETUP, _S.ACTIVE):
+            raise RuntimeError(f"postcopy cannot start in phase {self.phase.value}")
+        self._postcopy_now = True
+        if self.phase is _S.ACTIVE:
+            self._postcopy_switchover(now)
+
+    def recover(self, now: float) -> None:
+        """After postcopy broke the link: reconnect now (and keep trying for the timeout again)."""
+        if self.postcopy is None or not (self.phase is _S.UNSETTLED or self.phase is _S.POSTCOPY_PAUSED):
+            raise RuntimeError(f"nothing to recover (phase {self.phase.value})")
+        if self.phase is _S.UNSETTLED:
+            self._paused_from = _S.POSTCOPY
+            self._move(_S.POSTCOPY_PAUSED)
+            self.t_end = None
+            self.link.t_last_heard = now  # the recover timeout starts again
+            if self.connected:
+                self.reconnector.broken(now)
+                self.link.new_epoch()
+        self.reconnector.next_at = now
+
     def set_parameters(self, params: MigrationParameters, now: float) -> None:
         self.params = replace(params.check(), window=self.params.window)
         self.bucket.set_rate(self.params.max_bandwidth, now)
@@ -283,7 +318,7 @@ class SourceSession:
                 reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
                 self._fail(pb.ERROR_TIMEOUT, reason, now)
                 return False
-        elif silent > self.params.reconnect_timeout_s:
+        elif silent > self._give_up_after():
             self._give_up(now, silent)
             return False
         elif self.connected and silent > self.params.peer_timeout_s:
@@ -291,6 +326,9 @@ class SourceSession:
             epoch = link.new_epoch()
             self._events.append(ev.Reconnect(epoch, silent))
             self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
+            if self.phase in (_S.POSTCOPY, _S.POSTCOPY_VERIFYING):
+                self._paused_from = self.phase
+                self._move(_S.POSTCOPY_PAUSED)
         if not self.connected:
             if self.reconnector.resume_due(now):
                 self._unsequenced(now, resume=pb.Resume(epoch=link.epoch, last_received=link.received))
@@ -300,7 +338,21 @@ class SourceSession:
             link.restart_retransmit_clock(now)
         return True
 
+    def _give_up_after(self) -> float:
+        if self.phase.postcopy:
+            return self.params.postcopy_recover_timeout_s
+        return self.params.reconnect_timeout_s
+
     def _give_up(self, now: float, silent: float) -> None:
+        if self.phase.postcopy:
+            missing = self.postcopy.missing() if self.postcopy is not None else 0
+            self._unsettled(
+                now,
+                f"postcopy paused: no answer from the destination for {silent:.1f} s; it runs the guest "
+                f"with up to {missing} pages still held only here. 'ctl recover' tries again",
+                postcopy=True,
+            )
+            return
         if self.phase is _S.COMMITTING:
             self._unsettled(now, f"no answer from the destination for {silent:.1f} s after the commit")
             return
@@ -338,6 +390,10 @@ class SourceSession:
         if ack.epoch != self.link.epoch or self.connected:
             return  # an answer to an earlier attempt
         self.reconnector.restored()
+        if self.phase is _S.POSTCOPY_PAUSED:
+            self._move(self._paused_from or _S.POSTCOPY)
+            if self.postcopy is not None:
+                self.postcopy.recoveries += 1
         entries = self.link.to_resend(ack.last_received)
         self._events.append(ev.LinkRestored(self.link.epoch, len(entries)))
         self._mark_time(f"link restored (epoch {self.link.epoch})", now)
@@ -374,6 +430,12 @@ class SourceSession:
         for entry in entries:
             if entry.data is None:
                 self._outgoing.append(self.link.again(entry))
+            elif entry.kind == "postcopy_pages":
+                chunk, requested = entry.data
+                body, payload, _ = encode_postcopy_pages(
+                    self.mem.pages, self.mem.page_tags, chunk, use_lz4=self._use_lz4, requested=requested
+                )
+                self._outgoing.append(self.link.again(entry, payload, body))
             else:
                 chunk, round_no = entry.data
                 encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
@@ -396,6 +458,9 @@ class SourceSession:
         self._move(_S.ACTIVE)
         self.t_setup_done = now
         self._mark_time("setup done", now)
+        if self.params.postcopy and (self.params.postcopy_after_rounds == 0 or self._postcopy_now):
+            self._postcopy_switchover(now)
+            return
         zero, untagged = self.precopy.first_round(now)
         self.stats.zero_pages += zero
         self.stats.untagged_pages += untagged
@@ -410,6 +475,22 @@ class SourceSession:
                 pb.ERROR_BAD_MESSAGE, f"verify_result (attempt {result.attempt}) in phase {self.phase.value}"
             )
         self._mark_time(f"verify result {result.attempt}: {'ok' if result.ok else 'mismatch'}", now)
+        if self.phase is _S.POSTCOPY_VERIFYING:
+            self.verifier.verified = result.ok
+            self.verifier.dest_digests = {
+                "ram": result.destination.ram_digest.hex(),
+                "tags": result.destination.tag_digest.hex(),
+                "vcpu": result.destination.vcpu_digest.hex(),
+            }
+            if result.ok:
+                self._complete(now, "postcopy completed: every page placed and verified")
+            else:
+                self._unsettled(
+                    now,
+                    "postcopy verification failed: the destination's manifest or vCPU state differs from ours",
+                    postcopy=True,
+                )
+            return
         fault = self.verifier.judge(result)
         if fault is None:
             self._move(_S.COMMITTING)
@@ -422,12 +503,53 @@ class SourceSession:
     def _on_started(self, started: pb.Started, now: float) -> None:
         self._complete(now, None)
 
+    def _on_page_request(self, msg: pb.PageRequest, now: float) -> None:
+        assert self.postcopy is not None
+        pages = list(msg.page_index)
+        if not pages or len(pages) > MAX_PAGES_PER_MESSAGE or max(pages) >= self.mem.page_count:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"page request for {len(pages)} pages out of range")
+        self.postcopy.request(pages)
+        self._pump(now)  # requests go out ahead of everything else, at once
+
+    def _on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
+        assert self.postcopy is not None
+        if msg.page_count != self.mem.page_count:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"received bitmap for {msg.page_count} pages")
+        if self.t_dest_running is None:
+            self.t_dest_running = now
+            self._mark_time("destination running", now)
+        if msg.complete:
+            if self.phase is _S.POSTCOPY:
+                self._move(_S.POSTCOPY_VERIFYING)
+                self._send(
+                    now,
+                    verify_request=pb.VerifyRequest(
+                        attempt=1,
+                        source=pb.GuestDigests(
+                            ram_digest=self._manifest_digest, vcpu_digest=self._switchover_vcpus
+                        ),
+                    ),
+                )
+                self.verifier.attempt = 1
+                self.verifier.source_digests = {
+                    "ram": self._manifest_digest.hex(),
+                    "tags": "",
+                    "vcpu": self._switchover_vcpus.hex(),
+                }
+                self._mark_time("verify request 1 sent", now)
+            return
+        self.postcopy.holds(decode_bitmap(msg.bitmap_lz4, self.mem.page_count, "received bitmap"))
+        self._pump(now)
+
     # -- the data path ----------------------------------------------------------------------
     def _active_for(self, now: float) -> float:
         return 0.0 if self.t_setup_done is None else now - self.t_setup_done
 
     def _pump(self, now: float) -> None:
         if not self.connected:
+            return
+        if self.postcopy is not None:
+            self._pump_postcopy(now)
             return
         while self.precopy.pass_ is not None and self.in_flight < self.params.window:
             if self._capped():
@@ -441,6 +563,53 @@ class SourceSession:
             if p.done:
                 self.precopy.pass_ = None
                 self._end_of_pass(now)
+
+    def _pump_postcopy(self, now: float) -> None:
+        """Strict priority: every requested page goes before any background page, and little
+        background is in flight, so an answer never queues behind much."""
+        pc = self.postcopy
+        assert pc is not None
+        urgent = pc.next_urgent()
+        if urgent is not None:
+            for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
+                self._send_postcopy(urgent[first : first + MAX_PAGES_PER_MESSAGE], True, now)
+        while self.in_flight < BACKGROUND_WINDOW:
+            pages = pc.next_background()
+            if pages is None:
+                return
+            self._send_postcopy(pages, False, now)
+
+    def _send_postcopy(self, pages: np.ndarray, requested: bool, now: float) -> None:
+        body, payload, count = encode_postcopy_pages(
+            self.mem.pages, self.mem.page_tags, pages, use_lz4=self._use_lz4, requested=requested
+        )
+        frames = self.link.sequenced(now, payload, data=(pages, requested), postcopy_pages=body)
+        size = sum(len(f) for f in frames)
+        self._outgoing.append(frames)
+        self.stats.postcopy_bytes += size
+        self.stats.ram_bytes += size
+        self.stats.pages_sent += count
+
+    def _postcopy_switchover(self, now: float) -> None:
+        """Stop here, send the vCPU state and the manifest, and let the destination run."""
+        self.host.stop_guest()
+        self.guest_stopped = True
+        self.t_stop = now
+        self._mark_time("guest stopped", now)
+        self.precopy.pass_ = None
+        self._catching_up = False
+        if self.throttle:
+            self.host.set_throttle(0.0)
+        self._send(now, end_of_round=pb.EndOfRound(round=self.round + 1, final=True))
+        self._send(now, device_state=device_state(self.guest))
+        messages, self._manifest_digest = manifest_messages(self.mem)
+        for message in messages:
+            self._send(now, page_manifest=message)
+        self._switchover_vcpus = vcpus_digest(self.guest.vcpus)
+        self._send(now, postcopy_start=pb.PostcopyStart(page_count=self.mem.page_count))
+        self.postcopy = SourcePostcopy(self.mem.page_count)
+        self._move(_S.POSTCOPY)
+        self._mark_time("postcopy started", now)
 
     def _capped(self) -> bool:
         """The cap paces precopy; inside the downtime every byte is downtime, so none waits."""
@@ -470,6 +639,20 @@ class SourceSession:
             self._finish_switchover(now)
             return
         finished_round = self.round
+        if self.params.postcopy and (
+            self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
+        ):
+            self._mark_time(f"round {finished_round} sent", now)
+            self._send(
+                now,
+                end_of_round=pb.EndOfRound(
+                    round=finished_round,
+                    pages_sent=self.stats.pages_sent,
+                    tag_sections_sent=self.stats.tag_sections,
+                ),
+            )
+            self._postcopy_switchover(now)
+            return
         end = self.precopy.end_of_round(
             now,
             in_flight=self.in_flight,
@@ -588,11 +771,16 @@ class SourceSession:
             self.host.set_throttle(0.0)  # the report keeps how far it went
         self._events.append(ev.Finished("completed", note))
 
-    def _unsettled(self, now: float, why: str) -> None:
+    def _unsettled(self, now: float, why: str, *, postcopy: bool = False) -> None:
         reason = (
             f"{why}: the guest is not resumed here because it may be running there (its state is kept "
             "intact here); settle it with 'ctl settle here' or 'ctl settle there'"
         )
+        if postcopy:
+            reason = (
+                f"{why}; this side keeps the guest as it was at the switchover. 'ctl settle there' if "
+                "the destination lives on, 'ctl settle here' only if it is gone for good"
+            )
         if self.failure is None:
             self.failure = Failure(pb.ERROR_TIMEOUT, reason, self.phase.value)
         self._move(_S.UNSETTLED)
@@ -613,6 +801,10 @@ class SourceSession:
             return
         if self.failure is None or after_commit_ok:
             self.failure = Failure(code, reason, self.phase.value)
+        if self.phase.postcopy and not after_commit_ok:
+            # Neither side alone holds the guest: never resumed here, never given up.
+            self._unsettled(now, f"postcopy stopped: {reason}", postcopy=True)
+            return
         committed = self.phase in (_S.COMMITTING, _S.UNSETTLED) and not after_commit_ok
         if committed:
             # After the commit the destination may already run the guest: resuming here could

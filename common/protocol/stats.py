@@ -18,6 +18,7 @@ class TransferStats:
     tag_sections: int = 0
     untagged_pages: int = 0
     other_bytes: int = 0  # control messages
+    postcopy_bytes: int = 0  # wire bytes of postcopy pages (data and tags) after the switchover
 
     @property
     def total_bytes(self) -> int:
@@ -31,6 +32,7 @@ class TransferStats:
             "zero_pages": self.zero_pages,
             "precopy_bytes": self.precopy_bytes,
             "downtime_bytes": self.downtime_bytes,
+            "postcopy_bytes": self.postcopy_bytes,
         }
 
     def tags_section(self) -> dict[str, int]:

@@ -296,3 +296,47 @@ def decode_tag_sections(msg: pb.TagSections, payload: Buffer, page_count: int) -
             else:
                 rows[row] = np.frombuffer(chunk, dtype=np.uint8)
     return DecodedBatch(indices=idx[content], rows=rows, zero=idx[untagged])
+
+
+# -- postcopy: a page and its tags in one message ----------------------------------------------
+@dataclass(frozen=True)
+class PostcopyBatch:
+    """Pages with their data and tags, full rows in page order: what one atomic placement needs."""
+
+    indices: Indices
+    data: U8  # (n, PAGE_SIZE)
+    tags: U8  # (n, PACKED_TAG_BYTES_PER_PAGE)
+
+
+def encode_postcopy_pages(
+    pages: U8, page_tags: U8, indices: Indices, *, use_lz4: bool, requested: bool
+) -> tuple[pb.PostcopyPages, bytes, int]:
+    """One message for data and tags of the same pages; returns (body, payload, page count)."""
+    data, data_payload, _ = encode_ram_pages(pages, indices, use_lz4=use_lz4)
+    tags, tag_payload, _ = encode_tag_sections(page_tags, indices, use_lz4=use_lz4)
+    data_bytes = bytes(data_payload)
+    body = pb.PostcopyPages(data=data, tags=tags, data_bytes=len(data_bytes), requested=requested)
+    return body, data_bytes + bytes(tag_payload), int(indices.size)
+
+
+def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: int) -> PostcopyBatch:
+    view = memoryview(payload).cast("B")
+    if msg.data_bytes > len(view):
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"postcopy pages: data part of {msg.data_bytes} bytes exceeds the payload of {len(view)}",
+        )
+    if list(msg.data.page_index) != list(msg.tags.page_index):
+        raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy pages: data and tags name different pages")
+    data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count)
+    tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count)
+    order = np.asarray(msg.data.page_index, dtype=np.int64)
+    n = order.size
+    data_rows = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
+    tag_rows = np.zeros((n, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
+    position = {int(p): i for i, p in enumerate(order.tolist())}
+    if data.indices.size:
+        data_rows[[position[int(p)] for p in data.indices.tolist()]] = data.rows
+    if tags.indices.size:
+        tag_rows[[position[int(p)] for p in tags.indices.tolist()]] = tags.rows
+    return PostcopyBatch(order, data_rows, tag_rows)

@@ -204,29 +204,33 @@ class PageRequest(_message.Message):
     page_index: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, page_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
-class PostcopyPage(_message.Message):
-    __slots__ = ("page_index", "data_encoding", "data_length", "tag_encoding", "tag_length", "requested")
-    PAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
-    DATA_ENCODING_FIELD_NUMBER: _ClassVar[int]
-    DATA_LENGTH_FIELD_NUMBER: _ClassVar[int]
-    TAG_ENCODING_FIELD_NUMBER: _ClassVar[int]
-    TAG_LENGTH_FIELD_NUMBER: _ClassVar[int]
+class PostcopyPages(_message.Message):
+    __slots__ = ("data", "tags", "data_bytes", "requested")
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TAGS_FIELD_NUMBER: _ClassVar[int]
+    DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_FIELD_NUMBER: _ClassVar[int]
-    page_index: int
-    data_encoding: PageEncoding
-    data_length: int
-    tag_encoding: TagEncoding
-    tag_length: int
+    data: RamPages
+    tags: TagSections
+    data_bytes: int
     requested: bool
-    def __init__(self, page_index: _Optional[int] = ..., data_encoding: _Optional[_Union[PageEncoding, str]] = ..., data_length: _Optional[int] = ..., tag_encoding: _Optional[_Union[TagEncoding, str]] = ..., tag_length: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
+    def __init__(self, data: _Optional[_Union[RamPages, _Mapping]] = ..., tags: _Optional[_Union[TagSections, _Mapping]] = ..., data_bytes: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
+
+class PostcopyStart(_message.Message):
+    __slots__ = ("page_count",)
+    PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    page_count: int
+    def __init__(self, page_count: _Optional[int] = ...) -> None: ...
 
 class ReceivedBitmap(_message.Message):
-    __slots__ = ("page_count", "bitmap_lz4")
+    __slots__ = ("page_count", "bitmap_lz4", "complete")
     PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     BITMAP_LZ4_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_FIELD_NUMBER: _ClassVar[int]
     page_count: int
     bitmap_lz4: bytes
-    def __init__(self, page_count: _Optional[int] = ..., bitmap_lz4: _Optional[bytes] = ...) -> None: ...
+    complete: bool
+    def __init__(self, page_count: _Optional[int] = ..., bitmap_lz4: _Optional[bytes] = ..., complete: _Optional[bool] = ...) -> None: ...
 
 class GuestDigests(_message.Message):
     __slots__ = ("ram_digest", "tag_digest", "vcpu_digest", "ram_block_digests", "tag_block_digests")
@@ -329,7 +333,7 @@ class Abort(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_page", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack")
+    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_pages", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack", "page_manifest", "postcopy_start")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -342,7 +346,7 @@ class Envelope(_message.Message):
     END_OF_ROUND_FIELD_NUMBER: _ClassVar[int]
     DEVICE_STATE_FIELD_NUMBER: _ClassVar[int]
     PAGE_REQUEST_FIELD_NUMBER: _ClassVar[int]
-    POSTCOPY_PAGE_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_PAGES_FIELD_NUMBER: _ClassVar[int]
     RECEIVED_BITMAP_FIELD_NUMBER: _ClassVar[int]
     VERIFY_REQUEST_FIELD_NUMBER: _ClassVar[int]
     VERIFY_RESULT_FIELD_NUMBER: _ClassVar[int]
@@ -353,6 +357,8 @@ class Envelope(_message.Message):
     ABORT_FIELD_NUMBER: _ClassVar[int]
     RESUME_FIELD_NUMBER: _ClassVar[int]
     RESUME_ACK_FIELD_NUMBER: _ClassVar[int]
+    PAGE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_START_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     seq: int
@@ -365,7 +371,7 @@ class Envelope(_message.Message):
     end_of_round: EndOfRound
     device_state: DeviceState
     page_request: PageRequest
-    postcopy_page: PostcopyPage
+    postcopy_pages: PostcopyPages
     received_bitmap: ReceivedBitmap
     verify_request: VerifyRequest
     verify_result: VerifyResult
@@ -376,4 +382,6 @@ class Envelope(_message.Message):
     abort: Abort
     resume: Resume
     resume_ack: ResumeAck
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_page: _Optional[_Union[PostcopyPage, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ...) -> None: ...
+    page_manifest: PageDigests
+    postcopy_start: PostcopyStart
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_pages: _Optional[_Union[PostcopyPages, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ..., page_manifest: _Optional[_Union[PageDigests, _Mapping]] = ..., postcopy_start: _Optional[_Union[PostcopyStart, _Mapping]] = ...) -> None: ...

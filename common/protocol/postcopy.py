@@ -1,0 +1,235 @@
+"""Postcopy's decisions, apart from the sessions that carry them out (no I/O here).
+
+Source: which pages the destination still lacks, requests first (strict priority), then the
+background stream from just after the last requested page (its neighbours are likely next).
+Destination: the manifest every page is checked against, the `present` bitmap the guest's
+accesses go through, and placement of a page's data and tags as one step.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+
+from common.constants import DIGEST_BLOCK_PAGES
+from common.guest.digest import manifest_digest, page_manifest, row_digests
+from common.guest.memory import GuestMemory
+from common.wire import mte_migration_pb2 as pb
+from common.wire.codec import PostcopyBatch
+from common.wire.framing import WireError
+
+Indices = npt.NDArray[np.int64]
+
+# Pages per manifest message: 16 bytes each, so 128 KiB a message.
+MANIFEST_CHUNK_PAGES = 8192
+# Background pages per message, and messages in flight: small enough that an answered request
+# queues behind at most this much in ZeroMQ's pipe and the socket buffers.
+BACKGROUND_BATCH_PAGES = 32
+BACKGROUND_WINDOW = 4
+
+
+@dataclass
+class SourcePostcopy:
+    """What the source still owes the destination after the switchover."""
+
+    page_count: int
+    needed: npt.NDArray[np.bool_] | None = None  # None until the destination says what it holds
+    urgent: deque[int] = field(default_factory=deque)
+    cursor: int = 0
+    requests: int = 0
+    background_pages: int = 0
+    recoveries: int = 0
+
+    def holds(self, present: npt.NDArray[np.bool_]) -> None:
+        """The destination's received bitmap: at the start, and again after a recovery."""
+        self.needed = ~present
+
+    def request(self, pages: list[int]) -> None:
+        for page in pages:
+            self.requests += 1
+            self.urgent.append(page)
+            self.cursor = (page + 1) % self.page_count
+
+    def next_urgent(self) -> Indices | None:
+        """Requested pages, oldest first; a page asked for twice goes once. A request for a page
+        already sent is answered again: the destination found that copy wrong (or it asks
+        after a recovery), and only it knows."""
+        if not self.urgent:
+            return None
+        pages = sorted(set(self.urgent))
+        self.urgent.clear()
+        if self.needed is not None:
+            self.needed[pages] = False
+        return np.asarray(pages, dtype=np.int64)
+
+    def next_background(self) -> Indices | None:
+        if self.needed is None:
+            return None
+        n = self.page_count
+        ahead = np.flatnonzero(self.needed[self.cursor :])[:BACKGROUND_BATCH_PAGES] + self.cursor
+        if ahead.size < BACKGROUND_BATCH_PAGES:
+            behind = np.flatnonzero(self.needed[: self.cursor])[: BACKGROUND_BATCH_PAGES - ahead.size]
+            ahead = np.concatenate([ahead, behind])
+        if not ahead.size:
+            return None
+        self.needed[ahead] = False
+        self.cursor = int(ahead[-1] + 1) % n
+        self.background_pages += int(ahead.size)
+        return ahead.astype(np.int64)
+
+    @property
+    def sent_all(self) -> bool:
+        return self.needed is not None and not self.urgent and not self.needed.any()
+
+    def missing(self) -> int:
+        return self.page_count if self.needed is None else int(np.count_nonzero(self.needed))
+
+
+def manifest_messages(mem: GuestMemory) -> tuple[list[pb.PageDigests], bytes]:
+    """The switchover manifest in messages, and its digest (compared at the end)."""
+    ram, tags = page_manifest(mem)
+    messages = [
+        pb.PageDigests(
+            first_page=first,
+            ram_digests=ram[first : first + MANIFEST_CHUNK_PAGES].astype("<u8").tobytes(),
+            tag_digests=tags[first : first + MANIFEST_CHUNK_PAGES].astype("<u8").tobytes(),
+        )
+        for first in range(0, mem.page_count, MANIFEST_CHUNK_PAGES)
+    ]
+    return messages, manifest_digest(ram, tags)
+
+
+@dataclass
+class Placed:
+    pages: Indices  # made present now
+    rejected: Indices  # did not match the manifest: asked for again
+    duplicates: int  # already present: never overwritten
+
+
+class DestPostcopy:
+    """The destination's side: manifest, presence, and what is outstanding."""
+
+    def __init__(self, page_count: int) -> None:
+        self.page_count = page_count
+        self.ram = np.zeros(page_count, dtype=np.uint64)
+        self.tags = np.zeros(page_count, dtype=np.uint64)
+        self._have = np.zeros(page_count, dtype=np.bool_)
+        self.present = np.zeros(page_count, dtype=np.bool_)
+        self.outstanding: dict[int, float] = {}  # requested page -> when
+        self.latencies_s: list[float] = []
+        self.background_pages = 0
+        self.requested_pages = 0
+        self.rejected_pages = 0
+        self.duplicate_pages = 0
+        self.started = False
+        self.vcpu_digest = b""
+        # test builds only: place a page's data at once and its tags a turn later, as a VMM
+        # with UFFDIO_COPY then KVM_ARM_MTE_COPY_TAGS would; proves the atomicity test can fail
+        self.split_placement = False
+        self.late_tags: list[tuple[int, npt.NDArray[np.uint8]]] = []
+
+    # -- the manifest ---------------------------------------------------------------------
+    def add_manifest(self, msg: pb.PageDigests) -> None:
+        count = len(msg.ram_digests) // 8
+        first = msg.first_page
+        if (
+            first % DIGEST_BLOCK_PAGES
+            or first >= self.page_count
+            or len(msg.ram_digests) != len(msg.tag_digests)
+            or len(msg.ram_digests) % 8
+            or count == 0
+            or count > self.page_count - first
+        ):
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"page manifest at page {first} is malformed")
+        self.ram[first : first + count] = np.frombuffer(msg.ram_digests, dtype="<u8")
+        self.tags[first : first + count] = np.frombuffer(msg.tag_digests, dtype="<u8")
+        self._have[first : first + count] = True
+
+    @property
+    def manifest_complete(self) -> bool:
+        return bool(self._have.all())
+
+    def digest(self) -> bytes:
+        return manifest_digest(self.ram, self.tags)
+
+    def start(self, mem: GuestMemory) -> None:
+        """The switchover: what this side already holds as the source's version is present."""
+        if not self.manifest_complete:
+            missing = int(np.count_nonzero(~self._have))
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE, f"postcopy start before the manifest ({missing} pages lack digests)"
+            )
+        ram, tags = page_manifest(mem)
+        self.present[:] = (ram == self.ram) & (tags == self.tags)
+        self.started = True
+
+    # -- requests and placement -------------------------------------------------------------
+    def to_request(self, pages: list[int], now: float) -> list[int]:
+        """Of the pages the guest missed, those not present and not asked for already."""
+        wanted = sorted({p for p in pages if not self.present[p] and p not in self.outstanding})
+        for page in wanted:
+            self.outstanding[page] = now
+        return wanted
+
+    def place(self, mem: GuestMemory, batch: PostcopyBatch, requested: bool, now: float) -> Placed:
+        """Check each page against the manifest, then place data and tags together and make
+        the page present, in one step no guest access can interleave (the vCPU runs on this
+        same loop, between messages). A page already present is never overwritten: the guest
+        may have written it since."""
+        idx = batch.indices
+        fresh = ~self.present[idx]
+        duplicates = int(idx.size - np.count_nonzero(fresh))
+        idx, data, tags = idx[fresh], batch.data[fresh], batch.tags[fresh]
+        good = (row_digests(data) == self.ram[idx]) & (row_digests(tags) == self.tags[idx])
+        pages, data, tags = idx[good], data[good], tags[good]
+        rejected = idx[~good]
+        with mem.lock:
+            mem.pages[pages] = data
+            mem.data_populated[pages] = True
+            if self.split_placement:
+                self.late_tags.extend(zip(pages.tolist(), tags, strict=True))
+            else:
+                mem.page_tags[pages] = tags
+                mem.tags_populated[pages] = True
+            self.present[pages] = True
+        for page in pages.tolist():
+            asked = self.outstanding.pop(page, None)
+            if asked is not None:
+                self.latencies_s.append(now - asked)
+        if requested:
+            self.requested_pages += int(pages.size)
+        else:
+            self.background_pages += int(pages.size)
+        self.rejected_pages += int(rejected.size)
+        self.duplicate_pages += duplicates
+        for page in rejected.tolist():
+            self.outstanding.pop(page, None)
+        return Placed(pages, rejected.astype(np.int64), duplicates)
+
+    def place_late_tags(self, mem: GuestMemory) -> None:
+        """Test builds with split placement: the tags, one turn after their data."""
+        with mem.lock:
+            for page, tags in self.late_tags:
+                mem.page_tags[page] = tags
+                mem.tags_populated[page] = True
+        self.late_tags.clear()
+
+    @property
+    def complete(self) -> bool:
+        return self.started and bool(self.present.all())
+
+    def missing(self) -> int:
+        return int(self.present.size - np.count_nonzero(self.present))
+
+    def latency_ms(self) -> dict[str, float | None]:
+        if not self.latencies_s:
+            return {"p50": None, "p99": None, "max": None}
+        values = np.asarray(self.latencies_s) * 1000.0
+        return {
+            "p50": round(float(np.percentile(values, 50)), 3),
+            "p99": round(float(np.percentile(values, 99)), 3),
+            "max": round(float(values.max()), 3),
+        }
