@@ -161,6 +161,7 @@ class FakeDestHost:
             Callable[[Guest, PresenceGate | None], tuple[GuestRunner, RestartableVcpu]] | None
         ) = None
         self.runner: GuestRunner | None = None
+        self.started_at_step = 0
 
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         self.started = guest
@@ -237,7 +238,7 @@ class Pair:
         to_dest: Faults | None = None,
         to_source: Faults | None = None,
         guest_speed: float = 0.0,
-        dest_stop_at_step: int | None = None,
+        dest_steps: int | None = None,
     ) -> None:
         self.now = CLOCK_START
         self.guest = guest
@@ -252,7 +253,7 @@ class Pair:
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
         self.events: list[object] = []
         self.runner: GuestRunner | None = None
-        if dest_stop_at_step is not None:
+        if dest_steps is not None:  # the destination runs this many steps once it starts the guest
             cost = 1.0 / (guest_speed or 2000.0)
 
             def make_runner(guest: Guest, gate: PresenceGate | None) -> tuple[GuestRunner, RestartableVcpu]:
@@ -261,7 +262,9 @@ class Pair:
                     gate or PresenceGate(guest.memory, np.ones(guest.memory.page_count, dtype=np.bool_)),
                     lambda g: TimedDestWorkload(self, Workload(g), cost),
                 )
-                return GuestRunner(vcpu, stop_at_step=dest_stop_at_step, clock=lambda: self.now), vcpu
+                self.dst_host.started_at_step = vcpu.step_count
+                runner = GuestRunner(vcpu, stop_at_step=vcpu.step_count + dest_steps, clock=lambda: self.now)
+                return runner, vcpu
 
             self.dst_host.make_runner = make_runner
         if guest_speed:

@@ -65,7 +65,7 @@ class PresenceGate:
             if not present[page]:
                 raise PageMissing(page)
         if self.observer is not None:
-            self.observer(first, last)  # type: ignore[operator]
+            self.observer(first, last, writing)  # type: ignore[operator]
         if writing and self._vcpus is not None:
             for page in range(first, last + 1):
                 if page not in self._journal:

@@ -229,10 +229,16 @@ class DestSession:
         pc = self.postcopy
         assert pc is not None and self.guest is not None
         if pc.late_tags:
-            pc.place_late_tags(self.guest.memory)
+            pc.place_late_tags(self.guest.memory, now)
+            if pc.complete and not pc.late_tags:
+                self._all_present(now)
         wanted = pc.to_request(self.host.take_page_misses(), now)
         if wanted:
             self._send(now, page_request=pb.PageRequest(page_index=wanted))
+        if not pc.complete and now - max(pc.t_last_data, pc.t_last_bitmap) > self.link.rto_s:
+            # Quiet while pages are missing (a batch refused as malformed, a source that lost
+            # track): say again what we hold, and the source sends the rest.
+            self._send_bitmap(now)
 
     def next_deadline(self, now: float) -> float:
         link = self.link
@@ -360,6 +366,8 @@ class DestSession:
         )
         self._resend_from(resume.last_received, now)
         self.link.restart_retransmit_clock(now)
+        if fresh and self.phase is _D.POSTCOPY and self.postcopy is not None and not self.postcopy.complete:
+            self._send_bitmap(now)  # what arrived before the break: the source sends the rest
 
     def _on_unsequenced(self, message: framing.Message, now: float) -> None:
         kind = message.kind
@@ -461,7 +469,20 @@ class DestSession:
     def _on_postcopy_pages(self, msg: pb.PostcopyPages, payload: Buffer, now: float) -> None:
         assert self.guest is not None and self.postcopy is not None
         pc = self.postcopy
-        batch = decode_postcopy_pages(msg, payload, self.guest.memory.page_count)
+        pc.t_last_data = now
+        try:
+            batch = decode_postcopy_pages(msg, payload, self.guest.memory.page_count)
+        except WireError:
+            # Refused, never placed; the pages it named are asked for again.
+            self.refused_messages += 1
+            named = [p for p in msg.data.page_index if p < pc.page_count]
+            for page in named:
+                pc.outstanding.pop(page, None)
+            wanted = pc.to_request(named, now)
+            self._ack(now)
+            if wanted:
+                self._send(now, page_request=pb.PageRequest(page_index=wanted))
+            return
         placed = pc.place(self.guest.memory, batch, msg.requested, now)
         self.stats.pages_sent += int(placed.pages.size)
         self.stats.ram_bytes += len(payload)
@@ -484,6 +505,7 @@ class DestSession:
     def _send_bitmap(self, now: float) -> None:
         assert self.postcopy is not None
         pc = self.postcopy
+        pc.t_last_bitmap = now
         self._send(
             now,
             received_bitmap=pb.ReceivedBitmap(

@@ -29,6 +29,9 @@ MANIFEST_CHUNK_PAGES = 8192
 # queues behind at most this much in ZeroMQ's pipe and the socket buffers.
 BACKGROUND_BATCH_PAGES = 32
 BACKGROUND_WINDOW = 4
+# While the destination is asking (a request within this long), one background message at most
+# is in flight: an answer then waits behind 128 KiB, not 512 KiB.
+ASKING_WINDOW_S = 0.05
 
 
 @dataclass
@@ -42,12 +45,17 @@ class SourcePostcopy:
     requests: int = 0
     background_pages: int = 0
     recoveries: int = 0
+    t_last_request: float = float("-inf")
 
     def holds(self, present: npt.NDArray[np.bool_]) -> None:
         """The destination's received bitmap: at the start, and again after a recovery."""
         self.needed = ~present
 
-    def request(self, pages: list[int]) -> None:
+    def background_window(self, now: float) -> int:
+        return 1 if now - self.t_last_request < ASKING_WINDOW_S else BACKGROUND_WINDOW
+
+    def request(self, pages: list[int], now: float) -> None:
+        self.t_last_request = now
         for page in pages:
             self.requests += 1
             self.urgent.append(page)
@@ -129,7 +137,9 @@ class DestPostcopy:
         # test builds only: place a page's data at once and its tags a turn later, as a VMM
         # with UFFDIO_COPY then KVM_ARM_MTE_COPY_TAGS would; proves the atomicity test can fail
         self.split_placement = False
-        self.late_tags: list[tuple[int, npt.NDArray[np.uint8]]] = []
+        self.late_tags: list[tuple[float, int, npt.NDArray[np.uint8]]] = []
+        self.t_last_data = 0.0
+        self.t_last_bitmap = 0.0
 
     # -- the manifest ---------------------------------------------------------------------
     def add_manifest(self, msg: pb.PageDigests) -> None:
@@ -190,7 +200,9 @@ class DestPostcopy:
             mem.pages[pages] = data
             mem.data_populated[pages] = True
             if self.split_placement:
-                self.late_tags.extend(zip(pages.tolist(), tags, strict=True))
+                self.late_tags.extend(
+                    (now, page, row) for page, row in zip(pages.tolist(), tags, strict=True)
+                )
             else:
                 mem.page_tags[pages] = tags
                 mem.tags_populated[pages] = True
@@ -209,13 +221,14 @@ class DestPostcopy:
             self.outstanding.pop(page, None)
         return Placed(pages, rejected.astype(np.int64), duplicates)
 
-    def place_late_tags(self, mem: GuestMemory) -> None:
-        """Test builds with split placement: the tags, one turn after their data."""
+    def place_late_tags(self, mem: GuestMemory, now: float) -> None:
+        """Test builds with split placement: the tags, a loop turn after their data."""
+        due = [entry for entry in self.late_tags if entry[0] < now]
         with mem.lock:
-            for page, tags in self.late_tags:
+            for _, page, tags in due:
                 mem.page_tags[page] = tags
                 mem.tags_populated[page] = True
-        self.late_tags.clear()
+        self.late_tags = [entry for entry in self.late_tags if entry[0] >= now]
 
     @property
     def complete(self) -> bool:

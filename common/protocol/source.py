@@ -35,7 +35,7 @@ from common.protocol.handshake import source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
-from common.protocol.postcopy import BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
+from common.protocol.postcopy import SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
@@ -508,7 +508,7 @@ class SourceSession:
         pages = list(msg.page_index)
         if not pages or len(pages) > MAX_PAGES_PER_MESSAGE or max(pages) >= self.mem.page_count:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"page request for {len(pages)} pages out of range")
-        self.postcopy.request(pages)
+        self.postcopy.request(pages, now)
         self._pump(now)  # requests go out ahead of everything else, at once
 
     def _on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
@@ -573,7 +573,7 @@ class SourceSession:
         if urgent is not None:
             for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
                 self._send_postcopy(urgent[first : first + MAX_PAGES_PER_MESSAGE], True, now)
-        while self.in_flight < BACKGROUND_WINDOW:
+        while self.in_flight < pc.background_window(now):
             pages = pc.next_background()
             if pages is None:
                 return
@@ -674,7 +674,10 @@ class SourceSession:
                 remaining_dirty_pages=int(end.sync.data_pages.size),
             ),
         )
-        if end.verdict is Verdict.SWITCHOVER:
+        if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
+            # converged before its rounds were up: postcopy starts now, with little left to pull
+            self._postcopy_switchover(now)
+        elif end.verdict is Verdict.SWITCHOVER:
             self._switchover(now, end.sync)
         elif end.verdict is Verdict.GIVE_UP:
             self._fail(pb.ERROR_NOT_CONVERGING, end.reason, now)
