@@ -15,6 +15,7 @@ from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
 from common.control import ControlError, ControlServer
 from common.guest.guest import Guest
 from common.guest.prefault import Prefaulter
+from common.guest.presence import PresenceGate, RestartableVcpu
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.logging import get_logger
@@ -67,6 +68,8 @@ class DestDaemon:
         self._undelivered = 0
         self.session = DestSession(self, options.params, time.monotonic())
         self.runner: GuestRunner | None = None
+        self.vcpu: RestartableVcpu | None = None
+        self._warned_postcopy_signal = False
         self.running_guest: Guest | None = None
         self.prefaulter: Prefaulter | None = None
         self.outgoing: OutgoingMigration | None = None
@@ -93,9 +96,21 @@ class DestDaemon:
                 raise StartupError(f"cannot serve control commands on {options.control}: {exc}") from None
 
     # -- the host interface the session steers --------------------------------------------------
-    def start_guest(self, guest: Guest) -> None:
+    def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         self._stop_prefault()
         self.running_guest = guest
+        if gate is not None:
+            # postcopy: steps restart when they touch a page that has not arrived
+            self.vcpu = RestartableVcpu(guest, gate, Workload)
+            self.runner = GuestRunner(self.vcpu, stop_at_step=self.options.stop_at_step)
+            self.runner.start()
+            self.log.info(
+                "guest running (postcopy)",
+                step=self.vcpu.step_count,
+                missing_pages=gate.missing,
+                stop_at_step=self.options.stop_at_step,
+            )
+            return
         try:
             workload = Workload(guest)
         except NotAWorkloadGuest as exc:
@@ -104,6 +119,9 @@ class DestDaemon:
         self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)
         self.runner.start()
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.options.stop_at_step)
+
+    def take_page_misses(self) -> list[int]:
+        return self.vcpu.take_misses() if self.vcpu is not None else []
 
     # the host interface of an outgoing migration: the guest that runs here
     def stop_guest(self) -> None:
@@ -148,7 +166,9 @@ class DestDaemon:
         if guest is not None:
             report["guest"] = guest_summary(
                 guest,
-                running=self.session.phase is DestPhase.RUNNING,
+                running=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY)
+                and self.runner is not None
+                and self.runner.running,
                 with_digests=with_digests and not running,
             )
         return report
@@ -241,6 +261,16 @@ class DestDaemon:
         for event in self.session.take_events():
             if isinstance(event, ev.PhaseChanged):
                 self.log.info("phase", phase=event.phase, rounds=self.session.rounds)
+            elif isinstance(event, ev.PostcopyStarted):
+                self.log.info("postcopy: guest runs here", missing_pages=event.missing_pages)
+            elif isinstance(event, ev.Finished) and self.session.postcopy is not None:
+                report = self.session.report(time.monotonic())
+                self.log.info(
+                    f"postcopy {event.status}",
+                    error=event.reason,
+                    **{k: v for k, v in report["postcopy"].items() if k != "fault_latency_ms"},
+                    fault_latency_ms=report["postcopy"]["fault_latency_ms"],
+                )
             elif isinstance(event, ev.LinkRestored):
                 self.log.info("source reconnected", epoch=event.epoch, resent_messages=event.resent)
 
@@ -259,6 +289,12 @@ class DestDaemon:
 
     def _handle_signal(self) -> None:
         """An incoming migration is cancelled and its source told at once (it resumes there)."""
+        if self.session.phase is DestPhase.POSTCOPY and not self._warned_postcopy_signal:
+            # the guest runs only here now, with pages still on the source: a second signal is needed
+            self._warned_postcopy_signal = True
+            self.signalled = None
+            self.log.error("postcopy in progress: the guest runs only here; signal again to exit anyway")
+            return
         if self.session.phase in (DestPhase.RECEIVING, DestPhase.AWAIT_COMMIT):
             self.cancel(f"destination interrupted by {self.signalled}")
             self._observe()
@@ -276,7 +312,8 @@ class DestDaemon:
         while not self.quit:
             if self.signalled:
                 self._handle_signal()
-                break
+                if self.quit:
+                    break
             now = time.monotonic()
             self.session.poll(now)
             self._flush()

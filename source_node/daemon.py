@@ -63,6 +63,7 @@ class SourceDaemon:
         self.quit = False
         self.signalled: str | None = None
         self.finished_report: dict[str, Any] | None = None
+        self._warned_postcopy_signal = False
         self.control = control
         if control is None and options.control:
             self.control = open_control(self.ctx, options.control)
@@ -74,6 +75,8 @@ class SourceDaemon:
                     "cancel": lambda _: self.cancel(),
                     "set-parameters": self._ctl_set_parameters,
                     "settle": self._ctl_settle,
+                    "postcopy-start": self._ctl_postcopy_start,
+                    "recover": self._ctl_recover,
                 }
             )
             self.log.info("control endpoint ready", address=self.control.address)
@@ -164,6 +167,36 @@ class SourceDaemon:
         self._after_session_call()
         return self.status()
 
+    def _ctl_postcopy_start(self, _: dict[str, Any]) -> dict[str, Any]:
+        if self.session is None:
+            raise ControlError("no migration in progress")
+        try:
+            self.session.start_postcopy(time.monotonic())
+        except RuntimeError as exc:
+            raise ControlError(str(exc)) from None
+        self._after_session_call()
+        return self.status()
+
+    def _ctl_recover(self, _: dict[str, Any]) -> dict[str, Any]:
+        if self.session is None:
+            raise ControlError("nothing to recover: no migration has run")
+        try:
+            self.session.recover(time.monotonic())
+        except RuntimeError as exc:
+            raise ControlError(str(exc)) from None
+        self.finished_report = None
+        self._after_session_call()
+        return self.status()
+
+    def _postcopy_waits(self) -> bool:
+        """Postcopy handed the guest over but the destination still needs pages only we hold."""
+        session = self.session
+        return (
+            session is not None
+            and session.postcopy is not None
+            and session.phase is not SourcePhase.COMPLETED
+        )
+
     # -- the loop ----------------------------------------------------------------------------
     def _after_session_call(self) -> None:
         if self.outgoing is not None:
@@ -185,6 +218,16 @@ class SourceDaemon:
         after the commit it waits for the handover to settle instead: cancelling then could
         leave the guest running nowhere or twice."""
         session = self.session
+        if self._postcopy_waits() and not self._warned_postcopy_signal:
+            # the destination runs the guest with pages only this process holds: leaving now
+            # would lose them, so a second signal is needed
+            self._warned_postcopy_signal = True
+            self.signalled = None
+            self.log.error(
+                "postcopy in progress: the destination still needs pages held only here; "
+                "signal again to exit anyway (those pages are then lost)"
+            )
+            return
         if session is not None and not session.phase.ended:
             if session.phase in (SourcePhase.COMMITTING,):
                 return
@@ -235,6 +278,14 @@ class SourceDaemon:
             return False
         if session.phase is SourcePhase.COMPLETED:
             return True
+        if session.phase is SourcePhase.UNSETTLED and session.postcopy is not None:
+            # Never leave with pages the destination's guest still needs: try the link again
+            # every recover timeout; an operator may settle it meanwhile.
+            now = time.monotonic()
+            if session.t_end is not None and now - session.t_end > session.params.postcopy_recover_timeout_s:
+                session.recover(now)
+                self._after_session_call()
+            return False
         if session.phase is SourcePhase.UNSETTLED:
             return True  # nothing more will happen here without an operator
         # A failed migration leaves the guest running here, as it should: the process lives on

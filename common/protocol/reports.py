@@ -68,6 +68,9 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         if pc is None
         else {
             "requests": pc.requests,
+            "requests_per_s": round(pc.requests / (end - session.t_dest_running), 1)
+            if session.t_dest_running and end > session.t_dest_running
+            else 0.0,
             "background_pages": pc.background_pages,
             "pages_missing_at_destination": pc.missing(),
             "recoveries": pc.recoveries,

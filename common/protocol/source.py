@@ -298,7 +298,8 @@ class SourceSession:
             self.link.t_last_heard = now  # the recover timeout starts again
             if self.connected:
                 self.reconnector.broken(now)
-                self.link.new_epoch()
+                epoch = self.link.new_epoch()
+                self._events.append(ev.Reconnect(epoch, 0.0))
         self.reconnector.next_at = now
 
     def set_parameters(self, params: MigrationParameters, now: float) -> None:
