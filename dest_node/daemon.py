@@ -166,9 +166,7 @@ class DestDaemon:
         if guest is not None:
             report["guest"] = guest_summary(
                 guest,
-                running=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY)
-                and self.runner is not None
-                and self.runner.running,
+                running=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY),
                 with_digests=with_digests and not running,
             )
         return report

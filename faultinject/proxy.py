@@ -189,6 +189,12 @@ class FaultProxy:
             for conn in self._connections:
                 self._abort(conn)
 
+    def restore(self) -> None:
+        """After a cut: accept new connections again (the old ones stay gone)."""
+        with self._lock:
+            self._note("restore")
+            self._cut = False
+
     def when(self, condition: Callable[[Milestones], bool], action: Callable[[], None]) -> None:
         """Fire action once, in the proxy's thread, the first time condition holds."""
         with self._lock:

@@ -7,13 +7,16 @@ guest running and the destination's never run. Never both, never neither, never 
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
+from common.control import request
 from faultinject.proxy import FaultProxy, Milestones
-from tests.e2e import Dest, Finished, reference, run_source, same_guest
+from tests.e2e import Dest, Finished, finish_source, reference, run_source, same_guest, start_source
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -136,3 +139,91 @@ def test_a_link_cut_for_good_fails_cleanly_within_the_reconnect_timeout(tmp_path
     # the source gave up 6 s after it last heard the destination: within its reconnect timeout
     assert src.report["total_time_ms"] - lost <= 6000 + 1500
     assert got.report["status"] == "failed" and "silent" in got.report["error"]
+
+
+# -- postcopy: a broken link pauses both sides; they recover and finish ------------------------
+POSTCOPY = ["--mode", "postcopy", "--postcopy-after-rounds", "0", "--postcopy-recover-timeout", "8"]
+# The busy 512 MiB guest sends about 137 MiB after its switchover.
+POSTCOPY_MIB = 137
+
+
+def test_postcopy_alone_through_the_proxy_matches_the_reference(tmp_path: Path) -> None:
+    src, got, _ = migrate_through(tmp_path, lambda proxy: None, extra=tuple(POSTCOPY))
+    assert_completed_and_equal(tmp_path, src, got)
+    assert src.report["mode"] == "postcopy" and got.report["postcopy"]["pages_missing"] == 0
+
+
+@pytest.mark.parametrize(
+    ("share", "fault"),
+    [(0.1, "reset"), (0.5, "stall"), (0.9, "cut-and-restore")],
+)
+def test_postcopy_recovers_from_a_broken_link(tmp_path: Path, share: float, fault: str) -> None:
+    def setup(proxy: FaultProxy) -> None:
+        def reset() -> None:
+            proxy.reset()
+            proxy.stall(1.5)
+
+        def stall() -> None:
+            proxy.stall(2.5)  # longer than the peer timeout: both sides pause
+
+        def cut_and_restore() -> None:
+            proxy.cut()
+            threading.Timer(3.0, proxy.restore).start()
+
+        action = {"reset": reset, "stall": stall, "cut-and-restore": cut_and_restore}[fault]
+        proxy.when(lambda m: m.switchover and m.bytes_down > int(share * POSTCOPY_MIB) << 20, action)
+
+    src, got, proxy = migrate_through(tmp_path, setup, extra=tuple(POSTCOPY))
+    assert any(fault.split("-")[0] in note for _, note in proxy.log), proxy.log
+    assert_completed_and_equal(tmp_path, src, got)
+    assert src.report["link"]["reconnects"] >= 1 or src.report["link"]["resent_messages"] > 0
+    if fault != "reset":
+        assert src.report["postcopy"]["recoveries"] >= 1
+    assert src.report["guest"]["running"] is False
+
+
+def test_postcopy_with_a_destination_gone_for_good_waits_for_the_operator(tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "100000000", "--peer-timeout", "1")
+    control = dest.new_control_uri()
+    try:
+        with FaultProxy(("127.0.0.1", dest.port), seed=3) as proxy:
+            proxy.when(lambda m: m.switchover and m.bytes_down > 40 << 20, proxy.cut)
+            proc, report = start_source(
+                tmp_path,
+                *BUSY_512,
+                "--seed",
+                "3",
+                "--migrate-to",
+                proxy.uri,
+                *LINK,
+                *POSTCOPY[:-1],
+                "3",
+                "--control",
+                control,
+            )
+            try:
+                deadline = time.monotonic() + 40
+                status: dict = {}
+                while time.monotonic() < deadline:
+                    reply = request(control, "status", timeout_s=2.0)
+                    status = reply.get("result", {})
+                    if status.get("status") == "unsettled":
+                        break
+                    time.sleep(0.2)
+                assert status.get("status") == "unsettled", status
+                assert "postcopy paused" in status["error"] and "ctl recover" in status["error"]
+                assert status["guest"]["running"] is False, "never resumed here on its own"
+                assert proc.poll() is None, "the source stays up: the destination needs its pages"
+                there = request(dest.control, "status", timeout_s=2.0)["result"]
+                assert there["phase"] == "postcopy" and there["guest"]["running"] is True
+                # the operator decides: the destination lives on
+                settled = request(control, "settle", {"where": "there"}, timeout_s=5.0)
+                assert settled.get("ok"), settled
+                src = finish_source(proc, report, timeout=30)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.communicate(timeout=10)
+    finally:
+        dest.kill()
+    assert src.report["status"] == "completed" and "settled by the operator" in str(src.report["timeline_ms"])
