@@ -1,0 +1,137 @@
+"""Postcopy benchmark: real daemons on loopback.
+
+Usage: python3 bench/postcopy_bench.py [--size 1GiB] [--repeat 3]
+
+Table 1: an idle guest of --size filled with random data (every granule tagged), migrated by
+precopy and by postcopy (switchover straight after setup) in the same run: total time, its
+median over --repeat runs, and the ratio postcopy / precopy.
+Table 2: page-request latency on the destination (request sent to page placed with its tags),
+p50 / p99 / max over the requests of a busy guest touching memory at random: under load (no
+precopy round, so the background stream saturates the link while the guest asks) and idle
+(one precopy round first, so little background is left when the guest asks). Medians of the
+per-run figures, beside QEMU's published numbers for its postcopy-preempt channel.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.units import parse_size  # noqa: E402
+from source_node.demo import free_ports  # noqa: E402
+
+SOURCE = [sys.executable, "-m", "source_node.cli"]
+DEST = [sys.executable, "-m", "dest_node.cli"]
+
+
+def migrate(
+    tmp: Path, guest: list[str], knobs: list[str], dest_stop: str
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One migration through the real daemons: the source's report and the destination's."""
+    (port,) = free_ports(1)
+    uri = f"tcp://127.0.0.1:{port}"
+    dest_report = tmp / f"dest-{port}.json"
+    dest = subprocess.Popen(
+        [*DEST, "--listen", uri, "--once", "--stop-at-step", dest_stop, "--log-level", "error",
+         "--report", str(dest_report)]
+    )  # fmt: skip
+    time.sleep(0.3)
+    source_report = tmp / f"source-{port}.json"
+    try:
+        subprocess.run(
+            [
+                *SOURCE,
+                *guest,
+                *knobs,
+                "--migrate-to",
+                uri,
+                "--report",
+                str(source_report),
+                "--log-level",
+                "error",
+            ],
+            check=False,
+            timeout=600,
+            stdout=subprocess.DEVNULL,
+        )
+        dest.wait(timeout=120)
+    finally:
+        if dest.poll() is None:
+            dest.kill()
+    src = json.loads(source_report.read_text())
+    dst = json.loads(dest_report.read_text()) if dest_report.exists() else {}
+    if src.get("status") != "completed":
+        raise SystemExit(f"migration did not complete: {src.get('error')}")
+    return src, dst
+
+
+def totals_table(tmp: Path, size: int, repeat: int) -> None:
+    guest = ["--ram", str(size), "--fill", "random", "--stop-at-step", "0"]
+    times: dict[str, list[float]] = {"precopy": [], "postcopy": []}
+    for _ in range(repeat):
+        for mode, knobs in (
+            ("precopy", []),
+            ("postcopy", ["--mode", "postcopy", "--postcopy-after-rounds", "0"]),
+        ):
+            src, _ = migrate(tmp, guest, knobs, "0")
+            times[mode].append(src["total_time_ms"] / 1000)
+    pre, post = statistics.median(times["precopy"]), statistics.median(times["postcopy"])
+    print(f"\nTable 1: idle {size >> 20} MiB random guest, total migration time (median of {repeat})")
+    print(f"{'mode':<10} {'runs (s)':<28} {'median s':>9} {'ratio':>7}")
+    for mode, runs in times.items():
+        med = statistics.median(runs)
+        print(f"{mode:<10} {', '.join(f'{t:.2f}' for t in runs):<28} {med:9.2f} {med / pre:7.2f}x")
+    print(f"postcopy / precopy = {post / pre:.2f} (target: within 1.2)")
+
+
+def latency_table(tmp: Path, repeat: int) -> None:
+    guest = [
+        "--ram", "512MiB", "--fill", "random", "--working-set", "64MiB", "--dirty-pages-per-step", "16",
+        "--steps-per-second", "2000", "--stop-at-step", "4000",
+    ]  # fmt: skip
+    rows: dict[str, list[dict[str, Any]]] = {"under load": [], "idle": []}
+    for _ in range(repeat):
+        for label, rounds in (("under load", "0"), ("idle", "1")):
+            _, dst = migrate(tmp, guest, ["--mode", "postcopy", "--postcopy-after-rounds", rounds], "4000")
+            rows[label].append(dst["postcopy"])
+    print(f"\nTable 2: page-request latency, request sent to page placed (ms, medians of {repeat} runs)")
+    print(f"{'':<12} {'requests':>9} {'p50':>8} {'p99':>8} {'max':>8}")
+    for label, runs in rows.items():
+
+        def med(key: str, runs: list[dict[str, Any]] = runs) -> float:
+            values = [r["fault_latency_ms"][key] for r in runs if r["fault_latency_ms"][key] is not None]
+            return statistics.median(values) if values else float("nan")
+
+        requests = statistics.median([r["requests"] for r in runs])
+        print(f"{label:<12} {requests:9.0f} {med('p50'):8.3f} {med('p99'):8.3f} {med('max'):8.3f}")
+    print("targets: p50 < 0.5 ms, p99 < 2 ms under load. QEMU (4 KiB pages): 10.7 ms mean without the")
+    print("preempt channel, 0.57 ms with it; preempt-full about 0.23 ms mean on 10 Gbps.")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--size", default="1GiB")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--skip-totals", action="store_true")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        if not args.skip_totals:
+            totals_table(Path(tmp), parse_size(args.size), args.repeat)
+        latency_table(Path(tmp), args.repeat)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
