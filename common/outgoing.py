@@ -44,6 +44,9 @@ class OutgoingMigration:
         self.uri = uri
         self.log = log
         self.socket: zmq.Socket[bytes] | None = None
+        # postcopy answers: a connection of their own, so that they never wait behind the
+        # background stream in ZeroMQ's pipe or TCP's buffers (QEMU's postcopy-preempt channel)
+        self.urgent: zmq.Socket[bytes] | None = None
         self.pending: deque[list[Buffer]] = deque()
         self.finished: ev.Finished | None = None
         now = time.monotonic()
@@ -78,14 +81,34 @@ class OutgoingMigration:
         if self.socket is not None:
             self.socket.close(linger=0)
         self.socket = sock
+        if self.urgent is not None:
+            self.urgent.close(linger=0)
+            self.urgent = None  # opened again for this epoch when the next answer goes out
         # what waited for the old connection is either resent by the session or not needed
         self.pending.clear()
+
+    def _urgent_socket(self) -> zmq.Socket[bytes]:
+        if self.urgent is None:
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(
+                zmq.ROUTING_ID, self.session.session_id + self.session.link.epoch.to_bytes(4, "big") + b"U"
+            )
+            sock.setsockopt(zmq.SNDHWM, 256)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            sock.connect(self.uri)
+            self.urgent = sock
+        return self.urgent
 
     def close(self) -> None:
         if self.socket is not None:
             self.flush()
             self.socket.close(linger=CLOSE_LINGER_MS)  # a last Abort must reach the destination
             self.socket = None
+        if self.urgent is not None:
+            self.urgent.close(linger=0)
+            self.urgent = None
 
     # -- driving the session -----------------------------------------------------------------------
     def poll(self, now: float) -> float:
@@ -105,6 +128,21 @@ class OutgoingMigration:
         """Send what the session produced. Page payloads may be views of guest memory (no copy
         was made to encode them), so they are copied by the socket here, before the vCPU's next
         slice; whatever cannot be sent now is copied out before the guest may run again."""
+        if (
+            self.session.postcopy is not None
+            and not self.session.phase.ended
+            and self.urgent is None
+            and self.socket is not None
+        ):
+            self._urgent_socket()  # connected ahead of the first request, not on its path
+        urgent = self.session.take_urgent()
+        if urgent:
+            sock = self._urgent_socket()
+            for frames in urgent:
+                try:
+                    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+                except zmq.Again:
+                    break  # not sent: the destination asks again after a timeout
         self.pending.extend(self.session.take_outgoing())
         while self.pending and self.socket is not None:
             try:

@@ -248,6 +248,8 @@ class Pair:
         self.src_host.session = self.src
         self.dst = DestSession(self.dst_host, dest_params or DestParameters(), self.now)
         self.down = Link(to_dest or Faults())
+        # postcopy answers travel on a connection of their own: same faults, their own queue
+        self.urgent = Link(self.down.faults)
         self.up = Link(to_source or Faults(seed=1))
         self.turns = 0
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
@@ -280,6 +282,7 @@ class Pair:
                 # a new connection: what was queued on the old one is gone, and the
                 # destination sees a new peer, as with a new ZeroMQ socket
                 self.down.queue.clear()
+                self.urgent.queue.clear()
                 self.up.queue.clear()
                 self.peer = PEER + b"-%d" % event.epoch
 
@@ -289,6 +292,11 @@ class Pair:
         self._source_events()
         for frames in src.take_outgoing():
             self.down.put(frames, self.now)
+        self.urgent.cut_when = self.down.cut_when
+        for frames in src.take_urgent():
+            self.urgent.put(frames, self.now)
+        for frames in self.urgent.take(self.now):
+            dst.receive(self.peer + b"-urgent", frames, self.now)
         for frames in self.down.take(self.now):
             dst.receive(self.peer, frames, self.now)
         dst.poll(self.now)
@@ -300,6 +308,8 @@ class Pair:
         self._source_events()
         for frames in src.take_outgoing():
             self.down.put(frames, self.now)
+        for frames in src.take_urgent():
+            self.urgent.put(frames, self.now)
         if self.runner is not None:
             self.runner.run_slice()
         dest_runner = self.dst_host.runner
@@ -309,7 +319,7 @@ class Pair:
         for session in (src, dst):
             if not session.phase.terminal:
                 wake.append(session.next_deadline(self.now))
-        for link in (self.down, self.up):
+        for link in (self.down, self.up, self.urgent):
             arrival = link.next_arrival()
             if arrival is not None:
                 wake.append(arrival)

@@ -149,6 +149,12 @@ class DestSession:
         if message.kind == "resume":
             self._on_resume(peer, env, now)
             return
+        if message.kind == "postcopy_pages" and env.seq == 0:
+            # an answer on the source's urgent connection: checked against the manifest like
+            # any page, so from wherever it came it can only place the source's own version
+            if self.phase is _D.POSTCOPY and env.epoch >= self.link.epoch:
+                self._on_postcopy_pages(env.postcopy_pages, message.payload, now, urgent=True)
+            return
         if peer != self.peer:
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
@@ -233,8 +239,9 @@ class DestSession:
             if pc.complete and not pc.late_tags:
                 self._all_present(now)
         wanted = pc.to_request(self.host.take_page_misses(), now)
+        wanted += pc.overdue(now, self.link.rto_s)
         if wanted:
-            self._send(now, page_request=pb.PageRequest(page_index=wanted))
+            self._send(now, page_request=pb.PageRequest(page_index=sorted(set(wanted))))
         if not pc.complete and now - max(pc.t_last_data, pc.t_last_bitmap) > self.link.rto_s:
             # Quiet while pages are missing (a batch refused as malformed, a source that lost
             # track): say again what we hold, and the source sends the rest.
@@ -466,7 +473,9 @@ class DestSession:
         self._events.append(ev.PostcopyStarted(pc.missing()))
         self._send_bitmap(now)
 
-    def _on_postcopy_pages(self, msg: pb.PostcopyPages, payload: Buffer, now: float) -> None:
+    def _on_postcopy_pages(
+        self, msg: pb.PostcopyPages, payload: Buffer, now: float, *, urgent: bool = False
+    ) -> None:
         assert self.guest is not None and self.postcopy is not None
         pc = self.postcopy
         pc.t_last_data = now
@@ -479,7 +488,8 @@ class DestSession:
             for page in named:
                 pc.outstanding.pop(page, None)
             wanted = pc.to_request(named, now)
-            self._ack(now)
+            if not urgent:
+                self._ack(now)
             if wanted:
                 self._send(now, page_request=pb.PageRequest(page_index=wanted))
             return
@@ -487,7 +497,8 @@ class DestSession:
         self.stats.pages_sent += int(placed.pages.size)
         self.stats.ram_bytes += len(payload)
         self.stats.postcopy_bytes += len(payload)
-        self._ack(now)
+        if not urgent:
+            self._ack(now)
         if placed.rejected.size:
             # a copy that does not match the manifest is never shown to the guest: ask again
             wanted = pc.to_request(placed.rejected.tolist(), now)

@@ -126,12 +126,14 @@ class DestPostcopy:
         self.tags = np.zeros(page_count, dtype=np.uint64)
         self._have = np.zeros(page_count, dtype=np.bool_)
         self.present = np.zeros(page_count, dtype=np.bool_)
-        self.outstanding: dict[int, float] = {}  # requested page -> when
+        self.outstanding: dict[int, float] = {}  # requested page -> when last asked
+        self._first_asked: dict[int, float] = {}  # requested page -> when the guest missed it
         self.latencies_s: list[float] = []
         self.background_pages = 0
         self.requested_pages = 0
         self.rejected_pages = 0
         self.duplicate_pages = 0
+        self.retried_requests = 0
         self.started = False
         self.vcpu_digest = b""
         # test builds only: place a page's data at once and its tags a turn later, as a VMM
@@ -182,7 +184,16 @@ class DestPostcopy:
         wanted = sorted({p for p in pages if not self.present[p] and p not in self.outstanding})
         for page in wanted:
             self.outstanding[page] = now
+            self._first_asked.setdefault(page, now)
         return wanted
+
+    def overdue(self, now: float, after_s: float) -> list[int]:
+        """Requests unanswered this long (an urgent answer is not resent by the link): ask again."""
+        late = [page for page, asked in self.outstanding.items() if now - asked > after_s]
+        for page in late:
+            self.outstanding[page] = now
+            self.retried_requests += 1
+        return late
 
     def place(self, mem: GuestMemory, batch: PostcopyBatch, requested: bool, now: float) -> Placed:
         """Check each page against the manifest, then place data and tags together and make
@@ -208,7 +219,8 @@ class DestPostcopy:
                 mem.tags_populated[pages] = True
             self.present[pages] = True
         for page in pages.tolist():
-            asked = self.outstanding.pop(page, None)
+            self.outstanding.pop(page, None)
+            asked = self._first_asked.pop(page, None)
             if asked is not None:
                 self.latencies_s.append(now - asked)
         if requested:

@@ -85,6 +85,7 @@ class SourceSession:
         self.verifier = SourceVerifier(guest, self.digests)
         self.bucket = TokenBucket(self.params.max_bandwidth, now, min_burst=1 << 20)
         self._outgoing: list[list[Buffer]] = []
+        self._urgent: list[list[Buffer]] = []  # postcopy answers, for the urgent connection
         self._events: list[ev.Event] = []
         self._use_lz4 = False
         self.guest_stopped = False
@@ -154,6 +155,13 @@ class SourceSession:
 
     def take_outgoing(self) -> list[list[Buffer]]:
         out, self._outgoing = self._outgoing, []
+        return out
+
+    def take_urgent(self) -> list[list[Buffer]]:
+        """Postcopy answers to page requests, for a connection of their own (QEMU's preempt
+        channel): they never queue behind the background stream. Unsequenced and idempotent: a
+        lost one is asked for again."""
+        out, self._urgent = self._urgent, []
         return out
 
     def take_events(self) -> list[ev.Event]:
@@ -573,12 +581,23 @@ class SourceSession:
         urgent = pc.next_urgent()
         if urgent is not None:
             for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
-                self._send_postcopy(urgent[first : first + MAX_PAGES_PER_MESSAGE], True, now)
+                self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
         while self.in_flight < pc.background_window(now):
             pages = pc.next_background()
             if pages is None:
                 return
             self._send_postcopy(pages, False, now)
+
+    def _answer(self, pages: np.ndarray, now: float) -> None:
+        body, payload, count = encode_postcopy_pages(
+            self.mem.pages, self.mem.page_tags, pages, use_lz4=self._use_lz4, requested=True
+        )
+        frames = framing.encode(self.link.envelope(0, postcopy_pages=body), payload)
+        size = sum(len(f) for f in frames)
+        self._urgent.append(frames)
+        self.stats.postcopy_bytes += size
+        self.stats.ram_bytes += size
+        self.stats.pages_sent += count
 
     def _send_postcopy(self, pages: np.ndarray, requested: bool, now: float) -> None:
         body, payload, count = encode_postcopy_pages(
