@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+import pytest
 
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import LinkRestored
@@ -205,3 +206,195 @@ def test_an_abort_from_the_source_is_not_answered_and_a_cancel_is() -> None:
     dst2.cancel(0.1, "operator says no")
     [(_, abort)] = replies(dst2)
     assert abort.envelope.abort.reason == "operator says no" and abort.envelope.seq == 2
+
+
+# -- each rule at its edge ------------------------------------------------------------------------
+def ram_batch(seq: int, pages: list[int], zero: list[int] = ()) -> list[Any]:  # type: ignore[assignment]
+    from common.wire.codec import encode_ram_pages
+
+    table = np.zeros((256, 4096), dtype=np.uint8)
+    table[pages, 7] = 1
+    body, payload, _ = encode_ram_pages(
+        table, np.asarray(sorted([*pages, *zero]), dtype=np.int64), use_lz4=False
+    )
+    env = framing.envelope(SESSION, seq, ram_pages=body)
+    env.epoch = 1
+    env.received = 1  # the hello_ack arrived
+    return framing.encode(env, bytes(payload))
+
+
+def tag_batch(seq: int, pages: list[int], zero: list[int] = ()) -> list[Any]:  # type: ignore[assignment]
+    from common.wire.codec import encode_tag_sections
+
+    table = np.zeros((256, 128), dtype=np.uint8)
+    table[pages, 3] = 0x21
+    body, payload, _ = encode_tag_sections(
+        table, np.asarray(sorted([*pages, *zero]), dtype=np.int64), use_lz4=False
+    )
+    env = framing.envelope(SESSION, seq, tag_sections=body)
+    env.epoch = 1
+    env.received = 1
+    return framing.encode(env, bytes(payload))
+
+
+def test_a_fresh_destination_reports_nothing_yet() -> None:
+    dst = DestSession(FakeDestHost(), DestParameters(), 5.0)
+    report = dst.report(7.0)
+    assert report["status"] == "active" and report["phase"] == "waiting" and report["rounds"] == 0
+    assert report["total_time_ms"] == 2000.0 and report["setup_time_ms"] is None
+    assert report["downtime_ms"] is None and report["refused_messages"] == 0
+    assert report["verification"]["ok"] is None and report["ram"]["total_bytes"] == 0
+    with pytest.raises(RuntimeError, match="no incoming migration to cancel"):
+        dst.cancel(7.0)
+
+
+def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, ram_batch(2, [3, 4], zero=[9]), 0.5)
+    [(_, ack)] = replies(dst)
+    assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
+    assert ack.envelope.ack.digest_backlog > 0, "placed, not yet hashed"
+    assert dst.t_first_data == 0.5
+    dst.receive(PEER, tag_batch(3, [3], zero=[5, 6]), 0.7)
+    [(_, ack)] = replies(dst)
+    assert ack.envelope.ack.acked_seq == 3
+    assert dst.t_first_data == 0.5, "the first batch sets it, once"
+    assert (dst.stats.pages_sent, dst.stats.zero_pages) == (3, 1)
+    assert (dst.stats.tag_sections, dst.stats.untagged_pages) == (3, 2)
+    assert dst.digests is not None and dst.digests.stale_pages > 0
+    assert dst.guest is not None and dst.guest.memory.pages[3, 7] == 1
+    report = dst.report(1.0)
+    assert report["setup_time_ms"] == 500.0 and report["total_time_ms"] == 1000.0
+
+
+def test_a_repeated_message_is_acknowledged_again_and_not_placed_twice() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, ram_batch(2, [3]), 0.5)
+    replies(dst)
+    dst.receive(PEER, ram_batch(2, [3]), 0.6)
+    [(_, ack)] = replies(dst)
+    assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
+    assert dst.stats.pages_sent == 1
+
+
+def test_the_backlog_is_reported_when_hashing_catches_up_on_a_quiet_stream() -> None:
+    dst, _ = receiving(
+        DestParameters(digest_budget_pages=10_000, heartbeat_interval_s=5.0, peer_timeout_s=20.0)
+    )
+    dst.receive(PEER, ram_batch(2, [3, 4]), 0.5)
+    replies(dst)
+    assert dst.next_deadline(0.5) == 0.5, "hashing to do: no sleeping"
+    dst.poll(0.5001)
+    [(_, ack)] = replies(dst)
+    assert ack.kind == "ack" and ack.envelope.ack.digest_backlog == 0, "caught up: said at once"
+    assert dst.next_deadline(0.6) == pytest.approx(5.5001), (
+        "nothing left to hash: the heartbeat after that ack"
+    )
+
+
+def test_the_hello_sets_the_epoch_and_the_compression_it_offered() -> None:
+    host = FakeDestHost()
+    dst = DestSession(host, DestParameters(), 0.0)
+    env = framing.envelope(SESSION, 1, hello=good_hello(features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY]))
+    env.epoch = 0
+    dst.receive(PEER, framing.encode(env), 0.25)
+    [(_, ack)] = replies(dst)
+    assert dst.link.epoch == 1 and dst.t_hello == 0.25
+    assert pb.FEATURE_LZ4 not in ack.envelope.hello_ack.features
+    lz4, _ = receiving(features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY, pb.FEATURE_LZ4])
+    assert lz4.use_lz4
+
+
+def test_our_source_saying_hello_again_gets_its_answer_again_and_a_stranger_a_busy_refusal() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(1, hello=good_hello()), 0.5)
+    [(peer, again)] = replies(dst)
+    assert peer == PEER and again.kind == "hello_ack" and again.envelope.hello_ack.accepted
+    dst.receive(b"other", frames(1, session=b"t" * 8, hello=good_hello()), 0.6)
+    [(peer, busy)] = replies(dst)
+    assert peer == b"other" and not busy.envelope.hello_ack.accepted
+    assert busy.envelope.hello_ack.code == pb.ERROR_BUSY and dst.refused_messages == 1
+    dst.receive(b"other", frames(1, hello=good_hello()), 0.7)  # our session id, another peer
+    [(peer, busy)] = replies(dst)
+    assert peer == b"other" and busy.envelope.hello_ack.code == pb.ERROR_BUSY and dst.refused_messages == 2
+
+
+def test_our_peer_with_another_session_is_refused_and_changes_nothing() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, ram_batch(2, [3]), 0.5)
+    replies(dst)
+    dst.receive(PEER, frames(3, session=b"t" * 8, end_of_round=pb.EndOfRound(round=1)), 0.6)
+    [(peer, refusal)] = replies(dst)
+    assert peer == PEER and refusal.kind == "abort" and refusal.envelope.abort.code == pb.ERROR_WRONG_SESSION
+    assert dst.rounds == 0 and dst.phase is DestPhase.RECEIVING and dst.refused_messages == 1
+
+
+def test_a_message_out_of_place_fails_the_session_and_says_why() -> None:
+    dst, host = receiving()
+    dst.receive(PEER, frames(2, commit=pb.Commit()), 0.5)
+    assert dst.phase is DestPhase.FAILED and host.discarded == 1
+    assert "unexpected commit from the source in phase receiving" in dst.failure.reason  # type: ignore[union-attr]
+    events = dst.take_events()
+    assert [e.status for e in events if hasattr(e, "status")] == ["failed"]
+    dst2, _ = receiving()
+    dst2.receive(PEER, frames(2, verify_request=pb.VerifyRequest(attempt=1)), 0.5)
+    assert "verify_request before the source stopped its guest" in dst2.failure.reason  # type: ignore[union-attr]
+
+
+def test_our_answers_are_sent_again_until_acknowledged() -> None:
+    dst, _ = receiving(DestParameters(retransmit_after_s=1.0, heartbeat_interval_s=5.0, peer_timeout_s=20.0))
+    assert dst.next_deadline(0.1) == 1.0, "the hello_ack waits for its ack"
+    dst.poll(0.9)
+    assert replies(dst) == []
+    dst.poll(1.01)
+    [(_, again)] = replies(dst)
+    assert again.kind == "hello_ack" and again.envelope.seq == 1
+    assert dst.link.t_last_sent == 1.01
+    dst.poll(1.5)
+    assert replies(dst) == [], "the clock restarted with the resend"
+    dst.receive(PEER, frames(2, received=1, end_of_round=pb.EndOfRound(round=1)), 1.6)
+    replies(dst)
+    assert not dst.link.unacked and dst.next_deadline(1.7) == 6.6
+
+
+def test_silence_up_to_the_limit_is_tolerated() -> None:
+    dst, _ = receiving(DestParameters(peer_timeout_s=2.0))
+    dst.poll(2.0)
+    assert dst.phase is DestPhase.RECEIVING
+    dst.poll(2.001)
+    assert dst.phase is DestPhase.FAILED
+
+
+def test_a_cancel_tells_the_source_and_reports_cancelled() -> None:
+    dst, _ = receiving()
+    dst.cancel(0.5, "enough")
+    [(_, abort)] = replies(dst)
+    assert abort.kind == "abort" and abort.envelope.abort.code == pb.ERROR_CANCELLED
+    finished = [e for e in dst.take_events() if hasattr(e, "status")]
+    assert [(e.status, e.reason) for e in finished] == [("cancelled", "enough")]
+    assert dst.report(0.6)["status"] == "cancelled"
+    with pytest.raises(RuntimeError):
+        dst.cancel(0.7)
+
+
+def test_a_test_build_corrupts_exactly_one_byte_of_its_page_once() -> None:
+    dst, _ = receiving(DestParameters(corrupt_page=4))
+    dst.receive(PEER, ram_batch(2, [3, 4]), 0.5)
+    mem = dst.guest.memory  # type: ignore[union-attr]
+    assert mem.pages[4, 100] == 0xFF and mem.pages[4, 7] == 1 and mem.pages[3, 100] == 0
+    dst.receive(PEER, ram_batch(3, [4]), 0.6)
+    assert mem.pages[4, 100] == 0, "only once: the resend repairs it"
+
+
+def test_every_phase_change_is_an_event() -> None:
+    dst, _ = receiving()
+    phases = [e.phase for e in dst.take_events() if hasattr(e, "phase")]
+    assert phases == ["receiving"]
+
+
+def test_control_bytes_are_counted() -> None:
+    dst, _ = receiving()
+    sent = dst.stats.other_bytes
+    assert sent > 0
+    dst.poll(0.6)  # a heartbeat
+    assert dst.stats.other_bytes > sent

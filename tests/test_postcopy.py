@@ -287,7 +287,7 @@ def test_a_destination_that_never_returns_leaves_the_guest_there_and_a_reason_he
 
 
 def test_postcopy_cannot_be_cancelled_from_either_side() -> None:
-    pair = postcopy_pair(seed=5)
+    pair = postcopy_pair(seed=5, to_dest=Faults(bandwidth=5e6))
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY)
     with pytest.raises(RuntimeError, match="too late to cancel"):

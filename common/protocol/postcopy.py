@@ -25,13 +25,11 @@ Indices = npt.NDArray[np.int64]
 
 # Pages per manifest message: 16 bytes each, so 128 KiB a message.
 MANIFEST_CHUNK_PAGES = 8192
-# Background pages per message, and messages in flight: small enough that an answered request
-# queues behind at most this much in ZeroMQ's pipe and the socket buffers.
-BACKGROUND_BATCH_PAGES = 32
-BACKGROUND_WINDOW = 4
-# While the destination is asking (a request within this long), one background message at most
-# is in flight: an answer then waits behind 128 KiB, not 512 KiB.
-ASKING_WINDOW_S = 0.05
+# Background pages per message, and messages in flight on the main connection. Answers to
+# requests travel on a connection of their own, so the background stream may fill the link
+# as precopy does.
+BACKGROUND_BATCH_PAGES = 128
+BACKGROUND_WINDOW = 16
 
 
 @dataclass
@@ -45,17 +43,12 @@ class SourcePostcopy:
     requests: int = 0
     background_pages: int = 0
     recoveries: int = 0
-    t_last_request: float = float("-inf")
 
     def holds(self, present: npt.NDArray[np.bool_]) -> None:
         """The destination's received bitmap: at the start, and again after a recovery."""
         self.needed = ~present
 
-    def background_window(self, now: float) -> int:
-        return 1 if now - self.t_last_request < ASKING_WINDOW_S else BACKGROUND_WINDOW
-
-    def request(self, pages: list[int], now: float) -> None:
-        self.t_last_request = now
+    def request(self, pages: list[int]) -> None:
         for page in pages:
             self.requests += 1
             self.urgent.append(page)

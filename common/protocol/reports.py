@@ -16,7 +16,7 @@ if TYPE_CHECKING:
 
 def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     """The source's report: what a user reads, during and after a migration."""
-    end = session.t_end or now
+    end = session.t_end if session.t_end is not None else now
     total_s = end - session.t_start
     status = {
         SourcePhase.COMPLETED: "completed",
@@ -36,7 +36,11 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     pc = session.postcopy
     if pc is not None:
         # the guest ran again as soon as the destination started it, not at the end
-        downtime = session.t_dest_running - session.t_stop if session.t_dest_running else None
+        downtime = (
+            session.t_dest_running - session.t_stop
+            if session.t_dest_running is not None and session.t_stop is not None
+            else None
+        )
     p = session.precopy.pass_
     link = session.link.stats
     return {
@@ -45,7 +49,9 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         "mode": "postcopy" if session.params.postcopy else "precopy",
         "error": session.failure.reason if session.failure else None,
         "total_time_ms": ms(total_s),
-        "setup_time_ms": ms(session.t_setup_done - session.t_start) if session.t_setup_done else None,
+        "setup_time_ms": ms(session.t_setup_done - session.t_start)
+        if session.t_setup_done is not None
+        else None,
         "downtime_ms": ms(downtime),
         "expected_downtime_ms": ms(session.precopy.expected_downtime_s),
         "downtime_limit_ms": session.params.downtime_limit_ms,
@@ -69,7 +75,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         else {
             "requests": pc.requests,
             "requests_per_s": round(pc.requests / (end - session.t_dest_running), 1)
-            if session.t_dest_running and end > session.t_dest_running
+            if session.t_dest_running is not None and end > session.t_dest_running
             else 0.0,
             "background_pages": pc.background_pages,
             "pages_missing_at_destination": pc.missing(),
@@ -85,14 +91,18 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
 
 def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     """The destination's report, in the same vocabulary as the source's."""
-    end = session.t_end or now
+    end = session.t_end if session.t_end is not None else now
     status = {DestPhase.RUNNING: "completed", DestPhase.FAILED: "failed"}.get(session.phase, "active")
     if session.phase is DestPhase.RUNNING and session.verified is False:
         status = "failed"
     if session.failure and session.failure.code == pb.ERROR_CANCELLED:
         status = "cancelled"
-    downtime = session.t_running - session.t_stop_seen if session.t_running and session.t_stop_seen else None
-    total = end - (session.t_hello or session.t_start)
+    downtime = (
+        session.t_running - session.t_stop_seen
+        if session.t_running is not None and session.t_stop_seen is not None
+        else None
+    )
+    total = end - (session.t_hello if session.t_hello is not None else session.t_start)
     link = session.link.stats
     return {
         "status": status,
@@ -102,7 +112,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         "total_time_ms": ms(total),
         # what this side sees of setup: from the hello to the first page batch
         "setup_time_ms": ms(session.t_first_data - session.t_hello)
-        if session.t_hello and session.t_first_data
+        if session.t_hello is not None and session.t_first_data is not None
         else None,
         "downtime_ms": ms(downtime),
         "expected_downtime_ms": None,

@@ -35,7 +35,7 @@ from common.protocol.handshake import source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
-from common.protocol.postcopy import SourcePostcopy, manifest_messages
+from common.protocol.postcopy import BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
@@ -517,7 +517,7 @@ class SourceSession:
         pages = list(msg.page_index)
         if not pages or len(pages) > MAX_PAGES_PER_MESSAGE or max(pages) >= self.mem.page_count:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"page request for {len(pages)} pages out of range")
-        self.postcopy.request(pages, now)
+        self.postcopy.request(pages)
         self._pump(now)  # requests go out ahead of everything else, at once
 
     def _on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
@@ -582,7 +582,7 @@ class SourceSession:
         if urgent is not None:
             for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
                 self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
-        while self.in_flight < pc.background_window(now):
+        while self.in_flight < min(BACKGROUND_WINDOW, self.params.window):
             pages = pc.next_background()
             if pages is None:
                 return
