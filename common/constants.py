@@ -72,3 +72,6 @@ MAX_FRAME_BYTES = MAX_PAGES_PER_MESSAGE * (PAGE_SIZE + 64) + (1 << 20)
 LZ4_SAMPLE_PAGES = 4
 LZ4_WORTH_RATIO = 0.8
 SESSION_ID_BYTES = 8
+
+# Messages a daemon takes from its socket per loop turn before the vCPU and timers get a turn.
+DRAIN_BUDGET_MESSAGES = 8

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
+from common.constants import CLOSE_LINGER_MS, DRAIN_BUDGET_MESSAGES, MAX_FRAME_BYTES
 from common.control import ControlError, ControlServer
 from common.guest.guest import Guest
 from common.guest.prefault import Prefaulter
@@ -273,7 +273,9 @@ class DestDaemon:
                 self.log.info("source reconnected", epoch=event.epoch, resent_messages=event.resent)
 
     def _drain(self) -> None:
-        while True:
+        # A budget per loop turn: a postcopy vCPU waiting for a page just placed runs after a few
+        # messages, not after everything queued (the socket stays readable: the loop comes back).
+        for _ in range(DRAIN_BUDGET_MESSAGES):
             try:
                 parts = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:

@@ -170,3 +170,175 @@ def test_cancel_is_refused_after_the_commit() -> None:
     src.receive(refusal, 0.2)
     assert src.phase is SourcePhase.FAILED and host.resumes == 1
     assert "it does not run the guest, so it runs here again" in src.failure.reason  # type: ignore[union-attr]
+
+
+# -- each rule at its edge ------------------------------------------------------------------------
+def test_a_fresh_source_reports_that_nothing_happened_yet() -> None:
+    src = SourceSession(busy_guest(), FakeSourceHost(), PARAMS, 3.0)
+    report = src.report(4.0)
+    assert report["status"] == "active" and report["phase"] == "idle" and report["total_time_ms"] == 1000.0
+    assert report["setup_time_ms"] is None and report["downtime_ms"] is None
+    assert src.guest_runs_here and src.dest_backlog == 0
+
+
+def test_the_guest_runs_here_until_it_stops_or_is_handed_over() -> None:
+    src, _ = active()
+    assert src.guest_runs_here is True
+    src.guest_stopped = True
+    assert src.guest_runs_here is False
+    src.guest_stopped = False
+    src.machine.phase = SourcePhase.COMPLETED
+    assert src.guest_runs_here is False
+
+
+def test_silence_up_to_each_limit_is_tolerated() -> None:
+    src, _ = started(MigrationParameters(peer_timeout_s=2.0, retransmit_after_s=5.0))
+    src.poll(2.0)
+    assert src.phase is SourcePhase.SETUP, "exactly at the limit: not yet"
+    src.poll(2.001)
+    assert src.phase is SourcePhase.FAILED
+    live, _ = active()
+    live.precopy.pass_ = None
+    live.poll(1.01)  # heard at 0.01: exactly the peer timeout
+    assert live.connected and not [e for e in live.take_events() if isinstance(e, Reconnect)]
+    live.poll(1.0101)
+    assert not live.connected
+    assert any(event.startswith("link lost, reconnecting (epoch 2)") for event, _ in live.timeline)
+    live.poll(4.01)  # the reconnect timeout, exactly
+    assert live.phase is SourcePhase.ACTIVE
+    live.poll(4.0101)
+    assert live.phase is SourcePhase.FAILED and live.t_end == 4.0101
+    finished = [e for e in live.take_events() if hasattr(e, "status")]
+    assert [f.status for f in finished] == ["failed"]
+    assert live.guest_runs_here
+
+
+def test_a_heartbeat_is_due_exactly_one_interval_after_the_last_message() -> None:
+    src, _ = active()
+    src.precopy.pass_ = None
+    src.digests.refresh()
+    src.poll(0.26)  # 0.01 + 0.25: due now
+    assert [m.kind for m in sent(src)] == ["heartbeat"]
+
+
+def test_unacknowledged_messages_wake_the_source_to_resend_them() -> None:
+    src, _ = active(
+        MigrationParameters(peer_timeout_s=10.0, reconnect_timeout_s=20.0, retransmit_after_s=1.0)
+    )
+    src.poll(0.02)  # the first batches go out
+    assert src.link.unacked
+    src.digests.refresh()
+    progress = src.link.t_progress
+    assert src.next_deadline(0.03) == pytest.approx(min(progress + 1.0, src.link.t_last_sent + 0.5))
+    src.poll(progress + 1.01)
+    kinds = [m.kind for m in sent(src)]
+    assert kinds and kinds[0] in ("ram_pages", "tag_sections"), "sent again"
+    src.poll(progress + 1.5)
+    assert not [m for m in sent(src) if m.envelope.seq], "the retransmission clock restarted"
+
+
+def test_the_destination_backlog_and_its_resend_requests_are_taken_from_its_acks() -> None:
+    src, _ = active()
+    src.poll(0.02)
+    sent(src)
+    top = src.link.next_seq - 1
+    src.receive(from_dest(src, 0, received=1, ack=pb.Ack(acked_seq=1, digest_backlog=77)), 0.03)
+    assert src.dest_backlog == 77
+    src.receive(from_dest(src, 0, received=1, ack=pb.Ack(acked_seq=1, resend_from=top + 1)), 0.04)
+    assert src.phase is SourcePhase.ACTIVE, "asking for the next message is asking for nothing yet"
+    src.receive(from_dest(src, 0, received=1, ack=pb.Ack(acked_seq=1, resend_from=top + 2)), 0.05)
+    assert src.phase is SourcePhase.FAILED and "never sent" in src.failure.reason  # type: ignore[union-attr]
+
+
+def test_lz4_is_used_only_when_both_sides_want_it() -> None:
+    for offered, wanted, used in ((True, True, True), (False, True, False), (True, False, False)):
+        host = FakeSourceHost()
+        src = SourceSession(busy_guest(), host, MigrationParameters(use_lz4=wanted), 0.0)
+        src.start(0.0)
+        sent(src)
+        features = [pb.FEATURE_LZ4] if offered else []
+        ack = pb.HelloAck(
+            accepted=True, protocol_version=PROTOCOL_VERSION, initial_credit=4, features=features
+        )
+        src.receive(from_dest(src, 1, received=1, hello_ack=ack), 0.01)
+        assert src._use_lz4 is used
+
+
+def test_a_refused_hello_fails_with_the_destinations_reason_and_no_abort() -> None:
+    src, _ = started()
+    ack = pb.HelloAck(accepted=False, code=pb.ERROR_UNAUTHORIZED, reason="bad token")
+    src.receive(from_dest(src, 1, received=1, hello_ack=ack), 0.01)
+    assert src.phase is SourcePhase.FAILED and src.failure.code == pb.ERROR_UNAUTHORIZED  # type: ignore[union-attr]
+    assert src.failure.reason == "destination refused the migration: bad token"  # type: ignore[union-attr]
+    plain, _ = started()
+    plain.receive(from_dest(plain, 1, received=1, hello_ack=pb.HelloAck(accepted=False, reason="no")), 0.01)
+    assert plain.failure.code == pb.ERROR_FEATURE_MISMATCH  # type: ignore[union-attr]
+
+
+def test_an_abort_from_the_destination_is_not_answered_and_resumes_the_guest() -> None:
+    src, _ = active()
+    src.poll(0.02)
+    sent(src)
+    src.receive(
+        from_dest(src, 2, received=1, abort=pb.Abort(code=pb.ERROR_INTERNAL, reason="disk full")), 0.05
+    )
+    assert src.phase is SourcePhase.FAILED and src.failure.reason == "destination aborted: disk full"  # type: ignore[union-attr]
+    assert [m.kind for m in sent(src) if m.kind == "abort"] == []
+    assert src.t_end == 0.05 and src.guest_runs_here
+
+
+def test_a_failure_after_the_guest_stopped_resumes_it_once() -> None:
+    src, host = active()
+    src.host.stop_guest()
+    src.guest_stopped = True
+    src.cancel(0.1, "enough")
+    assert host.resumes == 1 and src.guest_stopped is False and src.guest_runs_here
+    assert src.phase is SourcePhase.CANCELLED and src.t_end == 0.1
+    assert [(e.status, e.reason) for e in src.take_events() if hasattr(e, "status")] == [
+        ("cancelled", "enough")
+    ]
+    assert [m.kind for m in sent(src)][-1] == "abort"
+
+
+def test_a_resume_answer_for_the_current_attempt_restores_the_link() -> None:
+    src, _ = active(
+        MigrationParameters(peer_timeout_s=1.0, heartbeat_interval_s=0.25, reconnect_timeout_s=4.0)
+    )
+    src.poll(0.02)
+    sent(src)
+    src.poll(1.1)
+    assert not src.connected and src.link.epoch == 2
+    stale = from_dest(src, 0, epoch=2, resume_ack=pb.ResumeAck(epoch=1, last_received=1))
+    src.receive(stale, 1.2)
+    assert not src.connected, "an answer to an earlier attempt"
+    good = from_dest(src, 0, epoch=2, resume_ack=pb.ResumeAck(epoch=2, last_received=0))
+    src.receive(good, 1.3)
+    assert src.connected
+    assert any(event == "link restored (epoch 2)" for event, _ in src.timeline)
+    again = [m for m in sent(src) if m.envelope.seq]
+    assert again and again[0].envelope.seq == 2, "everything after what it holds, again"
+    assert src.link.t_progress == 1.3
+    src.receive(good, 1.4)
+    assert [m for m in sent(src) if m.envelope.seq] == [], "a repeated answer changes nothing"
+
+
+def test_every_phase_change_is_an_event_and_rounds_say_how_many_pages() -> None:
+    src, _ = active()
+    events = src.take_events()
+    assert [e.phase for e in events if hasattr(e, "phase")] == ["setup", "active"]
+    first = [e for e in events if hasattr(e, "pages")]
+    mem = src.mem
+    assert first[0].pages == int(mem.data_populated.sum() + mem.tags_populated.sum())
+
+
+def test_zero_pages_and_untagged_pages_add_up_over_the_first_round() -> None:
+    src, _ = active()
+    before_zero, before_untagged = src.stats.zero_pages, src.stats.untagged_pages
+    assert before_zero == src.mem.page_count - int(src.mem.data_populated.sum())
+    while src.precopy.pass_ is not None:
+        src.poll(0.02)
+        for m in sent(src):
+            if m.envelope.seq:
+                src.receive(from_dest(src, 0, received=1, ack=pb.Ack(acked_seq=1)), 0.02)
+        src.link.acknowledged(src.link.next_seq - 1, 0.02)
+    assert src.stats.zero_pages >= before_zero and src.stats.untagged_pages >= before_untagged

@@ -30,6 +30,9 @@ MANIFEST_CHUNK_PAGES = 8192
 # as precopy does.
 BACKGROUND_BATCH_PAGES = 128
 BACKGROUND_WINDOW = 16
+# Background messages encoded per loop turn: the loop comes back to a page request within a
+# few milliseconds, not after the whole window was encoded.
+BACKGROUND_PER_TURN = 2
 
 
 @dataclass

@@ -35,7 +35,7 @@ from common.protocol.handshake import source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
-from common.protocol.postcopy import BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
+from common.protocol.postcopy import BACKGROUND_PER_TURN, BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
@@ -260,6 +260,14 @@ class SourceSession:
                 deadline = min(deadline, self._rate_limited_until or now)
             if self.phase is _S.ACTIVE and self.digests.stale_pages:
                 deadline = now  # hashing to do; otherwise an ack (an arrival) is what we wait for
+            pc = self.postcopy
+            if (
+                pc is not None
+                and pc.needed is not None
+                and pc.needed.any()
+                and self.in_flight < min(BACKGROUND_WINDOW, self.params.window)
+            ):
+                deadline = now  # background pages to send and room for them
         return deadline
 
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
@@ -582,7 +590,9 @@ class SourceSession:
         if urgent is not None:
             for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
                 self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
-        while self.in_flight < min(BACKGROUND_WINDOW, self.params.window):
+        for _ in range(BACKGROUND_PER_TURN):
+            if self.in_flight >= min(BACKGROUND_WINDOW, self.params.window):
+                return
             pages = pc.next_background()
             if pages is None:
                 return
