@@ -13,24 +13,25 @@ from common.protocol.precopy import CATCH_UP_PAGES, Precopy, Verdict
 from common.protocol.stats import BandwidthMeter
 
 RATE = 4096 * 1000  # bytes per second the meter says the link carries: 1000 pages/s
+T0 = 100.0  # when round 1 began (a monotonic clock is never zero)
 
 
 def setup(dirty_pages: int = 0, dirty_tags: int = 0) -> tuple[Precopy, GuestMemory, BandwidthMeter]:
     mem = GuestMemory(32 << 20)
     pre = Precopy(mem, DigestCache(mem))
-    pre.first_round(0.0)
+    pre.first_round(T0)
     for p in range(dirty_pages):
         mem.write(p * PAGE_SIZE, b"x")
     for p in range(dirty_tags):
         mem.set_tags(p * PAGE_SIZE + 2048, 16, 5)
     meter = BandwidthMeter()
-    meter.add(0.0, 0)
-    meter.add(1.0, RATE)
+    meter.add(T0, 0)
+    meter.add(T0 + 1.0, RATE)
     return pre, mem, meter
 
 
 def decide(
-    pre: Precopy, meter: BandwidthMeter, *, limit_ms: float = 10, now: float = 2.0, **kw: int
+    pre: Precopy, meter: BandwidthMeter, *, limit_ms: float = 10, now: float = T0 + 2.0, **kw: int
 ) -> Verdict:
     params = MigrationParameters(downtime_limit_ms=limit_ms, convergence_timeout_s=kw.pop("timeout", 60))
     end = pre.end_of_round(
@@ -75,10 +76,10 @@ def test_the_guest_stops_when_the_rest_fits_the_limit_exactly() -> None:
 
 def test_one_page_more_than_fits_is_another_round() -> None:
     pre, _, meter = setup(dirty_pages=11)
-    assert decide(pre, meter, limit_ms=10, now=2.0) is Verdict.NEXT_ROUND
+    assert decide(pre, meter, limit_ms=10, now=T0 + 2.0) is Verdict.NEXT_ROUND
     assert pre.expected_downtime_s == pytest.approx(0.011)
     assert pre.dirty_pages_rate == pytest.approx(11 / 2.0), "pages dirtied over the round's time"
-    assert pre.round == 2 and pre.t_round == 2.0
+    assert pre.round == 2 and pre.t_round == T0 + 2.0
     assert pre.pass_ is not None and pre.pass_.data.size == 11
 
 
@@ -120,10 +121,10 @@ def test_the_stop_waits_for_the_sources_own_hashing() -> None:
 
 def test_giving_up_says_how_far_from_the_limit_it_was() -> None:
     pre, _, meter = setup(dirty_pages=50)
-    assert decide(pre, meter, limit_ms=10, now=2.0, active_for=61, timeout=60) is Verdict.GIVE_UP
+    assert decide(pre, meter, limit_ms=10, now=T0 + 2.0, active_for=61, timeout=60) is Verdict.GIVE_UP
     pre2, _, meter2 = setup(dirty_pages=50)
     end = pre2.end_of_round(
-        2.0,
+        T0 + 2.0,
         in_flight=0,
         dest_backlog=0,
         active_for=61,
@@ -167,3 +168,66 @@ def test_auto_converge_holds_back_only_when_over_half_of_what_was_sent_is_dirty_
             mem.write(p * PAGE_SIZE, b"z")
         pre.end_of_round(3.0, in_flight=0, dest_backlog=0, active_for=1, meter=meter, params=params)
         assert (pre.throttle > 0) is throttled, dirty
+
+
+def test_the_dirty_rate_counts_pages_and_tag_sections_over_the_round() -> None:
+    pre, _, meter = setup(dirty_pages=6, dirty_tags=40)
+    decide(pre, meter, limit_ms=1, now=T0 + 4.0)
+    assert pre.dirty_pages_rate == pytest.approx((6 + 40) / 4.0)
+
+
+def test_without_a_recent_rate_the_average_over_the_migration_is_used() -> None:
+    pre, _, _ = setup(dirty_pages=20)
+    meter = BandwidthMeter()
+    meter.add(T0, RATE * 4)  # one sample: no windowed rate yet
+    assert meter.rate() is None
+    decide(pre, meter, limit_ms=1, active_for=2)
+    assert pre.expected_downtime_s == pytest.approx(20 * 4096 / (RATE * 4 / 2))
+
+
+def test_with_nothing_measured_and_nothing_dirty_it_switches_over() -> None:
+    pre, _, _ = setup()
+    assert decide(pre, BandwidthMeter(), limit_ms=1) is Verdict.SWITCHOVER
+    assert pre.expected_downtime_s is None
+    pre2, _, _ = setup(dirty_pages=1)
+    assert decide(pre2, BandwidthMeter(), limit_ms=1) is Verdict.NEXT_ROUND, "no rate: cannot promise"
+
+
+def test_the_source_backlog_at_exactly_the_catch_up_size_does_not_wait() -> None:
+    pre, _, meter = setup(dirty_pages=1)
+    pre.digests.refresh()
+    pre.digests.mark(range(CATCH_UP_PAGES), [])
+    assert pre.digests.stale_pages == CATCH_UP_PAGES
+    assert decide(pre, meter) is not Verdict.WAIT
+
+
+def test_giving_up_gives_the_expected_downtime_in_milliseconds() -> None:
+    pre, _, meter = setup(dirty_pages=2000)
+    end = pre.end_of_round(
+        T0 + 2.0, in_flight=0, dest_backlog=0, active_for=61, meter=meter,
+        params=MigrationParameters(downtime_limit_ms=10, convergence_timeout_s=60),
+    )  # fmt: skip
+    assert "expected downtime 2000 ms over the 10 ms limit" in end.reason
+
+
+def test_pages_written_before_round_one_and_before_the_stop_are_hashed() -> None:
+    """What the guest wrote after the digest cache was made, and between the deciding sync and
+    the stop, must be hashed again: the digests then equal a fresh hash of memory."""
+    mem = GuestMemory(1 << 20)
+    digests = DigestCache(mem)
+    mem.write(9 * PAGE_SIZE, b"late")  # after the cache, before round 1
+    pre = Precopy(mem, digests)
+    pre.first_round(T0)
+    assert digests.digests() == DigestCache(mem).digests()
+    meter = BandwidthMeter()
+    meter.add(T0, 0)
+    meter.add(T0 + 1.0, RATE)
+    end = pre.end_of_round(
+        T0 + 2.0, in_flight=0, dest_backlog=0, active_for=2, meter=meter,
+        params=MigrationParameters(downtime_limit_ms=1000),
+    )  # fmt: skip
+    assert end.verdict is Verdict.SWITCHOVER and end.sync is not None
+    mem.set_tags(12 * PAGE_SIZE, 16, 3)  # after the deciding sync, before the stop
+    pre.final_pass(end.sync)
+    assert digests.digests() == DigestCache(mem).digests()
+    assert pre.pass_ is not None and 12 in pre.pass_.tags.tolist()

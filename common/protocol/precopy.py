@@ -35,17 +35,17 @@ class RoundEnd:
     reason: str = ""
 
 
+@dataclass(eq=False)
 class Precopy:
-    def __init__(self, mem: GuestMemory, digests: DigestCache) -> None:
-        self.mem = mem
-        self.digests = digests
-        self.round = 0
-        self.pass_: PagePass | None = None
-        self.throttle = 0.0
-        self.expected_downtime_s: float | None = None
-        self.dirty_pages_rate = 0.0
-        self.t_round = 0.0
-        self._acked_at_round = 0
+    mem: GuestMemory
+    digests: DigestCache
+    round: int = 0
+    pass_: PagePass | None = None
+    throttle: float = 0.0
+    expected_downtime_s: float | None = None
+    dirty_pages_rate: float = 0.0
+    t_round: float = 0.0  # when the current round began
+    _acked_at_round: int = 0  # the meter's total when the current round began
 
     def first_round(self, now: float) -> tuple[int, int]:
         """Round 1: every page ever written. Returns the never-written (zero) and never-tagged
@@ -93,7 +93,7 @@ class Precopy:
             return RoundEnd(Verdict.GIVE_UP, sync, reason)
         # Auto-converge: a round that leaves more than half of what it sent dirty again means
         # the guest outruns the link; hold its vCPU back a little more each time.
-        sent_this_round = max(1, meter.total - self._acked_at_round)
+        sent_this_round = meter.total - self._acked_at_round
         if self.round >= 2 and remaining > sent_this_round // 2:
             self.throttle = min(
                 params.throttle_max,
