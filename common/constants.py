@@ -74,4 +74,4 @@ LZ4_WORTH_RATIO = 0.8
 SESSION_ID_BYTES = 8
 
 # Messages a daemon takes from its socket per loop turn before the vCPU and timers get a turn.
-DRAIN_BUDGET_MESSAGES = 8
+DRAIN_BUDGET_MESSAGES = 1

@@ -526,7 +526,8 @@ class SourceSession:
         if not pages or len(pages) > MAX_PAGES_PER_MESSAGE or max(pages) >= self.mem.page_count:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"page request for {len(pages)} pages out of range")
         self.postcopy.request(pages)
-        self._pump(now)  # requests go out ahead of everything else, at once
+        if self.connected:
+            self._answer_requests(now)  # at once, before any background page is encoded
 
     def _on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
         assert self.postcopy is not None
@@ -586,10 +587,7 @@ class SourceSession:
         background is in flight, so an answer never queues behind much."""
         pc = self.postcopy
         assert pc is not None
-        urgent = pc.next_urgent()
-        if urgent is not None:
-            for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
-                self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
+        self._answer_requests(now)
         for _ in range(BACKGROUND_PER_TURN):
             if self.in_flight >= min(BACKGROUND_WINDOW, self.params.window):
                 return
@@ -597,6 +595,13 @@ class SourceSession:
             if pages is None:
                 return
             self._send_postcopy(pages, False, now)
+
+    def _answer_requests(self, now: float) -> None:
+        assert self.postcopy is not None
+        urgent = self.postcopy.next_urgent()
+        if urgent is not None:
+            for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
+                self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
 
     def _answer(self, pages: np.ndarray, now: float) -> None:
         body, payload, count = encode_postcopy_pages(

@@ -331,12 +331,17 @@ def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: in
     data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count)
     tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count)
     order = np.asarray(msg.data.page_index, dtype=np.int64)
-    n = order.size
-    data_rows = np.zeros((n, PAGE_SIZE), dtype=np.uint8)
-    tag_rows = np.zeros((n, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
-    position = {int(p): i for i, p in enumerate(order.tolist())}
-    if data.indices.size:
-        data_rows[[position[int(p)] for p in data.indices.tolist()]] = data.rows
-    if tags.indices.size:
-        tag_rows[[position[int(p)] for p in tags.indices.tolist()]] = tags.rows
-    return PostcopyBatch(order, data_rows, tag_rows)
+    return PostcopyBatch(
+        order, _full_rows(order, data, PAGE_SIZE), _full_rows(order, tags, PACKED_TAG_BYTES_PER_PAGE)
+    )
+
+
+def _full_rows(order: Indices, decoded: DecodedBatch, width: int) -> U8:
+    """One row per page in `order`, zero where the batch said zero (or untagged)."""
+    if decoded.indices.size == order.size:
+        return decoded.rows  # every page had content: the rows are already in order
+    rows = np.zeros((order.size, width), dtype=np.uint8)
+    if decoded.indices.size:
+        # both lists keep the message's order, so content rows fill the non-zero slots in turn
+        rows[np.isin(order, decoded.indices, assume_unique=True)] = decoded.rows
+    return rows
