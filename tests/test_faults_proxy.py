@@ -147,12 +147,6 @@ POSTCOPY = ["--mode", "postcopy", "--postcopy-after-rounds", "0", "--postcopy-re
 POSTCOPY_MIB = 137
 
 
-def test_postcopy_alone_through_the_proxy_matches_the_reference(tmp_path: Path) -> None:
-    src, got, _ = migrate_through(tmp_path, lambda proxy: None, extra=tuple(POSTCOPY))
-    assert_completed_and_equal(tmp_path, src, got)
-    assert src.report["mode"] == "postcopy" and got.report["postcopy"]["pages_missing"] == 0
-
-
 @pytest.mark.parametrize(
     ("share", "fault"),
     [(0.1, "reset"), (0.5, "stall"), (0.9, "cut-and-restore")],
