@@ -12,7 +12,7 @@ def progress_line(report: dict[str, Any]) -> str:
     if postcopy is not None:
         mbps = report.get("throughput_mbps") or 0.0
         return (
-            f"[postcopy] {report.get('phase', '?'):<16} | {postcopy['pages_missing_at_destination']:>8} pages "
+            f"[postcopy] {report.get('phase', '?'):<16} | {postcopy['pages_missing_at_destination'] or 0:>8} pages "
             f"still missing there | {postcopy.get('requests_per_s', 0.0):7.1f} requests/s | "
             f"{postcopy['requests']:>6} requests | {mbps / 8:8.1f} MB/s"
         )

@@ -228,7 +228,7 @@ class SourceDaemon:
                 "signal again to exit anyway (those pages are then lost)"
             )
             return
-        if session is not None and not session.phase.ended:
+        if session is not None and not session.phase.ended and not session.phase.postcopy:
             if session.phase in (SourcePhase.COMMITTING,):
                 return
             session.cancel(time.monotonic(), f"interrupted by {self.signalled}")

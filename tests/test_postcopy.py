@@ -14,6 +14,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from common.wire.framing import WireError
 from tests.protocol_harness import Faults, Pair, busy_guest
 
 DEST_STEPS = 600
@@ -294,3 +295,70 @@ def test_postcopy_cannot_be_cancelled_from_either_side() -> None:
         pair.src.cancel(pair.now)
     with pytest.raises(RuntimeError, match="too late to cancel"):
         pair.dst.cancel(pair.now)
+
+
+def refusal(code: int = pb.ERROR_WRONG_SESSION) -> list:
+    return framing.encode(framing.envelope(b"", 0, abort=pb.Abort(code=code, reason="no session of yours")))
+
+
+def test_a_refusal_after_the_destination_ran_the_guest_never_resumes_it_here() -> None:
+    pair = postcopy_pair(seed=5, to_dest=Faults(bandwidth=5e6))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.t_dest_running is not None)
+    pair.src.receive(refusal(), pair.now)  # say, a stale resume answered by a restarted node
+    assert pair.src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
+    assert "refused us" in pair.src.failure.reason  # type: ignore[union-attr]
+
+
+def test_a_refusal_before_the_destination_ran_the_guest_resumes_it_here() -> None:
+    # the destination's bitmap (its word that it runs the guest) never arrives
+    pair = Pair(
+        busy_guest(seed=5),
+        params=MigrationParameters(postcopy=True, postcopy_after_rounds=0),
+        to_source=Faults(drop_kinds=frozenset({"received_bitmap"}), seed=1),
+        guest_speed=2000,
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.POSTCOPY)
+    pair.src.receive(refusal(), pair.now)
+    assert pair.src.phase is SourcePhase.FAILED and pair.src_host.resumes == 1
+    assert "before it ran the guest" in pair.src.failure.reason  # type: ignore[union-attr]
+
+
+def test_hostile_requests_and_an_early_verify_change_nothing() -> None:
+    pair = postcopy_pair(seed=5, to_dest=Faults(bandwidth=5e6))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.t_dest_running is not None)
+    src, dst = pair.src, pair.dst
+    bogus = framing.envelope(
+        src.session_id, dst.link.next_seq, page_request=pb.PageRequest(page_index=[10**9, 3])
+    )
+    bogus.epoch = src.link.epoch
+    dst.link.next_seq += 1  # as if the destination had sent it: sequenced and in order
+    src.receive(framing.encode(bogus), pair.now)
+    assert src.phase is SourcePhase.POSTCOPY and src.refused_pages == 1
+    with pytest.raises(WireError, match="pages are still missing"):
+        dst._on_verify_request(pb.VerifyRequest(attempt=1), b"", pair.now)
+    dst._fail(pb.ERROR_BAD_MESSAGE, "something odd", pair.now)  # what receive does with it
+    assert dst.phase is DestPhase.POSTCOPY and "something odd" in (dst.last_refusal or "")
+    assert dst.failure is None and pair.dst_host.discarded == 0
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED)
+    assert pair.dst.phase is DestPhase.RUNNING and pair.dst.verified is True
+
+
+def test_a_silent_source_does_not_make_the_destination_pile_up_messages() -> None:
+    params = {"peer_timeout_s": 0.4, "heartbeat_interval_s": 0.1, "reconnect_timeout_s": 1.0}
+    pair = postcopy_pair(seed=21, dest_steps=100_000, to_dest=Faults(bandwidth=5e6), **params)  # type: ignore[arg-type]
+    silent: list[float] = []
+
+    def cut() -> bool:
+        if pair.dst.postcopy is not None and pair.dst.postcopy.started and not silent:
+            silent.append(pair.now)
+        return bool(silent) and pair.now < silent[0] + 6.0
+
+    pair.up.cut_when = cut
+    pair.down.cut_when = cut
+    pair.src.start(pair.now)
+    pair.run_until(lambda: bool(silent) and pair.now > silent[0] + 5.5, 30.0)
+    assert pair.dst.phase is DestPhase.POSTCOPY
+    assert len(pair.dst.link.unacked) <= 10, "requests and bitmaps do not pile up while nobody listens"

@@ -149,7 +149,7 @@ def test_placement_checks_each_page_and_never_overwrites_a_present_one() -> None
         np.concatenate([wrong, src.pages[[5]]]),
         src.page_tags[[7, 300, 5]].copy(),
     )
-    assert dest.to_request([300, 300, 5], now=1.0) == [300], "present pages are not asked for"
+    assert dest.to_request([300, 300, 5], now=1.0, miss=True) == [300], "present pages are not asked for"
     placed = dest.place(dst, batch, requested=True, now=1.5)
     assert placed.pages.tolist() == [7] and placed.rejected.tolist() == [300] and placed.duplicates == 1
     assert (dst.page_tags[7] == src.page_tags[7]).all() and dst.tags_populated[7] and dst.data_populated[7]
@@ -158,7 +158,7 @@ def test_placement_checks_each_page_and_never_overwrites_a_present_one() -> None
     assert dest.present[7] and not dest.present[300]
     assert dest.rejected_pages == 1 and dest.duplicate_pages == 1 and dest.requested_pages == 1
     assert dest.latencies_s == [], "page 300 was asked for but is still missing"
-    assert dest.to_request([300], now=2.0) == [300], "asked for again"
+    assert dest.to_request([300], now=2.0) == [300], "asked for again (not a new miss)"
     good = PostcopyBatch(np.array([300]), src.pages[[300]].copy(), src.page_tags[[300]].copy())
     dest.place(dst, good, requested=False, now=2.25)
     assert dest.latencies_s == [1.25], "from the first time the guest missed it"
@@ -189,3 +189,14 @@ def test_split_placement_shows_data_before_tags_until_the_next_turn() -> None:
     assert not dst.page_tags[7].any(), "not in the same turn"
     dest.place_late_tags(dst, now=3.001)
     assert (dst.page_tags[7] == src.page_tags[7]).all() and not dest.late_tags
+
+
+def test_only_pages_the_guest_waits_for_count_as_faults() -> None:
+    dest = DestPostcopy(16)
+    dest.started = True
+    dest.ram[:], dest.tags[:] = ZERO_PAGE_DIGEST, UNTAGGED_DIGEST
+    dest.to_request([3], now=1.0)  # a rejected copy asked again: the guest was not waiting
+    dest.to_request([4], now=1.0, miss=True)
+    batch = PostcopyBatch(np.array([3, 4]), np.zeros((2, PAGE_SIZE), np.uint8), np.zeros((2, 128), np.uint8))
+    dest.place(GuestMemory(1 << 20), batch, requested=True, now=1.5)
+    assert dest.latencies_s == [0.5]

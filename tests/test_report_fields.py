@@ -124,6 +124,7 @@ def dest(**overrides: Any) -> Any:
         mismatched_pages=[],
         postcopy_mode=False,
         postcopy=None,
+        last_refusal=None,
     )
     for name, value in overrides.items():
         setattr(session, name, value)

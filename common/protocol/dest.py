@@ -23,6 +23,7 @@ from common.constants import (
     DEST_DIGEST_BUDGET_PAGES,
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
+    MAX_PAGES_PER_MESSAGE,
     PAGE_SIZE,
     PEER_DEAD_AFTER_S,
     PROTOCOL_VERSION,
@@ -112,6 +113,8 @@ class DestSession:
         self._corrupted = False
         self._repairing = False
         self.postcopy_mode = False
+        self.postcopy_keep_s = 0.0  # how long the source reconnects once it stopped, in postcopy
+        self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self.postcopy: DestPostcopy | None = None
         self.gate: PresenceGate | None = None
 
@@ -238,14 +241,26 @@ class DestSession:
             pc.place_late_tags(self.guest.memory, now)
             if pc.complete and not pc.late_tags:
                 self._all_present(now)
-        wanted = pc.to_request(self.host.take_page_misses(), now)
-        wanted += pc.overdue(now, self.link.rto_s)
-        if wanted:
-            self._send(now, page_request=pb.PageRequest(page_index=sorted(set(wanted))))
-        if not pc.complete and now - max(pc.t_last_data, pc.t_last_bitmap) > self.link.rto_s:
+        wanted = pc.to_request(self.host.take_page_misses(), now, miss=True)
+        heard = self.link.silence(now) < self.params.peer_timeout_s
+        if heard:  # while the source is silent, nothing piles up: the resume carries on
+            wanted += pc.overdue(now, self.link.rto_s)
+        self._request(sorted(set(wanted)), now)
+        if (
+            heard
+            and not pc.complete
+            and now - max(pc.t_last_data, pc.t_last_bitmap) > self.link.rto_s
+            and not any(e.kind == "received_bitmap" for e in self.link.unacked)
+        ):
             # Quiet while pages are missing (a batch refused as malformed, a source that lost
             # track): say again what we hold, and the source sends the rest.
             self._send_bitmap(now)
+
+    def _request(self, pages: list[int], now: float) -> None:
+        for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
+            self._send(
+                now, page_request=pb.PageRequest(page_index=pages[first : first + MAX_PAGES_PER_MESSAGE])
+            )
 
     def next_deadline(self, now: float) -> float:
         link = self.link
@@ -322,6 +337,7 @@ class DestSession:
         self.link.arrive(env.seq)
         if hello.reconnect_timeout_ms:
             self.keep_for_s = max(self.params.peer_timeout_s, hello.reconnect_timeout_ms / 1000.0)
+        self.postcopy_keep_s = hello.postcopy_recover_timeout_ms / 1000.0
         self.t_hello = now
         self.guest = Guest.create(hello.ram_bytes, hello.vcpu_count)
         self.digests = DigestCache(self.guest.memory)
@@ -434,6 +450,9 @@ class DestSession:
         if msg.final and not self.source_stopped:
             self.source_stopped = True
             self.t_stop_seen = now
+            if self.postcopy_mode:
+                # the source's guest is stopped for good: it reconnects as long as postcopy allows
+                self.keep_for_s = max(self.keep_for_s, self.postcopy_keep_s)
 
     def _on_device_state(self, msg: pb.DeviceState, _: Buffer, now: float) -> None:
         assert self.guest is not None
@@ -481,17 +500,19 @@ class DestSession:
         pc.t_last_data = now
         try:
             batch = decode_postcopy_pages(msg, payload, self.guest.memory.page_count)
-        except WireError:
-            # Refused, never placed; the pages it named are asked for again.
+        except WireError as exc:
+            # Refused, never placed. From the stream, its pages are asked for again; an urgent
+            # one is dropped (anyone may send those): a page the guest waits for is asked again
+            # when overdue.
             self.refused_messages += 1
-            named = [p for p in msg.data.page_index if p < pc.page_count]
+            self.last_refusal = exc.reason
+            if urgent:
+                return
+            named = [p for p in msg.data.page_index[:MAX_PAGES_PER_MESSAGE] if p < pc.page_count]
             for page in named:
                 pc.outstanding.pop(page, None)
-            wanted = pc.to_request(named, now)
-            if not urgent:
-                self._ack(now)
-            if wanted:
-                self._send(now, page_request=pb.PageRequest(page_index=wanted))
+            self._ack(now)
+            self._request(pc.to_request(named, now), now)
             return
         placed = pc.place(self.guest.memory, batch, msg.requested, now)
         self.stats.pages_sent += int(placed.pages.size)
@@ -501,9 +522,7 @@ class DestSession:
             self._ack(now)
         if placed.rejected.size:
             # a copy that does not match the manifest is never shown to the guest: ask again
-            wanted = pc.to_request(placed.rejected.tolist(), now)
-            if wanted:
-                self._send(now, page_request=pb.PageRequest(page_index=wanted))
+            self._request(pc.to_request(placed.rejected.tolist(), now), now)
         if pc.complete and not pc.late_tags:
             self._all_present(now)
 
@@ -529,6 +548,10 @@ class DestSession:
     def _postcopy_verdict(self, msg: pb.VerifyRequest, now: float) -> None:
         pc = self.postcopy
         assert pc is not None and self.guest is not None
+        if not pc.complete:
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE, f"verify_request while {pc.missing()} pages are still missing"
+            )
         ours = pc.digest()
         ok = pc.complete and msg.source.ram_digest == ours and msg.source.vcpu_digest == pc.vcpu_digest
         self.verified = ok
@@ -630,10 +653,7 @@ class DestSession:
             # The guest runs here and the source is stopped: it is never discarded. The fault is
             # noted and refused; the source may resume the session and carry on.
             self.refused_messages += 1
-            if self.failure is None:
-                self.failure = Failure(
-                    code, f"{reason} (refused; the guest keeps running here)", self.phase.value
-                )
+            self.last_refusal = f"{reason} (refused; the guest keeps running here)"
             return
         if self.failure is None:
             self.failure = Failure(code, reason, self.phase.value)

@@ -37,6 +37,7 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
         auth_token=params.auth_token,
         populated_hint_lz4=encode_bitmap(guest.memory.data_populated),
         reconnect_timeout_ms=round(params.reconnect_timeout_s * 1000),
+        postcopy_recover_timeout_ms=round(params.postcopy_recover_timeout_s * 1000) if params.postcopy else 0,
     )
 
 

@@ -68,8 +68,10 @@ SOURCE_MOVES: Mapping[SourcePhase, frozenset[SourcePhase]] = {
     _S.IDLE: frozenset({_S.SETUP}),
     _S.SETUP: frozenset({_S.ACTIVE, _S.FAILING}),
     _S.ACTIVE: frozenset({_S.SWITCHOVER, _S.POSTCOPY, _S.FAILING}),
-    _S.POSTCOPY: frozenset({_S.POSTCOPY_PAUSED, _S.POSTCOPY_VERIFYING, _S.UNSETTLED}),
-    _S.POSTCOPY_PAUSED: frozenset({_S.POSTCOPY, _S.UNSETTLED}),
+    # FAILING: only when the destination proves it never started the guest (it refused us
+    # before it ever said it runs): then the guest runs here again
+    _S.POSTCOPY: frozenset({_S.POSTCOPY_PAUSED, _S.POSTCOPY_VERIFYING, _S.UNSETTLED, _S.FAILING}),
+    _S.POSTCOPY_PAUSED: frozenset({_S.POSTCOPY, _S.UNSETTLED, _S.FAILING}),
     _S.POSTCOPY_VERIFYING: frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED, _S.UNSETTLED}),
     _S.SWITCHOVER: frozenset({_S.VERIFYING, _S.FAILING}),
     _S.VERIFYING: frozenset({_S.SWITCHOVER, _S.COMMITTING, _S.FAILING}),  # back: a repair pass

@@ -175,12 +175,14 @@ class DestPostcopy:
         self.started = True
 
     # -- requests and placement -------------------------------------------------------------
-    def to_request(self, pages: list[int], now: float) -> list[int]:
-        """Of the pages the guest missed, those not present and not asked for already."""
+    def to_request(self, pages: list[int], now: float, *, miss: bool = False) -> list[int]:
+        """Of these pages, those not present and not asked for already. `miss`: the guest
+        waits for them (only those count in the fault latency and the block time)."""
         wanted = sorted({p for p in pages if not self.present[p] and p not in self.outstanding})
         for page in wanted:
             self.outstanding[page] = now
-            self._first_asked.setdefault(page, now)
+            if miss:
+                self._first_asked.setdefault(page, now)
         return wanted
 
     def overdue(self, now: float, after_s: float) -> list[int]:

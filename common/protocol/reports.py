@@ -78,7 +78,9 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             if session.t_dest_running is not None and end > session.t_dest_running
             else 0.0,
             "background_pages": pc.background_pages,
-            "pages_missing_at_destination": pc.missing(),
+            "pages_missing_at_destination": session.dest_missing,
+            "pages_not_yet_sent": pc.missing(),
+            "refused_pages": session.refused_pages,
             "recoveries": pc.recoveries,
         },
         "verification": verification_section(
@@ -124,6 +126,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         else 0.0,
         "dirty_pages_rate": None,
         "refused_messages": session.refused_messages,
+        "last_refusal": session.last_refusal,
         "link": {
             "epoch": session.link.epoch,
             "resumes": link.resumes,

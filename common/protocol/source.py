@@ -101,6 +101,8 @@ class SourceSession:
         self._manifest_digest = b""
         self._switchover_vcpus = b""
         self._paused_from: SourcePhase | None = None
+        self.refused_pages = 0  # pages named in page requests that were out of range or too many
+        self.dest_missing: int | None = None  # pages the destination said it lacks, last we heard
         # times
         self.t_start = now
         self.t_setup_done: float | None = None
@@ -308,7 +310,7 @@ class SourceSession:
         if self.postcopy is None or not (self.phase is _S.UNSETTLED or self.phase is _S.POSTCOPY_PAUSED):
             raise RuntimeError(f"nothing to recover (phase {self.phase.value})")
         if self.phase is _S.UNSETTLED:
-            self._paused_from = _S.POSTCOPY
+            self._paused_from = self._paused_from or _S.POSTCOPY
             self._move(_S.POSTCOPY_PAUSED)
             self.t_end = None
             self.link.t_last_heard = now  # the recover timeout starts again
@@ -362,11 +364,11 @@ class SourceSession:
 
     def _give_up(self, now: float, silent: float) -> None:
         if self.phase.postcopy:
-            missing = self.postcopy.missing() if self.postcopy is not None else 0
+            lacks = "an unknown number of" if self.dest_missing is None else f"{self.dest_missing}"
             self._unsettled(
                 now,
                 f"postcopy paused: no answer from the destination for {silent:.1f} s; it runs the guest "
-                f"with up to {missing} pages still held only here. 'ctl recover' tries again",
+                f"and last said it lacked {lacks} pages, held only here. 'ctl recover' tries again",
                 postcopy=True,
             )
             return
@@ -522,9 +524,10 @@ class SourceSession:
 
     def _on_page_request(self, msg: pb.PageRequest, now: float) -> None:
         assert self.postcopy is not None
-        pages = list(msg.page_index)
-        if not pages or len(pages) > MAX_PAGES_PER_MESSAGE or max(pages) >= self.mem.page_count:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"page request for {len(pages)} pages out of range")
+        pages = [p for p in msg.page_index[:MAX_PAGES_PER_MESSAGE] if p < self.mem.page_count]
+        # a request naming pages out of range, or too many, is cut down, never fatal: the
+        # destination's guest needs this side's pages whatever else it says
+        self.refused_pages += len(msg.page_index) - len(pages)
         self.postcopy.request(pages)
         if self.connected:
             self._answer_requests(now)  # at once, before any background page is encoded
@@ -537,6 +540,7 @@ class SourceSession:
             self.t_dest_running = now
             self._mark_time("destination running", now)
         if msg.complete:
+            self.dest_missing = 0
             if self.phase is _S.POSTCOPY:
                 self._move(_S.POSTCOPY_VERIFYING)
                 self._send(
@@ -556,7 +560,9 @@ class SourceSession:
                 }
                 self._mark_time("verify request 1 sent", now)
             return
-        self.postcopy.holds(decode_bitmap(msg.bitmap_lz4, self.mem.page_count, "received bitmap"))
+        present = decode_bitmap(msg.bitmap_lz4, self.mem.page_count, "received bitmap")
+        self.dest_missing = int(present.size - np.count_nonzero(present))
+        self.postcopy.holds(present)
         self._pump(now)
 
     # -- the data path ----------------------------------------------------------------------
@@ -746,6 +752,8 @@ class SourceSession:
 
     # -- sending ---------------------------------------------------------------------------
     def _account(self, size: int) -> None:
+        if self.t_dest_running is not None:
+            return  # the destination runs the guest: no downtime any more
         if self.guest_stopped:
             self.stats.downtime_bytes += size
         elif self.phase is not _S.SETUP:
@@ -781,6 +789,9 @@ class SourceSession:
             return
         if message.kind == "abort" and body.code == pb.ERROR_WRONG_SESSION and self.phase is _S.SETUP:
             return  # something of ours overtook a lost hello; the hello is resent
+        if message.kind == "abort" and self.postcopy is not None:
+            self._refused_in_postcopy(body, now)
+            return
         if message.kind == "abort":
             if self.phase in (_S.COMMITTING, _S.UNSETTLED):
                 # It holds no session of ours, so it does not run our guest.
@@ -800,6 +811,22 @@ class SourceSession:
                 now,
                 notify=False,
             )
+
+    def _refused_in_postcopy(self, body: pb.Abort, now: float) -> None:
+        if self.t_dest_running is None:
+            # It holds no session of ours and never said it runs the guest; a postcopy
+            # destination never discards a guest it started, so it never started this one.
+            self._fail(
+                body.code,
+                f"destination refused before it ran the guest: {body.reason}; the guest runs here again",
+                now,
+                notify=False,
+                after_commit_ok=True,
+            )
+            return
+        # It ran the guest (or may have): whatever refuses us now, never resume here.
+        if self.phase is not _S.UNSETTLED:
+            self._unsettled(now, f"postcopy: the destination refused us ({body.reason})", postcopy=True)
 
     def _complete(self, now: float, note: str | None) -> None:
         self._move(_S.COMPLETED)

@@ -89,7 +89,7 @@ ERROR_BUSY: ErrorCode
 ERROR_INTERNAL: ErrorCode
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms")
+    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms", "postcopy_recover_timeout_ms")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRANULE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,7 @@ class Hello(_message.Message):
     AUTH_TOKEN_FIELD_NUMBER: _ClassVar[int]
     POPULATED_HINT_LZ4_FIELD_NUMBER: _ClassVar[int]
     RECONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_RECOVER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     page_size: int
     granule_size: int
@@ -112,7 +113,8 @@ class Hello(_message.Message):
     auth_token: bytes
     populated_hint_lz4: bytes
     reconnect_timeout_ms: int
-    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ..., reconnect_timeout_ms: _Optional[int] = ...) -> None: ...
+    postcopy_recover_timeout_ms: int
+    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ..., reconnect_timeout_ms: _Optional[int] = ..., postcopy_recover_timeout_ms: _Optional[int] = ...) -> None: ...
 
 class HelloAck(_message.Message):
     __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit", "code")
