@@ -362,3 +362,15 @@ def test_a_silent_source_does_not_make_the_destination_pile_up_messages() -> Non
     pair.run_until(lambda: bool(silent) and pair.now > silent[0] + 5.5, 30.0)
     assert pair.dst.phase is DestPhase.POSTCOPY
     assert len(pair.dst.link.unacked) <= 10, "requests and bitmaps do not pile up while nobody listens"
+
+
+@pytest.mark.parametrize("rounds", [2])
+def test_a_guest_that_does_not_converge_switches_after_exactly_its_rounds(rounds: int) -> None:
+    guest = busy(17)
+    pair = postcopy_pair(guest=guest, after_rounds=rounds, max_bandwidth=2 << 20, downtime_limit_ms=1)
+    run_to_end(pair)
+    report = pair.src.report(pair.now)
+    assert report["rounds"] == rounds
+    rounds_sent = [event for event, _ in pair.src.timeline if event.startswith("round ")]
+    assert rounds_sent == [f"round {n} sent" for n in range(1, rounds + 1)]
+    assert_equals_unmigrated(pair, busy(17))
