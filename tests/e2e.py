@@ -18,6 +18,12 @@ DEST = [sys.executable, "-m", "dest_node.cli"]
 SMALL_GUEST = ["--ram", "16MiB", "--working-set", "2MiB"]
 
 
+def busy_small_guest(seed: int, stop: int, pace: str) -> list[str]:
+    """A small guest dirtying 24 pages a step at `pace` steps/s ("0": as fast as it can)."""
+    return [*SMALL_GUEST, "--seed", str(seed), "--stop-at-step", str(stop),
+            "--steps-per-second", pace, "--dirty-pages-per-step", "24"]  # fmt: skip
+
+
 @dataclass
 class Finished:
     code: int

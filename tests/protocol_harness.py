@@ -180,33 +180,16 @@ class FakeDestHost:
         self.prefault_hint = pages
 
 
-class TimedDestWorkload:
-    """The destination's workload in postcopy tests: each completed step costs fake time."""
+class TimedWorkload:
+    """A CPU-bound workload whose every step costs fake time, driven by the daemons' own
+    GuestRunner (slices, throttle and all) on the harness clock: the source's guest, and in
+    postcopy tests the destination's."""
+
+    steps_per_second = 0.0  # as fast as it can: the step cost sets its speed
 
     def __init__(self, pair: Pair, workload: Workload, step_cost_s: float) -> None:
         self.pair = pair
         self.workload = workload
-        self.step_cost_s = step_cost_s
-        self.steps_per_second = 0.0
-
-    @property
-    def step_count(self) -> int:
-        return self.workload.step_count
-
-    def step(self) -> None:
-        self.workload.step()
-        self.pair.now += self.step_cost_s
-
-
-class TimedWorkload:
-    """A CPU-bound workload whose every step costs fake time, driven by the daemons' own
-    GuestRunner (slices, throttle and all) on the harness clock."""
-
-    steps_per_second = 0.0  # as fast as it can: the step cost sets its speed
-
-    def __init__(self, pair: Pair, step_cost_s: float) -> None:
-        self.pair = pair
-        self.workload = Workload(pair.guest)
         self.step_cost_s = step_cost_s
 
     @property
@@ -262,7 +245,7 @@ class Pair:
                 vcpu = RestartableVcpu(
                     guest,
                     gate or PresenceGate(guest.memory, np.ones(guest.memory.page_count, dtype=np.bool_)),
-                    lambda g: TimedDestWorkload(self, Workload(g), cost),
+                    lambda g: TimedWorkload(self, Workload(g), cost),
                 )
                 self.dst_host.started_at_step = vcpu.step_count
                 runner = GuestRunner(vcpu, stop_at_step=vcpu.step_count + dest_steps, clock=lambda: self.now)
@@ -271,7 +254,9 @@ class Pair:
             self.dst_host.make_runner = make_runner
         if guest_speed:
             # guest_speed: steps per second of fake time when nothing else runs
-            self.runner = GuestRunner(TimedWorkload(self, 1.0 / guest_speed), clock=lambda: self.now)
+            self.runner = GuestRunner(
+                TimedWorkload(self, Workload(guest), 1.0 / guest_speed), clock=lambda: self.now
+            )
             self.runner.start()
             self.src_host.runner = self.runner
 

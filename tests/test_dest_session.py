@@ -14,17 +14,20 @@ from common.protocol.phases import DestPhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
+from common.wire.codec import encode_ram_pages, encode_tag_sections
 from tests.protocol_harness import FakeDestHost, good_hello
 
 SESSION = b"s" * 8
 PEER = b"peer-1"
 
 
-def frames(seq: int, epoch: int = 1, received: int = 0, session: bytes = SESSION, **body: Any) -> list[Any]:
+def frames(
+    seq: int, epoch: int = 1, received: int = 0, session: bytes = SESSION, payload: bytes = b"", **body: Any
+) -> list[Any]:
     env = framing.envelope(session, seq, **body)
     env.epoch = epoch
     env.received = received
-    return framing.encode(env)
+    return framing.encode(env, payload)
 
 
 def replies(dst: DestSession) -> list[tuple[bytes, framing.Message]]:
@@ -209,32 +212,16 @@ def test_an_abort_from_the_source_is_not_answered_and_a_cancel_is() -> None:
 
 
 # -- each rule at its edge ------------------------------------------------------------------------
-def ram_batch(seq: int, pages: list[int], zero: list[int] = ()) -> list[Any]:  # type: ignore[assignment]
-    from common.wire.codec import encode_ram_pages
-
-    table = np.zeros((256, 4096), dtype=np.uint8)
-    table[pages, 7] = 1
-    body, payload, _ = encode_ram_pages(
-        table, np.asarray(sorted([*pages, *zero]), dtype=np.int64), use_lz4=False
-    )
-    env = framing.envelope(SESSION, seq, ram_pages=body)
-    env.epoch = 1
-    env.received = 1  # the hello_ack arrived
-    return framing.encode(env, bytes(payload))
-
-
-def tag_batch(seq: int, pages: list[int], zero: list[int] = ()) -> list[Any]:  # type: ignore[assignment]
-    from common.wire.codec import encode_tag_sections
-
-    table = np.zeros((256, 128), dtype=np.uint8)
-    table[pages, 3] = 0x21
-    body, payload, _ = encode_tag_sections(
-        table, np.asarray(sorted([*pages, *zero]), dtype=np.int64), use_lz4=False
-    )
-    env = framing.envelope(SESSION, seq, tag_sections=body)
-    env.epoch = 1
-    env.received = 1
-    return framing.encode(env, bytes(payload))
+def batch(seq: int, kind: str, pages: list[int], zero: list[int] = ()) -> list[Any]:  # type: ignore[assignment]
+    """Pages (or tag sections) with a marked byte, and zero (or untagged) ones, from our source
+    after its hello_ack arrived."""
+    if kind == "ram_pages":
+        table, column, value, encode = np.zeros((256, 4096), np.uint8), 7, 1, encode_ram_pages
+    else:
+        table, column, value, encode = np.zeros((256, 128), np.uint8), 3, 0x21, encode_tag_sections
+    table[pages, column] = value
+    body, payload, _ = encode(table, np.asarray(sorted([*pages, *zero]), dtype=np.int64), use_lz4=False)
+    return frames(seq, received=1, payload=bytes(payload), **{kind: body})
 
 
 def test_a_fresh_destination_reports_nothing_yet() -> None:
@@ -250,12 +237,12 @@ def test_a_fresh_destination_reports_nothing_yet() -> None:
 
 def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
     dst, _ = receiving()
-    dst.receive(PEER, ram_batch(2, [3, 4], zero=[9]), 0.5)
+    dst.receive(PEER, batch(2, "ram_pages", [3, 4], zero=[9]), 0.5)
     [(_, ack)] = replies(dst)
     assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
     assert ack.envelope.ack.digest_backlog > 0, "placed, not yet hashed"
     assert dst.t_first_data == 0.5
-    dst.receive(PEER, tag_batch(3, [3], zero=[5, 6]), 0.7)
+    dst.receive(PEER, batch(3, "tag_sections", [3], zero=[5, 6]), 0.7)
     [(_, ack)] = replies(dst)
     assert ack.envelope.ack.acked_seq == 3
     assert dst.t_first_data == 0.5, "the first batch sets it, once"
@@ -269,9 +256,9 @@ def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
 
 def test_a_repeated_message_is_acknowledged_again_and_not_placed_twice() -> None:
     dst, _ = receiving()
-    dst.receive(PEER, ram_batch(2, [3]), 0.5)
+    dst.receive(PEER, batch(2, "ram_pages", [3]), 0.5)
     replies(dst)
-    dst.receive(PEER, ram_batch(2, [3]), 0.6)
+    dst.receive(PEER, batch(2, "ram_pages", [3]), 0.6)
     [(_, ack)] = replies(dst)
     assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
     assert dst.stats.pages_sent == 1
@@ -281,7 +268,7 @@ def test_the_backlog_is_reported_when_hashing_catches_up_on_a_quiet_stream() -> 
     dst, _ = receiving(
         DestParameters(digest_budget_pages=10_000, heartbeat_interval_s=5.0, peer_timeout_s=20.0)
     )
-    dst.receive(PEER, ram_batch(2, [3, 4]), 0.5)
+    dst.receive(PEER, batch(2, "ram_pages", [3, 4]), 0.5)
     replies(dst)
     assert dst.next_deadline(0.5) == 0.5, "hashing to do: no sleeping"
     dst.poll(0.5001)
@@ -321,7 +308,7 @@ def test_our_source_saying_hello_again_gets_its_answer_again_and_a_stranger_a_bu
 
 def test_our_peer_with_another_session_is_refused_and_changes_nothing() -> None:
     dst, _ = receiving()
-    dst.receive(PEER, ram_batch(2, [3]), 0.5)
+    dst.receive(PEER, batch(2, "ram_pages", [3]), 0.5)
     replies(dst)
     dst.receive(PEER, frames(3, session=b"t" * 8, end_of_round=pb.EndOfRound(round=1)), 0.6)
     [(peer, refusal)] = replies(dst)
@@ -379,10 +366,10 @@ def test_a_cancel_tells_the_source_and_reports_cancelled() -> None:
 
 def test_a_test_build_corrupts_exactly_one_byte_of_its_page_once() -> None:
     dst, _ = receiving(DestParameters(corrupt_page=4))
-    dst.receive(PEER, ram_batch(2, [3, 4]), 0.5)
+    dst.receive(PEER, batch(2, "ram_pages", [3, 4]), 0.5)
     mem = dst.guest.memory  # type: ignore[union-attr]
     assert mem.pages[4, 100] == 0xFF and mem.pages[4, 7] == 1 and mem.pages[3, 100] == 0
-    dst.receive(PEER, ram_batch(3, [4]), 0.6)
+    dst.receive(PEER, batch(3, "ram_pages", [4]), 0.6)
     assert mem.pages[4, 100] == 0, "only once: the resend repairs it"
 
 

@@ -9,28 +9,14 @@ from pathlib import Path
 import pytest
 
 from common.control import request
-from tests.e2e import SMALL_GUEST, Dest, finish_source, reference, run_source, same_guest, start_source
+from tests.e2e import Dest, busy_small_guest, finish_source, reference, run_source, same_guest, start_source
 
 pytestmark = pytest.mark.slow
 
 
-def guest_args(seed: int, stop: int, pace: str = "1500") -> list[str]:
-    return [
-        *SMALL_GUEST,
-        "--seed",
-        str(seed),
-        "--stop-at-step",
-        str(stop),
-        "--steps-per-second",
-        pace,
-        "--dirty-pages-per-step",
-        "24",
-    ]
-
-
 @pytest.mark.parametrize(("seed", "rounds"), [(31, "0"), (32, "2")])
 def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: str) -> None:
-    guest = guest_args(seed, 3000)
+    guest = busy_small_guest(seed, 3000, "1500")
     dest = Dest(tmp_path, "--stop-at-step", "3000")
     src = run_source(
         tmp_path, *guest, "--migrate-to", dest.uri, "--mode", "postcopy", "--postcopy-after-rounds", rounds
@@ -50,7 +36,7 @@ def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: 
 
 
 def test_postcopy_start_switches_a_running_precopy(tmp_path: Path) -> None:
-    guest = guest_args(34, 6000, pace="1500")
+    guest = busy_small_guest(34, 6000, pace="1500")
     dest = Dest(tmp_path, "--stop-at-step", "6000")
     control = dest.new_control_uri()
     proc, report = start_source(

@@ -18,6 +18,7 @@ from tests.e2e import (
     SMALL_GUEST,
     SOURCE,
     Dest,
+    busy_small_guest,
     finish_source,
     reference,
     run_source,
@@ -68,17 +69,7 @@ def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
     [(7, 1500, "0"), (8, 2500, "800"), (9, 4000, "1000")],
 )
 def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: int, pace: str) -> None:
-    guest = [
-        *SMALL_GUEST,
-        "--seed",
-        str(seed),
-        "--stop-at-step",
-        str(stop),
-        "--steps-per-second",
-        pace,
-        "--dirty-pages-per-step",
-        "24",
-    ]
+    guest = busy_small_guest(seed, stop, pace)
     dest = Dest(tmp_path, "--stop-at-step", str(stop))
     src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--downtime-limit", "50")
     got = dest.finish()

@@ -23,7 +23,7 @@ from common.wire.framing import WireError
 
 def test_nothing_is_sent_before_the_destination_says_what_it_holds() -> None:
     pc = SourcePostcopy(1000)
-    assert pc.next_background() is None and not pc.sent_all and pc.missing() == 1000
+    assert pc.next_background() is None and not pc.background_left and pc.missing() == 1000
 
 
 def test_the_background_stream_goes_in_order_and_wraps_around() -> None:
@@ -35,9 +35,10 @@ def test_the_background_stream_goes_in_order_and_wraps_around() -> None:
     first = pc.next_background()
     assert first is not None and first.tolist() == list(range(100, 100 + BACKGROUND_BATCH_PAGES))
     assert pc.cursor == 100 + BACKGROUND_BATCH_PAGES and pc.background_pages == BACKGROUND_BATCH_PAGES
+    assert pc.background_left
     second = pc.next_background()
     assert second is not None and second.tolist() == list(range(228, 300))
-    assert pc.next_background() is None and pc.sent_all and pc.missing() == 0
+    assert pc.next_background() is None and not pc.background_left and pc.missing() == 0
 
 
 def test_a_request_goes_first_and_the_stream_carries_on_after_it() -> None:
@@ -65,7 +66,7 @@ def test_a_page_asked_for_again_is_answered_again() -> None:
     assert pc.next_urgent().tolist() == [3]  # type: ignore[union-attr]
     pc.request([3])  # the destination found the copy wrong
     assert pc.next_urgent().tolist() == [3]  # type: ignore[union-attr]
-    assert pc.cursor == 4 and not pc.sent_all
+    assert pc.cursor == 4 and pc.background_left
     pc.request([9])
     assert pc.cursor == 0, "after the last page: from the start"
 

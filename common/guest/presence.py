@@ -53,7 +53,7 @@ class PresenceGate:
     present: npt.NDArray[np.bool_]
     # test builds only: called for every access with the pages it touches, to count accesses
     # that saw a page not equal to the source's switchover version
-    observer: object = None
+    observer: Callable[[int, int, bool], None] | None = None
     _journal: dict[int, _Saved] = field(default_factory=dict)
     _vcpus: list[VcpuState] | None = None
 
@@ -65,7 +65,7 @@ class PresenceGate:
             if not present[page]:
                 raise PageMissing(page)
         if self.observer is not None:
-            self.observer(first, last, writing)  # type: ignore[operator]
+            self.observer(first, last, writing)
         if writing and self._vcpus is not None:
             for page in range(first, last + 1):
                 if page not in self._journal:
@@ -150,23 +150,21 @@ class RestartableVcpu:
         if self.blocked:
             return
         self.blocked_on = None
-        if self.guest.memory.gate is None:  # every page arrived: no more journaling
-            self._ensure_workload()
-            if self.workload is not None:
-                self.workload.step()
-            return
-        gate = self.gate
-        gate.begin(self.guest)
+        # once every page arrived the gate is gone: no more journaling, and no miss can happen
+        journaled = self.guest.memory.gate is not None
+        if journaled:
+            self.gate.begin(self.guest)
         try:
             self._ensure_workload()
             if self.workload is not None:
                 self.workload.step()
         except PageMissing as miss:
-            gate.undo(self.guest)
+            self.gate.undo(self.guest)
             self.blocked_on = miss.page
             self.misses.append(miss.page)
             return
-        gate.commit()
+        if journaled:
+            self.gate.commit()
 
     def _ensure_workload(self) -> None:
         if self.workload is None and self.idle_reason is None:

@@ -85,8 +85,9 @@ class SourcePostcopy:
         return ahead.astype(np.int64)
 
     @property
-    def sent_all(self) -> bool:
-        return self.needed is not None and not self.urgent and not self.needed.any()
+    def background_left(self) -> bool:
+        """Pages the destination lacks that the background stream has yet to send."""
+        return self.needed is not None and bool(self.needed.any())
 
     def missing(self) -> int:
         return self.page_count if self.needed is None else int(np.count_nonzero(self.needed))

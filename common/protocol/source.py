@@ -265,8 +265,7 @@ class SourceSession:
             pc = self.postcopy
             if (
                 pc is not None
-                and pc.needed is not None
-                and pc.needed.any()
+                and pc.background_left
                 and self.in_flight < min(BACKGROUND_WINDOW, self.params.window)
             ):
                 deadline = now  # background pages to send and room for them
@@ -451,9 +450,7 @@ class SourceSession:
                 self._outgoing.append(self.link.again(entry))
             elif entry.kind == "postcopy_pages":
                 chunk, requested = entry.data
-                body, payload, _ = encode_postcopy_pages(
-                    self.mem.pages, self.mem.page_tags, chunk, use_lz4=self._use_lz4, requested=requested
-                )
+                body, payload, _ = self._encode_postcopy(chunk, requested=requested)
                 self._outgoing.append(self.link.again(entry, payload, body))
             else:
                 chunk, round_no = entry.data
@@ -600,7 +597,7 @@ class SourceSession:
             pages = pc.next_background()
             if pages is None:
                 return
-            self._send_postcopy(pages, False, now)
+            self._send_background(pages, now)
 
     def _answer_requests(self, now: float) -> None:
         assert self.postcopy is not None
@@ -610,26 +607,27 @@ class SourceSession:
                 self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
 
     def _answer(self, pages: np.ndarray, now: float) -> None:
-        body, payload, count = encode_postcopy_pages(
-            self.mem.pages, self.mem.page_tags, pages, use_lz4=self._use_lz4, requested=True
-        )
+        body, payload, count = self._encode_postcopy(pages, requested=True)
         frames = framing.encode(self.link.envelope(0, postcopy_pages=body), payload)
-        size = sum(len(f) for f in frames)
         self._urgent.append(frames)
-        self.stats.postcopy_bytes += size
-        self.stats.ram_bytes += size
-        self.stats.pages_sent += count
+        self._count_postcopy(frames, count)
 
-    def _send_postcopy(self, pages: np.ndarray, requested: bool, now: float) -> None:
-        body, payload, count = encode_postcopy_pages(
+    def _send_background(self, pages: np.ndarray, now: float) -> None:
+        body, payload, count = self._encode_postcopy(pages, requested=False)
+        frames = self.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
+        self._outgoing.append(frames)
+        self._count_postcopy(frames, count)
+
+    def _encode_postcopy(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
+        return encode_postcopy_pages(
             self.mem.pages, self.mem.page_tags, pages, use_lz4=self._use_lz4, requested=requested
         )
-        frames = self.link.sequenced(now, payload, data=(pages, requested), postcopy_pages=body)
+
+    def _count_postcopy(self, frames: list[Buffer], pages: int) -> None:
         size = sum(len(f) for f in frames)
-        self._outgoing.append(frames)
         self.stats.postcopy_bytes += size
         self.stats.ram_bytes += size
-        self.stats.pages_sent += count
+        self.stats.pages_sent += pages
 
     def _postcopy_switchover(self, now: float) -> None:
         """Stop here, send the vCPU state and the manifest, and let the destination run."""
@@ -683,15 +681,7 @@ class SourceSession:
         if self.params.postcopy and (
             self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
         ):
-            self._mark_time(f"round {finished_round} sent", now)
-            self._send(
-                now,
-                end_of_round=pb.EndOfRound(
-                    round=finished_round,
-                    pages_sent=self.stats.pages_sent,
-                    tag_sections_sent=self.stats.tag_sections,
-                ),
-            )
+            self._round_sent(finished_round, 0, now)
             self._postcopy_switchover(now)
             return
         end = self.precopy.end_of_round(
@@ -705,16 +695,7 @@ class SourceSession:
         self._catching_up = end.verdict is Verdict.WAIT
         if end.sync is None:
             return
-        self._mark_time(f"round {finished_round} sent", now)
-        self._send(
-            now,
-            end_of_round=pb.EndOfRound(
-                round=finished_round,
-                pages_sent=self.stats.pages_sent,
-                tag_sections_sent=self.stats.tag_sections,
-                remaining_dirty_pages=int(end.sync.data_pages.size),
-            ),
-        )
+        self._round_sent(finished_round, int(end.sync.data_pages.size), now)
         if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
             # converged before its rounds were up: postcopy starts now, with little left to pull
             self._postcopy_switchover(now)
@@ -726,6 +707,18 @@ class SourceSession:
             if self.throttle:
                 self.host.set_throttle(self.throttle)
             self._round_started()
+
+    def _round_sent(self, round_no: int, remaining_dirty_pages: int, now: float) -> None:
+        self._mark_time(f"round {round_no} sent", now)
+        self._send(
+            now,
+            end_of_round=pb.EndOfRound(
+                round=round_no,
+                pages_sent=self.stats.pages_sent,
+                tag_sections_sent=self.stats.tag_sections,
+                remaining_dirty_pages=remaining_dirty_pages,
+            ),
+        )
 
     def _round_started(self) -> None:
         p = self.precopy.pass_
