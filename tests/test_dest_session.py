@@ -8,13 +8,14 @@ from typing import Any
 import numpy as np
 import pytest
 
+from common.guest.memory import GuestMemory
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import LinkRestored
 from common.protocol.phases import DestPhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
-from common.wire.codec import encode_ram_pages, encode_tag_sections
+from common.wire.codec import encode_postcopy_pages, encode_ram_pages, encode_tag_sections
 from tests.protocol_harness import FakeDestHost, good_hello
 
 SESSION = b"s" * 8
@@ -385,3 +386,83 @@ def test_control_bytes_are_counted() -> None:
     assert sent > 0
     dst.poll(0.6)  # a heartbeat
     assert dst.stats.other_bytes > sent
+
+
+# -- postcopy, message by message -----------------------------------------------------------------
+def postcopy_running(recover_ms: int = 3000) -> tuple[DestSession, GuestMemory, int]:
+    """A postcopy destination whose guest runs, missing pages 3 and 4 (the source wrote them);
+    returns the session, the source's memory and the next sequence number."""
+    from common.guest.digest import page_manifest
+
+    dst, _ = receiving(
+        DestParameters(peer_timeout_s=1.0),
+        mode=pb.MODE_POSTCOPY,
+        features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY, pb.FEATURE_POSTCOPY],
+        postcopy_recover_timeout_ms=recover_ms,
+    )
+    src = GuestMemory(1 << 20)
+    src.pages[[3, 4], 9] = 0x5A
+    src.page_tags[[3, 4], 0] = 0x21
+    src.data_populated[[3, 4]] = src.tags_populated[[3, 4]] = True
+    ram, tags = page_manifest(src)
+    manifest = pb.PageDigests(first_page=0, ram_digests=ram.tobytes(), tag_digests=tags.tobytes())
+    dst.receive(PEER, frames(2, received=1, page_manifest=manifest), 0.1)
+    dst.receive(PEER, frames(3, received=1, end_of_round=pb.EndOfRound(round=1, final=True)), 0.1)
+    dst.receive(PEER, frames(4, received=1, postcopy_start=pb.PostcopyStart(page_count=256)), 0.1)
+    assert dst.phase is DestPhase.POSTCOPY and dst.postcopy is not None
+    assert dst.postcopy.missing() == 2
+    return dst, src, 5
+
+
+def answer(src: GuestMemory, pages: list[int], seq: int, requested: bool) -> list[Any]:
+    body, payload, _ = encode_postcopy_pages(
+        src.pages, src.page_tags, np.asarray(pages, dtype=np.int64), use_lz4=False, requested=requested
+    )
+    return frames(seq, received=1, payload=payload, postcopy_pages=body)
+
+
+def test_after_the_stop_a_postcopy_destination_waits_as_long_as_the_source_may_recover() -> None:
+    dst, _, _ = postcopy_running(recover_ms=3000)
+    assert dst.keep_for_s == 3.0, "the source's postcopy recovery timeout, in seconds"
+
+
+def test_an_urgent_answer_is_placed_unacknowledged_and_a_stream_batch_acknowledged() -> None:
+    dst, src, seq = postcopy_running()
+    replies(dst)
+    before = dst.stats.ram_bytes
+    urgent = answer(src, [3], 0, requested=True)
+    dst.receive(PEER, urgent, 0.2)
+    assert replies(dst) == [], "urgent answers are unsequenced: nothing to acknowledge"
+    assert dst.postcopy is not None and dst.postcopy.present[3] and dst.postcopy.requested_pages == 1
+    assert dst.stats.ram_bytes - before == len(urgent[-1]) and dst.stats.postcopy_bytes == len(urgent[-1])
+    dst.receive(PEER, answer(src, [4], seq, requested=False), 0.3)
+    kinds = [m.kind for _, m in replies(dst)]
+    assert kinds[0] == "ack", "a stream batch is acknowledged with the flow control"
+    assert "received_bitmap" in kinds, "every page present: the destination says it is complete"
+    assert dst.postcopy.complete and dst.guest is not None and dst.guest.memory.gate is None
+
+
+def test_a_quiet_postcopy_destination_says_again_what_it_holds_after_the_retransmit_time() -> None:
+    dst, _, _ = postcopy_running()
+    replies(dst)
+    dst.receive(PEER, frames(0, received=5, ack=pb.Ack(acked_seq=5, credit=8)), 0.1)  # bitmap acked
+    rto = dst.link.rto_s
+    dst.poll(0.1 + rto / 2)
+    assert "received_bitmap" not in [m.kind for _, m in replies(dst)]
+    dst.poll(0.1 + rto * 1.5)
+    assert "received_bitmap" in [m.kind for _, m in replies(dst)]
+
+
+def test_a_running_destination_resends_started_once_per_retransmit_time() -> None:
+    dst, _ = receiving(DestParameters(retransmit_after_s=1.0, heartbeat_interval_s=5.0, peer_timeout_s=20.0))
+    dst.receive(PEER, frames(2, received=1, end_of_round=pb.EndOfRound(round=1, final=True)), 0.1)
+    dst.machine.move(DestPhase.AWAIT_COMMIT)  # the verification is another test's
+    dst.receive(PEER, frames(3, received=1, commit=pb.Commit()), 0.2)
+    assert dst.phase is DestPhase.RUNNING
+    replies(dst)
+    assert dst.next_deadline(0.3) == 1.2, "Started waits for its acknowledgement"
+    dst.poll(1.25)
+    assert [m.kind for _, m in replies(dst)] == ["started"]
+    dst.poll(1.3)
+    assert replies(dst) == [], "the clock restarted with the resend"
+    assert dst.next_deadline(1.3) == 2.25

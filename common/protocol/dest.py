@@ -116,7 +116,6 @@ class DestSession:
         self.postcopy_keep_s = 0.0  # how long the source reconnects once it stopped, in postcopy
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self.postcopy: DestPostcopy | None = None
-        self.gate: PresenceGate | None = None
 
     @property
     def phase(self) -> DestPhase:
@@ -483,10 +482,10 @@ class DestSession:
         pc.start(mem)
         pc.vcpu_digest = vcpus_digest(self.guest.vcpus)
         self.digests = None  # pages are checked one by one against the manifest from here
-        if not pc.complete:
-            self.gate = PresenceGate(mem, pc.present)
-            mem.gate = self.gate
-        self.host.start_guest(self.guest, self.gate)
+        # every page already here (a guest that converged): no access needs checking
+        gate = None if pc.complete else PresenceGate(mem, pc.present)
+        mem.gate = gate
+        self.host.start_guest(self.guest, gate)
         self._move(_D.POSTCOPY)
         self.t_running = now
         self._events.append(ev.PostcopyStarted(pc.missing()))
