@@ -4,8 +4,9 @@
     python3 scripts/mutate.py common/wire/codec.py --show-survivors
 
 Each mutant changes one thing inside one function (a comparison, an operator, a boolean, a
-number, a condition, a statement dropped). Tests are collected once; each test's calls are
-recorded, so a mutant runs only the tests that reach its function. Each mutant runs in a forked
+number, a condition, a statement dropped). Tests are collected once; the lines each test runs
+in the mutated files are recorded, so a mutant runs only the tests that ran its lines (a test
+that never ran them behaves exactly as before the mutation). Each mutant runs in a forked
 child that swaps the function's code object in place (so every `from x import f` sees it) and
 runs those tests with `-x`. A mutant is killed when a test fails or the run exceeds its time
 bound. Not part of CI: it takes minutes; the fast tests it uses are.
@@ -60,6 +61,7 @@ class Mutant:
     index: int  # the index-th mutation point of the file, in a fixed walk order
     line: int
     description: str
+    end_line: int = 0  # the mutated node's last line: a test that ran none of its lines cannot see it
 
 
 # -- finding and applying mutations ---------------------------------------------------------
@@ -164,7 +166,7 @@ def _bump(value: float) -> float:
 def find_mutants(path: str) -> list[Mutant]:
     tree = ast.parse(source_of(path), path)
     return [
-        Mutant(path, i, getattr(node, "lineno", 0), description)
+        Mutant(path, i, getattr(node, "lineno", 0), description, getattr(node, "end_lineno", 0) or 0)
         for i, (node, _, description) in enumerate(_points(tree))
     ]
 
@@ -264,12 +266,12 @@ def install(mutant: Mutant) -> bool:
     return placed
 
 
-# -- which tests reach which function, and the mutants run inside one pytest session --------
+# -- which tests run which lines, and the mutants run inside one pytest session --------
 class MutationSession:
     """A pytest plugin that takes over the test loop: it runs every fast test once, recording
-    which functions each test calls, then forks a child per mutant that swaps the mutated code
-    in and runs only the tests that reach it, stopping at the first failure. Collection and
-    start-up happen once, not once per mutant."""
+    which lines of the mutated files each test runs, then forks a child per mutant that swaps
+    the mutated code in and runs only the tests that ran its lines, stopping at the first
+    failure. Collection and start-up happen once, not once per mutant."""
 
     def __init__(self, files: list[str], mutants: list[Mutant], workers: int) -> None:
         self.files = {str(ROOT / f) for f in files}
@@ -284,11 +286,16 @@ class MutationSession:
         self.kills: dict[str, int] = defaultdict(int)
         self.verbose = False  # which test failed first, per mutant
 
-    def _profile(self, frame: types.FrameType, event: str, _: Any) -> None:
-        if event == "call" and self.current is not None:
-            code = frame.f_code
-            if code.co_filename in self.files:
-                self.reached[(code.co_filename, code.co_firstlineno)].add(self.current)
+    def _trace(self, frame: types.FrameType, event: str, _: Any) -> Any:
+        # only frames of the mutated files are traced line by line; the rest run untraced
+        if event == "call" and self.current is not None and frame.f_code.co_filename in self.files:
+            return self._trace_lines
+        return None
+
+    def _trace_lines(self, frame: types.FrameType, event: str, _: Any) -> Any:
+        if event == "line" and self.current is not None:
+            self.reached[(frame.f_code.co_filename, frame.f_lineno)].add(self.current)
+        return self._trace_lines
 
     def pytest_runtestloop(self, session: Any) -> bool:
         from _pytest.runner import runtestprotocol
@@ -298,12 +305,12 @@ class MutationSession:
         for i, item in enumerate(session.items):
             nextitem = session.items[i + 1] if i + 1 < len(session.items) else None
             self.current = item.nodeid
-            sys.setprofile(self._profile)
+            sys.settrace(self._trace)
             t = time.monotonic()
             try:
                 reports = runtestprotocol(item, nextitem=nextitem, log=False)
             finally:
-                sys.setprofile(None)
+                sys.settrace(None)
                 self.current = None
             self.durations[item.nodeid] = time.monotonic() - t
             if any(r.failed for r in reports):
@@ -357,25 +364,12 @@ class MutationSession:
 
     def tests_for(self, mutant: Mutant) -> list[str]:
         filename = str(ROOT / mutant.path)
-        enclosing = [r for r in _function_ranges(mutant.path) if r[0] <= mutant.line <= r[1]]
-        if not enclosing:
-            return []
-        innermost = max(enclosing, key=lambda r: r[0])
-        tests = self.reached.get((filename, innermost[2]), set())
+        tests: set[str] = set()
+        for line in range(mutant.line, max(mutant.line, mutant.end_line) + 1):
+            tests |= self.reached.get((filename, line), set())
         # the tests that killed most mutants so far go first, then the quickest: a mutant that
         # dies, dies early; only a survivor runs them all
         return sorted(tests, key=lambda t: (-self.kills[t], self.durations.get(t, 0.0)))
-
-
-def _function_ranges(path: str) -> list[tuple[int, int, int]]:
-    """(first line incl. decorators, last line, the code object's first line) per function."""
-    tree = ast.parse(source_of(path), path)
-    out = []
-    for node in ast.walk(tree):
-        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.Lambda):
-            first = min([node.lineno, *(d.lineno for d in getattr(node, "decorator_list", []))])
-            out.append((first, node.end_lineno or node.lineno, first))
-    return out
 
 
 def _run_child(mutant: Mutant, items: list[Any], runtestprotocol: Any) -> None:
