@@ -100,7 +100,7 @@ def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
         label = f"migration, {size >> 30} GiB ({len(ok)}/{repeat} verified)"
         print(f"{label:46} {seconds:9.2f}s {rate / 1e9:7.2f} {rate / raw:7.2f} {rate / placed:12.2f}")
         r = ok[0]
-        tag_share = r["tags"]["transferred_bytes"] / r["ram"]["transferred_bytes"]
+        tag_share = r["tags"]["wire_bytes"] / r["ram"]["wire_bytes"]
         print(
             f"{'  tags / RAM bytes on the wire':46} {tag_share:10.2%}   downtime {statistics.median(x['downtime_ms'] for x in ok):.1f} ms"
         )
@@ -125,8 +125,8 @@ def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
     )
     if few["status"] == "completed":
         print(
-            f"{'1 GiB, few tagged pages (zero fill, 4 MiB heap)':46} tags {few['tags']['transferred_bytes']} B beside "
-            f"{few['ram']['transferred_bytes']} B of RAM ({few['tags']['transferred_bytes'] / max(1, few['ram']['transferred_bytes']):.2%}), "
+            f"{'1 GiB, few tagged pages (zero fill, 4 MiB heap)':46} tags {few['tags']['wire_bytes']} B beside "
+            f"{few['ram']['wire_bytes']} B of RAM ({few['tags']['wire_bytes'] / max(1, few['ram']['wire_bytes']):.2%}), "
             f"{few['tags']['untagged_pages']} untagged pages free"
         )
     return ours_1gib

@@ -12,6 +12,15 @@ from common.report import check_report_path
 from common.units import parse_size
 
 
+def version_text(prog: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return f"{prog} {version('mte-migration')}"
+    except PackageNotFoundError:
+        return f"{prog} (not installed: run scripts/install.sh)"
+
+
 def size(text: str) -> int:
     try:
         return parse_size(text)
@@ -29,6 +38,18 @@ def non_negative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
             raise argparse.ArgumentTypeError(f"'{text}' is not a finite number")
         if value < 0:
             raise argparse.ArgumentTypeError(f"{text} is negative")
+        return value
+
+    return parse
+
+
+def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
+    at_least_zero = non_negative(kind)
+
+    def parse(text: str) -> int | float:
+        value = at_least_zero(text)
+        if value == 0:
+            raise argparse.ArgumentTypeError("must be more than 0")
         return value
 
     return parse

@@ -9,6 +9,7 @@ TAG_BITS = 4
 TAG_MASK = 0xF
 # Two 4-bit tags per byte: the layout the kernel keeps and the one on our wire.
 PACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE // 2  # 128
+PAGE_STATE_BYTES = PAGE_SIZE + PACKED_TAG_BYTES_PER_PAGE  # a page's data and its tags
 
 MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 30
@@ -75,3 +76,9 @@ SESSION_ID_BYTES = 8
 
 # Messages a daemon takes from its socket per loop turn before the vCPU and timers get a turn.
 DRAIN_BUDGET_MESSAGES = 1
+
+# Reports and progress: how many postcopy fault latencies a report keeps for plotting (the
+# percentiles cover all), and how often a daemon off a terminal logs its progress.
+LATENCY_SAMPLES = 10_000
+PROGRESS_LOG_INTERVAL_S = 5.0
+PROGRESS_LINE_INTERVAL_S = 0.2

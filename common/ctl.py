@@ -1,5 +1,6 @@
 """`source-node ctl` and `dest-node ctl`: one request to a running daemon's control endpoint.
-Each daemon is offered only the commands it answers."""
+Each daemon is offered exactly the commands it answers: the table below is the one list, and
+each daemon's handlers are checked against it by the tests."""
 
 from __future__ import annotations
 
@@ -7,43 +8,87 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
-from common.cli_types import endpoint
+from common.cli_types import endpoint, non_negative
 from common.control import request
-from common.protocol.params import SETTABLE
+from common.human import describe
+from common.protocol.params import SETTABLE, describe_parameters
 
 
-def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
+@dataclass(frozen=True)
+class Command:
+    name: str
+    help: str
+    source: bool = True
+    dest: bool = True
+
+
+COMMANDS = (
+    Command("status", "the migration so far, in short (--json: the whole report)"),
+    Command("parameters", "the migration parameters in force (QMP's query-migrate-parameters)", dest=False),
+    Command("set-parameters", f"change {', '.join(SETTABLE)} (also during a migration)", dest=False),
+    Command("migrate", "start a migration to a dest-node: URI is tcp://HOST:PORT"),
+    Command("cancel", "cancel the migration in progress; the guest keeps running here"),
+    Command("postcopy-start", "switch a running --mode postcopy migration to postcopy now", dest=False),
+    Command("recover", "postcopy: after a broken link, reconnect now", dest=False),
+    Command(
+        "settle",
+        "after an unanswered commit: say where the guest runs (here resumes it on this node, there "
+        "gives it up)",
+    ),
+)
+
+
+def commands_for(*, source: bool) -> list[str]:
+    return [c.name for c in COMMANDS if (c.source if source else c.dest)]
+
+
+def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> None:
+    # accepted before and after the command: `ctl --timeout 1 status` and `ctl status --timeout 1`
+    parser.add_argument(
+        "--control",
+        type=endpoint("--control"),
+        metavar="URI",
+        default=None if defaults else argparse.SUPPRESS,
+        help="the daemon's control endpoint (its --control)",
+    )
+    parser.add_argument(
+        "--timeout",
+        type=non_negative(float),
+        metavar="S",
+        default=5.0 if defaults else argparse.SUPPRESS,
+        help="seconds to wait for an answer (default 5)",
+    )
+
+
+def build_parser(prog: str, *, source: bool) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Steer a running daemon through its control endpoint."
     )
-    parser.add_argument(
-        "--control",
-        required=True,
-        type=endpoint("--control"),
-        metavar="URI",
-        help="the daemon's control endpoint",
-    )
-    parser.add_argument(
-        "--timeout", type=float, default=5.0, help="seconds to wait for an answer (default 5)"
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("status", help="the report so far")
-    sub.add_parser("cancel", help="cancel the migration in progress")
-    migrate = sub.add_parser(
-        "migrate",
-        help="start a migration" if source else "send the guest that runs here on to another dest-node",
-    )
-    migrate.add_argument("uri", help="the destination, tcp://HOST:PORT")
-    settle = sub.add_parser(
-        "settle", help="after an unanswered commit: say where the guest runs (here resumes it on this node)"
-    )
-    settle.add_argument("where", choices=["here", "there"])
-    if source:
-        setp = sub.add_parser("set-parameters", help=f"change {', '.join(SETTABLE)}")
-        setp.add_argument("assignments", nargs="+", metavar="NAME=VALUE")
+    _connection_options(parser, defaults=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        if not (command.source if source else command.dest):
+            continue
+        p = sub.add_parser(command.name, help=command.help, description=command.help)
+        _connection_options(p, defaults=False)
+        p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
+        if command.name == "migrate":
+            p.add_argument("uri", metavar="URI", help="the destination, tcp://HOST:PORT")
+        elif command.name == "settle":
+            p.add_argument("where", choices=["here", "there"])
+        elif command.name == "set-parameters":
+            p.add_argument("assignments", nargs="+", metavar="NAME=VALUE", help=describe_parameters())
+    return parser
+
+
+def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
+    parser = build_parser(prog, source=source)
     args = parser.parse_args(argv)
+    if args.control is None:
+        parser.error("--control URI is required: the daemon's control endpoint")
     payload: dict[str, Any] = {}
     if args.command == "migrate":
         payload = {"uri": args.uri}
@@ -59,5 +104,13 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
     if not reply.get("ok"):
         print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
         return 1
-    print(json.dumps(reply.get("result"), indent=2, sort_keys=True))
+    result = reply.get("result")
+    if args.json or not isinstance(result, dict):
+        print(json.dumps(result, indent=2, sort_keys=True))
+    elif args.command in ("parameters", "set-parameters"):
+        print(describe({"parameters": result}))
+    elif args.command == "migrate":
+        print(f"migration started (session {result.get('session')}); watch it with '{prog} status'")
+    else:
+        print(describe(result))
     return 0

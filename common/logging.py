@@ -7,6 +7,14 @@ import sys
 
 import structlog
 
+from common.progress import clear_live_line
+
+
+def _clear_live_line(_: object, __: str, event: structlog.typing.EventDict) -> structlog.typing.EventDict:
+    # a log line written after a live progress line would otherwise continue it
+    clear_live_line()
+    return event
+
 
 def configure(level: str = "info", stream: object = None) -> None:
     out = stream if stream is not None else sys.stderr
@@ -17,6 +25,7 @@ def configure(level: str = "info", stream: object = None) -> None:
         renderer = structlog.processors.JSONRenderer()
     structlog.configure(
         processors=[
+            _clear_live_line,
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -183,7 +183,7 @@ class OutgoingMigration:
                     round=event.round,
                     pages=event.pages,
                     expected_downtime_ms=report["expected_downtime_ms"],
-                    throughput_mbps=report["throughput_mbps"],
+                    throughput_bytes_per_s=report["throughput_bytes_per_s"],
                 )
             elif isinstance(event, ev.Finished):
                 self.finished = event

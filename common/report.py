@@ -10,7 +10,9 @@ from common.guest.guest import Guest
 from common.guest.workload import REG_FAULTS, REG_STEP
 
 
-def guest_summary(guest: Guest, *, running: bool, with_digests: bool = True) -> dict[str, Any]:
+def guest_summary(guest: Guest, *, here: bool, running: bool, with_digests: bool = True) -> dict[str, Any]:
+    """`here`: the guest is this side's (exactly one side says so); `running`: its vCPU
+    executes right now (not once stopped at --stop-at-step, nor while a migration holds it)."""
     vcpu = guest.vcpus[0]
     summary: dict[str, Any] = {
         "step": vcpu.x[REG_STEP],
@@ -18,6 +20,7 @@ def guest_summary(guest: Guest, *, running: bool, with_digests: bool = True) -> 
         "tag_digest": None,
         "vcpu_digest": None,
         "tag_check_faults": vcpu.x[REG_FAULTS],
+        "here": here,
         "running": running,
     }
     if with_digests:

@@ -2,7 +2,7 @@
 after a verified handover.
 
   dest-node --listen tcp://127.0.0.1:4444 [--once] [--stop-at-step N] [--report PATH]
-  dest-node ctl --control tcp://H:P status|cancel
+  dest-node ctl --control tcp://H:P status|cancel|migrate
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.cli_types import endpoint, non_negative, writable_report
+from common.cli_types import endpoint, non_negative, positive, version_text, writable_report
 from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S
 from common.ctl import ctl_main
 from common.logging import configure
@@ -22,8 +22,13 @@ from common.protocol.dest import DestParameters
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dest-node", description="Receive a migrating MTE guest and, once verified, run it."
+        prog="dest-node",
+        usage="dest-node --listen URI [options]            wait for a source, run the guest it sends\n"
+        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate)",
+        description="Receive a migrating MTE guest and, once verified, run it (QEMU's -incoming).",
+        epilog="Times are in seconds (S). `dest-node ctl --help` describes the control commands.",
     )
+    parser.add_argument("--version", action="version", version=version_text("dest-node"))
     parser.add_argument(
         "--listen",
         required=True,
@@ -38,11 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--stop-at-step",
         type=non_negative(int),
         default=None,
-        help="stop the arrived guest's workload at this step",
+        metavar="N",
+        help="stop the arrived guest's workload at this step (default: run until interrupted)",
     )
     parser.add_argument(
         "--report",
         type=writable_report,
+        metavar="PATH",
         help="write the JSON report here when the guest stops or the migration fails",
     )
     parser.add_argument(
@@ -51,11 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--auth-token",
         default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
+        metavar="TOKEN",
         help="accept only sources presenting this token (default $MTE_MIGRATION_TOKEN)",
     )
     parser.add_argument(
         "--peer-timeout",
-        type=non_negative(float),
+        type=positive(float),
         default=PEER_DEAD_AFTER_S,
         metavar="S",
         help="keep an unfinished session at least this long while its source is silent; the source's "
@@ -75,8 +83,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.log_level)
     keep_large_buffers()
-    if args.peer_timeout <= 0:
-        parser.error("--peer-timeout must be positive")
     from dest_node.daemon import DestDaemon, DestOptions, StartupError
 
     params = DestParameters(

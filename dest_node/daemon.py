@@ -77,6 +77,8 @@ class DestDaemon:
         self.quit = False
         self.signalled: str | None = None
         self._reported_failure = False
+        self._refusals_unlogged = 0
+        self._t_refusal_logged = float("-inf")
         self.control: ControlServer | None = None
         if options.control:
             try:
@@ -166,7 +168,8 @@ class DestDaemon:
         if guest is not None:
             report["guest"] = guest_summary(
                 guest,
-                running=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY),
+                here=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY),
+                running=running,
                 with_digests=with_digests and not running,
             )
         return report
@@ -266,11 +269,27 @@ class DestDaemon:
                 self.log.info(
                     f"postcopy {event.status}",
                     error=event.reason,
-                    **{k: v for k, v in report["postcopy"].items() if k != "fault_latency_ms"},
-                    fault_latency_ms=report["postcopy"]["fault_latency_ms"],
+                    **{k: v for k, v in report["postcopy"].items() if k != "fault_latencies_ms"},
                 )
             elif isinstance(event, ev.LinkRestored):
                 self.log.info("source reconnected", epoch=event.epoch, resent_messages=event.resent)
+            elif isinstance(event, ev.Refused):
+                self._log_refusal(event)
+
+    def _log_refusal(self, event: ev.Refused) -> None:
+        """Every refused hello is logged; other refused messages at most once a second, with
+        how many there were (a hostile peer must not flood the log)."""
+        now = time.monotonic()
+        if event.hello:
+            self.log.warning("source refused", peer=event.peer.hex(), reason=event.reason)
+            return
+        self._refusals_unlogged += 1
+        if now - self._t_refusal_logged >= 1.0:
+            self.log.warning(
+                "message refused", peer=event.peer.hex(), reason=event.reason, count=self._refusals_unlogged
+            )
+            self._refusals_unlogged = 0
+            self._t_refusal_logged = now
 
     def _drain(self) -> None:
         # A budget per loop turn: a postcopy vCPU waiting for a page just placed runs after a few

@@ -18,4 +18,4 @@ if [ "${#missing[@]}" -gt 0 ]; then
     fi
 fi
 
-python3 -m pip install -e ".[dev]"
+python3 -m pip install -e ".[dev,plot]"

@@ -5,6 +5,7 @@ source-node [guest flags] --migrate-to tcp://H:P       migrate once, exit with t
 source-node [guest flags] --control tcp://H:P          a daemon steered by `ctl`
 source-node ctl --control tcp://H:P status|migrate|cancel|set-parameters ...
 source-node demo                                       a loopback migration to watch
+source-node plot REPORT.json -o timeline.png           one migration, drawn
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from common.cli_types import endpoint, non_negative, size, writable_report
+from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
 from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
 from common.control import ControlError
 from common.ctl import ctl_main
@@ -27,15 +28,23 @@ from common.logging import configure, get_logger
 from common.malloc import keep_large_buffers
 from common.protocol.params import MigrationParameters
 from common.report import guest_summary, write_report
-from common.units import parse_size
+from common.units import format_rate, parse_size
+
+EXIT_INTERRUPTED = 130  # as a shell reports a program ended by Ctrl-C
 
 
 def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     guest = parser.add_argument_group("guest")
     guest.add_argument(
-        "--ram", type=size, default=parse_size("64MiB"), help="guest RAM, 1MiB .. 16GiB (default 64MiB)"
+        "--ram",
+        type=size,
+        default=parse_size("64MiB"),
+        metavar="SIZE",
+        help="guest RAM, 1MiB .. 16GiB (default 64MiB)",
     )
-    guest.add_argument("--seed", type=non_negative(int), default=1, help="workload seed (default 1)")
+    guest.add_argument(
+        "--seed", type=non_negative(int), default=1, metavar="N", help="workload seed (default 1)"
+    )
     guest.add_argument(
         "--fill",
         choices=[f.value for f in Fill],
@@ -46,28 +55,36 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
         "--working-set",
         type=size,
         default=parse_size("4MiB"),
+        metavar="SIZE",
         help="memory the workload touches (default 4MiB)",
     )
     guest.add_argument(
         "--dirty-pages-per-step",
         type=non_negative(int),
         default=16,
+        metavar="N",
         help="pages written or retagged per step (default 16)",
     )
     guest.add_argument(
         "--tag-only-share",
         type=non_negative(float),
         default=0.25,
+        metavar="SHARE",
         help="share of steps that only retag, 0..1 (default 0.25)",
     )
     guest.add_argument(
         "--steps-per-second",
         type=non_negative(float),
         default=0.0,
-        help="workload pace; 0 = as fast as it can (default 0)",
+        metavar="N",
+        help="workload pace in steps per second; 0 = as fast as it can (default 0)",
     )
     guest.add_argument(
-        "--stop-at-step", type=non_negative(int), default=None, help="stop the workload at this step"
+        "--stop-at-step",
+        type=non_negative(int),
+        default=None,
+        metavar="N",
+        help="stop the workload at this step (default: run until interrupted)",
     )
 
 
@@ -112,18 +129,19 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-bandwidth",
         type=size,
         default=0,
-        metavar="BYTES",
-        help="bytes per second, sizes allowed (e.g. 100MiB); 0 = unlimited",
+        metavar="SIZE",
+        help="bandwidth cap in bytes per second (e.g. 100MiB = 100 MiB/s); 0 = unlimited (default)",
     )
-    mig.add_argument("--no-lz4", action="store_true", help="never compress pages")
+    mig.add_argument("--no-lz4", action="store_true", help="never compress pages (lz4 is used where it pays)")
     mig.add_argument(
         "--auth-token",
         default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
+        metavar="TOKEN",
         help="shared token the destination expects (default $MTE_MIGRATION_TOKEN)",
     )
     mig.add_argument(
         "--peer-timeout",
-        type=non_negative(float),
+        type=positive(float),
         default=PEER_DEAD_AFTER_S,
         metavar="S",
         help=f"silence after which the link is presumed broken: setup gives up, a running migration "
@@ -170,9 +188,7 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
         use_lz4=not args.no_lz4,
         auth_token=args.auth_token.encode(),
         peer_timeout_s=args.peer_timeout,
-        heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4)
-        if args.peer_timeout > 0
-        else 0.5,
+        heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4),
         reconnect_timeout_s=args.reconnect_timeout,
         convergence_timeout_s=args.convergence_timeout,
         postcopy=args.mode == "postcopy",
@@ -181,18 +197,32 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
     )
 
 
+USAGE = """source-node [options]                          run a guest; migrate it with --migrate-to or --control
+       source-node ctl --control URI COMMAND ...       steer a running source-node (status, migrate, cancel, ...)
+       source-node demo [options]                      a loopback migration to watch
+       source-node plot REPORT.json [-o PNG]           draw one migration's report"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="source-node",
+        usage=USAGE,
         description="Boot an emulated MTE guest and run its workload; migrate it with --migrate-to or on "
         "a `migrate` control command. With neither, this is the reference run: the guest runs to "
-        "--stop-at-step (or until interrupted) and the report holds its digests. "
-        "Subcommands: `source-node ctl ...` steers a running daemon, `source-node demo` runs a loopback migration.",
+        "--stop-at-step (or until interrupted) and the report holds its digests.",
+        epilog="Sizes: 4096, 64K, 1.5MiB, 1GB, 16GiB; K, M, G and T mean powers of 1024 with or without "
+        "B or iB (as QEMU's -m). Times are in seconds (S) or milliseconds (MS) as each option says. "
+        "`source-node ctl --help`, `source-node demo --help` and `source-node plot --help` describe the "
+        "subcommands.",
     )
+    parser.add_argument("--version", action="version", version=version_text("source-node"))
     add_guest_arguments(parser)
     add_migration_arguments(parser)
     parser.add_argument(
-        "--report", type=writable_report, help="write the JSON report here (checked before the guest boots)"
+        "--report",
+        type=writable_report,
+        metavar="PATH",
+        help="write the JSON report here (checked before the guest boots; docs/report.md explains it)",
     )
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
@@ -202,21 +232,28 @@ def reference_run(args: argparse.Namespace) -> int:
     log = get_logger("source-node")
     guest = boot(args.ram, workload_config(args))
     runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
-    interrupted: list[bool] = []
-    signal.signal(signal.SIGTERM, lambda *_: interrupted.append(True))
-    signal.signal(signal.SIGINT, lambda *_: interrupted.append(True))
+    signals: list[str] = []
+
+    def interrupt(signum: int, _: Any) -> None:
+        signals.append(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
     log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
-    runner.run_until_finished(lambda: bool(interrupted))
+    runner.run_until_finished(lambda: bool(signals))
+    completed = runner.finished
+    goal = f" of {args.stop_at_step}" if args.stop_at_step is not None else ""
     report = {
-        "status": "completed",
+        "status": "completed" if completed else "interrupted",
         "mode": "none",
-        "error": None,
-        "guest": guest_summary(guest, running=False),
+        "error": None if completed else f"interrupted by {signals[0]} at step {runner.step}{goal}",
+        "guest": guest_summary(guest, here=True, running=False),
     }
-    log.info("guest stopped", **report["guest"])
+    log.info("guest stopped", status=report["status"], **report["guest"])
     if args.report:
         write_report(args.report, report)
-    return 0
+    # a reference cut short is not the reference: scripts comparing digests must notice
+    return 0 if completed else EXIT_INTERRUPTED
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -231,12 +268,12 @@ def summary_line(report: dict[str, Any]) -> str:
         v = report["verification"]
         return (
             f"migration completed: downtime {report['downtime_ms']:.1f} ms (limit {report['downtime_limit_ms']:.0f} ms), "
-            f"{report['rounds']} rounds, {report['total_time_ms'] / 1000:.2f} s, {report['throughput_mbps'] / 8:.1f} MB/s; "
+            f"{report['rounds']} rounds, {report['total_time_ms'] / 1000:.2f} s, {format_rate(report['throughput_bytes_per_s'])}; "
             f"verified ram {v['ram_digest']} tags {v['tag_digest']} vcpu {v['vcpu_digest']}"
         )
     where = (
         "the guest keeps running here"
-        if report["guest"]["running"]
+        if report["guest"]["here"]
         else "the guest is not running on the source"
     )
     return f"migration {report['status']}: {report['error']} ({where})"
@@ -285,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from source_node.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["plot"]:
+        from source_node.plot import main as plot_main
+
+        return plot_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     configure(args.log_level)

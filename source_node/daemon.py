@@ -59,7 +59,7 @@ class SourceDaemon:
         self.log = get_logger("source-node")
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
         self.outgoing: OutgoingMigration | None = None
-        self.progress = Progress()
+        self.progress = Progress(log=self.log)
         self.quit = False
         self.signalled: str | None = None
         self.finished_report: dict[str, Any] | None = None
@@ -73,6 +73,7 @@ class SourceDaemon:
                     "status": lambda _: self.status(),
                     "migrate": self._ctl_migrate,
                     "cancel": lambda _: self.cancel(),
+                    "parameters": lambda _: self.params.settable(),
                     "set-parameters": self._ctl_set_parameters,
                     "settle": self._ctl_settle,
                     "postcopy-start": self._ctl_postcopy_start,
@@ -130,7 +131,10 @@ class SourceDaemon:
         )
         report["parameters"] = self.params.settable()
         report["guest"] = guest_summary(
-            self.guest, running=self.guest_would_run, with_digests=with_digests and not self.runner.running
+            self.guest,
+            here=self.guest_would_run,
+            running=self.runner.running,
+            with_digests=with_digests and not self.runner.running,
         )
         return report
 
@@ -151,11 +155,14 @@ class SourceDaemon:
         return {"session": self.session.session_id.hex() if self.session else None}
 
     def _ctl_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
+        before = self.params.settable()
         self.params = self.params.updated(args)
         if self.session is not None and not self.session.phase.terminal:
             self.session.set_parameters(self.params, time.monotonic())
-        self.log.info("parameters changed", **args)
-        return self.params.settable()
+        after = self.params.settable()
+        changed = {name: f"{before[name]} -> {after[name]}" for name in after if before[name] != after[name]}
+        self.log.info("parameters changed", **changed)
+        return after
 
     def _ctl_settle(self, args: dict[str, Any]) -> dict[str, Any]:
         where = args.get("where")
@@ -266,7 +273,7 @@ class SourceDaemon:
             if self.control and self.control.socket in events:
                 self.control.handle_one()
             self.runner.run_slice()
-            if outgoing is not None and not outgoing.session.phase.ended:
+            if outgoing is not None and not outgoing.session.phase.ended and self.progress.wanted():
                 self.progress.update(outgoing.session.report(time.monotonic()))
             if self.options.one_shot and self._one_shot_done():
                 break

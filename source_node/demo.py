@@ -18,7 +18,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from common.cli_types import non_negative, size
 from common.control import request
+from common.human import describe
+from common.units import format_size
 
 
 def free_ports(count: int) -> list[int]:
@@ -48,25 +51,69 @@ def wait_for_control(address: str, timeout_s: float = 10.0) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="source-node demo", description=__doc__)
-    parser.add_argument("--ram", default="256MiB", help="guest RAM (default 256MiB)")
-    parser.add_argument(
-        "--working-set", default="32MiB", help="memory the busy workload touches (default 32MiB)"
+    parser = argparse.ArgumentParser(
+        prog="source-node demo",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dirty-pages-per-step", default="32")
-    parser.add_argument("--downtime-limit", default="300", metavar="MS")
-    parser.add_argument("--seed", default="7")
+    parser.add_argument(
+        "--ram", type=size, default="256MiB", metavar="SIZE", help="guest RAM (default 256MiB)"
+    )
+    parser.add_argument(
+        "--working-set",
+        type=size,
+        default="32MiB",
+        metavar="SIZE",
+        help="memory the busy workload touches (default 32MiB)",
+    )
+    parser.add_argument(
+        "--dirty-pages-per-step",
+        type=non_negative(int),
+        default=32,
+        metavar="N",
+        help="pages the workload writes or retags per step (default 32)",
+    )
+    parser.add_argument(
+        "--downtime-limit",
+        type=non_negative(float),
+        default=300.0,
+        metavar="MS",
+        help="switch over when the rest fits this downtime (default 300 ms)",
+    )
+    parser.add_argument(
+        "--seed", type=non_negative(int), default=7, metavar="N", help="workload seed (default 7)"
+    )
+    parser.add_argument(
+        "--keep",
+        metavar="DIR",
+        help="write both reports into DIR and keep them (default: a temporary folder, removed at the end)",
+    )
     args = parser.parse_args(argv)
 
     from source_node.cli import main as source_main
 
-    workdir = Path(tempfile.mkdtemp(prefix="mte-demo-"))
+    if args.keep:
+        workdir = Path(args.keep)
+        if not workdir.is_dir():
+            parser.error(f"--keep: folder {workdir} does not exist")
+        cleanup = None
+    else:
+        cleanup = tempfile.TemporaryDirectory(prefix="mte-demo-")
+        workdir = Path(cleanup.name)
+    try:
+        return _run(args, workdir, source_main)
+    finally:
+        if cleanup is not None:
+            cleanup.cleanup()
+
+
+def _run(args: argparse.Namespace, workdir: Path, source_main: Any) -> int:
     port, control_port = free_ports(2)
     listen = f"tcp://127.0.0.1:{port}"
     control = f"tcp://127.0.0.1:{control_port}"
     dest_report = workdir / "dest.json"
     source_report = workdir / "source.json"
-    print(f"demo: destination listening on {listen}; reports in {workdir}", flush=True)
+    print(f"demo: destination listening on {listen}", flush=True)
     dest = subprocess.Popen(
         [
             sys.executable,
@@ -83,15 +130,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "warning",
         ],
     )
+    code = 1
     try:
         if not wait_for_control(control).get("ok"):
             print("demo: the destination did not come up", file=sys.stderr)
             return 1
-        print(f"demo: migrating a busy {args.ram} guest (seed {args.seed}) to it ...", flush=True)
+        print(
+            f"demo: migrating a busy {format_size(args.ram)} guest (seed {args.seed}) to it ...", flush=True
+        )
         code = source_main(
             [
-                "--ram", args.ram, "--seed", args.seed, "--working-set", args.working_set,
-                "--dirty-pages-per-step", args.dirty_pages_per_step, "--downtime-limit", args.downtime_limit,
+                "--ram", str(args.ram), "--seed", str(args.seed), "--working-set", str(args.working_set),
+                "--dirty-pages-per-step", str(args.dirty_pages_per_step),
+                "--downtime-limit", str(args.downtime_limit),
                 "--migrate-to", listen, "--report", str(source_report), "--log-level", "warning",
             ]
         )  # fmt: skip
@@ -111,25 +162,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except subprocess.TimeoutExpired:
             dest.kill()
     if source_report.exists():
-        report = json.loads(source_report.read_text())
-        print("demo: source report:")
-        headline = {
-            k: report[k]
-            for k in (
-                "status",
-                "error",
-                "downtime_ms",
-                "expected_downtime_ms",
-                "total_time_ms",
-                "rounds",
-                "throughput_mbps",
-            )
-        }
-        headline["verification_ok"] = report["verification"]["ok"]
-        headline["tags_bytes"] = report["tags"]["transferred_bytes"]
-        headline["ram_bytes"] = report["ram"]["transferred_bytes"]
-        print(json.dumps(headline, indent=2))
+        print("demo: the source's report, in short:")
+        print(describe(json.loads(source_report.read_text())))
     if dest_report.exists():
         guest = json.loads(dest_report.read_text()).get("guest")
-        print(f"demo: destination guest when stopped: {json.dumps(guest)}")
+        if guest:
+            print(f"demo: on the destination the guest stopped at step {guest['step']}")
+    if args.keep:
+        print(f"demo: reports kept in {source_report} and {dest_report}")
     return code

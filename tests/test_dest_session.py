@@ -231,7 +231,7 @@ def test_a_fresh_destination_reports_nothing_yet() -> None:
     assert report["status"] == "active" and report["phase"] == "waiting" and report["rounds"] == 0
     assert report["total_time_ms"] == 2000.0 and report["setup_time_ms"] is None
     assert report["downtime_ms"] is None and report["refused_messages"] == 0
-    assert report["verification"]["ok"] is None and report["ram"]["total_bytes"] == 0
+    assert report["verification"]["ok"] is None and report["ram"]["guest_bytes"] == 0
     with pytest.raises(RuntimeError, match="no incoming migration to cancel"):
         dst.cancel(7.0)
 
@@ -247,7 +247,7 @@ def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
     [(_, ack)] = replies(dst)
     assert ack.envelope.ack.acked_seq == 3
     assert dst.t_first_data == 0.5, "the first batch sets it, once"
-    assert (dst.stats.pages_sent, dst.stats.zero_pages) == (3, 1)
+    assert (dst.stats.pages, dst.stats.zero_pages) == (3, 1)
     assert (dst.stats.tag_sections, dst.stats.untagged_pages) == (3, 2)
     assert dst.digests is not None and dst.digests.stale_pages > 0
     assert dst.guest is not None and dst.guest.memory.pages[3, 7] == 1
@@ -262,7 +262,7 @@ def test_a_repeated_message_is_acknowledged_again_and_not_placed_twice() -> None
     dst.receive(PEER, batch(2, "ram_pages", [3]), 0.6)
     [(_, ack)] = replies(dst)
     assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
-    assert dst.stats.pages_sent == 1
+    assert dst.stats.pages == 1
 
 
 def test_the_backlog_is_reported_when_hashing_catches_up_on_a_quiet_stream() -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from common.control import request
 from faultinject.netns import NamespaceError, NetPair
 from tests.e2e import Dest, finish_source, start_source
 from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal
@@ -27,6 +28,17 @@ def net() -> Iterator[NetPair]:
         pytest.skip(f"network namespaces cannot be made here: {exc}")
     with pair:
         yield pair
+
+
+def wait_for_pages(dest: Dest, timeout_s: float = 30.0) -> None:
+    """Faults start once pages flow, not at a fixed time after launch: a slow boot on a loaded
+    machine must not turn a mid-migration fault into a setup failure."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = request(dest.control, "status", timeout_s=1.0)
+        if reply.get("ok") and (reply["result"].get("ram") or {}).get("pages", 0) > 0:
+            return
+        time.sleep(0.05)
 
 
 def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None, *extra: str):  # type: ignore[no-untyped-def]
@@ -52,7 +64,7 @@ def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None
             prefix=net.command(net.source, []),
         )
         if during is not None:
-            threading.Thread(target=during, daemon=True).start()
+            threading.Thread(target=lambda: (wait_for_pages(dest), during()), daemon=True).start()
         src = finish_source(proc, report, timeout=120)
         got = dest.finish(timeout=60)
     finally:
@@ -80,7 +92,7 @@ def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path) -> None:
     seen: list[str] = []
 
     def resets() -> None:
-        time.sleep(1.0)
+        time.sleep(0.3)
         net.reset_connections(PORT)
         time.sleep(0.3)
         seen.append(net.nft_counters(net.dest))
@@ -101,7 +113,7 @@ def test_a_rate_limit(net: NetPair, tmp_path: Path) -> None:
 
 def test_the_link_down_for_three_seconds(net: NetPair, tmp_path: Path) -> None:
     def flap() -> None:
-        time.sleep(1.0)
+        time.sleep(0.3)
         net.link(up=False)
         time.sleep(3.0)
         net.link(up=True)

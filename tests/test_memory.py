@@ -36,16 +36,16 @@ def test_16gib_guest_costs_memory_only_for_touched_pages() -> None:
 @pytest.mark.parametrize(
     "size, reason",
     [
-        (0, "outside"),
-        (4096, "outside"),
-        ((1 << 20) - 4096, "outside"),
-        ((16 << 30) + 4096, "outside"),
+        (0, "0 B is outside 1 MiB .. 16 GiB"),
+        (4096, "4 KiB is outside"),
+        ((1 << 20) - 4096, "1020 KiB is outside"),
+        ((16 << 30) + 4096, "17179873280 bytes is outside"),
         ((1 << 20) + 1, "whole number of 4 KiB pages"),
         ((2 << 20) + 2048, "whole number of 4 KiB pages"),
     ],
 )
 def test_bad_sizes_are_refused(size: int, reason: str) -> None:
-    with pytest.raises(ValueError, match=f"RAM size {size} bytes is .*{reason}"):
+    with pytest.raises(ValueError, match=f"RAM size .*{reason}"):
         GuestMemory(size)
 
 

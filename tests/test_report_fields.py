@@ -15,10 +15,10 @@ from common.protocol.reports import dest_report, source_report
 from common.protocol.stats import TransferStats
 from common.wire import mte_migration_pb2 as pb
 
-# 3087502 bytes in two seconds are 12.350008 Mbit/s: a hair above a rounding edge, so that the
-# unit (10**6 bits), the division by the time and the rounding to 0.1 are all pinned
-EDGE_BYTES = 3_087_502
-EDGE_MBPS = 12.4
+# 3087503 bytes in two seconds are 1543751.5 bytes/s: the unit (bytes, not bits), the division
+# by the time and the rounding to a whole byte (half to even: 1543752) are all pinned
+EDGE_BYTES = 3_087_503
+EDGE_RATE = 1_543_752
 
 
 def source(**overrides: Any) -> Any:
@@ -35,6 +35,9 @@ def source(**overrides: Any) -> Any:
             expected_downtime_s=0.0421234,
             dirty_pages_rate=12.34,
         ),
+        meter=SimpleNamespace(rate=lambda: 2048.0),
+        round_records=[],
+        dest_missing=None,
         link=SimpleNamespace(epoch=3, stats=LinkStats(resent=4, resend_requests=5, corrupt=6, resumes=2)),
         params=SimpleNamespace(downtime_limit_ms=300.0, postcopy=False),
         postcopy=None,
@@ -62,10 +65,10 @@ def test_the_source_report_computes_each_field() -> None:
     assert report["expected_downtime_ms"] == 42.123
     assert report["downtime_limit_ms"] == 300.0 and report["rounds"] == 7
     assert report["throttle"] == 0.123
-    assert report["throughput_mbps"] == EDGE_MBPS
+    assert report["throughput_bytes_per_s"] == EDGE_RATE
     assert report["dirty_pages_rate"] == 12.3
-    assert report["pages_remaining"] == 5
-    assert report["ram"]["total_bytes"] == 1 << 30
+    assert report["remaining_bytes"] == 0 and report["progress_percent"] == 100.0, "completed"
+    assert report["ram"]["guest_bytes"] == 1 << 30
     assert report["link"] == {
         "epoch": 3,
         "reconnects": 2,
@@ -73,7 +76,10 @@ def test_the_source_report_computes_each_field() -> None:
         "resend_requests": 5,
         "corrupt_received": 6,
     }
-    assert report["timeline_ms"] == {"setup done": 250.0, "guest stopped": 0.123}
+    assert report["timeline"] == [
+        {"event": "setup done", "at_ms": 250.0},
+        {"event": "guest stopped", "at_ms": 0.123},
+    ], "in the order it happened, as recorded"
     assert report["verification"]["ram_digest"] == "aa", "the destination's digests, once it answered"
 
 
@@ -83,11 +89,16 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
     )
     assert running["status"] == "active" and running["total_time_ms"] == 500.0
     assert running["setup_time_ms"] is None and running["downtime_ms"] is None
+    # 5 pages and 100 bytes of tags left of a 1 GiB guest's 262144 pages x (4096 + 128) bytes
+    assert running["remaining_bytes"] == 5 * PAGE_SIZE + 100
+    assert running["progress_percent"] == 100.0 * round(1 - (5 * PAGE_SIZE + 100) / (262144 * 4224), 3)
+    assert running["eta_s"] == round((5 * PAGE_SIZE + 100) / 2048.0, 1), "what is left at the measured rate"
     failed = source_report(
         source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost")), now=500.0
     )
     assert failed["status"] == "failed" and failed["error"] == "lost"
     assert failed["downtime_ms"] is None, "a failed migration had no downtime: the guest runs on"
+    assert failed["remaining_bytes"] is None and failed["progress_percent"] is None, "it will not get there"
     for phase, status in (
         (SourcePhase.CANCELLED, "cancelled"),
         (SourcePhase.UNSETTLED, "unsettled"),
@@ -99,9 +110,9 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
     nothing_left = source_report(
         source(precopy=SimpleNamespace(pass_=None, expected_downtime_s=None, dirty_pages_rate=0.0)), now=500.0
     )
-    assert nothing_left["pages_remaining"] == 0 and nothing_left["expected_downtime_ms"] is None
+    assert nothing_left["remaining_bytes"] == 0 and nothing_left["expected_downtime_ms"] is None
     instant = source_report(source(t_end=100.0), now=100.0)
-    assert instant["throughput_mbps"] == 0.0, "no time, no rate (and no division by zero)"
+    assert instant["throughput_bytes_per_s"] == 0, "no time, no rate (and no division by zero)"
 
 
 def dest(**overrides: Any) -> Any:
@@ -137,9 +148,10 @@ def test_the_destination_report_computes_each_field() -> None:
     assert report["total_time_ms"] == 2000.0, "from the hello, not from when the daemon started"
     assert report["setup_time_ms"] == 125.0
     assert report["downtime_ms"] == 125.0
-    assert report["throughput_mbps"] == EDGE_MBPS, "pages and tags only"
+    assert report["throughput_bytes_per_s"] == EDGE_RATE, "pages and tags only"
+    assert report["remaining_bytes"] == 0 and report["progress_percent"] == 100.0 and report["eta_s"] is None
     assert report["rounds"] == 4 and report["refused_messages"] == 2
-    assert report["ram"]["total_bytes"] == 1 << 30
+    assert report["ram"]["guest_bytes"] == 1 << 30
     assert report["link"] == {
         "epoch": 2,
         "resumes": 1,
@@ -176,10 +188,10 @@ def test_the_destination_report_before_the_guest_runs() -> None:
     report = dest_report(early, now=500.0)
     assert report["total_time_ms"] == 1000.0, "from the daemon's start while no hello came"
     assert report["setup_time_ms"] is None and report["downtime_ms"] is None
-    assert report["ram"]["total_bytes"] == 0
+    assert report["ram"]["guest_bytes"] == 0
     no_stop = dest_report(dest(t_stop_seen=None), now=101.0)
     assert no_stop["downtime_ms"] is None
     no_data = dest_report(dest(t_first_data=None), now=101.0)
     assert no_data["setup_time_ms"] is None
     instant = dest_report(dest(t_end=100.0), now=100.0)
-    assert instant["throughput_mbps"] == 0.0
+    assert instant["throughput_bytes_per_s"] == 0

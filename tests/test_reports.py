@@ -37,13 +37,14 @@ def test_page_and_tag_counts_are_those_of_the_guest() -> None:
     tags = np.flatnonzero(mem.tags_populated)
     zero_written = int(sum(not mem.pages[p].any() for p in data))
     untagged_written = int(sum(not mem.page_tags[p].any() for p in tags))
-    assert src["ram"]["total_bytes"] == mem.ram_bytes
-    assert src["ram"]["pages_sent"] == data.size == dst["ram"]["pages_sent"]
-    assert src["ram"]["zero_pages"] == mem.page_count - data.size + zero_written
-    assert dst["ram"]["zero_pages"] == zero_written
-    assert src["tags"]["sections_sent"] == tags.size == dst["tags"]["sections_sent"]
-    assert src["tags"]["untagged_pages"] == mem.page_count - tags.size + untagged_written
-    assert dst["tags"]["untagged_pages"] == untagged_written
+    assert src["ram"]["guest_bytes"] == mem.ram_bytes
+    assert src["ram"]["pages"] == data.size == dst["ram"]["pages"]
+    # both sides count what crossed the wire alike; only the source knows what it skipped
+    assert src["ram"]["zero_pages"] == zero_written == dst["ram"]["zero_pages"]
+    assert src["ram"]["skipped_pages"] == mem.page_count - data.size and dst["ram"]["skipped_pages"] is None
+    assert src["tags"]["sections"] == tags.size == dst["tags"]["sections"]
+    assert src["tags"]["untagged_pages"] == untagged_written == dst["tags"]["untagged_pages"]
+    assert src["tags"]["skipped_pages"] == mem.page_count - tags.size and dst["tags"]["skipped_pages"] is None
 
 
 def test_byte_counts_add_up_to_what_crossed_the_wire() -> None:
@@ -51,22 +52,22 @@ def test_byte_counts_add_up_to_what_crossed_the_wire() -> None:
     ram, tags = src["ram"], src["tags"]
     # precopy and downtime bytes are everything the source sent after the hello
     assert ram["precopy_bytes"] + ram["downtime_bytes"] == pair.down.carried_bytes - pair.down.first_bytes
-    assert ram["transferred_bytes"] + tags["transferred_bytes"] < ram["precopy_bytes"] + ram["downtime_bytes"]
-    assert ram["transferred_bytes"] > ram["pages_sent"] * 0  # pages that are not zero cost bytes
+    assert ram["wire_bytes"] + tags["wire_bytes"] < ram["precopy_bytes"] + ram["downtime_bytes"]
+    assert ram["wire_bytes"] > ram["pages"] * 0  # pages that are not zero cost bytes
     # the destination counts payload bytes only: less than the wire bytes, more than nothing
-    assert 0 < dst["ram"]["transferred_bytes"] < ram["transferred_bytes"]
-    assert 0 < dst["tags"]["transferred_bytes"] < tags["transferred_bytes"]
+    assert 0 < dst["ram"]["wire_bytes"] < ram["wire_bytes"]
+    assert 0 < dst["tags"]["wire_bytes"] < tags["wire_bytes"]
     total_s = src["total_time_ms"] / 1000
-    assert src["throughput_mbps"] == round(pair.down.carried_bytes * 8 / 1e6 / total_s, 1)
+    assert src["throughput_bytes_per_s"] == pytest.approx(pair.down.carried_bytes / total_s, rel=1e-3)
 
 
 def test_times_are_measured_where_they_say() -> None:
     pair, src, dst = idle_pair()
-    timeline = src["timeline_ms"]
-    order = list(timeline)
+    order = [entry["event"] for entry in src["timeline"]]
+    timeline = {entry["event"]: entry["at_ms"] for entry in src["timeline"]}
     expected = ["setup done", "round 1 sent", "guest stopped", "verify request 1 sent", "verify result 1: ok"]
     assert order[: len(expected)] == expected and order[-1] == "destination running"
-    assert list(timeline.values()) == sorted(timeline.values())
+    assert [entry["at_ms"] for entry in src["timeline"]] == sorted(timeline.values()), "in time order"
     stopped_ms = (pair.stopped_at - CLOCK_START) * 1000  # type: ignore[attr-defined]
     assert timeline["guest stopped"] == pytest.approx(stopped_ms, abs=1e-3)
     assert src["downtime_ms"] == pytest.approx(timeline["destination running"] - stopped_ms, abs=1e-2)
@@ -94,7 +95,7 @@ def test_status_verification_and_link_sections() -> None:
         }
     assert src["phase"] == "completed" and dst["phase"] == "running"
     assert src["rounds"] == 2 == dst["rounds"]  # round 1 and the switchover pass
-    assert src["pages_remaining"] == 0 and src["throttle"] == 0
+    assert src["remaining_bytes"] == 0 and src["progress_percent"] == 100.0 and src["throttle"] == 0
     assert src["downtime_limit_ms"] == MigrationParameters().downtime_limit_ms
     assert src["link"] == {
         "epoch": 1,
@@ -125,7 +126,7 @@ def test_a_failed_migration_reports_why_and_where() -> None:
     assert src["phase"] == "cancelled" and src["downtime_ms"] is None
     assert dst["status"] == "cancelled" and dst["error"] == "source aborted: because the test says so"
     assert src["verification"]["ok"] is None and dst["verification"]["ok"] is None
-    assert src["pages_remaining"] == 0  # the pass was dropped, nothing is still to send
+    assert src["remaining_bytes"] is None and src["progress_percent"] is None, "nothing more will be sent"
     assert pair.src.phase is SourcePhase.CANCELLED
 
 
@@ -143,9 +144,17 @@ def test_events_tell_the_daemon_each_round_and_the_end() -> None:
     assert_handed_over(pair)
     rounds = [e for e in pair.events if isinstance(e, RoundStarted)]
     assert len(rounds) >= 2 and [r.round for r in rounds] == list(range(1, len(rounds) + 1))
-    sent = [event for event in pair.src.report(pair.now)["timeline_ms"] if event.endswith(" sent")]
+    report = pair.src.report(pair.now)
+    sent = [entry["event"] for entry in report["timeline"] if entry["event"].endswith(" sent")]
     # each round is logged under its own number, and the switchover pass is the one after
     assert sent[: len(rounds)] == [f"round {r.round} sent" for r in rounds]
     assert pair.dst.rounds == len(rounds) + 1 == pair.src.round
+    # each precopy round in the report, as the plot draws it: bytes, rates, throttle, in order
+    detail = report["rounds_detail"]
+    assert [r["round"] for r in detail] == [r.round for r in rounds]
+    assert all(r["duration_ms"] > 0 and r["pages"] > 0 and r["ram_wire_bytes"] > 0 for r in detail)
+    assert sum(r["ram_wire_bytes"] for r in detail) <= report["ram"]["wire_bytes"]
+    assert [r["start_ms"] for r in detail] == sorted(r["start_ms"] for r in detail)
+    assert all(r["dirty_pages_rate"] is not None for r in detail)
     finished = [e for e in pair.src.take_events() + pair.events if isinstance(e, Finished)]
     assert [f.status for f in finished] == ["completed"]

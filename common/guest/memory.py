@@ -25,6 +25,7 @@ from common.constants import (
     TAG_MASK,
 )
 from common.indices import contiguous
+from common.units import exact_size, format_size
 
 # Not exported by the mmap module on every Python; the Linux value.
 _MAP_NORESERVE = getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -60,9 +61,13 @@ def _lazy_zeroed(size: int) -> tuple[mmap.mmap, npt.NDArray[np.uint8]]:
 
 def check_ram_size(ram_bytes: int) -> None:
     if not MIN_RAM_BYTES <= ram_bytes <= MAX_RAM_BYTES:
-        raise ValueError(f"RAM size {ram_bytes} bytes is outside {MIN_RAM_BYTES} .. {MAX_RAM_BYTES} bytes")
+        raise ValueError(
+            f"RAM size {exact_size(ram_bytes)} is outside {format_size(MIN_RAM_BYTES)} .. {format_size(MAX_RAM_BYTES)}"
+        )
     if ram_bytes % PAGE_SIZE:
-        raise ValueError(f"RAM size {ram_bytes} bytes is not a whole number of 4 KiB pages")
+        raise ValueError(
+            f"RAM size {ram_bytes} bytes ({format_size(ram_bytes)}) is not a whole number of 4 KiB pages"
+        )
 
 
 class GuestMemory:

@@ -306,6 +306,7 @@ class DestSession:
                 ),
             )
             self.refused_messages += 1
+            self._events.append(ev.Refused(peer, "busy with another migration", hello=True))
             return
         problem = check_hello(hello, self.params.auth_token)
         hint = None
@@ -328,6 +329,7 @@ class DestSession:
                 ),
             )
             self.refused_messages += 1
+            self._events.append(ev.Refused(peer, reason, hello=True))
             return
         self.peer = peer
         self.session_id = env.session_id
@@ -412,7 +414,7 @@ class DestSession:
         self.digests.mark(decoded.indices, [])
         self.digests.mark(decoded.zero, [])
         self._note_repair(decoded.indices, decoded.zero)
-        self.stats.pages_sent += int(decoded.indices.size + decoded.zero.size)
+        self.stats.pages += int(decoded.indices.size + decoded.zero.size)
         self.stats.zero_pages += int(decoded.zero.size)
         self.stats.ram_bytes += len(payload)
         self._maybe_corrupt(decoded.indices)
@@ -514,7 +516,7 @@ class DestSession:
             self._request(pc.to_request(named, now), now)
             return
         placed = pc.place(self.guest.memory, batch, msg.requested, now)
-        self.stats.pages_sent += int(placed.pages.size)
+        self.stats.pages += int(batch.indices.size)
         self.stats.ram_bytes += len(payload)
         self.stats.postcopy_bytes += len(payload)
         if not urgent:
@@ -639,6 +641,7 @@ class DestSession:
 
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
+        self._events.append(ev.Refused(peer, reason, hello=False))
         self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
 
     def _move(self, to: DestPhase) -> None:

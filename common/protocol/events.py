@@ -45,4 +45,13 @@ class Finished:
     reason: str | None
 
 
-Event = PhaseChanged | RoundStarted | Reconnect | LinkRestored | PostcopyStarted | Finished
+@dataclass(frozen=True)
+class Refused:
+    """The destination refused a peer's hello or message (the session, if any, goes on)."""
+
+    peer: bytes
+    reason: str
+    hello: bool
+
+
+Event = PhaseChanged | RoundStarted | Reconnect | LinkRestored | PostcopyStarted | Finished | Refused

@@ -48,6 +48,12 @@ def check_hello(hello: pb.Hello, auth_token: bytes) -> tuple[int, str] | None:
             pb.ERROR_VERSION_MISMATCH,
             f"protocol version {hello.protocol_version} is not supported; this destination speaks version {PROTOCOL_VERSION}",
         )
+    if auth_token and not hello.auth_token:
+        return (
+            pb.ERROR_UNAUTHORIZED,
+            "authentication failed: this destination requires a token and the source gave none "
+            "(--auth-token or $MTE_MIGRATION_TOKEN)",
+        )
     if auth_token and not hmac.compare_digest(hello.auth_token, auth_token):
         return pb.ERROR_UNAUTHORIZED, "authentication failed: the source's token does not match"
     if hello.page_size != PAGE_SIZE or hello.granule_size != GRANULE_SIZE:

@@ -17,8 +17,18 @@ from common.constants import (
 )
 from common.units import parse_size
 
-# What set-parameters may change while a migration runs.
-SETTABLE = ("downtime_limit_ms", "max_bandwidth", "convergence_timeout_s", "reconnect_timeout_s")
+# What set-parameters may change while a migration runs, and the unit each is given in.
+SETTABLE_UNITS = {
+    "downtime_limit_ms": "milliseconds",
+    "max_bandwidth": "bytes per second, sizes allowed (20MiB); 0 = unlimited",
+    "convergence_timeout_s": "seconds",
+    "reconnect_timeout_s": "seconds",
+}
+SETTABLE = tuple(SETTABLE_UNITS)
+
+
+def describe_parameters() -> str:
+    return "; ".join(f"{name} in {unit}" for name, unit in SETTABLE_UNITS.items())
 
 
 @dataclass(frozen=True)

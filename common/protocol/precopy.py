@@ -58,6 +58,15 @@ class Precopy:
         count = self.mem.page_count
         return count - int(first.data_pages.size), count - int(first.tag_pages.size)
 
+    def give_up_reason(self, params: MigrationParameters) -> str:
+        """Why precopy stops at the convergence timeout, with the latest round's figures."""
+        return (
+            f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
+            f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
+            f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {params.downtime_limit_ms:.0f} ms limit"
+            f" at throttle {self.throttle:.0%}"
+        )
+
     def end_of_round(
         self,
         now: float,
@@ -84,13 +93,7 @@ class Precopy:
         if remaining == 0 or (self.expected_downtime_s is not None and self.expected_downtime_s <= limit_s):
             return RoundEnd(Verdict.SWITCHOVER, sync)
         if active_for > params.convergence_timeout_s:
-            reason = (
-                f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
-                f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
-                f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {params.downtime_limit_ms:.0f} ms limit"
-                f" at throttle {self.throttle:.0%}"
-            )
-            return RoundEnd(Verdict.GIVE_UP, sync, reason)
+            return RoundEnd(Verdict.GIVE_UP, sync, self.give_up_reason(params))
         # Auto-converge: a round that leaves more than half of what it sent dirty again means
         # the guest outruns the link; hold its vCPU back a little more each time.
         sent_this_round = meter.total - self._acked_at_round

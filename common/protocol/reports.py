@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from common.constants import PAGE_SIZE
+from common.constants import LATENCY_SAMPLES, PAGE_SIZE, PAGE_STATE_BYTES
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.stats import ms, verification_section
 from common.wire import mte_migration_pb2 as pb
@@ -41,8 +41,9 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             if session.t_dest_running is not None and session.t_stop is not None
             else None
         )
-    p = session.precopy.pass_
     link = session.link.stats
+    remaining = _source_remaining(session)
+    rate = session.meter.rate()
     return {
         "status": status,
         "phase": session.phase.value,
@@ -57,11 +58,13 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         "downtime_limit_ms": session.params.downtime_limit_ms,
         "rounds": session.round,
         "throttle": round(session.throttle, 3),
-        "ram": session.stats.ram_section(session.mem.ram_bytes),
-        "tags": session.stats.tags_section(),
-        "throughput_mbps": round(session.stats.total_bytes * 8 / 1e6 / total_s, 1) if total_s > 0 else 0.0,
+        "progress_percent": _percent(status, remaining, session.mem.ram_bytes),
+        "remaining_bytes": remaining,
+        "eta_s": round(remaining / rate, 1) if remaining is not None and rate else None,
+        "ram": session.stats.ram_section(session.mem.ram_bytes, source=True),
+        "tags": session.stats.tags_section(source=True),
+        "throughput_bytes_per_s": round(session.stats.total_bytes / total_s) if total_s > 0 else 0,
         "dirty_pages_rate": round(session.precopy.dirty_pages_rate, 1),
-        "pages_remaining": p.remaining_bytes // PAGE_SIZE if p else 0,
         "link": {
             "epoch": session.link.epoch,
             "reconnects": link.resumes,
@@ -69,7 +72,8 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             "resend_requests": link.resend_requests,
             "corrupt_received": link.corrupt,
         },
-        "timeline_ms": {event: round(at * 1000, 3) for event, at in session.timeline},
+        "timeline": [{"event": event, "at_ms": ms(at)} for event, at in session.timeline],
+        "rounds_detail": [r.section(session.t_start, end, session.stats) for r in session.round_records],
         "postcopy": None
         if pc is None
         else {
@@ -91,6 +95,34 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     }
 
 
+def _source_remaining(session: SourceSession) -> int | None:
+    """Bytes of pages and tags still to send as far as anyone knows now: the rest of this pass
+    in precopy (later rounds may add what the guest dirties meanwhile), what the destination
+    lacks in postcopy; None once nothing more will be sent."""
+    phase = session.phase
+    if phase is SourcePhase.COMPLETED:
+        return 0
+    if phase.terminal or phase is SourcePhase.UNSETTLED:
+        return None
+    pc = session.postcopy
+    if pc is not None:
+        missing = session.dest_missing if session.dest_missing is not None else pc.missing()
+        return missing * PAGE_STATE_BYTES
+    p = session.precopy.pass_
+    return p.remaining_bytes if p is not None else 0
+
+
+def _percent(status: str, remaining: int | None, guest_bytes: int) -> float | None:
+    """How much of the guest's state (data and tags) is already where it is going, as virsh's
+    `[ 45 %]`: 100 once completed, None when it will not get there."""
+    if status == "completed":
+        return 100.0
+    if remaining is None or guest_bytes == 0:
+        return None
+    state = guest_bytes // PAGE_SIZE * PAGE_STATE_BYTES
+    return round(100.0 * max(0, state - remaining) / state, 1)
+
+
 def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     """The destination's report, in the same vocabulary as the source's."""
     end = session.t_end if session.t_end is not None else now
@@ -106,6 +138,15 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     )
     total = end - (session.t_hello if session.t_hello is not None else session.t_start)
     link = session.link.stats
+    guest_bytes = session.guest.memory.ram_bytes if session.guest else 0
+    pc = session.postcopy
+    remaining = (
+        0
+        if status == "completed"
+        else pc.missing() * PAGE_STATE_BYTES
+        if pc is not None and pc.started and status == "active"
+        else None
+    )
     return {
         "status": status,
         "phase": session.phase.value,
@@ -119,11 +160,14 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         "downtime_ms": ms(downtime),
         "expected_downtime_ms": None,
         "rounds": session.rounds,
-        "ram": session.stats.ram_section(session.guest.memory.ram_bytes if session.guest else 0),
-        "tags": session.stats.tags_section(),
-        "throughput_mbps": round((session.stats.ram_bytes + session.stats.tag_bytes) * 8 / 1e6 / total, 1)
+        "progress_percent": _percent(status, remaining, guest_bytes),
+        "remaining_bytes": remaining,
+        "eta_s": None,  # the destination does not measure the rate: the source's report has it
+        "ram": session.stats.ram_section(guest_bytes, source=False),
+        "tags": session.stats.tags_section(source=False),
+        "throughput_bytes_per_s": round((session.stats.ram_bytes + session.stats.tag_bytes) / total)
         if total > 0
-        else 0.0,
+        else 0,
         "dirty_pages_rate": None,
         "refused_messages": session.refused_messages,
         "last_refusal": session.last_refusal,
@@ -145,6 +189,8 @@ def _dest_postcopy(session: DestSession, end: float) -> dict[str, Any]:
     return {
         "requests": len(pc.latencies_s),
         "fault_latency_ms": pc.latency_ms(),
+        # the latest ones, for plotting; the percentiles above are over all of them
+        "fault_latencies_ms": [round(t * 1000.0, 3) for t in pc.latencies_s[-LATENCY_SAMPLES:]],
         "blocktime_ms": round(sum(pc.latencies_s) * 1000.0, 3),
         "background_pages": pc.background_pages,
         "requested_pages": pc.requested_pages,

@@ -39,7 +39,7 @@ from common.protocol.postcopy import BACKGROUND_PER_TURN, BACKGROUND_WINDOW, Sou
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
-from common.protocol.stats import BandwidthMeter, TransferStats
+from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
@@ -110,6 +110,7 @@ class SourceSession:
         self.t_dest_running: float | None = None  # postcopy: the destination said it runs
         self.t_end: float | None = None
         self.timeline: list[tuple[str, float]] = []  # (event, seconds since start)
+        self.round_records: list[RoundRecord] = []
 
     # -- state, read-only ---------------------------------------------------------------------
     @property
@@ -232,6 +233,10 @@ class SourceSession:
             return
         if not self._watch_link(now):
             return
+        if self.phase is _S.ACTIVE and self._active_for(now) > self.params.convergence_timeout_s:
+            # checked on time, not only when a round ends: a long round must not overrun it
+            self._fail(pb.ERROR_NOT_CONVERGING, self.precopy.give_up_reason(self.params), now)
+            return
         if self.phase in _SENDING:
             self._pump(now)
         if self.phase is _S.ACTIVE and self.digests.stale_pages:
@@ -255,6 +260,8 @@ class SourceSession:
             deadline = min(deadline, link.t_last_sent + self.params.heartbeat_interval_s)
         if link.unacked:
             deadline = min(deadline, link.t_progress + link.rto_s)
+        if self.phase is _S.ACTIVE and self.t_setup_done is not None:
+            deadline = min(deadline, self.t_setup_done + self.params.convergence_timeout_s)
         if not self.connected:
             return min(deadline, self.reconnector.next_at)
         if self.phase in _SENDING:
@@ -478,9 +485,9 @@ class SourceSession:
             self._postcopy_switchover(now)
             return
         zero, untagged = self.precopy.first_round(now)
-        self.stats.zero_pages += zero
-        self.stats.untagged_pages += untagged
-        self._round_started()
+        self.stats.skipped_pages += zero
+        self.stats.skipped_tag_pages += untagged
+        self._round_started(now)
 
     def _on_abort(self, abort: pb.Abort, now: float) -> None:
         self._fail(abort.code, f"destination aborted: {abort.reason}", now, notify=False)
@@ -627,7 +634,7 @@ class SourceSession:
         size = sum(len(f) for f in frames)
         self.stats.postcopy_bytes += size
         self.stats.ram_bytes += size
-        self.stats.pages_sent += pages
+        self.stats.pages += pages
 
     def _postcopy_switchover(self, now: float) -> None:
         """Stop here, send the vCPU state and the manifest, and let the destination run."""
@@ -666,7 +673,7 @@ class SourceSession:
             self.bucket.spend(size, now)
         if batch.kind == "ram_pages":
             self.stats.ram_bytes += size
-            self.stats.pages_sent += batch.stats.pages
+            self.stats.pages += batch.stats.pages
             self.stats.zero_pages += batch.stats.zero
         else:
             self.stats.tag_bytes += size
@@ -706,23 +713,28 @@ class SourceSession:
         else:
             if self.throttle:
                 self.host.set_throttle(self.throttle)
-            self._round_started()
+            self._round_started(now)
 
     def _round_sent(self, round_no: int, remaining_dirty_pages: int, now: float) -> None:
         self._mark_time(f"round {round_no} sent", now)
+        record = self.round_records[-1]
+        record.t_end, record.end = now, replace(self.stats)
+        record.dirty_pages_rate = self.precopy.dirty_pages_rate
+        record.expected_downtime_s = self.precopy.expected_downtime_s
         self._send(
             now,
             end_of_round=pb.EndOfRound(
                 round=round_no,
-                pages_sent=self.stats.pages_sent,
+                pages_sent=self.stats.pages,
                 tag_sections_sent=self.stats.tag_sections,
                 remaining_dirty_pages=remaining_dirty_pages,
             ),
         )
 
-    def _round_started(self) -> None:
+    def _round_started(self, now: float) -> None:
         p = self.precopy.pass_
         pages = 0 if p is None else int(p.data.size + p.tags.size)
+        self.round_records.append(RoundRecord(self.round, now, replace(self.stats), self.throttle))
         self._events.append(ev.RoundStarted(self.round, pages))
 
     def _switchover(self, now: float, sync: Any) -> None:

@@ -9,14 +9,18 @@ from typing import Any
 
 @dataclass
 class TransferStats:
-    ram_bytes: int = 0  # wire bytes of RamPages messages (header, checksum, payload)
-    pages_sent: int = 0
-    zero_pages: int = 0
+    """What crossed the wire, counted the same way on both sides (docs/report.md)."""
+
+    ram_bytes: int = 0  # wire bytes of page messages (header, checksum, payload)
+    pages: int = 0  # pages in page messages, zero ones included
+    zero_pages: int = 0  # of those, sent as a zero mark without contents
+    skipped_pages: int = 0  # never written: zero at both ends, never sent (only the source knows)
     precopy_bytes: int = 0  # all wire bytes before the source guest stopped
     downtime_bytes: int = 0  # all wire bytes after it stopped
     tag_bytes: int = 0
-    tag_sections: int = 0
-    untagged_pages: int = 0
+    tag_sections: int = 0  # pages' tags in tag messages, untagged ones included
+    untagged_pages: int = 0  # of those, sent as an untagged mark
+    skipped_tag_pages: int = 0  # never tagged: untagged at both ends, never sent
     other_bytes: int = 0  # control messages
     postcopy_bytes: int = 0  # wire bytes of postcopy pages (data and tags) after the switchover
 
@@ -24,22 +28,58 @@ class TransferStats:
     def total_bytes(self) -> int:
         return self.ram_bytes + self.tag_bytes + self.other_bytes
 
-    def ram_section(self, guest_ram_bytes: int) -> dict[str, int]:
+    def ram_section(self, guest_ram_bytes: int, *, source: bool) -> dict[str, int | None]:
         return {
-            "total_bytes": guest_ram_bytes,
-            "transferred_bytes": self.ram_bytes,
-            "pages_sent": self.pages_sent,
+            "guest_bytes": guest_ram_bytes,
+            "wire_bytes": self.ram_bytes,
+            "pages": self.pages,
             "zero_pages": self.zero_pages,
+            "skipped_pages": self.skipped_pages if source else None,
             "precopy_bytes": self.precopy_bytes,
             "downtime_bytes": self.downtime_bytes,
             "postcopy_bytes": self.postcopy_bytes,
         }
 
-    def tags_section(self) -> dict[str, int]:
+    def tags_section(self, *, source: bool) -> dict[str, int | None]:
         return {
-            "transferred_bytes": self.tag_bytes,
-            "sections_sent": self.tag_sections,
+            "wire_bytes": self.tag_bytes,
+            "sections": self.tag_sections,
             "untagged_pages": self.untagged_pages,
+            "skipped_pages": self.skipped_tag_pages if source else None,
+        }
+
+
+@dataclass
+class RoundRecord:
+    """One precopy round as the report and the plot show it."""
+
+    round: int
+    t_start: float
+    start: TransferStats  # the counters when it began
+    throttle: float
+    t_end: float | None = None
+    end: TransferStats | None = None
+    dirty_pages_rate: float | None = None  # measured at its end
+    expected_downtime_s: float | None = None
+
+    def section(self, t0: float, now: float, current: TransferStats) -> dict[str, Any]:
+        end = self.end or current
+        t_end = self.t_end if self.t_end is not None else now
+        seconds = t_end - self.t_start
+        data = end.ram_bytes - self.start.ram_bytes
+        tags = end.tag_bytes - self.start.tag_bytes
+        return {
+            "round": self.round,
+            "start_ms": ms(self.t_start - t0),
+            "duration_ms": ms(seconds),
+            "ram_wire_bytes": data,
+            "tag_wire_bytes": tags,
+            "pages": end.pages - self.start.pages,
+            "tag_sections": end.tag_sections - self.start.tag_sections,
+            "throughput_bytes_per_s": round((data + tags) / seconds) if seconds > 0 else None,
+            "dirty_pages_rate": None if self.dirty_pages_rate is None else round(self.dirty_pages_rate, 1),
+            "expected_downtime_ms": ms(self.expected_downtime_s),
+            "throttle": round(self.throttle, 3),
         }
 
 

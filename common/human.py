@@ -1,0 +1,112 @@
+"""A report as a person reads it (HMP's `info migrate`): a dozen labelled lines, sizes and rates
+in binary units, times in ms or s. `ctl status --json` and the report files keep the JSON."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from common.units import format_duration, format_rate, format_size
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f} ms" if value < 1000 else format_duration(value / 1000.0)
+
+
+def _size(value: int | None) -> str:
+    return "-" if value is None else format_size(value)
+
+
+def describe(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    status = report.get("status")
+    if status == "none":
+        lines.append("migration: none yet")
+    elif status is not None:
+        head = f"migration: {status} ({report.get('mode')}, phase {report.get('phase')})"
+        if report.get("progress_percent") is not None and status == "active":
+            head += f" [{report['progress_percent']:.1f} %]"
+        lines.append(head)
+        if report.get("error"):
+            lines.append(f"error: {report['error']}")
+        lines.extend(_transfer_lines(report))
+    guest = report.get("guest")
+    if guest:
+        where = "here" if guest.get("here") else "not here"
+        state = "running" if guest.get("running") else "stopped"
+        lines.append(
+            f"guest: {where}, {state}, step {guest.get('step')}, {guest.get('tag_check_faults')} tag-check faults"
+        )
+    if report.get("parameters"):
+        shown = " ".join(f"{name}={_parameter(name, value)}" for name, value in report["parameters"].items())
+        lines.append(f"parameters: {shown}")
+    return "\n".join(lines)
+
+
+def _parameter(name: str, value: Any) -> str:
+    if name == "max_bandwidth":
+        return "unlimited" if not value else format_rate(value)
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def _transfer_lines(report: dict[str, Any]) -> list[str]:
+    lines = []
+    if "rounds" in report:
+        lines.append(
+            f"time: total {_ms(report.get('total_time_ms'))}, setup {_ms(report.get('setup_time_ms'))}, "
+            f"{report['rounds']} rounds"
+        )
+    if report.get("downtime_limit_ms") is not None or report.get("downtime_ms") is not None:
+        lines.append(
+            f"downtime: {_ms(report.get('downtime_ms'))} (expected {_ms(report.get('expected_downtime_ms'))}"
+            + (f", limit {_ms(report['downtime_limit_ms'])}" if report.get("downtime_limit_ms") else "")
+            + ")"
+        )
+    if report.get("remaining_bytes") is not None and report.get("status") == "active":
+        eta = report.get("eta_s")
+        lines.append(
+            f"remaining: {_size(report['remaining_bytes'])}"
+            + (f", about {format_duration(eta)} at the current rate" if eta is not None else "")
+        )
+    throttle = report.get("throttle")
+    rate = report.get("dirty_pages_rate")
+    lines.append(
+        f"throughput: {format_rate(report.get('throughput_bytes_per_s') or 0)}"
+        + (f", dirtied {rate:.0f} pages/s" if rate else "")
+        + (f", throttle {throttle:.0%}" if throttle else "")
+    )
+    ram, tags = report.get("ram"), report.get("tags")
+    if ram:
+        skipped = f", {ram['skipped_pages']} never written (not sent)" if ram.get("skipped_pages") else ""
+        lines.append(
+            f"ram: {_size(ram['guest_bytes'])} guest, {ram['pages']} pages ({ram['zero_pages']} zero){skipped}, "
+            f"{_size(ram['wire_bytes'])} on the wire"
+        )
+    if tags:
+        skipped = f", {tags['skipped_pages']} never tagged (not sent)" if tags.get("skipped_pages") else ""
+        lines.append(
+            f"tags: {tags['sections']} pages' tags ({tags['untagged_pages']} untagged){skipped}, "
+            f"{_size(tags['wire_bytes'])} on the wire"
+        )
+    link = report.get("link")
+    if link:
+        reconnects = link.get("reconnects", link.get("resumes", 0))
+        lines.append(
+            f"link: epoch {link['epoch']}, {reconnects} reconnects, {link['resent_messages']} messages resent, "
+            f"{link['corrupt_received']} corrupt received"
+        )
+    pc = report.get("postcopy")
+    if pc:
+        lines.append(
+            "postcopy: "
+            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pc.items() if not isinstance(v, list | dict))
+        )
+    verification = report.get("verification")
+    if verification and verification.get("ok") is not None:
+        verdict = "ok" if verification["ok"] else "MISMATCH"
+        lines.append(
+            f"verification: {verdict} (ram {verification.get('ram_digest')}, tags {verification.get('tag_digest')}, "
+            f"vcpu {verification.get('vcpu_digest')})"
+        )
+    return lines
