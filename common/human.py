@@ -55,7 +55,11 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
     if "rounds" in report:
         lines.append(
             f"time: total {_ms(report.get('total_time_ms'))}, setup {_ms(report.get('setup_time_ms'))}, "
-            f"{report['rounds']} rounds"
+            + (
+                f"round {report['rounds']}"
+                if report.get("status") == "active"
+                else f"{report['rounds']} rounds"
+            )
         )
     if report.get("downtime_limit_ms") is not None or report.get("downtime_ms") is not None:
         lines.append(

@@ -57,7 +57,7 @@ class OutgoingMigration:
             "migration started",
             destination=uri,
             session=self.session.session_id.hex(),
-            ram_bytes=guest.memory.ram_bytes,
+            guest_bytes=guest.memory.ram_bytes,
         )
         self.after_call()
 

@@ -31,7 +31,9 @@ def _left_text(report: dict[str, Any]) -> str:
     if remaining is None:
         return ""
     eta = report.get("eta_s")
-    return f" {format_size(remaining)} left" + (f", ~{format_duration(eta)}" if eta is not None else "")
+    return (
+        f" {format_size(remaining)} left" + (f", ~{format_duration(eta)}" if eta is not None else "") + " |"
+    )
 
 
 def progress_line(report: dict[str, Any]) -> str:
@@ -45,7 +47,7 @@ def progress_line(report: dict[str, Any]) -> str:
     if postcopy is not None:
         missing = postcopy.get("pages_missing_at_destination")
         return (
-            f"[postcopy] {_percent_text(report)} {report.get('phase', '?')} |{_left_text(report)} | "
+            f"[postcopy] {_percent_text(report)} {report.get('phase', '?')} |{_left_text(report)} "
             f"{'?' if missing is None else missing} pages missing there | "
             f"{postcopy['requests']} requests ({postcopy.get('requests_per_s', 0.0):.1f}/s) | {rate}"
         )
@@ -53,7 +55,7 @@ def progress_line(report: dict[str, Any]) -> str:
     expected_text = f"{expected:.1f} ms" if expected is not None else "?"
     return (
         f"[{report.get('mode', '?')}] {_percent_text(report)} {report.get('phase', '?')} round "
-        f"{report.get('rounds', 0)} |{_left_text(report)} | {rate} | expected downtime {expected_text} | "
+        f"{report.get('rounds', 0)} |{_left_text(report)} {rate} | expected downtime {expected_text} | "
         f"throttle {report.get('throttle', 0.0):.0%}"
     )
 

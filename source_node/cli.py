@@ -239,7 +239,7 @@ def reference_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
     runner.run_until_finished(lambda: bool(signals))
     completed = runner.finished
     goal = f" of {args.stop_at_step}" if args.stop_at_step is not None else ""
@@ -299,7 +299,7 @@ def migrate_run(args: argparse.Namespace) -> int:
         params=migration_parameters(args), control=args.control, one_shot=bool(args.migrate_to)
     )
     daemon = SourceDaemon(guest, runner, options, ctx, control)
-    log.info("guest booted", ram_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
     if args.migrate_to:
         try:
             daemon.migrate(args.migrate_to)

@@ -55,10 +55,12 @@ def draw(source: dict[str, Any], dest: dict[str, Any] | None, out: Path) -> None
     ax = axes[0]
     pages = [r["ram_wire_bytes"] / mib for r in rounds]
     tags = [r["tag_wire_bytes"] / mib for r in rounds]
-    ax.bar(numbers, pages, label="pages", color="tab:blue")
-    ax.bar(numbers, tags, bottom=pages, label="tags", color="tab:orange")
+    ax.bar([n - 0.2 for n in numbers], pages, width=0.4, label="pages", color="tab:blue")
+    ax.bar([n + 0.2 for n in numbers], tags, width=0.4, label="tags", color="tab:orange")
     ax.set_ylabel("MiB on the wire")
+    ax.set_yscale("log")  # round 1 carries the whole guest; later rounds only what was dirtied
     ax.set_xlabel("round")
+    ax.set_xticks(numbers)
     ax.legend(loc="upper right")
 
     ax = axes[1]
@@ -66,7 +68,12 @@ def draw(source: dict[str, Any], dest: dict[str, Any] | None, out: Path) -> None
         numbers, [(r["throughput_bytes_per_s"] or 0) / mib for r in rounds], "o-", label="throughput (MiB/s)"
     )
     ax.set_ylabel("MiB/s")
-    ax.set_xlabel("round")
+    ax.set_xlabel("round (throttle under each point)")
+    ax.set_xticks(numbers)
+    for r in rounds:
+        if r["throttle"]:
+            ax.annotate(f"{r['throttle']:.0%}", (r["round"], (r["throughput_bytes_per_s"] or 0) / mib),
+                        textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)  # fmt: skip
     twin = ax.twinx()
     twin.plot(
         numbers, [r["dirty_pages_rate"] or 0 for r in rounds], "s--", color="tab:red", label="dirty pages/s"

@@ -239,13 +239,17 @@ def test_hostile_peers_change_nothing(tmp_path: Path) -> None:
     # a source without the token is refused, and keeps its guest
     guest = [*SMALL_GUEST, "--seed", "2", "--stop-at-step", "100"]
     refused = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
-    assert refused.code != 0 and "authentication failed" in refused.report["error"]
+    assert refused.code != 0 and "the source gave none" in refused.report["error"], "not 'does not match'"
     assert refused.report["guest"]["here"] is True
     # and the right source still gets in
     ok = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--auth-token", "s3cret")
     got = dest.finish()
     assert ok.code == 0, ok.stderr
     assert got.code == 0 and same_guest(got.report["guest"], reference(tmp_path, *guest))
+    # the destination's operator sees each refused source, and why
+    refusals = [json.loads(line) for line in got.stderr.splitlines() if '"source refused"' in line]
+    assert len(refusals) == 2, got.stderr
+    assert "protocol version 99" in refusals[0]["reason"] and "gave none" in refusals[1]["reason"]
 
 
 def test_control_endpoint_refuses_bad_requests(tmp_path: Path) -> None:

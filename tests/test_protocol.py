@@ -233,6 +233,17 @@ def test_guest_that_cannot_converge_in_time_fails_cleanly() -> None:
     assert pair.dst.phase is DestPhase.FAILED
 
 
+def test_the_convergence_timeout_holds_inside_a_long_round() -> None:
+    # round 1 of this guest takes about 4 s at 2 MiB/s: the 1 s timeout must not wait for its end
+    params = MigrationParameters(max_bandwidth=2 << 20, convergence_timeout_s=1.0)
+    pair = Pair(busy_guest(seed=2, ram=16 << 20, fill=Fill.RANDOM), params=params).run(max_seconds=30)
+    assert_stayed_on_source(pair)
+    assert pair.src.failure is not None and pair.src.failure.code == pb.ERROR_NOT_CONVERGING
+    assert pair.src.round == 1 and pair.src.t_end is not None and pair.src.t_setup_done is not None
+    assert 1.0 < pair.src.t_end - pair.src.t_setup_done < 1.05, "failed on time, mid-round"
+    assert "not converging after 1 s and 1 rounds" in pair.src.failure.reason
+
+
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     drop=st.sampled_from([0.0, 0.0, 0.02]),

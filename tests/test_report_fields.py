@@ -92,13 +92,15 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
     # 5 pages and 100 bytes of tags left of a 1 GiB guest's 262144 pages x (4096 + 128) bytes
     assert running["remaining_bytes"] == 5 * PAGE_SIZE + 100
     assert running["progress_percent"] == 100.0 * round(1 - (5 * PAGE_SIZE + 100) / (262144 * 4224), 3)
-    assert running["eta_s"] == round((5 * PAGE_SIZE + 100) / 2048.0, 1), "what is left at the measured rate"
+    assert running["eta_s"] == round((5 * PAGE_SIZE + 100) / 2048.0, 3), "what is left at the measured rate"
     failed = source_report(
         source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost")), now=500.0
     )
     assert failed["status"] == "failed" and failed["error"] == "lost"
     assert failed["downtime_ms"] is None, "a failed migration had no downtime: the guest runs on"
     assert failed["remaining_bytes"] is None and failed["progress_percent"] is None, "it will not get there"
+    setup = source_report(source(phase=SourcePhase.SETUP, t_end=None), now=100.1)
+    assert setup["remaining_bytes"] is None and setup["progress_percent"] is None, "not known before round 1"
     for phase, status in (
         (SourcePhase.CANCELLED, "cancelled"),
         (SourcePhase.UNSETTLED, "unsettled"),

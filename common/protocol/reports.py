@@ -60,7 +60,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         "throttle": round(session.throttle, 3),
         "progress_percent": _percent(status, remaining, session.mem.ram_bytes),
         "remaining_bytes": remaining,
-        "eta_s": round(remaining / rate, 1) if remaining is not None and rate else None,
+        "eta_s": round(remaining / rate, 3) if remaining is not None and rate else None,
         "ram": session.stats.ram_section(session.mem.ram_bytes, source=True),
         "tags": session.stats.tags_section(source=True),
         "throughput_bytes_per_s": round(session.stats.total_bytes / total_s) if total_s > 0 else 0,
@@ -102,8 +102,8 @@ def _source_remaining(session: SourceSession) -> int | None:
     phase = session.phase
     if phase is SourcePhase.COMPLETED:
         return 0
-    if phase.terminal or phase is SourcePhase.UNSETTLED:
-        return None
+    if phase.terminal or phase in (SourcePhase.UNSETTLED, SourcePhase.IDLE, SourcePhase.SETUP):
+        return None  # nothing more will be sent, or round 1 has not yet counted what there is
     pc = session.postcopy
     if pc is not None:
         missing = session.dest_missing if session.dest_missing is not None else pc.missing()

@@ -1,0 +1,313 @@
+"""What an operator sees and types: the live line on a terminal, progress in a log, the short
+status, parameters read back and changed, help texts, an interrupted reference run, a cancel
+followed by a second migration, and the plot."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.control import request
+from common.ctl import build_parser, commands_for
+from common.progress import Progress, progress_line
+from tests.e2e import DEST, SMALL_GUEST, SOURCE, Dest, finish_source, free_port, start_source
+from tests.test_e2e_precopy import slow_migration, wait_status
+
+TIMESTAMP = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d")
+
+
+def run(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout)
+
+
+# -- the live line and progress in a log ------------------------------------------------------------
+@pytest.mark.slow
+def test_the_live_line_on_a_terminal_is_never_run_into_by_a_log_line(tmp_path: Path) -> None:
+    guest, knobs = slow_migration(tmp_path)
+    dest = Dest(tmp_path, "--stop-at-step", "8000")
+    master, slave = pty.openpty()
+    report = tmp_path / "source.json"
+    proc = subprocess.Popen(
+        [*SOURCE, *guest, *knobs, "--migrate-to", dest.uri, "--report", str(report)],
+        stdout=slave,
+        stderr=slave,
+        stdin=subprocess.DEVNULL,
+    )
+    os.close(slave)
+    screen = b""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([master], [], [], 0.5)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # the terminal closed: the process is gone
+                break
+            if not chunk:
+                break
+            screen += chunk
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(master)
+    dest.finish()
+    text = screen.decode(errors="replace")
+    assert proc.returncode == 0, text
+    live = [part for part in re.split(r"[\r\n]", text) if part.startswith("[precopy] [")]
+    assert live, text
+    assert any(
+        re.search(r"\[ *\d+\.\d %\] active round \d+ \| [\d.]+ [KMG]iB left", part) for part in live
+    ), live
+    assert all("/s | expected downtime" in part or "completed" in part for part in live)
+    # every log line starts at the left margin: none continues a live line
+    for part in live:
+        assert not TIMESTAMP.search(part), f"a log line ran into the live line: {part!r}"
+    assert any(TIMESTAMP.search(part) for part in re.split(r"[\r\n]", text)), "the log lines are there"
+    assert "\x1b[K" in text
+
+
+def test_off_a_terminal_progress_is_an_event_every_interval(monkeypatch: pytest.MonkeyPatch) -> None:
+    import io
+
+    events: list[tuple[str, dict[str, Any]]] = []
+
+    class Log:
+        def info(self, event: str, **fields: Any) -> None:
+            events.append((event, fields))
+
+    clock = [100.0]
+    monkeypatch.setattr("common.progress.time.monotonic", lambda: clock[0])
+    progress = Progress(io.StringIO(), log=Log(), log_interval_s=5.0)
+    report = {
+        "status": "active",
+        "phase": "active",
+        "rounds": 2,
+        "progress_percent": 40.0,
+        "remaining_bytes": 3 << 20,
+    }
+    for _ in range(60):  # 12 s of loop turns, 0.2 s apart
+        if progress.wanted():
+            progress.update(report)
+        clock[0] += 0.2
+    assert [e for e, _ in events] == ["migration progress", "migration progress"], "at 5 s and 10 s"
+    assert events[0][1]["progress_percent"] == 40.0 and events[0][1]["remaining_bytes"] == 3 << 20
+    progress.update({**report, "status": "completed"}, force=True)
+    assert len(events) == 2, "the end is its own event, not a progress one"
+
+
+def test_the_live_line_names_its_units_and_says_how_a_migration_ended() -> None:
+    line = progress_line(
+        {
+            "status": "active",
+            "mode": "precopy",
+            "phase": "active",
+            "rounds": 3,
+            "progress_percent": 45.0,
+            "remaining_bytes": 300 << 20,
+            "eta_s": 12.34,
+            "throughput_bytes_per_s": 25 << 20,
+            "expected_downtime_ms": 120.0,
+            "throttle": 0.2,
+        }
+    )
+    assert line == (
+        "[precopy] [ 45.0 %] active round 3 | 300 MiB left, ~12.3 s | 25 MiB/s | "
+        "expected downtime 120.0 ms | throttle 20%"
+    )
+    cancelled = progress_line(
+        {
+            "status": "cancelled",
+            "mode": "precopy",
+            "error": "cancelled by the operator",
+            "remaining_bytes": None,
+        }
+    )
+    assert "cancelled: cancelled by the operator" in cancelled and "left" not in cancelled
+
+
+# -- reports -------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_an_interrupted_reference_run_says_so_and_fails(tmp_path: Path) -> None:
+    report = tmp_path / "ref.json"
+    proc = subprocess.Popen(
+        [*SOURCE, *SMALL_GUEST, "--stop-at-step", "100000000", "--report", str(report)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stderr is not None
+    assert "guest booted" in proc.stderr.readline()
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 130, err
+    written = json.loads(report.read_text())
+    assert written["status"] == "interrupted"
+    assert re.fullmatch(r"interrupted by SIGINT at step \d+ of 100000000", written["error"])
+    assert written["guest"]["here"] is True and written["guest"]["running"] is False
+
+
+# -- parameters and commands ------------------------------------------------------------------------
+@pytest.mark.slow
+def test_parameters_are_read_back_changed_in_any_size_spelling_and_logged(tmp_path: Path) -> None:
+    control = f"tcp://127.0.0.1:{free_port()}"
+    proc, _ = start_source(tmp_path, *SMALL_GUEST, "--stop-at-step", "100000000", "--control", control)
+    try:
+        wait_status(control, {"none"})
+        ctl = [*SOURCE, "ctl", "--control", control]
+        before = run(*ctl, "parameters")
+        assert before.returncode == 0, before.stderr
+        assert before.stdout.strip() == (
+            "parameters: downtime_limit_ms=300 max_bandwidth=unlimited convergence_timeout_s=60 "
+            "reconnect_timeout_s=10"
+        )
+        changed = run(*ctl, "set-parameters", "max_bandwidth=20MiB", "downtime-limit-ms=50")
+        assert changed.returncode == 0, changed.stderr
+        assert "max_bandwidth=20 MiB/s" in changed.stdout and "downtime_limit_ms=50" in changed.stdout
+        back = json.loads(run(*ctl, "parameters", "--json").stdout)
+        assert back["max_bandwidth"] == 20 << 20 and back["downtime_limit_ms"] == 50.0
+        for bad, why in (("downtime_limit_ms=nan", "finite"), ("max_bandwidth=fast", "not a size")):
+            refused = run(*ctl, "set-parameters", bad)
+            assert refused.returncode == 1 and why in refused.stderr, refused.stderr
+        # the connection options go before or after the command
+        status = run(*SOURCE, "ctl", "status", "--control", control, "--timeout", "2")
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.startswith("migration: none yet\nguest: here, running, step ")
+        assert len(status.stdout.splitlines()) <= 4, "a short form; --json has the whole report"
+        assert json.loads(run(*ctl, "status", "--json").stdout)["guest"]["here"] is True
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    logged = [json.loads(line) for line in err.splitlines() if '"parameters changed"' in line]
+    assert logged == [
+        {**logged[0], "max_bandwidth": "0 -> 20971520", "downtime_limit_ms": "300.0 -> 50.0"}
+    ], "each change logged once, old -> new; refused ones not at all"
+
+
+@pytest.mark.slow
+def test_each_daemon_is_offered_exactly_the_commands_it_answers(tmp_path: Path) -> None:
+    dest = Dest(tmp_path)
+    control = f"tcp://127.0.0.1:{free_port()}"
+    proc, _ = start_source(tmp_path, *SMALL_GUEST, "--stop-at-step", "100000000", "--control", control)
+    try:
+        wait_status(control, {"none"})
+        for address, source in ((control, True), (dest.control, False)):
+            error = request(address, "no-such-command")["error"]
+            known = error.split("known: ")[1].split(", ")
+            assert sorted(known) == sorted(commands_for(source=source))
+        dest_help = run(*DEST, "ctl", "--help").stdout
+        assert (
+            "postcopy-start" not in dest_help and "set-parameters" not in dest_help and "migrate" in dest_help
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+        dest.kill()
+
+
+def test_ctl_takes_its_options_on_either_side_of_the_command() -> None:
+    parser = build_parser("source-node ctl", source=True)
+    late = parser.parse_args(["status", "--control", "tcp://127.0.0.1:5555", "--timeout", "1"])
+    early = parser.parse_args(["--control", "tcp://127.0.0.1:5555", "--timeout", "1", "status"])
+    assert (late.control, late.timeout) == (early.control, early.timeout) == ("tcp://127.0.0.1:5555", 1.0)
+    assert parser.parse_args(["--control", "ipc:///tmp/x", "status"]).timeout == 5.0
+
+
+@pytest.mark.slow
+def test_help_texts_name_every_subcommand_and_unit() -> None:
+    main = run(*SOURCE, "--help").stdout
+    for words in ("source-node ctl", "source-node demo", "source-node plot", "--ram SIZE", "--downtime-limit MS",
+                  "--peer-timeout S", "--stop-at-step N", "powers of 1024"):  # fmt: skip
+        assert words in main, words
+    assert "dest-node ctl" in run(*DEST, "--help").stdout
+    for command in (SOURCE, DEST):
+        version = run(*command, "--version")
+        assert version.returncode == 0 and re.fullmatch(r"(source|dest)-node \d+\.\d+\.\d+\n", version.stdout)
+    demo_help = run(*SOURCE, "demo", "--help").stdout
+    for option in (
+        "--ram SIZE",
+        "--working-set SIZE",
+        "--dirty-pages-per-step N",
+        "--downtime-limit MS",
+        "--seed N",
+    ):
+        assert option in demo_help, option
+    bad = run(*SOURCE, "demo", "--ram", "1XB")
+    assert bad.returncode == 2 and "source-node demo: error: argument --ram" in bad.stderr
+    assert "usage: source-node demo" in bad.stderr, "the demo's usage, not the main one"
+    zero = run(*SOURCE, "--peer-timeout", "0", "--migrate-to", "tcp://127.0.0.1:4444")
+    assert "argument --peer-timeout: must be more than 0" in zero.stderr and "heartbeat" not in zero.stderr
+
+
+@pytest.mark.slow
+def test_a_cancel_then_a_new_migration_logs_each_once(tmp_path: Path) -> None:
+    guest, knobs = slow_migration(tmp_path)
+    first, second = Dest(tmp_path, "--stop-at-step", "8000"), Dest(tmp_path, "--stop-at-step", "8000")
+    control = f"tcp://127.0.0.1:{free_port()}"
+    proc, path = start_source(tmp_path, *guest, *knobs, "--control", control)
+    try:
+        assert request(control, "migrate", {"uri": first.uri})["ok"]
+        wait_status(control, {"active"})
+        assert request(control, "cancel")["ok"]
+        wait_status(control, {"cancelled"})
+        assert request(control, "set-parameters", {"max_bandwidth": "0"})["ok"]
+        assert request(control, "migrate", {"uri": second.uri})["ok"]
+        wait_status(control, {"completed"})
+    finally:
+        proc.send_signal(signal.SIGTERM)  # a daemon with --control lives on after its migrations
+        src = finish_source(proc, path)
+        first.kill()
+        second.kill()
+    events = [json.loads(line) for line in src.stderr.splitlines() if line.startswith("{")]
+    ends = [
+        e["event"]
+        for e in events
+        if e["event"].startswith("migration ") and e["event"] != "migration progress"
+    ]
+    assert ends == ["migration started", "migration cancelled", "migration started", "migration completed"], (
+        ends
+    )
+    started = [e["session"] for e in events if e["event"] == "migration started"]
+    assert len(set(started)) == 2
+    assert src.report["status"] == "completed"
+
+
+# -- the plot -------------------------------------------------------------------------------------
+def report_of_a_busy_migration() -> dict[str, Any]:
+    from common.protocol.params import MigrationParameters
+    from tests.protocol_harness import Pair, busy_guest
+
+    pair = Pair(
+        busy_guest(seed=3, dirty_pages_per_step=8),
+        params=MigrationParameters(downtime_limit_ms=5, max_bandwidth=8 << 20),
+        guest_speed=2000,
+    ).run()
+    return pair.src.report(pair.now)
+
+
+@pytest.mark.slow
+def test_plot_draws_a_report_and_says_what_to_install_without_matplotlib(tmp_path: Path) -> None:
+    report = tmp_path / "source.json"
+    report.write_text(json.dumps(report_of_a_busy_migration()))
+    picture = tmp_path / "timeline.png"
+    drawn = run(*SOURCE, "plot", str(report), "-o", str(picture), timeout=120)
+    assert drawn.returncode == 0, drawn.stderr
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and picture.stat().st_size > 20_000
+    hide = "import sys; sys.modules['matplotlib'] = None; from source_node.cli import main; sys.exit(main())"
+    missing = run(sys.executable, "-c", hide, "plot", str(report))
+    assert missing.returncode == 2 and 'pip install -e ".[plot]"' in missing.stderr
+    not_a_report = tmp_path / "x.json"
+    not_a_report.write_text("[1, 2]")
+    refused = run(*SOURCE, "plot", str(not_a_report))
+    assert refused.returncode == 2 and "is not a migration report" in refused.stderr
