@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from common.units import format_duration, format_rate, format_size
+from common.units import exact_size, format_duration, format_rate, format_size
 
 
 def _ms(value: float | None) -> str:
@@ -21,8 +21,10 @@ def _size(value: int | None) -> str:
 def describe(report: dict[str, Any]) -> str:
     lines: list[str] = []
     status = report.get("status")
-    if status == "none":
-        lines.append("migration: none yet")
+    if status == "none" or report.get("phase") == "waiting":
+        lines.append(
+            "migration: none yet" + (" (waiting for a source)" if report.get("phase") == "waiting" else "")
+        )
     elif status is not None:
         head = f"migration: {status} ({report.get('mode')}, phase {report.get('phase')})"
         if report.get("progress_percent") is not None and status == "active":
@@ -45,8 +47,8 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def _parameter(name: str, value: Any) -> str:
-    if name == "max_bandwidth":
-        return "unlimited" if not value else format_rate(value)
+    if name == "max_bandwidth":  # read back exactly: what was set, not a rounding of it
+        return "unlimited" if not value else f"{exact_size(value).replace(' bytes', ' B')}/s"
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
@@ -75,8 +77,10 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
         )
     throttle = report.get("throttle")
     rate = report.get("dirty_pages_rate")
+    now = report.get("rate_bytes_per_s")
     lines.append(
-        f"throughput: {format_rate(report.get('throughput_bytes_per_s') or 0)}"
+        f"throughput: {format_rate(report.get('throughput_bytes_per_s') or 0)} on average"
+        + (f", {format_rate(now)} over the last second" if now else "")
         + (f", dirtied {rate:.0f} pages/s" if rate else "")
         + (f", throttle {throttle:.0%}" if throttle else "")
     )
@@ -102,10 +106,12 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
         )
     pc = report.get("postcopy")
     if pc:
-        lines.append(
-            "postcopy: "
-            + ", ".join(f"{k.replace('_', ' ')} {v}" for k, v in pc.items() if not isinstance(v, list | dict))
+        shown = (
+            f"{k.replace('_', ' ')} {v}"
+            for k, v in pc.items()
+            if v is not None and not isinstance(v, list | dict)
         )
+        lines.append("postcopy: " + ", ".join(shown))
     verification = report.get("verification")
     if verification and verification.get("ok") is not None:
         verdict = "ok" if verification["ok"] else "MISMATCH"

@@ -181,7 +181,8 @@ class OutgoingMigration:
                 self.log.info(
                     "round",
                     round=event.round,
-                    pages=event.pages,
+                    data_pages=event.data_pages,
+                    tag_pages=event.tag_pages,
                     expected_downtime_ms=report["expected_downtime_ms"],
                     throughput_bytes_per_s=report["throughput_bytes_per_s"],
                 )

@@ -38,7 +38,8 @@ def _left_text(report: dict[str, Any]) -> str:
 
 def progress_line(report: dict[str, Any]) -> str:
     """One line a person reads at a glance: where, how far, how fast, what it will cost."""
-    rate = format_rate(report.get("throughput_bytes_per_s") or 0)
+    # while it runs, the rate of the last second (the one the ETA uses); at the end the average
+    rate = format_rate(report.get("rate_bytes_per_s") or report.get("throughput_bytes_per_s") or 0)
     status = report.get("status", "active")
     if status != "active":
         ending = f"{status}" + (f": {report['error']}" if report.get("error") else "")

@@ -15,6 +15,8 @@ SIZE_SPELLINGS = "e.g. 4096, 64K, 1.5MiB, 1GB, 16GiB; K/M/G/T mean powers of 102
 
 
 def parse_size(text: str) -> int:
+    if re.search(r"[KMGTkmgt]i?b\s*$", text):
+        raise ValueError(f"'{text}': a lowercase b means bits; sizes are bytes ({SIZE_SPELLINGS})")
     match = _SIZE.match(text)
     if not match:
         raise ValueError(f"'{text}' is not a size ({SIZE_SPELLINGS})")

@@ -2,7 +2,7 @@
 after a verified handover.
 
   dest-node --listen tcp://127.0.0.1:4444 [--once] [--stop-at-step N] [--report PATH]
-  dest-node ctl --control tcp://H:P status|cancel|migrate
+  dest-node ctl --control tcp://H:P status|cancel|migrate|settle
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dest-node",
         usage="dest-node --listen URI [options]            wait for a source, run the guest it sends\n"
-        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate)",
+        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate, settle)",
         description="Receive a migrating MTE guest and, once verified, run it (QEMU's -incoming).",
         epilog="Times are in seconds (S). `dest-node ctl --help` describes the control commands.",
     )

@@ -77,8 +77,9 @@ class DestDaemon:
         self.quit = False
         self.signalled: str | None = None
         self._reported_failure = False
-        self._refusals_unlogged = 0
+        self._refusals_unlogged = 0  # refused messages not yet in the log
         self._t_refusal_logged = float("-inf")
+        self._last_refusal: ev.Refused | None = None
         self.control: ControlServer | None = None
         if options.control:
             try:
@@ -278,15 +279,25 @@ class DestDaemon:
 
     def _log_refusal(self, event: ev.Refused) -> None:
         """Every refused hello is logged; other refused messages at most once a second, with
-        how many there were (a hostile peer must not flood the log)."""
-        now = time.monotonic()
+        how many there were since (a hostile peer must not flood the log, nor go unseen)."""
         if event.hello:
-            self.log.warning("source refused", peer=event.peer.hex(), reason=event.reason)
+            self.log.warning("source refused", connection=event.peer.hex(), reason=event.reason)
             return
         self._refusals_unlogged += 1
-        if now - self._t_refusal_logged >= 1.0:
+        self._last_refusal = event
+        self._flush_refusals()
+
+    def _flush_refusals(self, *, final: bool = False) -> None:
+        now = time.monotonic()
+        event = self._last_refusal
+        if event is None or not self._refusals_unlogged:
+            return
+        if final or now - self._t_refusal_logged >= 1.0:
             self.log.warning(
-                "message refused", peer=event.peer.hex(), reason=event.reason, count=self._refusals_unlogged
+                "messages refused",
+                count=self._refusals_unlogged,
+                last_reason=event.reason,
+                connection=event.peer.hex(),
             )
             self._refusals_unlogged = 0
             self._t_refusal_logged = now
@@ -357,6 +368,7 @@ class DestDaemon:
             if self.runner is not None:
                 self.runner.run_slice()
             self._observe()
+            self._flush_refusals()
             self._outgoing_done()
             if self._done():
                 break
@@ -383,6 +395,7 @@ class DestDaemon:
         return self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished
 
     def _finish(self) -> int:
+        self._flush_refusals(final=True)
         prefaulter = self.prefaulter
         self._stop_prefault()
         if prefaulter is not None:

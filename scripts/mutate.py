@@ -285,6 +285,7 @@ class MutationSession:
         self.baseline_s = 0.0
         self.kills: dict[str, int] = defaultdict(int)
         self.verbose = False  # which test failed first, per mutant
+        self.stop_requested = False  # set by SIGINT/SIGTERM: finish the running mutants, then report
 
     def _trace(self, frame: types.FrameType, event: str, _: Any) -> Any:
         # only frames of the mutated files are traced line by line; the rest run untraced
@@ -323,9 +324,14 @@ class MutationSession:
         return True
 
     def _run_mutants(self, items: dict[str, Any], runtestprotocol: Any) -> None:
-        queue = list(self.mutants)
+        # A seeded shuffle: a run stopped early (Ctrl-C, SIGTERM) has judged a uniform random
+        # sample of the mutants, and its table says so; the order changes nothing else.
+        queue = random.Random(1).sample(self.mutants, len(self.mutants))
         running: dict[int, tuple[Mutant, float, float, list[str]]] = {}
         while queue or running:
+            if self.stop_requested and queue:
+                say(f"  stopping: {len(running)} mutants still running, {len(queue)} not started")
+                queue.clear()
             while queue and len(running) < self.workers:
                 mutant = queue.pop(0)
                 tests = self.tests_for(mutant)
@@ -417,6 +423,12 @@ def main() -> int:
 
     plugin = MutationSession(files, mutants, args.workers)
     plugin.verbose = args.show_survivors
+
+    def stop(*_: Any) -> None:
+        plugin.stop_requested = True
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
     started = time.monotonic()
     pytest.main(
         [*FAST_TESTS, "-q", "-p", "no:cacheprovider", "-o", "addopts=", "--timeout=0"], plugins=[plugin]
@@ -429,7 +441,10 @@ def main() -> int:
     per_file: dict[str, list[str]] = defaultdict(list)
     for m, r in placeable.items():
         per_file[m.path].append(r)
+    judged = len(results)
     sampled = f" (a seeded sample of {len(mutants)} of {total})" if len(mutants) < total else ""
+    if judged < len(mutants):
+        sampled = f" (stopped early: a random sample of {judged} of {total})"
     print(f"\n{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}{sampled}")
     all_total = killed = 0
     for path in files:

@@ -30,8 +30,6 @@ from common.protocol.params import MigrationParameters
 from common.report import guest_summary, write_report
 from common.units import format_rate, parse_size
 
-EXIT_INTERRUPTED = 130  # as a shell reports a program ended by Ctrl-C
-
 
 def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     guest = parser.add_argument_group("guest")
@@ -252,8 +250,9 @@ def reference_run(args: argparse.Namespace) -> int:
     log.info("guest stopped", status=report["status"], **report["guest"])
     if args.report:
         write_report(args.report, report)
-    # a reference cut short is not the reference: scripts comparing digests must notice
-    return 0 if completed else EXIT_INTERRUPTED
+    # a reference cut short is not the reference: scripts comparing digests must notice (128 +
+    # the signal, as a shell reports it: 130 for Ctrl-C)
+    return 0 if completed else 128 + signal.Signals[signals[0]].value
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -314,6 +313,21 @@ def migrate_run(args: argparse.Namespace) -> int:
     return code
 
 
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What argparse cannot check alone (values that depend on each other), as one sentence;
+    None when the guest may boot."""
+    try:
+        check_ram_size(args.ram)
+    except ValueError as exc:
+        return f"--ram: {exc}"
+    try:
+        workload_config(args).check(args.ram)
+        migration_parameters(args).check()
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:
@@ -330,15 +344,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure(args.log_level)
     keep_large_buffers()
-    try:
-        check_ram_size(args.ram)
-    except ValueError as exc:
-        parser.error(f"--ram: {exc}")
-    try:
-        workload_config(args).check(args.ram)
-        migration_parameters(args).check()
-    except ValueError as exc:
-        parser.error(str(exc))
+    problem = check_arguments(args)
+    if problem:
+        parser.error(problem)
     if args.migrate_to or args.control:
         return migrate_run(args)
     return reference_run(args)

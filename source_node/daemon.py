@@ -161,7 +161,8 @@ class SourceDaemon:
             self.session.set_parameters(self.params, time.monotonic())
         after = self.params.settable()
         changed = {name: f"{before[name]} -> {after[name]}" for name in after if before[name] != after[name]}
-        self.log.info("parameters changed", **changed)
+        if changed:
+            self.log.info("parameters changed", **changed)
         return after
 
     def _ctl_settle(self, args: dict[str, Any]) -> dict[str, Any]:

@@ -90,7 +90,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
 
+    from source_node.cli import build_parser as source_parser
+    from source_node.cli import check_arguments
     from source_node.cli import main as source_main
+
+    # checked before a destination starts: a guest that cannot boot is an error here, in the
+    # demo's own words, not a destination left waiting and the main usage
+    problem = check_arguments(source_parser().parse_args(_source_arguments(args, "tcp://127.0.0.1:1")))
+    if problem:
+        parser.error(problem)
 
     if args.keep:
         workdir = Path(args.keep)
@@ -105,6 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         if cleanup is not None:
             cleanup.cleanup()
+
+
+def _source_arguments(args: argparse.Namespace, listen: str, report: str | None = None) -> list[str]:
+    return [
+        "--ram", str(args.ram), "--seed", str(args.seed), "--working-set", str(args.working_set),
+        "--dirty-pages-per-step", str(args.dirty_pages_per_step), "--downtime-limit", str(args.downtime_limit),
+        "--migrate-to", listen, "--log-level", "warning", *(["--report", report] if report else []),
+    ]  # fmt: skip
 
 
 def _run(args: argparse.Namespace, workdir: Path, source_main: Any) -> int:
@@ -138,14 +154,7 @@ def _run(args: argparse.Namespace, workdir: Path, source_main: Any) -> int:
         print(
             f"demo: migrating a busy {format_size(args.ram)} guest (seed {args.seed}) to it ...", flush=True
         )
-        code = source_main(
-            [
-                "--ram", str(args.ram), "--seed", str(args.seed), "--working-set", str(args.working_set),
-                "--dirty-pages-per-step", str(args.dirty_pages_per_step),
-                "--downtime-limit", str(args.downtime_limit),
-                "--migrate-to", listen, "--report", str(source_report), "--log-level", "warning",
-            ]
-        )  # fmt: skip
+        code = source_main(_source_arguments(args, listen, str(source_report)))
         if code == 0:
             first = request(control, "status")
             time.sleep(1.0)

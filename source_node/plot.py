@@ -25,8 +25,8 @@ def _load(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
         parser.error(f"cannot read {path}: {exc.strerror}")
     except ValueError:
         parser.error(f"{path} is not a JSON report")
-    if not isinstance(report, dict) or ("rounds_detail" not in report and "postcopy" not in report):
-        parser.error(f"{path} is not a migration report (no rounds_detail): write one with --report")
+    if not isinstance(report, dict) or "status" not in report:
+        parser.error(f"{path} is not a migration report: write one with --report")
     return report
 
 
@@ -135,7 +135,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(INSTALL_HINT, file=sys.stderr)
         return 2
     source = _load(args.report, parser)
+    if "rounds_detail" not in source:
+        parser.error(
+            f"{args.report} is not a source-node report (a destination's? give the source's report, "
+            "and the destination's with --dest)"
+        )
     dest = _load(args.dest, parser) if args.dest else None
+    if not Path(args.output).resolve().parent.is_dir():
+        parser.error(f"-o {args.output}: folder {Path(args.output).parent} does not exist")
     draw(source, dest, Path(args.output))
     print(f"wrote {args.output}")
     return 0

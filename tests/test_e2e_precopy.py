@@ -227,15 +227,17 @@ def test_hostile_peers_change_nothing(tmp_path: Path) -> None:
     stranger.connect(dest.uri)
     stranger.send_multipart([b"garbage", b"more", b"frames"])
     stranger.send_multipart(framing.encode(hello_of_version(99)))
+    for _ in range(20):  # a flood: counted in the log, not a line each
+        stranger.send_multipart([b"junk"])
     replies = []
     while stranger.poll(3000) and len(replies) < 2:
         replies.append(framing.decode(stranger.recv_multipart()))
     stranger.close()
-    assert [r.kind for r in replies] == ["abort", "hello_ack"]
+    assert [r.kind for r in replies[:2]] == ["abort", "hello_ack"]
     assert "frames" in replies[0].envelope.abort.reason
     assert "protocol version 99 is not supported" in replies[1].envelope.hello_ack.reason
     status = request(dest.control, "status")["result"]
-    assert status["phase"] == "waiting" and status["refused_messages"] == 2
+    assert status["phase"] == "waiting" and status["refused_messages"] == 22
     # a source without the token is refused, and keeps its guest
     guest = [*SMALL_GUEST, "--seed", "2", "--stop-at-step", "100"]
     refused = run_source(tmp_path, *guest, "--migrate-to", dest.uri)
@@ -250,6 +252,8 @@ def test_hostile_peers_change_nothing(tmp_path: Path) -> None:
     refusals = [json.loads(line) for line in got.stderr.splitlines() if '"source refused"' in line]
     assert len(refusals) == 2, got.stderr
     assert "protocol version 99" in refusals[0]["reason"] and "gave none" in refusals[1]["reason"]
+    flood = [json.loads(line) for line in got.stderr.splitlines() if '"messages refused"' in line]
+    assert sum(e["count"] for e in flood) == 21 and len(flood) <= 3, "all counted, in a few lines"
 
 
 def test_control_endpoint_refuses_bad_requests(tmp_path: Path) -> None:

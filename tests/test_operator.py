@@ -243,6 +243,10 @@ def test_help_texts_name_every_subcommand_and_unit() -> None:
         "--seed N",
     ):
         assert option in demo_help, option
+    # 1GB is a gibibyte: the demo checks the guest before it starts a destination
+    too_small = run(*SOURCE, "demo", "--ram", "1GB", "--working-set", "2G")
+    assert too_small.returncode == 2 and "--working-set 2 GiB does not fit in --ram 1 GiB" in too_small.stderr
+    assert "demo: destination listening" not in too_small.stdout
     bad = run(*SOURCE, "demo", "--ram", "1XB")
     assert bad.returncode == 2 and "source-node demo: error: argument --ram" in bad.stderr
     assert "usage: source-node demo" in bad.stderr, "the demo's usage, not the main one"
@@ -311,3 +315,39 @@ def test_plot_draws_a_report_and_says_what_to_install_without_matplotlib(tmp_pat
     not_a_report.write_text("[1, 2]")
     refused = run(*SOURCE, "plot", str(not_a_report))
     assert refused.returncode == 2 and "is not a migration report" in refused.stderr
+    nowhere = run(*SOURCE, "plot", str(report), "-o", str(tmp_path / "no" / "such.png"))
+    assert (
+        nowhere.returncode == 2 and "does not exist" in nowhere.stderr and "Traceback" not in nowhere.stderr
+    )
+
+
+@pytest.mark.slow
+def test_plot_adds_postcopy_request_latencies_from_the_destinations_report(tmp_path: Path) -> None:
+    from tests.test_postcopy import postcopy_pair, run_to_end
+
+    pair = run_to_end(postcopy_pair(seed=5, after_rounds=1))
+    source, dest = tmp_path / "source.json", tmp_path / "dest.json"
+    source.write_text(json.dumps(pair.src.report(pair.now)))
+    dest.write_text(json.dumps(pair.dst.report(pair.now)))
+    assert json.loads(dest.read_text())["postcopy"]["fault_latencies_ms"], "the destination keeps them"
+    alone, both = tmp_path / "alone.png", tmp_path / "both.png"
+    assert run(*SOURCE, "plot", str(source), "-o", str(alone), timeout=120).returncode == 0
+    drawn = run(*SOURCE, "plot", str(source), "--dest", str(dest), "-o", str(both), timeout=120)
+    assert drawn.returncode == 0, drawn.stderr
+    from matplotlib import image
+
+    assert image.imread(both).shape[0] > image.imread(alone).shape[0], "a fourth panel: the latencies"
+    swapped = run(*SOURCE, "plot", str(dest))
+    assert (
+        swapped.returncode == 2
+        and "give the source's report, and the destination's with --dest" in swapped.stderr
+    )
+
+
+def test_the_short_form_reads_parameters_back_exactly_and_an_idle_destination_as_waiting() -> None:
+    from common.human import describe
+
+    assert describe({"parameters": {"max_bandwidth": 1_000_000}}) == "parameters: max_bandwidth=1000000 B/s"
+    assert describe({"parameters": {"max_bandwidth": 20 << 20}}) == "parameters: max_bandwidth=20 MiB/s"
+    idle = describe({"status": "active", "phase": "waiting", "mode": "precopy", "guest": None})
+    assert idle == "migration: none yet (waiting for a source)"

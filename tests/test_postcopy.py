@@ -93,6 +93,21 @@ def test_a_running_precopy_switched_over_by_the_operator() -> None:
     assert pair.src.report(pair.now)["rounds"] >= 1
 
 
+def test_a_slow_first_round_switches_to_postcopy_instead_of_failing_at_the_timeout() -> None:
+    # round 1 takes about 4 s at 2 MiB/s, past the 1 s convergence timeout: postcopy is the
+    # answer to a guest that does not converge in time, so the timeout does not end it
+    pair = run_to_end(
+        postcopy_pair(
+            guest=busy_guest(seed=2, ram=16 << 20, fill=Fill.RANDOM),
+            after_rounds=1,
+            max_bandwidth=2 << 20,
+            convergence_timeout_s=1.0,
+        )
+    )
+    assert_equals_unmigrated(pair, busy_guest(seed=2, ram=16 << 20, fill=Fill.RANDOM))
+    assert pair.src.report(pair.now)["rounds"] == 1
+
+
 def test_requests_dominate_when_the_guest_touches_pages_at_random() -> None:
     guest = busy_guest(seed=3, ram=16 << 20, working_set=12 << 20, dirty_pages_per_step=16)
     # a link slow enough that the guest, not the background stream, decides what comes first

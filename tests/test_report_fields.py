@@ -89,16 +89,23 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
     )
     assert running["status"] == "active" and running["total_time_ms"] == 500.0
     assert running["setup_time_ms"] is None and running["downtime_ms"] is None
-    # 5 pages and 100 bytes of tags left of a 1 GiB guest's 262144 pages x (4096 + 128) bytes
+    # 5 pages and 100 bytes of tags left of a 1 GiB guest: 99.99...% done, yet not "100 %"
     assert running["remaining_bytes"] == 5 * PAGE_SIZE + 100
-    assert running["progress_percent"] == 100.0 * round(1 - (5 * PAGE_SIZE + 100) / (262144 * 4224), 3)
+    assert running["progress_percent"] == 99.9, "below 100 while anything is left"
     assert running["eta_s"] == round((5 * PAGE_SIZE + 100) / 2048.0, 3), "what is left at the measured rate"
+    assert running["rate_bytes_per_s"] == 2048
+    # a 1 MiB guest is 256 pages x (4096 + 128) bytes = 1081344; 5 pages and 100 bytes left of it
+    small = source_report(
+        source(phase=SourcePhase.ACTIVE, t_end=None, mem=SimpleNamespace(ram_bytes=1 << 20)), now=100.5
+    )
+    assert small["progress_percent"] == 98.0, "98.09...% rounded down"
     failed = source_report(
         source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost")), now=500.0
     )
     assert failed["status"] == "failed" and failed["error"] == "lost"
     assert failed["downtime_ms"] is None, "a failed migration had no downtime: the guest runs on"
     assert failed["remaining_bytes"] is None and failed["progress_percent"] is None, "it will not get there"
+    assert failed["rate_bytes_per_s"] is None and failed["eta_s"] is None
     setup = source_report(source(phase=SourcePhase.SETUP, t_end=None), now=100.1)
     assert setup["remaining_bytes"] is None and setup["progress_percent"] is None, "not known before round 1"
     for phase, status in (

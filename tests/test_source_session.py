@@ -326,9 +326,12 @@ def test_every_phase_change_is_an_event_and_rounds_say_how_many_pages() -> None:
     src, _ = active()
     events = src.take_events()
     assert [e.phase for e in events if hasattr(e, "phase")] == ["setup", "active"]
-    first = [e for e in events if hasattr(e, "pages")]
+    first = [e for e in events if hasattr(e, "data_pages")]
     mem = src.mem
-    assert first[0].pages == int(mem.data_populated.sum() + mem.tags_populated.sum())
+    assert (first[0].data_pages, first[0].tag_pages) == (
+        int(mem.data_populated.sum()),
+        int(mem.tags_populated.sum()),
+    )
 
 
 def test_zero_pages_and_untagged_pages_add_up_over_the_first_round() -> None:

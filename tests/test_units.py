@@ -15,7 +15,7 @@ from common.units import format_duration, format_rate, format_size, parse_size
         ("4096", 4096),
         ("64K", 64 << 10),
         ("64KiB", 64 << 10),
-        ("64kb", 64 << 10),
+        ("64kB", 64 << 10),
         ("1.5MiB", 3 << 19),
         ("1G", 1 << 30),
         ("1GB", 1 << 30),
@@ -31,6 +31,12 @@ def test_every_usual_spelling_is_a_binary_size(text: str, value: int) -> None:
 @pytest.mark.parametrize("text", ["", "x", "1PB", "-1K", "1.3B", "1.5", "K", "1 G B"])
 def test_what_is_not_a_size_says_how_to_write_one(text: str) -> None:
     with pytest.raises(ValueError, match="not a"):
+        parse_size(text)
+
+
+@pytest.mark.parametrize("text", ["100Mb", "1gib", "64kb"])
+def test_a_lowercase_b_is_bits_and_refused_rather_than_read_as_bytes(text: str) -> None:
+    with pytest.raises(ValueError, match="a lowercase b means bits; sizes are bytes"):
         parse_size(text)
 
 

@@ -42,6 +42,7 @@ from common.guest.mte import (
     pointer_address,
 )
 from common.guest.vcpu import VcpuState
+from common.units import exact_size
 
 MAGIC = b"MTEWLOAD"
 LAYOUT_VERSION = 1
@@ -91,12 +92,12 @@ class WorkloadConfig:
         if self.dirty_pages_per_step < 1:
             raise ValueError(f"--dirty-pages-per-step {self.dirty_pages_per_step} is below 1")
         if self.working_set_bytes < 2 * PAGE_SIZE:
-            raise ValueError(f"--working-set {self.working_set_bytes} bytes is below two pages")
+            raise ValueError(f"--working-set {exact_size(self.working_set_bytes)} is below two pages (8 KiB)")
         pages = _Layout.for_config(self, ram_bytes).end_page
         if pages > ram_bytes // PAGE_SIZE:
             raise ValueError(
-                f"--working-set {self.working_set_bytes} bytes does not fit in --ram "
-                f"{ram_bytes} bytes with its control block and pointer table"
+                f"--working-set {exact_size(self.working_set_bytes)} does not fit in --ram "
+                f"{exact_size(ram_bytes)} with its control block and pointer table"
             )
 
 

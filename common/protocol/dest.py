@@ -115,6 +115,7 @@ class DestSession:
         self.postcopy_mode = False
         self.postcopy_keep_s = 0.0  # how long the source reconnects once it stopped, in postcopy
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
+        self._arrived_bytes = 0  # the size of the message being handled
         self.postcopy: DestPostcopy | None = None
 
     @property
@@ -131,6 +132,8 @@ class DestSession:
         return out
 
     def receive(self, peer: bytes, frames: list[Buffer], now: float) -> None:
+        # wire bytes, counted as the source counts them: the whole message
+        self._arrived_bytes = sum(memoryview(f).nbytes for f in frames)
         try:
             message = framing.decode(frames)
         except WireError as exc:
@@ -416,7 +419,7 @@ class DestSession:
         self._note_repair(decoded.indices, decoded.zero)
         self.stats.pages += int(decoded.indices.size + decoded.zero.size)
         self.stats.zero_pages += int(decoded.zero.size)
-        self.stats.ram_bytes += len(payload)
+        self.stats.ram_bytes += self._arrived_bytes
         self._maybe_corrupt(decoded.indices)
         self._ack(now)
 
@@ -428,7 +431,7 @@ class DestSession:
         self._note_repair(decoded.indices, decoded.zero)
         self.stats.tag_sections += int(decoded.indices.size + decoded.zero.size)
         self.stats.untagged_pages += int(decoded.zero.size)
-        self.stats.tag_bytes += len(payload)
+        self.stats.tag_bytes += self._arrived_bytes
         self._ack(now)
 
     def _note_repair(self, *placed: np.ndarray) -> None:
@@ -517,8 +520,8 @@ class DestSession:
             return
         placed = pc.place(self.guest.memory, batch, msg.requested, now)
         self.stats.pages += int(batch.indices.size)
-        self.stats.ram_bytes += len(payload)
-        self.stats.postcopy_bytes += len(payload)
+        self.stats.ram_bytes += self._arrived_bytes
+        self.stats.postcopy_bytes += self._arrived_bytes
         if not urgent:
             self._ack(now)
         if placed.rejected.size:

@@ -14,7 +14,8 @@ class PhaseChanged:
 @dataclass(frozen=True)
 class RoundStarted:
     round: int
-    pages: int  # data pages and tag sections the round will send
+    data_pages: int  # pages whose data the round will send
+    tag_pages: int  # pages whose tags it will send
 
 
 @dataclass(frozen=True)

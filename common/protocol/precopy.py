@@ -15,6 +15,7 @@ from common.guest.memory import DirtySync, GuestMemory
 from common.protocol.params import MigrationParameters
 from common.protocol.stats import BandwidthMeter
 from common.transfer import PagePass
+from common.units import format_size
 
 # The guest is stopped only when both sides have at most this many pages left to hash, so that
 # hashing does not land inside the downtime (about a millisecond of work).
@@ -60,6 +61,12 @@ class Precopy:
 
     def give_up_reason(self, params: MigrationParameters) -> str:
         """Why precopy stops at the convergence timeout, with the latest round's figures."""
+        if self.round == 1 and self.pass_ is not None and not self.pass_.done:
+            # nothing measured yet: say how far round 1 got
+            return (
+                f"not converging after {params.convergence_timeout_s:.0f} s: round 1 did not finish, "
+                f"{format_size(self.pass_.remaining_bytes)} of it still to send"
+            )
         return (
             f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
             f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "

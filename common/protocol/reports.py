@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 from common.constants import LATENCY_SAMPLES, PAGE_SIZE, PAGE_STATE_BYTES
@@ -43,7 +44,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         )
     link = session.link.stats
     remaining = _source_remaining(session)
-    rate = session.meter.rate()
+    rate = session.meter.rate() if not session.phase.terminal else None
     return {
         "status": status,
         "phase": session.phase.value,
@@ -61,6 +62,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         "progress_percent": _percent(status, remaining, session.mem.ram_bytes),
         "remaining_bytes": remaining,
         "eta_s": round(remaining / rate, 3) if remaining is not None and rate else None,
+        "rate_bytes_per_s": round(rate) if rate else None,
         "ram": session.stats.ram_section(session.mem.ram_bytes, source=True),
         "tags": session.stats.tags_section(source=True),
         "throughput_bytes_per_s": round(session.stats.total_bytes / total_s) if total_s > 0 else 0,
@@ -120,7 +122,8 @@ def _percent(status: str, remaining: int | None, guest_bytes: int) -> float | No
     if remaining is None or guest_bytes == 0:
         return None
     state = guest_bytes // PAGE_SIZE * PAGE_STATE_BYTES
-    return round(100.0 * max(0, state - remaining) / state, 1)
+    # rounded down and below 100 while anything is left: "100 %" means done
+    return min(99.9, math.floor(1000 * max(0, state - remaining) / state) / 10)
 
 
 def dest_report(session: DestSession, now: float) -> dict[str, Any]:
@@ -163,6 +166,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         "progress_percent": _percent(status, remaining, guest_bytes),
         "remaining_bytes": remaining,
         "eta_s": None,  # the destination does not measure the rate: the source's report has it
+        "rate_bytes_per_s": None,
         "ram": session.stats.ram_section(guest_bytes, source=False),
         "tags": session.stats.tags_section(source=False),
         "throughput_bytes_per_s": round((session.stats.ram_bytes + session.stats.tag_bytes) / total)

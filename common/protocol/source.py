@@ -233,7 +233,11 @@ class SourceSession:
             return
         if not self._watch_link(now):
             return
-        if self.phase is _S.ACTIVE and self._active_for(now) > self.params.convergence_timeout_s:
+        if (
+            self.phase is _S.ACTIVE
+            and not self.params.postcopy  # postcopy is the answer to a guest that does not converge
+            and self._active_for(now) > self.params.convergence_timeout_s
+        ):
             # checked on time, not only when a round ends: a long round must not overrun it
             self._fail(pb.ERROR_NOT_CONVERGING, self.precopy.give_up_reason(self.params), now)
             return
@@ -260,7 +264,7 @@ class SourceSession:
             deadline = min(deadline, link.t_last_sent + self.params.heartbeat_interval_s)
         if link.unacked:
             deadline = min(deadline, link.t_progress + link.rto_s)
-        if self.phase is _S.ACTIVE and self.t_setup_done is not None:
+        if self.phase is _S.ACTIVE and self.t_setup_done is not None and not self.params.postcopy:
             deadline = min(deadline, self.t_setup_done + self.params.convergence_timeout_s)
         if not self.connected:
             return min(deadline, self.reconnector.next_at)
@@ -733,9 +737,9 @@ class SourceSession:
 
     def _round_started(self, now: float) -> None:
         p = self.precopy.pass_
-        pages = 0 if p is None else int(p.data.size + p.tags.size)
+        data, tags = (0, 0) if p is None else (int(p.data.size), int(p.tags.size))
         self.round_records.append(RoundRecord(self.round, now, replace(self.stats), self.throttle))
-        self._events.append(ev.RoundStarted(self.round, pages))
+        self._events.append(ev.RoundStarted(self.round, data, tags))
 
     def _switchover(self, now: float, sync: Any) -> None:
         self.host.stop_guest()

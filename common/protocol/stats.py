@@ -29,14 +29,15 @@ class TransferStats:
         return self.ram_bytes + self.tag_bytes + self.other_bytes
 
     def ram_section(self, guest_ram_bytes: int, *, source: bool) -> dict[str, int | None]:
+        """`source`: the sending side, which alone knows what it skipped and when it stopped."""
         return {
             "guest_bytes": guest_ram_bytes,
             "wire_bytes": self.ram_bytes,
             "pages": self.pages,
             "zero_pages": self.zero_pages,
             "skipped_pages": self.skipped_pages if source else None,
-            "precopy_bytes": self.precopy_bytes,
-            "downtime_bytes": self.downtime_bytes,
+            "precopy_bytes": self.precopy_bytes if source else None,
+            "downtime_bytes": self.downtime_bytes if source else None,
             "postcopy_bytes": self.postcopy_bytes,
         }
 
