@@ -60,7 +60,7 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
             + (
                 f"round {report['rounds']}"
                 if report.get("status") == "active"
-                else f"{report['rounds']} rounds"
+                else f"{report['rounds']} round{'' if report['rounds'] == 1 else 's'}"
             )
         )
     if report.get("downtime_limit_ms") is not None or report.get("downtime_ms") is not None:
@@ -115,8 +115,11 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
     verification = report.get("verification")
     if verification and verification.get("ok") is not None:
         verdict = "ok" if verification["ok"] else "MISMATCH"
-        lines.append(
-            f"verification: {verdict} (ram {verification.get('ram_digest')}, tags {verification.get('tag_digest')}, "
-            f"vcpu {verification.get('vcpu_digest')})"
+        # postcopy proves one manifest digest over every page's data and tags
+        what = (
+            f"ram {verification.get('ram_digest')}, tags {verification.get('tag_digest')}"
+            if verification.get("tag_digest")
+            else f"manifest {verification.get('ram_digest')}"
         )
+        lines.append(f"verification: {verdict} ({what}, vcpu {verification.get('vcpu_digest')})")
     return lines

@@ -351,3 +351,16 @@ def test_the_short_form_reads_parameters_back_exactly_and_an_idle_destination_as
     assert describe({"parameters": {"max_bandwidth": 20 << 20}}) == "parameters: max_bandwidth=20 MiB/s"
     idle = describe({"status": "active", "phase": "waiting", "mode": "precopy", "guest": None})
     assert idle == "migration: none yet (waiting for a source)"
+
+
+@pytest.mark.slow
+def test_the_short_form_of_a_postcopy_report() -> None:
+    from common.human import describe
+    from tests.test_postcopy import postcopy_pair, run_to_end
+
+    pair = run_to_end(postcopy_pair(seed=5, after_rounds=1))
+    text = describe(pair.src.report(pair.now))
+    assert text.startswith("migration: completed (postcopy, phase completed)\ntime: ")
+    assert ", 1 round\n" in text and "None" not in text
+    assert re.search(r"verification: ok \(manifest [0-9a-f]{32}, vcpu [0-9a-f]{32}\)", text), text
+    assert "postcopy: requests " in describe(pair.dst.report(pair.now))
