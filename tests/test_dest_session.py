@@ -467,3 +467,53 @@ def test_a_running_destination_resends_started_once_per_retransmit_time() -> Non
     dst.poll(1.3)
     assert replies(dst) == [], "the clock restarted with the resend"
     assert dst.next_deadline(1.3) == 2.25
+
+
+def test_a_postcopy_resume_on_a_new_connection_says_again_what_is_here() -> None:
+    dst, _, _ = postcopy_running()
+    replies(dst)
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=1)), 0.5)
+    kinds = [m.kind for _, m in replies(dst)]
+    assert kinds[0] == "resume_ack" and "received_bitmap" in kinds, "the source sends the rest"
+    dst.receive(b"peer-2", frames(0, epoch=2, resume=pb.Resume(epoch=2, last_received=3)), 0.6)
+    assert "received_bitmap" not in [m.kind for _, m in replies(dst)], "the same attempt again: no new bitmap"
+
+
+def test_a_malformed_stream_batch_in_postcopy_is_refused_acknowledged_and_asked_for_again() -> None:
+    dst, src, seq = postcopy_running()
+    replies(dst)
+    body, payload, _ = encode_postcopy_pages(
+        src.pages, src.page_tags, np.asarray([3], dtype=np.int64), use_lz4=False, requested=False
+    )
+    dst.receive(PEER, frames(seq, received=1, payload=payload[:-7], postcopy_pages=body), 0.2)
+    assert dst.phase is DestPhase.POSTCOPY and dst.refused_messages == 1 and dst.last_refusal
+    out = [m for _, m in replies(dst)]
+    assert out[0].kind == "ack" and out[0].envelope.ack.acked_seq == seq, "the stream goes on"
+    [request] = [m for m in out if m.kind == "page_request"]
+    assert list(request.envelope.page_request.page_index) == [3]
+    assert dst.postcopy is not None and not dst.postcopy.present[3]
+
+
+def test_a_fault_while_the_guest_runs_here_in_postcopy_is_refused_never_a_discard() -> None:
+    dst, _, seq = postcopy_running()
+    host_discards = dst.host.discarded  # type: ignore[attr-defined]
+    dst.receive(PEER, frames(seq, received=1, commit=pb.Commit()), 0.2)
+    assert dst.phase is DestPhase.POSTCOPY and dst.refused_messages == 1
+    assert dst.last_refusal is not None and dst.last_refusal.endswith(
+        "(refused; the guest keeps running here)"
+    )
+    assert dst.host.discarded == host_discards and dst.failure is None  # type: ignore[attr-defined]
+
+
+def test_the_postcopy_verdict_ends_the_session_at_that_moment() -> None:
+    dst, src, seq = postcopy_running()
+    for page in (3, 4):
+        dst.receive(PEER, answer(src, [page], 0, requested=True), 0.2)
+    pc = dst.postcopy
+    assert pc is not None and pc.complete
+    request = pb.VerifyRequest(
+        attempt=1, source=pb.GuestDigests(ram_digest=pc.digest(), vcpu_digest=pc.vcpu_digest)
+    )
+    dst.receive(PEER, frames(seq, received=1, verify_request=request), 0.75)
+    assert dst.phase is DestPhase.RUNNING and dst.verified is True and dst.t_end == 0.75
+    assert dst.report(9.0)["total_time_ms"] == 750.0, "from the hello to the verdict, not to now"
