@@ -121,7 +121,7 @@ PROBES = [
     Probe(
         "hostile: hello mode",
         "common/protocol/handshake.py",
-        "if hello.mode != pb.MODE_PRECOPY:",
+        "if hello.mode not in (pb.MODE_PRECOPY, pb.MODE_POSTCOPY):",
         "if False:",
         (PROTO + "::test_a_bad_hello_is_refused_and_allocates_nothing",),
     ),
@@ -216,8 +216,8 @@ PROBES = [
     Probe(
         "demo: the guest does not advance on the destination",
         "dest_node/daemon.py",
-        "        self.runner.start()\n",
-        "\n",
+        "        self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)\n        self.runner.start()\n",
+        "        self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)\n",
         ("tests/test_e2e_precopy.py::test_demo_runs_a_watchable_migration",),
     ),
     Probe(
