@@ -8,8 +8,9 @@ number, a condition, a statement dropped). Tests are collected once; the lines e
 in the mutated files are recorded, so a mutant runs only the tests that ran its lines (a test
 that never ran them behaves exactly as before the mutation). Each mutant runs in a forked
 child that swaps the function's code object in place (so every `from x import f` sees it) and
-runs those tests with `-x`. A mutant is killed when a test fails or the run exceeds its time
-bound. Not part of CI: it takes minutes; the fast tests it uses are.
+runs those tests with `-x`. A mutant is killed when a test fails or runs past its own time
+bound (five times its unmutated time, plus 5 s). Not part of CI: it takes minutes to hours;
+the fast tests it uses are.
 
 Left unmutated on purpose: string constants (error texts are read by people; tests check their
 key words), module and class level statements (constants and declarations, which the generated
@@ -40,6 +41,9 @@ _TERMINAL = os.dup(1)  # progress goes here: pytest captures stdout while the se
 def say(text: str) -> None:
     os.write(_TERMINAL, (text + "\n").encode())
 
+
+PER_TEST_S = 5.0  # added to five times a test's own time: its bound inside a mutant
+TIMED_OUT = 4  # a child's exit status when a test ran past its bound
 
 PURE = ["common/wire", "common/protocol", "common/guest/mte.py", "common/guest/memory.py"]
 FAST_TESTS = ["tests", "-m", "not slow and not faults"]
@@ -341,7 +345,8 @@ class MutationSession:
                 bound = 10.0 + 3.0 * sum(self.durations.get(t, 0.0) for t in tests)
                 pid = os.fork()
                 if pid == 0:
-                    _run_child(mutant, [items[t] for t in tests], runtestprotocol)
+                    bounds = [PER_TEST_S + 5.0 * self.durations.get(t, 0.0) for t in tests]
+                    _run_child(mutant, [items[t] for t in tests], bounds, runtestprotocol)
                 running[pid] = (mutant, time.monotonic(), bound, tests)
             if not running:
                 continue
@@ -359,7 +364,9 @@ class MutationSession:
                 )
             else:
                 rc = os.WEXITSTATUS(status)
-                self.results[mutant] = {0: "survived", 3: "not placeable"}.get(rc, "killed")
+                self.results[mutant] = {0: "survived", 3: "not placeable", TIMED_OUT: "killed (timeout)"}.get(
+                    rc, "killed"
+                )
                 if rc == 0 and self.verbose:
                     say(f"  survived: {mutant.path}:{mutant.line}  {mutant.description}")
                 if rc >= 10 and rc - 10 < len(tests):
@@ -378,15 +385,20 @@ class MutationSession:
         return sorted(tests, key=lambda t: (-self.kills[t], self.durations.get(t, 0.0)))
 
 
-def _run_child(mutant: Mutant, items: list[Any], runtestprotocol: Any) -> None:
+def _run_child(mutant: Mutant, items: list[Any], bounds: list[float], runtestprotocol: Any) -> None:
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, 1)
     os.dup2(devnull, 2)
+    # Each test gets its own time bound (its unmutated time, traced, five times over): a mutant
+    # that makes one test loop is judged in seconds, not after every test's bound added up.
+    signal.signal(signal.SIGALRM, lambda *_: os._exit(TIMED_OUT))
     try:
         if not install(mutant):
             os._exit(3)
         for i, item in enumerate(items):
+            signal.setitimer(signal.ITIMER_REAL, bounds[i])
             reports = runtestprotocol(item, nextitem=None, log=False)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             if any(r.failed for r in reports):
                 os._exit(10 + i if i < 240 else 1)  # which test killed it: it goes first next time
     except BaseException:  # a mutant that breaks the machinery itself is caught too
