@@ -74,6 +74,14 @@ LZ4_SAMPLE_PAGES = 4
 LZ4_WORTH_RATIO = 0.8
 SESSION_ID_BYTES = 8
 
+# Hostile-input budgets per second: answers to refused messages and hellos (the rest are
+# counted, not answered), and the messages a destination drains from peers that are not its
+# session's source before it turns to other work.
+REFUSAL_ANSWERS_PER_S = 20
+STRANGER_MESSAGES_PER_TURN = 4
+# A message of more frames than this is refused unread (ours have at most 2: envelope, payload).
+MAX_FRAMES_PER_MESSAGE = 4
+
 # Messages a daemon takes from its socket per loop turn before the vCPU and timers get a turn.
 DRAIN_BUDGET_MESSAGES = 1
 

@@ -13,6 +13,8 @@ from typing import Any
 
 import zmq
 
+from common.keys import CONTROL_DOMAIN, KeyPair, curve_client, curve_server
+
 Handler = Callable[[dict[str, Any]], Any]
 
 
@@ -20,13 +22,31 @@ class ControlError(Exception):
     """A command that cannot be carried out; its text goes back to the caller."""
 
 
+def peer_key_arg(args: dict[str, Any]) -> bytes | None:
+    """The destination's public key as a control request carries it (Z85 text)."""
+    key = args.get("peer_key")
+    if key is None:
+        return None
+    if not isinstance(key, str) or len(key) != 40:
+        raise ControlError('"peer_key" must be a 40-character Z85 public key (ctl migrate --peer-key FILE)')
+    return key.encode()
+
+
 class ControlServer:
     def __init__(
-        self, ctx: zmq.Context[zmq.Socket[bytes]], address: str, handlers: dict[str, Handler]
+        self,
+        ctx: zmq.Context[zmq.Socket[bytes]],
+        address: str,
+        handlers: dict[str, Handler],
+        curve: KeyPair | None = None,
     ) -> None:
+        """`curve`: serve with this key, admitting the keys of the control allow-list alone
+        (the daemon's ZAP handler decides)."""
         self.socket = ctx.socket(zmq.REP)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, 1 << 20)
+        if curve is not None:
+            curve_server(self.socket, curve, CONTROL_DOMAIN)
         try:
             self.socket.bind(address)
         except zmq.ZMQError:
@@ -64,19 +84,27 @@ class ControlServer:
 
 
 def request(
-    address: str, command: str, args: dict[str, Any] | None = None, timeout_s: float = 5.0
+    address: str,
+    command: str,
+    args: dict[str, Any] | None = None,
+    timeout_s: float = 5.0,
+    curve: tuple[KeyPair, bytes] | None = None,
 ) -> dict[str, Any]:
-    """Send one control request and wait for its reply (the `ctl` subcommand uses this)."""
+    """Send one control request and wait for its reply (the `ctl` subcommand uses this).
+    `curve`: this user's key pair and the daemon's public key, for an endpoint off this machine."""
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve is not None:
+        curve_client(sock, *curve)
     try:
         sock.connect(address)
         sock.send_string(json.dumps({"command": command, "args": args or {}}))
         if not sock.poll(int(timeout_s * 1000)):
             return {
                 "ok": False,
-                "error": f"no answer from the control endpoint {address} within {timeout_s:.0f} s",
+                "error": f"no answer from the control endpoint {address} within {timeout_s:.0f} s"
+                + ("" if curve is None else " (with keys: is this user's key in its --control-allow?)"),
             }
         reply: dict[str, Any] = json.loads(sock.recv())
         return reply

@@ -14,6 +14,7 @@ from typing import Any
 from common.cli_types import endpoint, non_negative
 from common.control import request
 from common.human import describe
+from common.keys import KeyFileError, load_public, load_secret
 from common.protocol.params import SETTABLE, describe_parameters
 
 
@@ -55,6 +56,18 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
         help="the daemon's control endpoint (its --control)",
     )
     parser.add_argument(
+        "--key",
+        metavar="FILE",
+        default=None if defaults else argparse.SUPPRESS,
+        help="your .key_secret, for a control endpoint off this machine (its --control-allow holds your .key)",
+    )
+    parser.add_argument(
+        "--control-key",
+        metavar="FILE",
+        default=None if defaults else argparse.SUPPRESS,
+        help="the daemon's public .key, for a control endpoint off this machine",
+    )
+    parser.add_argument(
         "--timeout",
         type=non_negative(float),
         metavar="S",
@@ -77,6 +90,11 @@ def build_parser(prog: str, *, source: bool) -> argparse.ArgumentParser:
         p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
         if command.name == "migrate":
             p.add_argument("uri", metavar="URI", help="the destination, tcp://HOST:PORT")
+            p.add_argument(
+                "--peer-key",
+                metavar="FILE",
+                help="the destination's public .key (needed when the daemon has --key)",
+            )
         elif command.name == "settle":
             p.add_argument("where", choices=["here", "there"])
         elif command.name == "set-parameters":
@@ -90,9 +108,19 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
     if args.control is None:
         parser.error("--control URI is required: the daemon's control endpoint")
     payload: dict[str, Any] = {}
-    if args.command == "migrate":
-        payload = {"uri": args.uri}
-    elif args.command == "settle":
+    curve = None
+    try:
+        if (args.key is None) != (args.control_key is None):
+            parser.error("--key and --control-key go together: yours and the daemon's")
+        if args.key is not None:
+            curve = (load_secret(args.key), load_public(args.control_key))
+        if args.command == "migrate":
+            payload = {"uri": args.uri}
+            if args.peer_key is not None:
+                payload["peer_key"] = load_public(args.peer_key).decode()
+    except KeyFileError as exc:
+        parser.error(str(exc))
+    if args.command == "settle":
         payload = {"where": args.where}
     elif args.command == "set-parameters":
         for item in args.assignments:
@@ -100,7 +128,7 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
             if not sep:
                 parser.error(f"'{item}' is not NAME=VALUE")
             payload[name.replace("-", "_")] = value
-    reply = request(args.control, args.command, payload, timeout_s=args.timeout)
+    reply = request(args.control, args.command, payload, timeout_s=args.timeout, curve=curve)
     if not reply.get("ok"):
         print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
         return 1

@@ -13,11 +13,13 @@ from collections import deque
 from typing import Any
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
 from common.control import ControlError
 from common.endpoints import check_endpoint
 from common.guest.guest import Guest
+from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceHost, SourceSession
@@ -35,13 +37,19 @@ class OutgoingMigration:
         log: Any,
         *,
         node_name: str = "source",
+        curve: tuple[KeyPair, bytes] | None = None,
     ) -> None:
+        """`curve`: this node's key pair and the destination's public key; every connection
+        of the migration (data, urgent, each reconnect) then proves both."""
         try:
             check_endpoint(uri, "destination")
         except ValueError as exc:
             raise ControlError(str(exc)) from None
         self.ctx = ctx
         self.uri = uri
+        self.curve = curve
+        self.monitor: zmq.Socket[bytes] | None = None
+        self._failed_handshakes = 0
         self.log = log
         self.socket: zmq.Socket[bytes] | None = None
         # postcopy answers: a connection of their own, so that they never wait behind the
@@ -73,14 +81,18 @@ class OutgoingMigration:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        self._secure(sock)
         try:
             sock.connect(self.uri)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
             raise ControlError(f"cannot connect to {self.uri}: {exc}") from None
         if self.socket is not None:
+            self._close_monitor()
             self.socket.close(linger=0)
         self.socket = sock
+        # a refused handshake is silent on the wire: only the socket's monitor hears of it
+        self.monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
         if self.urgent is not None:
             self.urgent.close(linger=0)
             self.urgent = None  # opened again for this epoch when the next answer goes out
@@ -97,11 +109,41 @@ class OutgoingMigration:
             sock.setsockopt(zmq.SNDHWM, 256)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._secure(sock)
             sock.connect(self.uri)
             self.urgent = sock
         return self.urgent
 
+    def _secure(self, sock: zmq.Socket[bytes]) -> None:
+        if self.curve is not None:
+            curve_client(sock, *self.curve)
+
+    def _close_monitor(self) -> None:
+        if self.monitor is not None and self.socket is not None:
+            self.socket.disable_monitor()
+            self.monitor.close(linger=0)
+        self.monitor = None
+
+    def check_handshake(self, now: float) -> None:
+        """Turn a refused handshake into a failure that says why, instead of a silent timeout."""
+        while self.monitor is not None:
+            try:
+                event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._failed_handshakes = 0
+                continue
+            self._failed_handshakes += 1
+            reason = handshake_failure(event["event"], event["value"], self.uri, self.curve)
+            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._failed_handshakes < 3:
+                continue  # a connection lost mid-handshake looks the same once: a wrong key, every time
+            if reason is not None and not self.session.phase.ended:
+                self.session.refused_by_peer(reason, now)
+                self.after_call()
+
     def close(self) -> None:
+        self._close_monitor()
         if self.socket is not None:
             self.flush()
             self.socket.close(linger=CLOSE_LINGER_MS)  # a last Abort must reach the destination
@@ -116,6 +158,7 @@ class OutgoingMigration:
         session = self.session
         if session.phase.ended:
             return 3600.0
+        self.check_handshake(now)
         session.poll(now)
         self.after_call()
         return max(0.0, session.next_deadline(now) - now)
@@ -203,6 +246,34 @@ class OutgoingMigration:
                         error=event.reason,
                         guest_runs_here=session.guest_runs_here,
                     )
+
+
+HANDSHAKE_FAILURES = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+)
+
+
+def handshake_failure(event: int, value: int, uri: str, curve: tuple[KeyPair, bytes] | None) -> str | None:
+    """What a refused ZeroMQ handshake means to the person who started the migration."""
+    if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+        mine = curve[0].fingerprint if curve else "none"
+        return (
+            f"the destination {uri} refused this node's key ({mine}...; status {value}): "
+            "put this node's .key file in the destination's --allow directory (then SIGHUP it)"
+        )
+    if event == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH:
+        if curve is None:
+            return f"the destination {uri} requires keys: give --key and --peer-key"
+        return f"the destination {uri} runs without keys: drop --key/--peer-key, or give it --key and --allow"
+    if event in (zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL, zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL) and curve:
+        return (
+            f"the CURVE handshake with {uri} failed (event {event}, value {value}): "
+            "is --peer-key the destination's own public key?"
+        )
+    return None
 
 
 class SocketSlot:

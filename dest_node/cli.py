@@ -3,6 +3,8 @@ after a verified handover.
 
   dest-node --listen tcp://127.0.0.1:4444 [--once] [--stop-at-step N] [--report PATH]
   dest-node ctl --control tcp://H:P status|cancel|migrate|settle
+  dest-node keygen PREFIX        a CURVE key pair: PREFIX.key (public), PREFIX.key_secret
+  dest-node --listen tcp://0.0.0.0:4444 --key dest.key_secret --allow sources/
 """
 
 from __future__ import annotations
@@ -12,19 +14,22 @@ import os
 import sys
 from collections.abc import Sequence
 
-from common.cli_types import endpoint, non_negative, positive, version_text, writable_report
-from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S
+from common.cli_keys import add_key_arguments, keygen_main, security_from
+from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
+from common.constants import HEARTBEAT_INTERVAL_S, MAX_RAM_BYTES, PEER_DEAD_AFTER_S
 from common.ctl import ctl_main
 from common.logging import configure
 from common.malloc import keep_large_buffers
 from common.protocol.dest import DestParameters
+from common.units import format_size
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dest-node",
         usage="dest-node --listen URI [options]            wait for a source, run the guest it sends\n"
-        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate, settle)",
+        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate, settle)\n"
+        "       dest-node keygen PREFIX                    write a key pair (PREFIX.key, PREFIX.key_secret)",
         description="Receive a migrating MTE guest and, once verified, run it (QEMU's -incoming).",
         epilog="Times are in seconds (S). `dest-node ctl --help` describes the control commands.",
     )
@@ -69,6 +74,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="keep an unfinished session at least this long while its source is silent; the source's "
         f"reconnect timeout, if longer, wins (default {PEER_DEAD_AFTER_S:g} s)",
     )
+    parser.add_argument(
+        "--max-ram",
+        type=size,
+        default=MAX_RAM_BYTES,
+        metavar="SIZE",
+        help=f"refuse guests larger than this: what a source may make this node allocate "
+        f"(default {format_size(MAX_RAM_BYTES)})",
+    )
+    add_key_arguments(parser, dest=True)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Test builds: flip a byte of this page once after placing it (proves verification repairs).
     parser.add_argument("--debug-corrupt-page", type=non_negative(int), default=None, help=argparse.SUPPRESS)
@@ -79,8 +93,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["ctl"]:
         return ctl_main(argv[1:], "dest-node ctl", source=False)
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:], "dest-node")
     parser = build_parser()
     args = parser.parse_args(argv)
+    security, _ = security_from(args, parser)
     configure(args.log_level)
     keep_large_buffers()
     from dest_node.daemon import DestDaemon, DestOptions, StartupError
@@ -90,6 +107,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         peer_timeout_s=args.peer_timeout,
         heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4),
         corrupt_page=args.debug_corrupt_page,
+        max_ram_bytes=args.max_ram,
     )
     try:
         daemon = DestDaemon(
@@ -100,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 stop_at_step=args.stop_at_step,
                 report=args.report,
                 control=args.control,
+                security=security,
             )
         )
     except StartupError as exc:

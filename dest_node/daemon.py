@@ -11,13 +11,20 @@ from typing import Any
 import numpy as np
 import zmq
 
-from common.constants import CLOSE_LINGER_MS, DRAIN_BUDGET_MESSAGES, MAX_FRAME_BYTES
-from common.control import ControlError, ControlServer
+from common.constants import (
+    CLOSE_LINGER_MS,
+    DRAIN_BUDGET_MESSAGES,
+    MAX_FRAME_BYTES,
+    MAX_FRAMES_PER_MESSAGE,
+    STRANGER_MESSAGES_PER_TURN,
+)
+from common.control import ControlError, ControlServer, peer_key_arg
 from common.guest.guest import Guest
 from common.guest.prefault import Prefaulter
 from common.guest.presence import PresenceGate, RestartableVcpu
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
+from common.keys import DATA_DOMAIN, KeyFileError, Security, curve_server
 from common.logging import get_logger
 from common.outgoing import OutgoingMigration, SocketSlot
 from common.protocol import events as ev
@@ -25,6 +32,8 @@ from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase
 from common.report import guest_summary, write_report
+from common.wire import mte_migration_pb2 as pb
+from common.zap import ZapHandler
 
 _POLL_CAP_S = 0.05
 
@@ -43,14 +52,40 @@ class DestOptions:
     control: str | None = None
     # for sending a guest that runs here onward (ctl migrate)
     outgoing_params: MigrationParameters = field(default_factory=MigrationParameters)
+    security: Security = field(default_factory=Security)
+
+
+def _peer_key(frame: zmq.Frame) -> bytes:
+    """The public key the connection proved (the ZAP handler's user id); empty without keys."""
+    try:
+        return frame.get("User-Id").encode()
+    except zmq.ZMQError:
+        return b""
 
 
 class DestDaemon:
     def __init__(self, options: DestOptions) -> None:
         self.options = options
         self.log = get_logger("dest-node")
+        security = options.security
+        try:
+            security.check_listen(options.listen)
+            if options.control:
+                security.check_control(options.control)
+        except KeyFileError as exc:
+            raise StartupError(str(exc)) from None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        # the key check, bound before any socket that needs it: without a handler libzmq admits any key
+        self.zap = (
+            ZapHandler(self.ctx, security.allow_lists, get_logger("dest-node"))
+            if security.needs_zap
+            else None
+        )
+        self.reload_keys = False
+        self.dropped_from_strangers = 0
         self.sock = self.ctx.socket(zmq.ROUTER)
+        if security.key is not None:
+            curve_server(self.sock, security.key, DATA_DOMAIN)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # an unroutable reply raises, not vanishes
         # A source's connection that ZeroMQ re-established after a reset keeps its routing id;
@@ -62,11 +97,12 @@ class DestDaemon:
             self.sock.bind(options.listen)
         except zmq.ZMQError as exc:
             self.sock.close(linger=0)
+            self._close_zap()
             self.ctx.term()
             raise StartupError(f"cannot listen on {options.listen}: {exc}") from None
         self.address = self.sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._undelivered = 0
-        self.session = DestSession(self, options.params, time.monotonic())
+        self.session = self._new_session()
         self.runner: GuestRunner | None = None
         self.vcpu: RestartableVcpu | None = None
         self._warned_postcopy_signal = False
@@ -92,11 +128,20 @@ class DestDaemon:
                         "migrate": self._ctl_migrate,
                         "settle": self._ctl_settle,
                     },
+                    curve=security.control_curve(options.control),
                 )
             except zmq.ZMQError as exc:
                 self.sock.close(linger=0)
+                self._close_zap()
                 self.ctx.term()
                 raise StartupError(f"cannot serve control commands on {options.control}: {exc}") from None
+
+    def _close_zap(self) -> None:
+        if self.zap is not None:
+            self.zap.close()
+
+    def _new_session(self) -> DestSession:
+        return DestSession(self, self.options.params, time.monotonic())
 
     # -- the host interface the session steers --------------------------------------------------
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
@@ -190,6 +235,12 @@ class DestDaemon:
         uri = args.get("uri")
         if not isinstance(uri, str):
             raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
+        peer_key = peer_key_arg(args)
+        security = self.options.security
+        try:
+            security.check_peer(uri, peer_key)
+        except KeyFileError as exc:
+            raise ControlError(str(exc)) from None
         if self.outgoing is not None and not self.outgoing.session.phase.terminal:
             raise ControlError(
                 f"a migration is already in progress (phase {self.outgoing.session.phase.value})"
@@ -208,6 +259,7 @@ class DestDaemon:
             uri,
             self.log,
             node_name="dest-node",
+            curve=(security.key, peer_key) if security.key is not None and peer_key is not None else None,
         )
         return {"session": self.outgoing.session.session_id.hex()}
 
@@ -237,7 +289,7 @@ class DestDaemon:
         if self.options.once:
             self.quit = True
             return
-        self.session = DestSession(self, self.options.params, time.monotonic())
+        self.session = self._new_session()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -303,19 +355,57 @@ class DestDaemon:
             self._t_refusal_logged = now
 
     def _drain(self) -> None:
-        # A budget per loop turn: a postcopy vCPU waiting for a page just placed runs after a few
-        # messages, not after everything queued (the socket stays readable: the loop comes back).
-        for _ in range(DRAIN_BUDGET_MESSAGES):
-            try:
-                parts = self.sock.recv_multipart(flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+        """Take what arrived, the session's own source first: a turn ends after its budget of
+        the source's messages, or a few from anyone else, so that a stranger flooding the port
+        costs the migration a share of turns, never all of them (ZeroMQ queues each connection
+        fairly). A budget per turn also lets a postcopy vCPU run soon after its page lands."""
+        own_taken = strangers = 0
+        while own_taken < DRAIN_BUDGET_MESSAGES and strangers < STRANGER_MESSAGES_PER_TURN:
+            received = self._receive_one()
+            if received is None:
                 return
-            if len(parts) < 2:
+            peer, frames = received
+            session_id = self.session.session_id
+            own = bool(session_id) and peer.startswith(session_id)
+            if own:
+                own_taken += 1
+            else:
+                strangers += 1
+            if len(frames) > MAX_FRAMES_PER_MESSAGE:
+                self.session.refuse(
+                    peer,
+                    pb.ERROR_BAD_MESSAGE,
+                    f"a message of more than {MAX_FRAMES_PER_MESSAGE} frames",
+                    time.monotonic(),
+                )
                 continue
-            self.session.receive(parts[0].bytes, [p.buffer for p in parts[1:]], time.monotonic())
+            if not frames:
+                continue
+            self.session.receive(
+                peer, [f.buffer for f in frames], time.monotonic(), peer_key=_peer_key(frames[0])
+            )
+
+    def _receive_one(self) -> tuple[bytes, list[zmq.Frame]] | None:
+        """One message, frame by frame: past MAX_FRAMES_PER_MESSAGE the rest are read and
+        dropped, never kept (a message of endless frames must not grow this process)."""
+        try:
+            routing = self.sock.recv(flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return None
+        frames: list[zmq.Frame] = []
+        more = routing.more
+        while more:
+            frame = self.sock.recv(copy=False)
+            more = frame.more
+            if len(frames) <= MAX_FRAMES_PER_MESSAGE:
+                frames.append(frame)
+        return routing.bytes, frames
 
     def _on_signal(self, signum: int, _: Any) -> None:
         self.signalled = signal.Signals(signum).name
+
+    def _on_hangup(self, _signum: int, _: Any) -> None:
+        self.reload_keys = True
 
     def _handle_signal(self) -> None:
         """An incoming migration is cancelled and its source told at once (it resumes there)."""
@@ -333,9 +423,19 @@ class DestDaemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.log.info("waiting for an incoming migration", listen=self.address)
+        signal.signal(signal.SIGHUP, self._on_hangup)
+        security = self.options.security
+        self.log.info(
+            "waiting for an incoming migration",
+            listen=self.address,
+            keys="CURVE" if security.key is not None else "none",
+            key=security.key.fingerprint if security.key is not None else None,
+            allowed_sources=self.zap.keys(DATA_DOMAIN) if self.zap is not None else None,
+        )
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        if self.zap is not None:
+            poller.register(self.zap.socket, zmq.POLLIN)
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
         slot = SocketSlot(poller)
@@ -358,6 +458,12 @@ class DestDaemon:
             if guest_wait is not None:
                 timeout = min(timeout, guest_wait)
             events = dict(poller.poll(int(timeout * 1000)))
+            if self.zap is not None:
+                if self.reload_keys:
+                    self.reload_keys = False
+                    self.zap.reload()
+                if self.zap.socket in events:
+                    self.zap.handle(time.monotonic())
             if self.sock in events:
                 self._drain()
                 self._flush()
@@ -386,7 +492,7 @@ class DestDaemon:
                 write_report(self.options.report, self.status(with_digests=True))
             if not self.options.once:
                 # ready for the next source; what arrived was discarded
-                self.session = DestSession(self, self.options.params, time.monotonic())
+                self.session = self._new_session()
                 self._reported_failure = False
 
     def _done(self) -> bool:
@@ -412,5 +518,6 @@ class DestDaemon:
         self.sock.close(linger=CLOSE_LINGER_MS)  # the Started reply must reach the source
         if self.control:
             self.control.close()
+        self._close_zap()
         self.ctx.term()
         return 0 if completed else 1

@@ -6,6 +6,7 @@ source-node [guest flags] --control tcp://H:P          a daemon steered by `ctl`
 source-node ctl --control tcp://H:P status|migrate|cancel|set-parameters ...
 source-node demo                                       a loopback migration to watch
 source-node plot REPORT.json -o timeline.png           one migration, drawn
+source-node keygen PREFIX                              a CURVE key pair: PREFIX.key, PREFIX.key_secret
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
+from common.cli_keys import add_key_arguments, keygen_main, security_from
 from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
 from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
 from common.control import ControlError
@@ -198,7 +200,8 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
 USAGE = """source-node [options]                          run a guest; migrate it with --migrate-to or --control
        source-node ctl --control URI COMMAND ...       steer a running source-node (status, migrate, cancel, ...)
        source-node demo [options]                      a loopback migration to watch
-       source-node plot REPORT.json [-o PNG]           draw one migration's report"""
+       source-node plot REPORT.json [-o PNG]           draw one migration's report
+       source-node keygen PREFIX                       write a key pair (PREFIX.key, PREFIX.key_secret)"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -216,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=version_text("source-node"))
     add_guest_arguments(parser)
     add_migration_arguments(parser)
+    add_key_arguments(parser, dest=False)
     parser.add_argument(
         "--report",
         type=writable_report,
@@ -278,16 +282,22 @@ def summary_line(report: dict[str, Any]) -> str:
     return f"migration {report['status']}: {report['error']} ({where})"
 
 
-def migrate_run(args: argparse.Namespace) -> int:
+def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import zmq
 
     from source_node.daemon import SourceDaemon, SourceOptions, StartupError, open_control
 
     log = get_logger("source-node")
+    security, peer_key = security_from(args, parser)
+    if args.migrate_to:
+        try:
+            security.check_peer(args.migrate_to, peer_key)
+        except ValueError as exc:
+            parser.error(str(exc))
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     try:
         # bound before the guest boots: a port in use is a one-line error, not a lost guest
-        control = open_control(ctx, args.control) if args.control else None
+        control, zap = open_control(ctx, args.control, security, log) if args.control else (None, None)
     except StartupError as exc:
         ctx.term()
         print(f"source-node: {exc}", file=sys.stderr)
@@ -295,13 +305,17 @@ def migrate_run(args: argparse.Namespace) -> int:
     guest = boot(args.ram, workload_config(args))
     runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
     options = SourceOptions(
-        params=migration_parameters(args), control=args.control, one_shot=bool(args.migrate_to)
+        params=migration_parameters(args),
+        control=args.control,
+        one_shot=bool(args.migrate_to),
+        security=security,
+        peer_key=peer_key,
     )
-    daemon = SourceDaemon(guest, runner, options, ctx, control)
+    daemon = SourceDaemon(guest, runner, options, ctx, control, zap)
     log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
     if args.migrate_to:
         try:
-            daemon.migrate(args.migrate_to)
+            daemon.migrate(args.migrate_to, peer_key)
         except ControlError as exc:
             log.error("migration not started", reason=str(exc))
     code = daemon.run()
@@ -336,6 +350,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from source_node.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv[:1] == ["keygen"]:
+        return keygen_main(argv[1:], "source-node")
     if argv[:1] == ["plot"]:
         from source_node.plot import main as plot_main
 
@@ -348,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem:
         parser.error(problem)
     if args.migrate_to or args.control:
-        return migrate_run(args)
+        return migrate_run(args, parser)
     return reference_run(args)
 
 

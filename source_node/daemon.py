@@ -6,14 +6,15 @@ from __future__ import annotations
 
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import zmq
 
-from common.control import ControlError, ControlServer
+from common.control import ControlError, ControlServer, peer_key_arg
 from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
+from common.keys import KeyFileError, Security
 from common.logging import get_logger
 from common.outgoing import OutgoingMigration, SocketSlot
 from common.progress import Progress
@@ -21,6 +22,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import SourcePhase
 from common.protocol.source import SourceSession
 from common.report import guest_summary
+from common.zap import ZapHandler
 
 _POLL_CAP_S = 0.05
 
@@ -34,12 +36,25 @@ class SourceOptions:
     params: MigrationParameters
     control: str | None = None
     one_shot: bool = False  # --migrate-to: migrate once, then exit when the guest stops
+    security: Security = field(default_factory=Security)
+    peer_key: bytes | None = None  # the destination's public key, unless `migrate` names one
 
 
-def open_control(ctx: zmq.Context[zmq.Socket[bytes]], address: str) -> ControlServer:
+def open_control(
+    ctx: zmq.Context[zmq.Socket[bytes]], address: str, security: Security, log: Any
+) -> tuple[ControlServer, ZapHandler | None]:
+    """The control endpoint, and the key check in front of it when it leaves this machine
+    (bound first: without a handler, libzmq would admit any key)."""
     try:
-        return ControlServer(ctx, address, {})
+        security.check_control(address)
+        zap = ZapHandler(ctx, security.allow_lists, log) if security.needs_zap else None
+    except KeyFileError as exc:
+        raise StartupError(str(exc)) from None
+    try:
+        return ControlServer(ctx, address, {}, curve=security.control_curve(address)), zap
     except zmq.ZMQError as exc:
+        if zap is not None:
+            zap.close()
         raise StartupError(f"cannot serve control commands on {address}: {exc}") from None
 
 
@@ -51,6 +66,7 @@ class SourceDaemon:
         options: SourceOptions,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         control: ControlServer | None = None,
+        zap: ZapHandler | None = None,
     ) -> None:
         self.guest = guest
         self.runner = runner
@@ -65,8 +81,10 @@ class SourceDaemon:
         self.finished_report: dict[str, Any] | None = None
         self._warned_postcopy_signal = False
         self.control = control
+        self.zap = zap
+        self.reload_keys = False
         if control is None and options.control:
-            self.control = open_control(self.ctx, options.control)
+            self.control, self.zap = open_control(self.ctx, options.control, options.security, self.log)
         if self.control is not None:
             self.control.handlers.update(
                 {
@@ -98,7 +116,12 @@ class SourceDaemon:
     def session(self) -> SourceSession | None:
         return self.outgoing.session if self.outgoing is not None else None
 
-    def migrate(self, uri: str) -> None:
+    def migrate(self, uri: str, peer_key: bytes | None = None) -> None:
+        """Send the guest to `uri`; `peer_key`: the destination's public key (with --key)."""
+        try:
+            self.options.security.check_peer(uri, peer_key)
+        except KeyFileError as exc:
+            raise ControlError(str(exc)) from None
         session = self.session
         if session is not None and session.phase is SourcePhase.UNSETTLED:
             raise ControlError(
@@ -109,7 +132,9 @@ class SourceDaemon:
             raise ControlError(f"a migration is already in progress (phase {session.phase.value})")
         if session is not None and session.phase is SourcePhase.COMPLETED:
             raise ControlError("the guest has already been migrated away")
-        outgoing = OutgoingMigration(self.ctx, self.guest, self, self.params, uri, self.log)
+        key = self.options.security.key
+        curve = (key, peer_key) if key is not None and peer_key is not None else None
+        outgoing = OutgoingMigration(self.ctx, self.guest, self, self.params, uri, self.log, curve=curve)
         if self.outgoing is not None:
             self.outgoing.close()
         self.outgoing = outgoing
@@ -151,7 +176,7 @@ class SourceDaemon:
         uri = args.get("uri")
         if not isinstance(uri, str):
             raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
-        self.migrate(uri)
+        self.migrate(uri, peer_key_arg(args) or self.options.peer_key)
         return {"session": self.session.session_id.hex() if self.session else None}
 
     def _ctl_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
@@ -221,6 +246,9 @@ class SourceDaemon:
     def _on_signal(self, signum: int, _: Any) -> None:
         self.signalled = signal.Signals(signum).name
 
+    def _on_hangup(self, _signum: int, _: Any) -> None:
+        self.reload_keys = True
+
     def _handle_signal(self) -> None:
         """A signal cancels a migration (telling the destination at once) and ends the daemon;
         after the commit it waits for the handover to settle instead: cancelling then could
@@ -246,10 +274,13 @@ class SourceDaemon:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hangup)
         self.runner.start()
         poller = zmq.Poller()
         if self.control:
             poller.register(self.control.socket, zmq.POLLIN)
+        if self.zap:
+            poller.register(self.zap.socket, zmq.POLLIN)
         slot = SocketSlot(poller)
         while not self.quit:
             if self.signalled:
@@ -271,6 +302,12 @@ class SourceDaemon:
             events = dict(poller.poll(int(timeout * 1000)))
             if slot.service(outgoing, events):
                 self._note_finish()
+            if self.zap is not None:
+                if self.reload_keys:
+                    self.reload_keys = False
+                    self.zap.reload()
+                if self.zap.socket in events:
+                    self.zap.handle(time.monotonic())
             if self.control and self.control.socket in events:
                 self.control.handle_one()
             self.runner.run_slice()
@@ -306,6 +343,8 @@ class SourceDaemon:
             self.outgoing.close()
         if self.control:
             self.control.close()
+        if self.zap:
+            self.zap.close()
         self.ctx.term()
         self.progress.finish()
         return 0 if self.session is not None and self.session.phase is SourcePhase.COMPLETED else 1

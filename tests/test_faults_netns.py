@@ -4,6 +4,7 @@ the link set down. Runs as root (CI does); where namespaces cannot be made it sk
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -12,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from common.control import request
+from common.keys import generate
 from faultinject.netns import NamespaceError, NetPair
 from tests.e2e import Dest, finish_source, start_source
 from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal
@@ -41,6 +43,24 @@ def wait_for_pages(dest: Dest, timeout_s: float = 30.0) -> None:
         time.sleep(0.05)
 
 
+def keys_or_insecure(tmp: Path, side: str) -> list[str]:
+    """The namespaces' addresses leave the machine, as far as the daemons can tell: the link
+    faults are tested in the clear (--insecure), except where a test put keys in `tmp`."""
+    keys = tmp / "keys"
+    if not keys.is_dir():
+        return ["--insecure"]
+    if side == "dest":
+        return ["--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow")]
+    return ["--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key")]
+
+
+def make_keys(directory: Path) -> None:
+    (directory / "allow").mkdir(parents=True)
+    generate(str(directory / "dest"))
+    public, _ = generate(str(directory / "source"))
+    shutil.copy(public, directory / "allow")
+
+
 def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None, *extra: str):  # type: ignore[no-untyped-def]
     dest = Dest(
         tmp,
@@ -48,6 +68,7 @@ def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None
         STOP,
         "--peer-timeout",
         "1",
+        *keys_or_insecure(tmp, "dest"),
         prefix=net.command(net.dest, []),
         listen=f"tcp://{net.dest_ip}:{PORT}",
     )
@@ -60,6 +81,7 @@ def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None
             "--migrate-to",
             dest.uri,
             *LINK,
+            *keys_or_insecure(tmp, "source"),
             *extra,
             prefix=net.command(net.source, []),
         )
@@ -88,7 +110,11 @@ def test_payload_corruption(net: NetPair, tmp_path: Path) -> None:
     assert "counter packets 0" not in net.nft_counters(net.dest)
 
 
-def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path) -> None:
+@pytest.mark.parametrize("keys", [False, True], ids=["clear", "curve"])
+def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None:
+    """With keys, every reconnect after a reset proves both keys again (a new CURVE handshake)."""
+    if keys:
+        make_keys(tmp_path / "keys")
     seen: list[str] = []
 
     def resets() -> None:
@@ -101,6 +127,10 @@ def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path) -> None:
     src, got = migrate_in(net, tmp_path, resets)
     assert_completed_and_equal(tmp_path, src, got)
     assert seen and "counter packets 0" not in seen[0], "resets were sent"
+    if keys:
+        assert '"keys": "CURVE"' in got.stderr
+        # data and urgent connections at the start, and again after the resets
+        assert got.stderr.count("peer key admitted") >= 2, got.stderr[-2000:]
 
 
 def test_a_rate_limit(net: NetPair, tmp_path: Path) -> None:

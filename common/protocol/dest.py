@@ -24,9 +24,11 @@ from common.constants import (
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
     MAX_PAGES_PER_MESSAGE,
+    MAX_RAM_BYTES,
     PAGE_SIZE,
     PEER_DEAD_AFTER_S,
     PROTOCOL_VERSION,
+    REFUSAL_ANSWERS_PER_S,
     RETRANSMIT_AFTER_S,
 )
 from common.guest.digest import DigestCache
@@ -39,6 +41,7 @@ from common.protocol.handshake import REQUIRED_FEATURES, check_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link
 from common.protocol.phases import DEST_EXPECTS, DEST_MOVES, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
+from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.verify import destination_verdict
@@ -75,6 +78,8 @@ class DestParameters:
     peer_timeout_s: float = PEER_DEAD_AFTER_S
     retransmit_after_s: float = RETRANSMIT_AFTER_S
     digest_budget_pages: int = DEST_DIGEST_BUDGET_PAGES  # pages hashed per loop turn
+    # The largest guest a source may make this node allocate (dest-node --max-ram).
+    max_ram_bytes: int = MAX_RAM_BYTES
     # Test builds only: flip a byte of this page after placing it, to prove verification.
     corrupt_page: int | None = None
     # Test builds only: place postcopy data and tags apart (a turn between), to prove that the
@@ -91,6 +96,11 @@ class DestSession:
         self.guest: Guest | None = None
         self.digests: DigestCache | None = None
         self.peer: bytes | None = None
+        self.peer_key = b""  # the CURVE key of the source that opened the session
+        # A flood of bad messages gets this many answers a second, not one each: refusing
+        # must not cost more than sending garbage does.
+        self._refusal_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
+        self._t_received = now
         self.session_id = b""
         self.link = Link(b"", now, rto_s=params.retransmit_after_s)
         self.use_lz4 = False
@@ -131,7 +141,11 @@ class DestSession:
         out, self._events = self._events, []
         return out
 
-    def receive(self, peer: bytes, frames: list[Buffer], now: float) -> None:
+    def receive(self, peer: bytes, frames: list[Buffer], now: float, peer_key: bytes = b"") -> None:
+        """One message from `peer` (a connection). `peer_key`: the public key that connection
+        proved in its CURVE handshake (empty without keys); a session belongs to the key that
+        opened it, so a stranger can neither join it nor take it over by naming it."""
+        self._t_received = now
         # wire bytes, counted as the source counts them: the whole message
         self._arrived_bytes = sum(memoryview(f).nbytes for f in frames)
         try:
@@ -145,11 +159,22 @@ class DestSession:
                 self._refuse(peer, exc.code, exc.reason)
             return
         env = message.envelope
+        if env.protocol_version != PROTOCOL_VERSION:
+            self._refuse(
+                peer,
+                pb.ERROR_VERSION_MISMATCH,
+                f"protocol version {env.protocol_version} is not supported; this destination speaks "
+                f"version {PROTOCOL_VERSION}",
+            )
+            return
         if message.kind == "hello":
-            self._on_hello(peer, env, now)
+            self._on_hello(peer, env, now, peer_key)
             return
         if env.session_id != self.session_id or self.phase is _D.WAITING:
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
+            return
+        if peer_key != self.peer_key:
+            self._refuse(peer, pb.ERROR_UNAUTHORIZED, "this session belongs to another source's key")
             return
         if message.kind == "resume":
             self._on_resume(peer, env, now)
@@ -291,27 +316,21 @@ class DestSession:
         self._fail(pb.ERROR_CANCELLED, reason, now)
 
     # -- hello and resume -----------------------------------------------------------------------
-    def _on_hello(self, peer: bytes, env: pb.Envelope, now: float) -> None:
+    def _on_hello(self, peer: bytes, env: pb.Envelope, now: float, peer_key: bytes) -> None:
         hello = env.hello
         if self.phase is not _D.WAITING:
-            if peer == self.peer and env.session_id == self.session_id:
+            if peer == self.peer and env.session_id == self.session_id and peer_key == self.peer_key:
                 # our source's hello again: our answer was lost, so send it again now
                 self._resend_from(self.link.peer_received, now)
                 return
-            self._reply(
+            self._refuse_hello(
                 peer,
                 env.session_id,
-                hello_ack=pb.HelloAck(
-                    accepted=False,
-                    code=pb.ERROR_BUSY,
-                    reason=f"destination busy with another migration (phase {self.phase.value})",
-                    protocol_version=PROTOCOL_VERSION,
-                ),
+                pb.ERROR_BUSY,
+                f"destination busy with another migration (phase {self.phase.value})",
             )
-            self.refused_messages += 1
-            self._events.append(ev.Refused(peer, "busy with another migration", hello=True))
             return
-        problem = check_hello(hello, self.params.auth_token)
+        problem = check_hello(hello, self.params.auth_token, self.params.max_ram_bytes)
         hint = None
         if problem is None and env.seq != 1:
             problem = (pb.ERROR_BAD_MESSAGE, f"a hello must be message 1 of its session, not {env.seq}")
@@ -323,18 +342,10 @@ class DestSession:
             except WireError as exc:
                 problem = (exc.code, exc.reason)
         if problem is not None:
-            code, reason = problem
-            self._reply(
-                peer,
-                env.session_id,
-                hello_ack=pb.HelloAck(
-                    accepted=False, code=code, reason=reason, protocol_version=PROTOCOL_VERSION
-                ),
-            )
-            self.refused_messages += 1
-            self._events.append(ev.Refused(peer, reason, hello=True))
+            self._refuse_hello(peer, env.session_id, *problem)
             return
         self.peer = peer
+        self.peer_key = peer_key
         self.session_id = env.session_id
         self.link = Link(env.session_id, now, rto_s=self.params.retransmit_after_s)
         self.link.epoch = env.epoch or 1
@@ -642,10 +653,24 @@ class DestSession:
         """Answer a peer outside the session: no sequence number of ours is spent."""
         self._outgoing.append((peer, framing.encode(framing.envelope(session_id, 0, **body))))
 
+    def refuse(self, peer: bytes, code: int, reason: str, now: float) -> None:
+        """A message the daemon refused unread (too many frames, say): counted and answered
+        as any refusal."""
+        self._t_received = now
+        self._refuse(peer, code, reason)
+
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=False))
-        self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
+        if self._refusal_answers.take(self._t_received):
+            self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
+
+    def _refuse_hello(self, peer: bytes, session_id: bytes, code: int, reason: str) -> None:
+        self.refused_messages += 1
+        self._events.append(ev.Refused(peer, reason, hello=True))
+        if self._refusal_answers.take(self._t_received):
+            ack = pb.HelloAck(accepted=False, code=code, reason=reason, protocol_version=PROTOCOL_VERSION)
+            self._reply(peer, session_id, hello_ack=ack)
 
     def _move(self, to: DestPhase) -> None:
         self.machine.move(to)

@@ -14,6 +14,7 @@ from common.constants import (
 )
 from common.guest.guest import Guest
 from common.protocol.params import MigrationParameters
+from common.units import format_size
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
 
@@ -41,8 +42,11 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
     )
 
 
-def check_hello(hello: pb.Hello, auth_token: bytes) -> tuple[int, str] | None:
-    """None if the destination can take this migration; else an error code and a reason."""
+def check_hello(
+    hello: pb.Hello, auth_token: bytes, max_ram_bytes: int = MAX_RAM_BYTES
+) -> tuple[int, str] | None:
+    """None if the destination can take this migration; else an error code and a reason.
+    `max_ram_bytes`: the most this destination lets a source make it allocate."""
     if hello.protocol_version != PROTOCOL_VERSION:
         return (
             pb.ERROR_VERSION_MISMATCH,
@@ -65,6 +69,12 @@ def check_hello(hello: pb.Hello, auth_token: bytes) -> tuple[int, str] | None:
         return (
             pb.ERROR_GEOMETRY_MISMATCH,
             f"guest RAM of {hello.ram_bytes} bytes is outside {MIN_RAM_BYTES} .. {MAX_RAM_BYTES} or not whole pages",
+        )
+    if hello.ram_bytes > max_ram_bytes:
+        return (
+            pb.ERROR_GEOMETRY_MISMATCH,
+            f"a guest of {format_size(hello.ram_bytes)} exceeds this destination's limit of "
+            f"{format_size(max_ram_bytes)} (dest-node --max-ram)",
         )
     if not 1 <= hello.vcpu_count <= MAX_VCPUS:
         return pb.ERROR_GEOMETRY_MISMATCH, f"{hello.vcpu_count} vCPUs is outside 1 .. {MAX_VCPUS}"

@@ -42,3 +42,22 @@ class TokenBucket:
         if self.rate:
             self._refill(now)
             self.tokens -= size
+
+
+class PerSecond:
+    """At most `limit` events in any one-second window starting at the first of them: how a
+    daemon bounds what strangers can make it do (log lines, answers to hellos)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._window_start = float("-inf")
+        self._used = 0
+
+    def take(self, now: float) -> bool:
+        if now - self._window_start >= 1.0:
+            self._window_start = now
+            self._used = 0
+        if self._used >= self.limit:
+            return False
+        self._used += 1
+        return True

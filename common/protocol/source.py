@@ -289,6 +289,11 @@ class SourceSession:
             raise RuntimeError("too late to cancel: the guest has been handed to the destination")
         self._fail(pb.ERROR_CANCELLED, reason, now, cancelled=True)
 
+    def refused_by_peer(self, reason: str, now: float) -> None:
+        """The connection itself was refused (the destination's key check): nothing of ours
+        can reach it, so there is nobody to tell; before the commit the guest stays here."""
+        self._fail(pb.ERROR_UNAUTHORIZED, reason, now, notify=False)
+
     def settle(self, runs_here: bool, now: float) -> None:
         """An operator's word on an unsettled handover: where the guest runs from now on."""
         if self.phase is not _S.UNSETTLED:
