@@ -133,8 +133,14 @@ class _Connection:
 
 
 class FaultProxy:
-    def __init__(self, target: tuple[str, int], *, seed: int = 0, listen_host: str = "127.0.0.1") -> None:
+    def __init__(
+        self, target: tuple[str, int], *, seed: int = 0, listen_host: str = "127.0.0.1", capture_bytes: int = 0
+    ) -> None:
+        """`capture_bytes`: keep up to this many of the bytes the source sends, as a wiretap
+        would see them (the tests look for guest memory in them)."""
         self.target = target
+        self.capture_limit = capture_bytes
+        self.captured = bytearray()
         self.rng = random.Random(seed)
         self.milestones = Milestones()
         self._lock = threading.RLock()  # triggers run under it and call the controls
@@ -315,6 +321,9 @@ class FaultProxy:
         data = stream.feed(data)
         if downstream:
             self.milestones.bytes_down += len(data)
+            room = self.capture_limit - len(self.captured)
+            if room > 0:
+                self.captured += data[:room]
         else:
             self.milestones.bytes_up += len(data)
         queue.append((self._release_time(downstream, len(data), now), data))

@@ -1,0 +1,244 @@
+"""Only the right peer gets in, through the real daemons on loopback: an authorised source
+migrates; an unknown key is refused with a reason the source can read and no guest ever
+exists at the destination (until the operator allows the key and sends SIGHUP); a wiretap
+between the daemons sees guest memory without keys and none with them; a stranger flooding
+the destination's port does not stop a migration."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zmq
+
+from common.control import request
+from common.guest.workload import Fill, WorkloadConfig, boot
+from common.keys import generate
+from common.units import parse_size
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from faultinject.proxy import FaultProxy
+from tests.e2e import SMALL_GUEST, Dest, busy_small_guest, reference, run_source, same_guest
+
+pytestmark = pytest.mark.slow
+RANDOM_GUEST = ["--ram", "16MiB", "--working-set", "2MiB", "--fill", "random", "--seed", "9"]
+
+
+@pytest.fixture
+def keys(tmp_path: Path) -> dict[str, str]:
+    """A destination, an allowed source and a stranger: their files by role."""
+    directory = tmp_path / "keys"
+    (directory / "allow").mkdir(parents=True)
+    for name in ("dest", "source", "stranger"):
+        generate(str(directory / name))
+    shutil.copy(directory / "source.key", directory / "allow")
+    found = {name: str(directory / f"{name}.key_secret") for name in ("dest", "source", "stranger")}
+    found["dest.pub"] = str(directory / "dest.key")
+    found["stranger.pub"] = str(directory / "stranger.key")
+    found["allow"] = str(directory / "allow")
+    return found
+
+
+def guest_sample() -> bytes:
+    """64 bytes the guest of RANDOM_GUEST holds at boot (random data: lz4 leaves it as is)."""
+    config = WorkloadConfig(seed=9, working_set_bytes=parse_size("2MiB"), fill=Fill.RANDOM)
+    guest = boot(parse_size("16MiB"), config)
+    pages = np.flatnonzero(guest.memory.data_populated)
+    page = guest.memory.pages[pages[len(pages) // 2]]
+    return bytes(page[1024:1088])
+
+
+@pytest.mark.parametrize("with_keys", [True, False], ids=["curve", "clear"])
+def test_a_wiretap_sees_guest_memory_only_without_keys(
+    tmp_path: Path, keys: dict[str, str], with_keys: bool
+) -> None:
+    sample = guest_sample()
+    dest_keys = ["--key", keys["dest"], "--allow", keys["allow"]] if with_keys else []
+    source_keys = ["--key", keys["source"], "--peer-key", keys["dest.pub"]] if with_keys else []
+    dest = Dest(tmp_path, "--stop-at-step", "0", *dest_keys)
+    try:
+        with FaultProxy(("127.0.0.1", dest.port), capture_bytes=64 << 20) as tap:
+            src = run_source(
+                tmp_path, *RANDOM_GUEST, "--stop-at-step", "0", "--migrate-to", tap.uri, *source_keys
+            )
+            captured = bytes(tap.captured)
+        got = dest.finish()
+    finally:
+        dest.kill()
+    assert src.code == 0 and src.report["status"] == "completed", src.report.get("error")
+    assert same_guest(got.report["guest"], src.report["guest"])
+    assert len(captured) > 2 << 20, "the tap saw the migration"
+    if with_keys:
+        assert sample not in captured, "guest memory crossed the wire readable"
+        assert "peer key admitted" in got.stderr and '"peer": "source"' in got.stderr
+    else:
+        assert sample in captured, "the sample is guest memory: a tap without keys must see it"
+
+
+def test_an_unknown_key_is_refused_until_the_operator_allows_it(tmp_path: Path, keys: dict[str, str]) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys["dest"], "--allow", keys["allow"])
+    try:
+        refused = run_source(
+            tmp_path,
+            *SMALL_GUEST,
+            "--stop-at-step",
+            "300",
+            "--migrate-to",
+            dest.uri,
+            "--key",
+            keys["stranger"],
+            "--peer-key",
+            keys["dest.pub"],
+            timeout=60,
+        )
+        assert refused.code == 1 and refused.report["status"] == "failed"
+        assert "refused this node's key" in refused.report["error"]
+        assert "--allow directory" in refused.report["error"], "it says what to do"
+        assert refused.report["guest"]["here"] is True, "the guest stayed where it was"
+        status = request(dest.control, "status")["result"]
+        assert status["guest"] is None and status["phase"] == "waiting", "no guest was ever made there"
+        assert status["ram"]["wire_bytes"] == 0
+
+        # the operator allows the key and tells the destination: the same source gets in
+        shutil.copy(keys["stranger.pub"], keys["allow"])
+        dest.proc.send_signal(signal.SIGHUP)
+        time.sleep(0.3)
+        admitted = run_source(
+            tmp_path,
+            *SMALL_GUEST,
+            "--stop-at-step",
+            "0",
+            "--migrate-to",
+            dest.uri,
+            "--key",
+            keys["stranger"],
+            "--peer-key",
+            keys["dest.pub"],
+            timeout=60,
+        )
+        got = dest.finish()
+    finally:
+        dest.kill()
+    assert admitted.code == 0 and admitted.report["status"] == "completed", admitted.report.get("error")
+    assert got.report["status"] == "completed"
+    assert "peer key refused" in got.stderr and "allow-list reloaded" in got.stderr
+
+
+def test_keys_are_checked_before_anything_starts(tmp_path: Path, keys: dict[str, str]) -> None:
+    """Mistakes with keys are usage errors that name the file or the rule, before a guest boots."""
+    port = 47000 + os.getpid() % 1000
+    cases = [
+        (["dest_node.cli", "--listen", f"tcp://0.0.0.0:{port}"], "--insecure"),
+        (["dest_node.cli", "--listen", f"tcp://127.0.0.1:{port}", "--key", keys["dest"]], "needs --allow"),
+        (
+            [
+                "dest_node.cli",
+                "--listen",
+                f"tcp://127.0.0.1:{port}",
+                "--key",
+                keys["dest.pub"],
+                "--allow",
+                keys["allow"],
+            ],
+            "holds no secret key",
+        ),
+        (
+            [
+                "dest_node.cli",
+                "--listen",
+                f"tcp://127.0.0.1:{port}",
+                "--control",
+                f"tcp://0.0.0.0:{port + 1}",
+            ],
+            "--control-allow",
+        ),
+        (["source_node.cli", *SMALL_GUEST, "--migrate-to", f"tcp://10.9.9.9:{port}"], "leaves this machine"),
+        (
+            [
+                "source_node.cli",
+                *SMALL_GUEST,
+                "--migrate-to",
+                f"tcp://127.0.0.1:{port}",
+                "--key",
+                keys["source"],
+            ],
+            "--peer-key",
+        ),
+    ]
+    for argv, words in cases:
+        done = subprocess.run([sys.executable, "-m", *argv], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2, (argv, done.stderr)
+        assert words in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+class Flood:
+    """A stranger on the destination's port: garbage, lies and messages of endless frames, as
+    fast as one thread can send them."""
+
+    def __init__(self, uri: str) -> None:
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 1000)
+        self.sock.connect(uri)
+        self.sent = 0
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _messages(self, rng: random.Random) -> list[list[bytes]]:
+        fake = framing.envelope(rng.randbytes(8), 5, heartbeat=pb.Heartbeat())
+        return [
+            [rng.randbytes(rng.randrange(1, 200))],
+            [rng.randbytes(32)] * 200,  # many frames
+            framing.encode(fake),
+            [b"MTEM" + rng.randbytes(60), rng.randbytes(4096)],
+        ]
+
+    def _run(self) -> None:
+        rng = random.Random(7)
+        messages = self._messages(rng)
+        while not self.stop.is_set():
+            try:
+                self.sock.send_multipart(messages[self.sent % len(messages)], flags=zmq.NOBLOCK)
+                self.sent += 1
+            except zmq.Again:
+                time.sleep(0.0005)
+            if self.sent % 64 == 0:
+                time.sleep(0)  # let the daemons' threads in
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(timeout=5)
+        self.sock.close(linger=0)
+        self.ctx.term()
+
+
+@pytest.mark.faults
+def test_a_stranger_flooding_the_port_does_not_stop_the_migration(tmp_path: Path) -> None:
+    guest = busy_small_guest(seed=4, stop=3000, pace="1500")
+    expected = reference(tmp_path, *guest)
+    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    flood = Flood(dest.uri)
+    try:
+        time.sleep(0.3)  # the flood is on before the source arrives
+        src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, timeout=120)
+        got = dest.finish(timeout=60)
+    finally:
+        flood.close()
+        dest.kill()
+    assert src.code == 0 and src.report["status"] == "completed", src.report.get("error")
+    assert same_guest(got.report["guest"], expected)
+    assert flood.sent > 1000, flood.sent
+    assert got.report["refused_messages"] > 100
+    # the log says so in counts, not a line per message
+    assert got.stderr.count("messages refused") < got.report["refused_messages"] / 10
