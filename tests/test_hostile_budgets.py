@@ -1,0 +1,127 @@
+"""The limits a peer cannot push past, each on its own: answers to refusals per second, the
+destination's intake per loop turn (its source first), frames per message, the RAM a hello
+may claim, the protocol version of every message after the hello."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import zmq
+
+from common.constants import (
+    MAX_FRAMES_PER_MESSAGE,
+    PROTOCOL_VERSION,
+    REFUSAL_ANSWERS_PER_S,
+    STRANGER_MESSAGES_PER_TURN,
+)
+from common.protocol import events as ev
+from common.protocol.dest import DestParameters
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from dest_node.daemon import DestDaemon, DestOptions
+from tests.protocol_harness import Pair, busy_guest, good_hello
+
+
+def test_a_flood_of_bad_messages_gets_a_bounded_number_of_answers() -> None:
+    pair = Pair(busy_guest(seed=2))
+    dst = pair.dst
+    dst.take_outgoing()
+    for i in range(10 * REFUSAL_ANSWERS_PER_S):
+        dst.receive(b"stranger", [b"not a message %d" % i], pair.now)
+    assert dst.refused_messages == 10 * REFUSAL_ANSWERS_PER_S, "every one is counted"
+    assert len(dst.take_outgoing()) == REFUSAL_ANSWERS_PER_S, "but only so many are answered each second"
+    dst.receive(b"stranger", [b"one more"], pair.now + 1.0)
+    assert len(dst.take_outgoing()) == 1, "a second later, answers again"
+
+
+def test_bad_hellos_too_get_a_bounded_number_of_answers() -> None:
+    pair = Pair(busy_guest(seed=2))
+    dst = pair.dst
+    for i in range(3 * REFUSAL_ANSWERS_PER_S):
+        env = framing.envelope(b"s%07d" % i, 1, hello=good_hello(page_size=8192))
+        dst.receive(b"stranger-%d" % i, framing.encode(env), pair.now)
+    assert dst.refused_messages == 3 * REFUSAL_ANSWERS_PER_S
+    assert len(dst.take_outgoing()) == REFUSAL_ANSWERS_PER_S
+
+
+def test_the_ram_a_hello_may_claim_is_the_destinations_choice() -> None:
+    pair = Pair(busy_guest(seed=2), dest_params=DestParameters(max_ram_bytes=4 << 20))
+    pair.run(max_seconds=5)
+    assert pair.dst.guest is None, "nothing allocated"
+    assert pair.src.failure is not None
+    assert "exceeds this destination's limit of 4 MiB (dest-node --max-ram)" in pair.src.failure.reason
+
+
+def test_every_message_after_the_hello_must_speak_our_version() -> None:
+    pair = Pair(busy_guest(seed=2))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.session_id != b"", max_seconds=5)
+    dst = pair.dst
+    before = dst.refused_messages
+    env = framing.envelope(dst.session_id, 0, heartbeat=pb.Heartbeat())
+    env.protocol_version = PROTOCOL_VERSION + 1
+    dst.receive(dst.peer or b"", framing.encode(env), pair.now)
+    assert dst.refused_messages == before + 1
+    reasons = [e.reason for e in dst.take_events() if isinstance(e, ev.Refused)]
+    assert reasons and f"protocol version {PROTOCOL_VERSION + 1} is not supported" in reasons[-1]
+
+
+def test_a_session_belongs_to_the_key_that_opened_it() -> None:
+    pair = Pair(busy_guest(seed=2))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.session_id != b"", max_seconds=5)
+    dst = pair.dst
+    before = dst.refused_messages
+    env = framing.envelope(dst.session_id, 0, heartbeat=pb.Heartbeat())
+    dst.receive(dst.peer or b"", framing.encode(env), pair.now, peer_key=b"K" * 40)
+    assert dst.refused_messages == before + 1, "the same connection name, another key: refused"
+    reasons = [e.reason for e in dst.take_events() if isinstance(e, ev.Refused)]
+    assert reasons[-1] == "this session belongs to another source's key"
+    assert dst.phase.value == "receiving", "the session itself carries on"
+
+
+def daemon(tmp_path: Path) -> DestDaemon:
+    return DestDaemon(DestOptions(listen=f"ipc://{tmp_path}/dest.sock", params=DestParameters()))
+
+
+def test_a_turn_takes_a_few_strangers_messages_then_yields(tmp_path: Path) -> None:
+    dest = daemon(tmp_path)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    try:
+        stranger.connect(dest.address)
+        for i in range(50):
+            stranger.send(b"garbage %d" % i)
+        deadline = time.monotonic() + 5
+        while not dest.sock.poll(10) and time.monotonic() < deadline:
+            pass
+        time.sleep(0.2)  # all 50 queued at the destination
+        dest._drain()
+        assert dest.session.refused_messages == STRANGER_MESSAGES_PER_TURN
+        dest._drain()
+        assert dest.session.refused_messages == 2 * STRANGER_MESSAGES_PER_TURN
+    finally:
+        stranger.close(linger=0)
+        ctx.term()
+        dest.sock.close(linger=0)
+        dest.ctx.term()
+
+
+def test_a_message_of_too_many_frames_is_refused_unread(tmp_path: Path) -> None:
+    dest = daemon(tmp_path)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    try:
+        stranger.connect(dest.address)
+        stranger.send_multipart([b"x"] * 10_000)
+        dest.sock.poll(5000)
+        dest._drain()
+        assert dest.session.refused_messages == 1
+        events = dest.session.take_events()
+        assert any(f"more than {MAX_FRAMES_PER_MESSAGE} frames" in getattr(e, "reason", "") for e in events)
+    finally:
+        stranger.close(linger=0)
+        ctx.term()
+        dest.sock.close(linger=0)
+        dest.ctx.term()
