@@ -17,10 +17,12 @@ from common.constants import (
 )
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters
+from common.protocol.params import MigrationParameters
+from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from dest_node.daemon import DestDaemon, DestOptions
-from tests.protocol_harness import Pair, busy_guest, good_hello
+from tests.protocol_harness import Faults, Pair, busy_guest, good_hello
 
 
 def test_a_flood_of_bad_messages_gets_a_bounded_number_of_answers() -> None:
@@ -125,3 +127,36 @@ def test_a_message_of_too_many_frames_is_refused_unread(tmp_path: Path) -> None:
         ctx.term()
         dest.sock.close(linger=0)
         dest.ctx.term()
+
+
+def lying_ok(message: framing.Message) -> framing.Message | None:
+    """A destination that answers 'ok' whatever it holds: its digests are not the source's."""
+    if message.kind != "verify_result":
+        return None
+    env = pb.Envelope()
+    env.CopyFrom(message.envelope)
+    env.verify_result.ok = True
+    env.verify_result.destination.ram_digest = b"\x00" * len(
+        env.verify_result.destination.ram_digest or b"x" * 16
+    )
+    return framing.Message(env, message.payload)
+
+
+def test_the_source_checks_the_digests_itself_before_committing() -> None:
+    pair = Pair(busy_guest(seed=3), to_source=Faults(tamper=lying_ok)).run(max_seconds=20)
+    assert pair.src.phase is SourcePhase.FAILED
+    assert pair.src.failure is not None and "its digests differ from ours" in pair.src.failure.reason
+    assert pair.src_host.resumes >= 1 and pair.dst.phase is not DestPhase.RUNNING, "the guest stays here"
+
+
+def test_a_postcopy_destination_claiming_a_match_it_lacks_is_never_called_completed() -> None:
+    pair = Pair(
+        busy_guest(seed=3),
+        params=MigrationParameters(postcopy=True, postcopy_after_rounds=0),
+        to_source=Faults(tamper=lying_ok),
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.ended, max_seconds=20)
+    assert pair.src.phase is SourcePhase.UNSETTLED, pair.src.phase
+    assert pair.src.failure is not None and "differs from ours" in pair.src.failure.reason
+    assert pair.src_host.resumes == 0, "postcopy never resumes the source's guest"

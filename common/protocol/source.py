@@ -514,7 +514,18 @@ class SourceSession:
                 "tags": result.destination.tag_digest.hex(),
                 "vcpu": result.destination.vcpu_digest.hex(),
             }
-            if result.ok:
+            ours = self.verifier.source_digests or {}
+            theirs = self.verifier.dest_digests
+            agrees = theirs["ram"] == ours.get("ram") and theirs["vcpu"] == ours.get("vcpu")
+            if result.ok and not agrees:
+                self.verifier.verified = False
+                self._unsettled(
+                    now,
+                    "postcopy verification: the destination reports a match but its manifest or vCPU "
+                    "digest differs from ours",
+                    postcopy=True,
+                )
+            elif result.ok:
                 self._complete(now, "postcopy completed: every page placed and verified")
             else:
                 self._unsettled(

@@ -59,6 +59,13 @@ class SourceVerifier:
         dest = result.destination
         self.dest_digests = hex_digests(dest.ram_digest, dest.tag_digest, dest.vcpu_digest)
         if result.ok:
+            # the destination's word is not enough: its digests must be ours
+            if self.dest_digests != self.source_digests:
+                self.verified = False
+                raise WireError(
+                    pb.ERROR_VERIFICATION_FAILED,
+                    "the destination reports a match but its digests differ from ours: not committing",
+                )
             self.verified = True
             return None
         data, tags = self._pages_at_fault(result)
