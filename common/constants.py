@@ -79,8 +79,8 @@ SESSION_ID_BYTES = 8
 # session's source before it turns to other work.
 REFUSAL_ANSWERS_PER_S = 20
 STRANGER_MESSAGES_PER_TURN = 4
-# A message of more frames than this is refused unread (ours have at most 2: envelope, payload).
-MAX_FRAMES_PER_MESSAGE = 4
+# Frames of a message: the envelope and, for pages and tags, the payload. More are refused unread.
+MAX_FRAMES_PER_MESSAGE = 2
 
 # Messages a daemon takes from its socket per loop turn before the vCPU and timers get a turn.
 DRAIN_BUDGET_MESSAGES = 1

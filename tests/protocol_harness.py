@@ -236,6 +236,7 @@ class Pair:
         self.up = Link(to_source or Faults(seed=1))
         self.turns = 0
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
+        self.source_key = b""  # the key its connections prove, as a CURVE handshake would vouch
         self.events: list[object] = []
         self.runner: GuestRunner | None = None
         if dest_steps is not None:  # the destination runs this many steps once it starts the guest
@@ -281,9 +282,9 @@ class Pair:
         for frames in src.take_urgent():
             self.urgent.put(frames, self.now)
         for frames in self.urgent.take(self.now):
-            dst.receive(self.peer + b"-urgent", frames, self.now)
+            dst.receive(self.peer + b"-urgent", frames, self.now, peer_key=self.source_key)
         for frames in self.down.take(self.now):
-            dst.receive(self.peer, frames, self.now)
+            dst.receive(self.peer, frames, self.now, peer_key=self.source_key)
         dst.poll(self.now)
         for peer, frames in dst.take_outgoing():
             if peer == self.peer:

@@ -662,6 +662,10 @@ class DestSession:
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=False))
+        if peer == self.peer and self.phase in _LIVE:
+            # Sent under our source's connection name, yet refused: a stranger posing as it (an
+            # answer there would reach our source as this side's verdict and end its migration).
+            return
         if self._refusal_answers.take(self._t_received):
             self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import xxhash
 from google.protobuf.message import DecodeError
 
-from common.constants import MAX_FRAME_BYTES, PROTOCOL_VERSION
+from common.constants import MAX_FRAME_BYTES, MAX_FRAMES_PER_MESSAGE, PROTOCOL_VERSION
 from common.wire import mte_migration_pb2 as pb
 
 _CHECKSUM = struct.Struct("<Q")
@@ -60,8 +60,10 @@ def encode(env: pb.Envelope, payload: Buffer = b"") -> list[Buffer]:
 
 def decode(frames: Sequence[Buffer]) -> Message:
     """Parse frames from an untrusted peer; raise WireError saying what is wrong."""
-    if not 1 <= len(frames) <= 2:
-        raise WireError(pb.ERROR_BAD_MESSAGE, f"message has {len(frames)} frames, expected 1 or 2")
+    if not 1 <= len(frames) <= MAX_FRAMES_PER_MESSAGE:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE, f"message has {len(frames)} frames, expected 1 to {MAX_FRAMES_PER_MESSAGE}"
+        )
     first = memoryview(frames[0])
     payload = memoryview(frames[1]) if len(frames) == 2 else memoryview(b"")
     if len(first) < _CHECKSUM.size:
