@@ -78,6 +78,8 @@ SESSION_ID_BYTES = 8
 # counted, not answered), and the messages a destination drains from peers that are not its
 # session's source before it turns to other work.
 REFUSAL_ANSWERS_PER_S = 20
+# Refusals (hellos, key handshakes) a daemon logs one by one per second; the rest are counted.
+REFUSAL_LOG_LINES_PER_S = 5
 STRANGER_MESSAGES_PER_TURN = 4
 # Frames of a message: the envelope and, for pages and tags, the payload. More are refused unread.
 MAX_FRAMES_PER_MESSAGE = 2

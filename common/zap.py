@@ -12,12 +12,11 @@ from dataclasses import dataclass
 import zmq
 from zmq.utils import z85
 
+from common.constants import REFUSAL_LOG_LINES_PER_S
 from common.protocol.ratelimit import PerSecond
 
 ZAP_ENDPOINT = "inproc://zeromq.zap.01"
 ZAP_VERSION = b"1.0"
-# Refused handshakes a daemon logs one by one per second; the rest are counted in a summary.
-REFUSAL_LOG_LINES_PER_S = 5
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from common.constants import (
     DRAIN_BUDGET_MESSAGES,
     MAX_FRAME_BYTES,
     MAX_FRAMES_PER_MESSAGE,
+    REFUSAL_LOG_LINES_PER_S,
     STRANGER_MESSAGES_PER_TURN,
 )
 from common.control import ControlError, ControlServer, peer_key_arg
@@ -31,6 +32,7 @@ from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase
+from common.protocol.ratelimit import PerSecond
 from common.report import guest_summary, write_report
 from common.wire import mte_migration_pb2 as pb
 from common.zap import ZapHandler
@@ -114,6 +116,7 @@ class DestDaemon:
         self.signalled: str | None = None
         self._reported_failure = False
         self._refusals_unlogged = 0  # refused messages not yet in the log
+        self._hello_log_lines = PerSecond(REFUSAL_LOG_LINES_PER_S)
         self._t_refusal_logged = float("-inf")
         self._last_refusal: ev.Refused | None = None
         self.control: ControlServer | None = None
@@ -330,9 +333,11 @@ class DestDaemon:
                 self._log_refusal(event)
 
     def _log_refusal(self, event: ev.Refused) -> None:
-        """Every refused hello is logged; other refused messages at most once a second, with
-        how many there were since (a hostile peer must not flood the log, nor go unseen)."""
-        if event.hello:
+        """Refused hellos are logged one by one while they are few (an operator needs to see a
+        misconfigured source); beyond REFUSAL_LOG_LINES_PER_S, and for every other refused
+        message, a count at most once a second: a hostile peer must not flood the log, nor go
+        unseen."""
+        if event.hello and self._hello_log_lines.take(time.monotonic()):
             self.log.warning("source refused", connection=event.peer.hex(), reason=event.reason)
             return
         self._refusals_unlogged += 1

@@ -134,7 +134,12 @@ class _Connection:
 
 class FaultProxy:
     def __init__(
-        self, target: tuple[str, int], *, seed: int = 0, listen_host: str = "127.0.0.1", capture_bytes: int = 0
+        self,
+        target: tuple[str, int],
+        *,
+        seed: int = 0,
+        listen_host: str = "127.0.0.1",
+        capture_bytes: int = 0,
     ) -> None:
         """`capture_bytes`: keep up to this many of the bytes the source sends, as a wiretap
         would see them (the tests look for guest memory in them)."""

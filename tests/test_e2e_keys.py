@@ -22,12 +22,13 @@ import zmq
 
 from common.control import request
 from common.guest.workload import Fill, WorkloadConfig, boot
-from common.keys import generate
+from common.keys import generate, load_public, load_secret
 from common.units import parse_size
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from faultinject.proxy import FaultProxy
-from tests.e2e import SMALL_GUEST, Dest, busy_small_guest, reference, run_source, same_guest
+from source_node.demo import free_port
+from tests.e2e import SMALL_GUEST, SOURCE, Dest, busy_small_guest, reference, run_source, same_guest
 
 pytestmark = pytest.mark.slow
 RANDOM_GUEST = ["--ram", "16MiB", "--working-set", "2MiB", "--fill", "random", "--seed", "9"]
@@ -242,3 +243,42 @@ def test_a_stranger_flooding_the_port_does_not_stop_the_migration(tmp_path: Path
     assert got.report["refused_messages"] > 100
     # the log says so in counts, not a line per message
     assert got.stderr.count("messages refused") < got.report["refused_messages"] / 10
+
+
+def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
+    tmp_path: Path, keys: dict[str, str]
+) -> None:
+    """Bound on every interface (reached here over loopback): only a key in --control-allow
+    gets an answer; that user starts a keyed migration with `ctl migrate --peer-key`."""
+    ctl_allow = tmp_path / "ctl-allow"
+    ctl_allow.mkdir()
+    ops_public, ops_secret = generate(str(tmp_path / "ops"))
+    shutil.copy(ops_public, ctl_allow)
+    port = free_port()
+    reach = f"tcp://127.0.0.1:{port}"
+    source = subprocess.Popen(
+        [*SOURCE, *SMALL_GUEST, "--stop-at-step", "0", "--control", f"tcp://0.0.0.0:{port}",
+         "--key", keys["source"], "--control-allow", str(ctl_allow)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys["dest"], "--allow", keys["allow"])
+    ops = (load_secret(ops_secret), load_public(Path(keys["source"]).with_suffix(".key")))
+    try:
+        deadline = time.monotonic() + 20
+        while not request(reach, "status", timeout_s=1.0, curve=ops).get("ok"):
+            assert time.monotonic() < deadline and source.poll() is None, "source-node did not come up"
+        assert not request(reach, "status", timeout_s=1.0).get("ok"), "no key: no answer"
+        stranger = (load_secret(keys["stranger"]), ops[1])
+        assert not request(reach, "status", timeout_s=1.0, curve=stranger).get("ok"), "unknown key: no answer"
+        source_public = str(Path(keys["source"]).with_suffix(".key"))
+        ctl = [*SOURCE, "ctl", "--control", reach, "--key", str(ops_secret), "--control-key", source_public]
+        started = subprocess.run([*ctl, "migrate", dest.uri, "--peer-key", keys["dest.pub"]],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        got = dest.finish(timeout=60)
+        assert got.report["status"] == "completed" and "peer key admitted" in got.stderr
+    finally:
+        dest.kill()
+        source.send_signal(signal.SIGTERM)
+        _, err = source.communicate(timeout=30)
+    assert "peer key refused" in err and '"domain": "control"' in err

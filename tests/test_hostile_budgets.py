@@ -8,11 +8,13 @@ import time
 from pathlib import Path
 
 import zmq
+from structlog.testing import capture_logs
 
 from common.constants import (
     MAX_FRAMES_PER_MESSAGE,
     PROTOCOL_VERSION,
     REFUSAL_ANSWERS_PER_S,
+    REFUSAL_LOG_LINES_PER_S,
     STRANGER_MESSAGES_PER_TURN,
 )
 from common.protocol import events as ev
@@ -160,3 +162,19 @@ def test_a_postcopy_destination_claiming_a_match_it_lacks_is_never_called_comple
     assert pair.src.phase is SourcePhase.UNSETTLED, pair.src.phase
     assert pair.src.failure is not None and "differs from ours" in pair.src.failure.reason
     assert pair.src_host.resumes == 0, "postcopy never resumes the source's guest"
+
+
+def test_refused_hellos_are_logged_a_few_a_second_then_counted(tmp_path: Path) -> None:
+    dest = daemon(tmp_path)
+    try:
+        with capture_logs() as logs:
+            for i in range(30):
+                dest._log_refusal(ev.Refused(b"p%d" % i, f"bad hello {i}", hello=True))
+            dest._flush_refusals(final=True)
+    finally:
+        dest.sock.close(linger=0)
+        dest.ctx.term()
+    lines = [entry for entry in logs if entry["event"] == "source refused"]
+    assert [entry["reason"] for entry in lines] == [f"bad hello {i}" for i in range(REFUSAL_LOG_LINES_PER_S)]
+    counted = [entry for entry in logs if entry["event"] == "messages refused"]
+    assert sum(entry["count"] for entry in counted) == 30 - REFUSAL_LOG_LINES_PER_S and len(counted) <= 2
