@@ -81,6 +81,7 @@ REFUSAL_ANSWERS_PER_S = 20
 # Refusals (hellos, key handshakes) a daemon logs one by one per second; the rest are counted.
 REFUSAL_LOG_LINES_PER_S = 5
 STRANGER_MESSAGES_PER_TURN = 4
+READS_PER_TURN = 64
 # Frames of a message: the envelope and, for pages and tags, the payload. More are refused unread.
 MAX_FRAMES_PER_MESSAGE = 2
 

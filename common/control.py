@@ -13,7 +13,7 @@ from typing import Any
 
 import zmq
 
-from common.keys import CONTROL_DOMAIN, KeyPair, curve_client, curve_server
+from common.keys import CONTROL_DOMAIN, KeyPair, curve_client, curve_server, is_z85_key
 
 Handler = Callable[[dict[str, Any]], Any]
 
@@ -27,7 +27,7 @@ def peer_key_arg(args: dict[str, Any]) -> bytes | None:
     key = args.get("peer_key")
     if key is None:
         return None
-    if not isinstance(key, str) or len(key) != 40:
+    if not isinstance(key, str) or not key.isascii() or not is_z85_key(key.encode()):
         raise ControlError('"peer_key" must be a 40-character Z85 public key (ctl migrate --peer-key FILE)')
     return key.encode()
 
@@ -76,7 +76,7 @@ class ControlServer:
             return {"ok": False, "error": '"args" must be an object'}
         try:
             return {"ok": True, "result": handler(args)}
-        except (ControlError, ValueError, RuntimeError) as exc:
+        except (ControlError, ValueError, RuntimeError, zmq.ZMQError) as exc:
             return {"ok": False, "error": str(exc)}
 
     def close(self) -> None:

@@ -12,6 +12,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import zmq
+from zmq.utils import z85
 
 from common.endpoints import check_endpoint
 
@@ -68,6 +69,17 @@ def generate(prefix: str) -> tuple[Path, Path]:
     return public_path, secret_path
 
 
+def is_z85_key(text: bytes) -> bool:
+    """A CURVE key as ZeroMQ writes it: 40 Z85 characters for 32 bytes. Anything else would
+    make libzmq refuse the socket option with an error deep inside a running daemon."""
+    if len(text) != Z85_KEY_CHARS:
+        return False
+    try:
+        return len(z85.decode(text)) == 32
+    except (ValueError, KeyError, UnicodeError):
+        return False
+
+
 def _read_keys(path: Path) -> tuple[bytes | None, bytes | None]:
     try:
         text = path.read_bytes()
@@ -83,7 +95,7 @@ def _read_keys(path: Path) -> tuple[bytes | None, bytes | None]:
         name, value = (part.strip() for part in line.split(b"=", 1))
         if name in (b"public-key", b"secret-key"):
             value = value.strip(b"\"'")
-            if len(value) != Z85_KEY_CHARS:
+            if not is_z85_key(value):
                 raise KeyFileError(f"{path}: its {name.decode()} is not a 40-character Z85 key")
             found[name] = value
     return found.get(b"public-key"), found.get(b"secret-key")

@@ -50,6 +50,7 @@ class OutgoingMigration:
         self.curve = curve
         self.monitor: zmq.Socket[bytes] | None = None
         self._failed_handshakes = 0
+        self._handshakes_ok = 0
         self.log = log
         self.socket: zmq.Socket[bytes] | None = None
         # postcopy answers: a connection of their own, so that they never wait behind the
@@ -81,8 +82,8 @@ class OutgoingMigration:
         sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-        self._secure(sock)
         try:
+            self._secure(sock)
             sock.connect(self.uri)
         except zmq.ZMQError as exc:
             sock.close(linger=0)
@@ -125,19 +126,27 @@ class OutgoingMigration:
         self.monitor = None
 
     def check_handshake(self, now: float) -> None:
-        """Turn a refused handshake into a failure that says why, instead of a silent timeout."""
+        """Turn a refused handshake into a failure that says why, instead of a silent timeout.
+        A refused key is final whenever it comes (the destination's allow-list said no). Other
+        handshake failures count only until a first handshake succeeded: after that they are
+        the network's doing (libzmq reports a damaged CURVE message the same way), and the
+        link's own reconnect and resend repair them."""
         while self.monitor is not None:
             try:
                 event = recv_monitor_message(self.monitor, flags=zmq.NOBLOCK)
             except zmq.Again:
                 return
-            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+            kind = event["event"]
+            if kind == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._handshakes_ok += 1
                 self._failed_handshakes = 0
                 continue
+            if kind != zmq.EVENT_HANDSHAKE_FAILED_AUTH and self._handshakes_ok:
+                continue
             self._failed_handshakes += 1
-            reason = handshake_failure(event["event"], event["value"], self.uri, self.curve)
-            if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._failed_handshakes < 3:
+            if kind == zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL and self._failed_handshakes < 3:
                 continue  # a connection lost mid-handshake looks the same once: a wrong key, every time
+            reason = handshake_failure(kind, event["value"], self.uri, self.curve)
             if reason is not None and not self.session.phase.ended:
                 self.session.refused_by_peer(reason, now)
                 self.after_call()

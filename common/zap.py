@@ -80,8 +80,9 @@ class ZapHandler:
         self.socket.bind(ZAP_ENDPOINT)
         self.admitted = 0
         self.refused = 0
-        self._log_budget = PerSecond(REFUSAL_LOG_LINES_PER_S)
+        self._log_lines = PerSecond(REFUSAL_LOG_LINES_PER_S)
         self._unlogged = 0
+        self._t_counted = float("-inf")
         self._last: Verdict | None = None
 
     def keys(self, domain: str) -> int:
@@ -113,28 +114,29 @@ class ZapHandler:
                 )  # type: ignore[attr-defined]
                 continue
             self.refused += 1
-            self._unlogged += 1
-            self._last = verdict
+            if self._log_lines.take(now):
+                self.log.warning(
+                    "peer key refused", address=verdict.address, domain=verdict.domain, reason=verdict.reason
+                )  # type: ignore[attr-defined]
+            else:
+                self._unlogged += 1
+                self._last = verdict
         self.flush(now)
 
     def flush(self, now: float, *, final: bool = False) -> None:
-        """Each refusal gets a line while they are few; a flood becomes one count a second."""
+        """Each refusal gets a line while they are few (REFUSAL_LOG_LINES_PER_S); the others
+        become one count a second (the daemon calls this every loop turn) and at the end."""
         verdict = self._last
-        if verdict is None or not self._unlogged:
+        if verdict is None or not self._unlogged or not (final or now - self._t_counted >= 1.0):
             return
-        if self._unlogged == 1 and self._log_budget.take(now):
-            self.log.warning(
-                "peer key refused", address=verdict.address, domain=verdict.domain, reason=verdict.reason
-            )  # type: ignore[attr-defined]
-            self._unlogged = 0
-        elif final or self._log_budget.take(now):
-            self.log.warning(  # type: ignore[attr-defined]
-                "peer keys refused",
-                count=self._unlogged,
-                last_address=verdict.address,
-                last_reason=verdict.reason,
-            )
-            self._unlogged = 0
+        self.log.warning(  # type: ignore[attr-defined]
+            "peer keys refused",
+            count=self._unlogged,
+            last_address=verdict.address,
+            last_reason=verdict.reason,
+        )
+        self._unlogged = 0
+        self._t_counted = now
 
     def close(self) -> None:
         self.flush(0.0, final=True)

@@ -16,6 +16,7 @@ from common.constants import (
     DRAIN_BUDGET_MESSAGES,
     MAX_FRAME_BYTES,
     MAX_FRAMES_PER_MESSAGE,
+    READS_PER_TURN,
     REFUSAL_LOG_LINES_PER_S,
     STRANGER_MESSAGES_PER_TURN,
 )
@@ -84,7 +85,6 @@ class DestDaemon:
             else None
         )
         self.reload_keys = False
-        self.dropped_from_strangers = 0
         self.sock = self.ctx.socket(zmq.ROUTER)
         if security.key is not None:
             curve_server(self.sock, security.key, DATA_DOMAIN)
@@ -116,6 +116,7 @@ class DestDaemon:
         self.signalled: str | None = None
         self._reported_failure = False
         self._refusals_unlogged = 0  # refused messages not yet in the log
+        self._dropped_unlogged = 0  # strangers' messages dropped unread, not yet in the log
         self._hello_log_lines = PerSecond(REFUSAL_LOG_LINES_PER_S)
         self._t_refusal_logged = float("-inf")
         self._last_refusal: ev.Refused | None = None
@@ -346,10 +347,10 @@ class DestDaemon:
 
     def _flush_refusals(self, *, final: bool = False) -> None:
         now = time.monotonic()
-        event = self._last_refusal
-        if event is None or not self._refusals_unlogged:
+        if not (final or now - self._t_refusal_logged >= 1.0):
             return
-        if final or now - self._t_refusal_logged >= 1.0:
+        event = self._last_refusal
+        if event is not None and self._refusals_unlogged:
             self.log.warning(
                 "messages refused",
                 count=self._refusals_unlogged,
@@ -358,37 +359,46 @@ class DestDaemon:
             )
             self._refusals_unlogged = 0
             self._t_refusal_logged = now
+        if self._dropped_unlogged:
+            self.log.warning("strangers' messages dropped unread", count=self._dropped_unlogged)
+            self._dropped_unlogged = 0
+            self._t_refusal_logged = now
+        if self.zap is not None:
+            self.zap.flush(now, final=final)
 
     def _drain(self) -> None:
-        """Take what arrived, the session's own source first: a turn ends after its budget of
-        the source's messages, or a few from anyone else, so that a stranger flooding the port
-        costs the migration a share of turns, never all of them (ZeroMQ queues each connection
-        fairly). A budget per turn also lets a postcopy vCPU run soon after its page lands."""
+        """Take what arrived, the session's own source first. ZeroMQ hands over messages one
+        connection at a time in turn; once a session exists, only a few of each turn's messages
+        from anyone else are read (the rest are dropped unread and counted), and the turn ends
+        after its budget of the source's own: a flood from any number of connections costs
+        the migration reads, never its turns. Before any session, everyone is a stranger and
+        up to READS_PER_TURN are read (a source's hello may be among them). A budget per turn
+        also lets a postcopy vCPU run soon after its page lands."""
+        session_id = self.session.session_id
+        guarded = bool(session_id)
         own_taken = strangers = 0
-        while own_taken < DRAIN_BUDGET_MESSAGES and strangers < STRANGER_MESSAGES_PER_TURN:
+        for _ in range(READS_PER_TURN):
             received = self._receive_one()
             if received is None:
                 return
             peer, frames = received
-            session_id = self.session.session_id
-            own = bool(session_id) and peer.startswith(session_id)
-            if own:
-                own_taken += 1
-            else:
+            own = guarded and peer.startswith(session_id)
+            if not own:
                 strangers += 1
+                if guarded and strangers > STRANGER_MESSAGES_PER_TURN:
+                    self._dropped_unlogged += 1
+                    continue
+            now = time.monotonic()
             if len(frames) > MAX_FRAMES_PER_MESSAGE:
                 self.session.refuse(
-                    peer,
-                    pb.ERROR_BAD_MESSAGE,
-                    f"a message of more than {MAX_FRAMES_PER_MESSAGE} frames",
-                    time.monotonic(),
+                    peer, pb.ERROR_BAD_MESSAGE, f"a message of more than {MAX_FRAMES_PER_MESSAGE} frames", now
                 )
-                continue
-            if not frames:
-                continue
-            self.session.receive(
-                peer, [f.buffer for f in frames], time.monotonic(), peer_key=_peer_key(frames[0])
-            )
+            elif frames:
+                self.session.receive(peer, [f.buffer for f in frames], now, peer_key=_peer_key(frames[0]))
+            if own:
+                own_taken += 1
+                if own_taken >= DRAIN_BUDGET_MESSAGES:
+                    return
 
     def _receive_one(self) -> tuple[bytes, list[zmq.Frame]] | None:
         """One message, frame by frame: past MAX_FRAMES_PER_MESSAGE the rest are read and

@@ -308,6 +308,7 @@ class SourceDaemon:
                     self.zap.reload()
                 if self.zap.socket in events:
                     self.zap.handle(time.monotonic())
+                self.zap.flush(time.monotonic())
             if self.control and self.control.socket in events:
                 self.control.handle_one()
             self.runner.run_slice()

@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 from common.constants import (
     MAX_FRAMES_PER_MESSAGE,
     PROTOCOL_VERSION,
+    READS_PER_TURN,
     REFUSAL_ANSWERS_PER_S,
     REFUSAL_LOG_LINES_PER_S,
     STRANGER_MESSAGES_PER_TURN,
@@ -89,24 +90,51 @@ def daemon(tmp_path: Path) -> DestDaemon:
     return DestDaemon(DestOptions(listen=f"ipc://{tmp_path}/dest.sock", params=DestParameters()))
 
 
-def test_a_turn_takes_a_few_strangers_messages_then_yields(tmp_path: Path) -> None:
+def queued(dest: DestDaemon, count: int) -> None:
+    deadline = time.monotonic() + 5
+    while not dest.sock.poll(10) and time.monotonic() < deadline:
+        pass
+    time.sleep(0.2)  # all `count` queued at the destination
+
+
+def test_a_turn_reads_its_sources_message_first_and_only_a_few_of_strangers(tmp_path: Path) -> None:
     dest = daemon(tmp_path)
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    stranger = ctx.socket(zmq.DEALER)
+    strangers = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    source = ctx.socket(zmq.DEALER)
     try:
-        stranger.connect(dest.address)
-        for i in range(50):
-            stranger.send(b"garbage %d" % i)
-        deadline = time.monotonic() + 5
-        while not dest.sock.poll(10) and time.monotonic() < deadline:
-            pass
-        time.sleep(0.2)  # all 50 queued at the destination
+        # before any session everyone is a stranger: a turn reads them all (up to its cap)
+        for sock in strangers:
+            sock.connect(dest.address)
+            for i in range(10):
+                sock.send(b"garbage %d" % i)
+        queued(dest, 30)
         dest._drain()
-        assert dest.session.refused_messages == STRANGER_MESSAGES_PER_TURN
+        assert dest.session.refused_messages == 30
+        # with a session, a turn reads a few of the strangers' messages and drops the rest unread
+        dest.session.session_id = b"sess0001"
+        for sock in strangers:
+            for i in range(30):
+                sock.send(b"garbage %d" % i)
+        queued(dest, 90)
+        before = dest.session.refused_messages
         dest._drain()
-        assert dest.session.refused_messages == 2 * STRANGER_MESSAGES_PER_TURN
+        assert dest.session.refused_messages - before == STRANGER_MESSAGES_PER_TURN
+        assert dest._dropped_unlogged == READS_PER_TURN - STRANGER_MESSAGES_PER_TURN
+        # and the source's own message is read in the next turn, behind whatever strangers queue
+        source.setsockopt(zmq.ROUTING_ID, b"sess0001" + (1).to_bytes(4, "big"))
+        source.connect(dest.address)
+        source.send(b"our source's message")
+        time.sleep(0.3)
+        dest.session.take_events()
+        before = dest.session.refused_messages
+        dest._drain()
+        refused = [e.peer for e in dest.session.take_events() if isinstance(e, ev.Refused)]
+        assert refused and refused[-1].startswith(b"sess0001"), "the source's message was read this turn"
+        assert dest.session.refused_messages - before <= STRANGER_MESSAGES_PER_TURN + 1
     finally:
-        stranger.close(linger=0)
+        for sock in [*strangers, source]:
+            sock.close(linger=0)
         ctx.term()
         dest.sock.close(linger=0)
         dest.ctx.term()
@@ -118,6 +146,12 @@ def test_a_message_of_too_many_frames_is_refused_unread(tmp_path: Path) -> None:
     stranger = ctx.socket(zmq.DEALER)
     try:
         stranger.connect(dest.address)
+        stranger.send_multipart([b"x"] * 10_000)
+        dest.sock.poll(5000)
+        _, frames = dest._receive_one() or (b"", [])
+        assert len(frames) == MAX_FRAMES_PER_MESSAGE + 1, (
+            "frames past the limit are read and dropped, not kept"
+        )
         stranger.send_multipart([b"x"] * 10_000)
         dest.sock.poll(5000)
         dest._drain()

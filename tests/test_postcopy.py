@@ -358,8 +358,8 @@ def test_a_refusal_after_the_destination_ran_the_guest_never_resumes_it_here() -
     assert "refused us" in pair.src.failure.reason  # type: ignore[union-attr]
 
 
-def test_a_refusal_before_the_destination_ran_the_guest_resumes_it_here() -> None:
-    # the destination's bitmap (its word that it runs the guest) never arrives
+def bitmap_never_arrives() -> Pair:
+    """The destination's bitmap (its word that it runs the guest) never reaches the source."""
     pair = Pair(
         busy_guest(seed=5),
         params=MigrationParameters(postcopy=True, postcopy_after_rounds=0),
@@ -368,6 +368,26 @@ def test_a_refusal_before_the_destination_ran_the_guest_resumes_it_here() -> Non
     )
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase is SourcePhase.POSTCOPY)
+    return pair
+
+
+def test_a_refusal_on_a_live_postcopy_link_never_resumes_the_guest_here() -> None:
+    """Before its bitmap arrives the destination may already run the guest: a refusal on the
+    live connection (forged, or a stray) is no proof that it does not."""
+    pair = bitmap_never_arrives()
+    assert pair.dst.phase is DestPhase.POSTCOPY, "the guest runs there"
+    pair.src.receive(refusal(), pair.now)
+    assert pair.src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
+    assert "refused us" in pair.src.failure.reason  # type: ignore[union-attr]
+
+
+def test_a_resume_refused_by_a_node_without_the_session_resumes_the_guest_here() -> None:
+    """Reconnecting, the source hears from a node that holds no session of its own (a restarted
+    destination, whose guest went with the old process) and never said it ran the guest."""
+    pair = bitmap_never_arrives()
+    pair.down.faults = Faults(cut_after=0)
+    pair.up.faults = Faults(cut_after=0)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.POSTCOPY_PAUSED, max_seconds=20)
     pair.src.receive(refusal(), pair.now)
     assert pair.src.phase is SourcePhase.FAILED and pair.src_host.resumes == 1
     assert "before it ran the guest" in pair.src.failure.reason  # type: ignore[union-attr]

@@ -100,6 +100,7 @@ class DestSession:
         # A flood of bad messages gets this many answers a second, not one each: refusing
         # must not cost more than sending garbage does.
         self._refusal_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
+        self._hello_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
         self._t_received = now
         self.session_id = b""
         self.link = Link(b"", now, rto_s=params.retransmit_after_s)
@@ -383,10 +384,11 @@ class DestSession:
             return
         if resume.epoch < self.link.epoch or (resume.epoch == self.link.epoch and peer != self.peer):
             return  # an old attempt, or a stranger replaying one
-        if resume.last_received >= self.link.next_seq:
-            self._refuse(
-                peer, pb.ERROR_BAD_MESSAGE, f"resume claims message {resume.last_received}, never sent"
-            )
+        # both acknowledgements it carries are checked before anything changes (the envelope's
+        # too: a resume is where a connection's state is rebuilt from what the peer claims)
+        claimed = max(resume.last_received, env.received)
+        if claimed >= self.link.next_seq:
+            self._refuse(peer, pb.ERROR_BAD_MESSAGE, f"resume claims message {claimed}, never sent")
             return
         self.peer = peer
         fresh = resume.epoch > self.link.epoch
@@ -663,8 +665,10 @@ class DestSession:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=False))
         if peer == self.peer and self.phase in _LIVE:
-            # Sent under our source's connection name, yet refused: a stranger posing as it (an
-            # answer there would reach our source as this side's verdict and end its migration).
+            # Refused under our source's connection name: a correct source never sends this, so
+            # it came from a connection that took the name over (ROUTER_HANDOVER) or a source
+            # past talking to. An answer would reach the impostor at best, and at worst our
+            # source, as this side's verdict on its migration: counted, not answered.
             return
         if self._refusal_answers.take(self._t_received):
             self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
@@ -672,7 +676,9 @@ class DestSession:
     def _refuse_hello(self, peer: bytes, session_id: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=True))
-        if self._refusal_answers.take(self._t_received):
+        # a budget of their own: a flood of bad messages must not silence the answer a real
+        # (if refused) source needs to hear, such as busy or too large
+        if self._hello_answers.take(self._t_received):
             ack = pb.HelloAck(accepted=False, code=code, reason=reason, protocol_version=PROTOCOL_VERSION)
             self._reply(peer, session_id, hello_ack=ack)
 

@@ -24,6 +24,7 @@ import numpy as np
 
 from common.constants import (
     MAX_PAGES_PER_MESSAGE,
+    PROTOCOL_VERSION,
     RECONNECT_BACKOFF_S,
     SESSION_ID_BYTES,
 )
@@ -182,6 +183,14 @@ class SourceSession:
             self._ask_resend(now)
             return
         env = message.envelope
+        if env.protocol_version != PROTOCOL_VERSION:
+            self._fail(
+                pb.ERROR_VERSION_MISMATCH,
+                f"the destination sent protocol version {env.protocol_version}; this source speaks "
+                f"version {PROTOCOL_VERSION}",
+                now,
+            )
+            return
         if (
             env.seq == 0
             and message.kind in ("hello_ack", "abort")
@@ -514,6 +523,8 @@ class SourceSession:
                 "tags": result.destination.tag_digest.hex(),
                 "vcpu": result.destination.vcpu_digest.hex(),
             }
+            # the manifest digest covers every page's data and tags as the source sent them, so
+            # comparing it and the vCPU digest is the whole check
             ours = self.verifier.source_digests or {}
             theirs = self.verifier.dest_digests
             agrees = theirs["ram"] == ours.get("ram") and theirs["vcpu"] == ours.get("vcpu")
@@ -838,9 +849,11 @@ class SourceSession:
             )
 
     def _refused_in_postcopy(self, body: pb.Abort, now: float) -> None:
-        if self.t_dest_running is None:
-            # It holds no session of ours and never said it runs the guest; a postcopy
-            # destination never discards a guest it started, so it never started this one.
+        if self.t_dest_running is None and self.phase is _S.POSTCOPY_PAUSED:
+            # Our resume was answered by a node that holds no session of ours and never said
+            # it runs the guest; a postcopy destination never discards a guest it started, so
+            # whatever ran there went with the process. (On a live connection a refusal is no
+            # such proof: the guest may run there with its word of it still on the way.)
             self._fail(
                 body.code,
                 f"destination refused before it ran the guest: {body.reason}; the guest runs here again",
