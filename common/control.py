@@ -104,7 +104,12 @@ def request(
             return {
                 "ok": False,
                 "error": f"no answer from the control endpoint {address} within {timeout_s:.0f} s"
-                + ("" if curve is None else " (with keys: is this user's key in its --control-allow?)"),
+                + (
+                    ""
+                    if curve is None
+                    else " (with keys: is your .key in its --control-allow, and is the endpoint off this "
+                    "machine? a local one takes no keys)"
+                ),
             }
         reply: dict[str, Any] = json.loads(sock.recv())
         return reply

@@ -109,7 +109,8 @@ class _ZmtpStream:
         self._more = more
         self.in_first = not self.command and self.first_frame
         self.first_body = bytearray()
-        self.corrupt_at = [] if self.command else self.proxy._corruption_offsets(self.downstream, size)
+        hit = not self.command or (self.proxy.corrupt_commands and size > 1024)
+        self.corrupt_at = self.proxy._corruption_offsets(self.downstream, size) if hit else []
 
     def _frame_end(self) -> None:
         if self.command:
@@ -163,6 +164,9 @@ class FaultProxy:
         self.rate = 0.0  # bytes per second per direction; 0 = unlimited
         self.corrupt_down = 0.0  # chance per 64 KiB chunk of message bytes, source to destination
         self.corrupt_up = 0.0
+        # CURVE carries every message inside a command: corrupt those too (the large ones, past
+        # the handshake's), where libzmq's decryption, not the migration's checksum, notices
+        self.corrupt_commands = False
         self._stalled_until = 0.0
         self._cut = False
         self._next_free = {True: 0.0, False: 0.0}

@@ -6,6 +6,7 @@ the destination's port does not stop a migration."""
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import shutil
@@ -14,12 +15,14 @@ import subprocess
 import sys
 import threading
 import time
+from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import pytest
 import zmq
 
+from common.constants import REFUSAL_LOG_LINES_PER_S
 from common.control import request
 from common.guest.workload import Fill, WorkloadConfig, boot
 from common.keys import generate, load_public, load_secret
@@ -182,18 +185,19 @@ def test_keys_are_checked_before_anything_starts(tmp_path: Path, keys: dict[str,
 
 
 class Flood:
-    """A stranger on the destination's port: garbage, lies and messages of endless frames, as
-    fast as one thread can send them."""
+    """A stranger on the destination's port, as fast as one thread can go. Without keys at the
+    destination: garbage, lies and messages of endless frames. With keys: handshakes, each
+    from a fresh connection offering a fresh unknown key (libzmq does not retry a refused one)."""
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, server_key: bytes | None = None) -> None:
+        self.uri = uri
+        self.server_key = server_key
         self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-        self.sock = self.ctx.socket(zmq.DEALER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.setsockopt(zmq.SNDHWM, 1000)
-        self.sock.connect(uri)
         self.sent = 0
         self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread = threading.Thread(
+            target=self._run if server_key is None else self._handshakes, daemon=True
+        )
         self.thread.start()
 
     def _messages(self, rng: random.Random) -> list[list[bytes]]:
@@ -208,41 +212,78 @@ class Flood:
     def _run(self) -> None:
         rng = random.Random(7)
         messages = self._messages(rng)
+        sock = self.ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.SNDHWM, 1000)
+        sock.connect(self.uri)
         while not self.stop.is_set():
             try:
-                self.sock.send_multipart(messages[self.sent % len(messages)], flags=zmq.NOBLOCK)
+                sock.send_multipart(messages[self.sent % len(messages)], flags=zmq.NOBLOCK)
                 self.sent += 1
             except zmq.Again:
                 time.sleep(0.0005)
             if self.sent % 64 == 0:
                 time.sleep(0)  # let the daemons' threads in
+        sock.close(linger=0)
+
+    def _handshakes(self) -> None:
+        live: list[zmq.Socket[bytes]] = []
+        while not self.stop.is_set():
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.curve_publickey, sock.curve_secretkey = zmq.curve_keypair()
+            sock.curve_serverkey = self.server_key
+            sock.connect(self.uri)
+            live.append(sock)
+            self.sent += 1
+            if len(live) > 32:
+                live.pop(0).close(linger=0)
+            time.sleep(0.002)
+        for sock in live:
+            sock.close(linger=0)
 
     def close(self) -> None:
         self.stop.set()
         self.thread.join(timeout=5)
-        self.sock.close(linger=0)
         self.ctx.term()
 
 
 @pytest.mark.faults
-def test_a_stranger_flooding_the_port_does_not_stop_the_migration(tmp_path: Path) -> None:
+@pytest.mark.parametrize("with_keys", [False, True], ids=["clear", "curve"])
+def test_a_stranger_flooding_the_port_does_not_stop_the_migration(
+    tmp_path: Path, keys: dict[str, str], with_keys: bool
+) -> None:
+    """Without keys the stranger's garbage reaches the destination and is refused; with keys it
+    never gets past the handshake, and its handshakes are refused by the thousand."""
     guest = busy_small_guest(seed=4, stop=3000, pace="1500")
     expected = reference(tmp_path, *guest)
-    dest = Dest(tmp_path, "--stop-at-step", "3000")
-    flood = Flood(dest.uri)
+    dest_keys = ["--key", keys["dest"], "--allow", keys["allow"]] if with_keys else []
+    source_keys = ["--key", keys["source"], "--peer-key", keys["dest.pub"]] if with_keys else []
+    dest = Dest(tmp_path, "--stop-at-step", "3000", *dest_keys)
+    flood = Flood(dest.uri, load_public(keys["dest.pub"]) if with_keys else None)
     try:
         time.sleep(0.3)  # the flood is on before the source arrives
-        src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, timeout=120)
+        src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, *source_keys, timeout=120)
         got = dest.finish(timeout=60)
     finally:
         flood.close()
         dest.kill()
     assert src.code == 0 and src.report["status"] == "completed", src.report.get("error")
     assert same_guest(got.report["guest"], expected)
-    assert flood.sent > 1000, flood.sent
-    assert got.report["refused_messages"] > 100
-    # the log says so in counts, not a line per message
-    assert got.stderr.count("messages refused") < got.report["refused_messages"] / 10
+    lines = [json.loads(line) for line in got.stderr.splitlines() if line.startswith("{")]
+    if with_keys:
+        assert got.report["refused_messages"] == 0, "no stranger's message got past the handshake"
+        one_by_one = sum(1 for e in lines if e["event"] == "peer key refused")
+        counted = sum(e["count"] for e in lines if e["event"] == "peer keys refused")
+        assert one_by_one + counted > 100, (one_by_one, counted)
+        stamps = [datetime.fromisoformat(e["timestamp"]) for e in lines]
+        seconds = (max(stamps) - min(stamps)).total_seconds()
+        assert one_by_one <= REFUSAL_LOG_LINES_PER_S * (seconds + 1), "a few lines a second, then counts"
+    else:
+        assert flood.sent > 1000, flood.sent
+        assert got.report["refused_messages"] > 100
+        # the log says so in counts, not a line per message
+        assert got.stderr.count("messages refused") < got.report["refused_messages"] / 10
 
 
 def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
@@ -257,10 +298,22 @@ def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
     port = free_port()
     reach = f"tcp://127.0.0.1:{port}"
     source = subprocess.Popen(
-        [*SOURCE, *SMALL_GUEST, "--stop-at-step", "0", "--control", f"tcp://0.0.0.0:{port}",
-         "--key", keys["source"], "--control-allow", str(ctl_allow)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+        [
+            *SOURCE,
+            *SMALL_GUEST,
+            "--stop-at-step",
+            "0",
+            "--control",
+            f"tcp://0.0.0.0:{port}",
+            "--key",
+            keys["source"],
+            "--control-allow",
+            str(ctl_allow),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys["dest"], "--allow", keys["allow"])
     ops = (load_secret(ops_secret), load_public(Path(keys["source"]).with_suffix(".key")))
     try:
@@ -272,8 +325,12 @@ def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
         assert not request(reach, "status", timeout_s=1.0, curve=stranger).get("ok"), "unknown key: no answer"
         source_public = str(Path(keys["source"]).with_suffix(".key"))
         ctl = [*SOURCE, "ctl", "--control", reach, "--key", str(ops_secret), "--control-key", source_public]
-        started = subprocess.run([*ctl, "migrate", dest.uri, "--peer-key", keys["dest.pub"]],
-                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+        started = subprocess.run(
+            [*ctl, "migrate", dest.uri, "--peer-key", keys["dest.pub"]],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert started.returncode == 0, started.stderr
         got = dest.finish(timeout=60)
         assert got.report["status"] == "completed" and "peer key admitted" in got.stderr

@@ -10,16 +10,37 @@ import pytest
 
 from common.control import request
 from tests.e2e import Dest, busy_small_guest, finish_source, reference, run_source, same_guest, start_source
+from tests.test_faults_proxy import make_keys
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize(("seed", "rounds"), [(31, "0"), (32, "2")])
-def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: str) -> None:
+@pytest.mark.parametrize(("seed", "rounds", "keys"), [(31, "0", False), (32, "2", False), (33, "0", True)])
+def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: str, keys: bool) -> None:
+    """With keys, the urgent channel that carries requested pages is a CURVE connection too."""
     guest = busy_small_guest(seed, 3000, "1500")
-    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    dest_keys: list[str] = []
+    source_keys: list[str] = []
+    if keys:
+        make_keys(tmp_path / "keys")
+        dest_keys = ["--key", str(tmp_path / "keys/dest.key_secret"), "--allow", str(tmp_path / "keys/allow")]
+        source_keys = [
+            "--key",
+            str(tmp_path / "keys/source.key_secret"),
+            "--peer-key",
+            str(tmp_path / "keys/dest.key"),
+        ]
+    dest = Dest(tmp_path, "--stop-at-step", "3000", *dest_keys)
     src = run_source(
-        tmp_path, *guest, "--migrate-to", dest.uri, "--mode", "postcopy", "--postcopy-after-rounds", rounds
+        tmp_path,
+        *guest,
+        "--migrate-to",
+        dest.uri,
+        "--mode",
+        "postcopy",
+        "--postcopy-after-rounds",
+        rounds,
+        *source_keys,
     )
     got = dest.finish()
     assert src.code == 0, src.stdout + src.stderr + "\n--- dest ---\n" + got.stderr
@@ -33,6 +54,9 @@ def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: 
     assert "postcopy completed" in src.stdout
     if rounds == "0":
         assert got.report["postcopy"]["requests"] > 0
+    if keys:
+        # the stream and the urgent channel each proved the source's key
+        assert got.stderr.count("peer key admitted") >= 2, got.stderr[-2000:]
 
 
 def test_postcopy_start_switches_a_running_precopy(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ the link set down. Runs as root (CI does); where namespaces cannot be made it sk
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -13,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from common.control import request
-from common.keys import generate
 from faultinject.netns import NamespaceError, NetPair
 from tests.e2e import Dest, finish_source, start_source
-from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal
+from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal, make_keys
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 PORT = 4444  # the namespaces are new: nothing else listens there
@@ -52,13 +50,6 @@ def keys_or_insecure(tmp: Path, side: str) -> list[str]:
     if side == "dest":
         return ["--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow")]
     return ["--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key")]
-
-
-def make_keys(directory: Path) -> None:
-    (directory / "allow").mkdir(parents=True)
-    generate(str(directory / "dest"))
-    public, _ = generate(str(directory / "source"))
-    shutil.copy(public, directory / "allow")
 
 
 def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None, *extra: str):  # type: ignore[no-untyped-def]

@@ -7,6 +7,7 @@ guest running and the destination's never run. Never both, never neither, never 
 
 from __future__ import annotations
 
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from common.control import request
+from common.keys import generate
 from faultinject.proxy import FaultProxy, Milestones
 from tests.e2e import Dest, Finished, finish_source, reference, run_source, same_guest, start_source
 
@@ -31,9 +33,14 @@ LINK = ["--peer-timeout", "1", "--reconnect-timeout", "6"]
 
 
 def migrate_through(
-    tmp: Path, proxy_setup: Callable[[FaultProxy], None], *, seed: str = "3", extra: tuple[str, ...] = ()
+    tmp: Path,
+    proxy_setup: Callable[[FaultProxy], None],
+    *,
+    seed: str = "3",
+    extra: tuple[str, ...] = (),
+    dest_extra: tuple[str, ...] = (),
 ) -> tuple[Finished, Finished, FaultProxy]:
-    dest = Dest(tmp, "--stop-at-step", STOP, "--peer-timeout", "1")
+    dest = Dest(tmp, "--stop-at-step", STOP, "--peer-timeout", "1", *dest_extra)
     try:
         with FaultProxy(("127.0.0.1", dest.port), seed=int(seed)) as proxy:
             proxy_setup(proxy)
@@ -61,6 +68,14 @@ def assert_failed_cleanly(tmp: Path, src: Finished, got: Finished, seed: str = "
     if got.report:  # a killed destination writes none
         assert got.report["guest"] is None or got.report["guest"]["here"] is False
     assert "keeps running here" in src.stdout
+
+
+def make_keys(directory: Path) -> None:
+    """dest.key(_secret), source.key(_secret), and allow/ holding source.key."""
+    (directory / "allow").mkdir(parents=True)
+    generate(str(directory / "dest"))
+    public, _ = generate(str(directory / "source"))
+    shutil.copy(public, directory / "allow")
 
 
 def after(megabytes: int) -> Callable[[Milestones], bool]:
@@ -92,6 +107,26 @@ def test_corrupted_chunks_are_sent_again(tmp_path: Path) -> None:
     assert_completed_and_equal(tmp_path, src, got)
     assert got.report["link"]["corrupt_received"] > 0
     assert src.report["link"]["resent_messages"] > 0
+
+
+def test_corruption_under_curve_is_ridden_out(tmp_path: Path) -> None:
+    """With keys, a damaged message is a failed decryption: libzmq drops the connection (and
+    reports it as a handshake failure), ZeroMQ reconnects with a new CURVE handshake, and the
+    link resends what was lost. Nothing of it may fail the migration."""
+    keys = tmp_path / "keys"
+    make_keys(keys)
+    dest_keys = ("--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow"))
+    source_keys = ("--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key"))
+
+    def setup(proxy: FaultProxy) -> None:
+        proxy.corrupt_commands = True
+        proxy.corrupt_down = 0.002
+        proxy.corrupt_up = 0.002
+
+    src, got, proxy = migrate_through(tmp_path, setup, extra=source_keys, dest_extra=dest_keys)
+    assert proxy.corrupted > 0
+    assert_completed_and_equal(tmp_path, src, got)
+    assert got.stderr.count("peer key admitted") >= 3, "reconnected, and proved the key again"
 
 
 def test_delay_jitter_and_a_rate_cap_slow_it_down_but_it_completes(tmp_path: Path) -> None:
