@@ -140,3 +140,32 @@ def test_the_hello_carries_timeouts_in_milliseconds() -> None:
     hello = source_hello(busy_guest(seed=1), params, "node")
     assert hello.reconnect_timeout_ms == 2500
     assert hello.postcopy_recover_timeout_ms == 7250
+
+
+def test_a_round_counts_its_own_pages_and_sections_from_where_it_started() -> None:
+    start = TransferStats(ram_bytes=1000, tag_bytes=100, pages=10, tag_sections=7)
+    record = RoundRecord(round=2, t_start=11.0, start=start, throttle=0.25)
+    now = TransferStats(ram_bytes=5000, tag_bytes=300, pages=30, tag_sections=12)
+    section = record.section(10.0, 13.0, now)
+    assert (section["pages"], section["tag_sections"]) == (20, 5)
+    assert (section["ram_wire_bytes"], section["tag_wire_bytes"]) == (4000, 200)
+    assert section["start_ms"] == 1000.0 and section["duration_ms"] == 2000.0
+    assert section["throughput_bytes_per_s"] == 2100 and section["throttle"] == 0.25
+
+
+def test_the_requests_rate_at_the_instant_the_destination_runs_is_zero() -> None:
+    pair = postcopy_pair(guest=busy_guest(seed=5, ram=16 << 20, fill=Fill.RANDOM, working_set=4 << 20))
+    pair.src.start(pair.now)
+    while pair.src.t_dest_running is None and pair.elapsed < 10:
+        pair.turn()
+    assert pair.src.t_dest_running is not None and pair.src.t_end is None
+    report = pair.src.report(pair.src.t_dest_running)
+    assert report["postcopy"]["requests_per_s"] == 0.0
+
+
+def test_a_destination_that_ran_a_guest_it_could_not_verify_says_failed() -> None:
+    pair = Pair(busy_guest(seed=3)).run()
+    dst = pair.dst.report(pair.now)
+    assert dst["status"] == "completed" and dst["remaining_bytes"] == 0 and dst["progress_percent"] == 100.0
+    pair.dst.verified = False  # type: ignore[misc]
+    assert pair.dst.report(pair.now)["status"] == "failed"
