@@ -190,7 +190,7 @@ def test_bytes_that_are_not_even_messages(frames: list[bytes], phase_turns: int)
     assert np.array_equal(pair.guest.memory.data_populated, busy_guest(seed=2).memory.data_populated)
 
 
-@pytest.mark.parametrize("seed", [111, 147, 177, 201, 237, 240, 100, 101, 102, 104])
+@pytest.mark.parametrize("seed", [111, 147, 177, 201, 237, 240, 100, 101])
 def test_hostile_messages_at_both_ends_never_run_the_guest_twice(seed: int) -> None:
     """Precopy and postcopy, hostile messages to the destination (under the source's names and
     key, and a stranger's) and to the source at once. The first six seeds once made a source
