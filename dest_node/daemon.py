@@ -302,7 +302,9 @@ class DestDaemon:
             try:
                 self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
             except (zmq.Again, zmq.ZMQError) as exc:
-                # The peer is gone or stuck. Nothing is lost: the session keeps every sequenced
+                if peer != self.session.peer:
+                    continue  # a refusal a stranger does not read: nothing to say about it
+                # Our source is gone or stuck. Nothing is lost: the session keeps every sequenced
                 # message until it is acknowledged and sends it again after a resume. Said once
                 # per run of failures, not once per message.
                 if self._undelivered == 0:
