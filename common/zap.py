@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 from zmq.utils import z85
@@ -84,6 +85,22 @@ class ZapHandler:
         self._unlogged = 0
         self._t_counted = float("-inf")
         self._last: Verdict | None = None
+        self._reload_wanted = False
+
+    def request_reload(self) -> None:
+        """From a signal handler (SIGHUP): the next loop turn re-reads the lists."""
+        self._reload_wanted = True
+
+    def service(self, events: dict[Any, int], now: float) -> None:
+        """One turn of a daemon's loop: a requested reload, the handshakes waiting (`events`
+        is the poll's answer), and the count of refusals due in the log."""
+        if self._reload_wanted:
+            self._reload_wanted = False
+            self.reload()
+        if self.socket in events:
+            self.handle(now)
+        else:
+            self.flush(now)
 
     def keys(self, domain: str) -> int:
         return len(self.allowed.get(domain, {}))

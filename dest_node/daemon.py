@@ -84,7 +84,6 @@ class DestDaemon:
             if security.needs_zap
             else None
         )
-        self.reload_keys = False
         self.sock = self.ctx.socket(zmq.ROUTER)
         if security.key is not None:
             curve_server(self.sock, security.key, DATA_DOMAIN)
@@ -365,8 +364,6 @@ class DestDaemon:
             self.log.warning("strangers' messages dropped unread", count=self._dropped_unlogged)
             self._dropped_unlogged = 0
             self._t_refusal_logged = now
-        if self.zap is not None:
-            self.zap.flush(now, final=final)
 
     def _drain(self) -> None:
         """Take what arrived, the session's own source first. ZeroMQ hands over messages one
@@ -422,7 +419,8 @@ class DestDaemon:
         self.signalled = signal.Signals(signum).name
 
     def _on_hangup(self, _signum: int, _: Any) -> None:
-        self.reload_keys = True
+        if self.zap is not None:
+            self.zap.request_reload()
 
     def _handle_signal(self) -> None:
         """An incoming migration is cancelled and its source told at once (it resumes there)."""
@@ -476,11 +474,7 @@ class DestDaemon:
                 timeout = min(timeout, guest_wait)
             events = dict(poller.poll(int(timeout * 1000)))
             if self.zap is not None:
-                if self.reload_keys:
-                    self.reload_keys = False
-                    self.zap.reload()
-                if self.zap.socket in events:
-                    self.zap.handle(time.monotonic())
+                self.zap.service(events, time.monotonic())
             if self.sock in events:
                 self._drain()
                 self._flush()

@@ -82,7 +82,6 @@ class SourceDaemon:
         self._warned_postcopy_signal = False
         self.control = control
         self.zap = zap
-        self.reload_keys = False
         if control is None and options.control:
             self.control, self.zap = open_control(self.ctx, options.control, options.security, self.log)
         if self.control is not None:
@@ -247,7 +246,8 @@ class SourceDaemon:
         self.signalled = signal.Signals(signum).name
 
     def _on_hangup(self, _signum: int, _: Any) -> None:
-        self.reload_keys = True
+        if self.zap is not None:
+            self.zap.request_reload()
 
     def _handle_signal(self) -> None:
         """A signal cancels a migration (telling the destination at once) and ends the daemon;
@@ -303,12 +303,7 @@ class SourceDaemon:
             if slot.service(outgoing, events):
                 self._note_finish()
             if self.zap is not None:
-                if self.reload_keys:
-                    self.reload_keys = False
-                    self.zap.reload()
-                if self.zap.socket in events:
-                    self.zap.handle(time.monotonic())
-                self.zap.flush(time.monotonic())
+                self.zap.service(events, time.monotonic())
             if self.control and self.control.socket in events:
                 self.control.handle_one()
             self.runner.run_slice()
