@@ -22,21 +22,19 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common.keys import generate  # noqa: E402
 from common.units import format_rate, parse_size  # noqa: E402
 from source_node.demo import free_ports  # noqa: E402
+from tests.e2e import Keys, make_keys  # noqa: E402
 
 SOURCE = [sys.executable, "-m", "source_node.cli"]
 DEST = [sys.executable, "-m", "dest_node.cli"]
 
 
-def migrate(tmp: Path, ram: str, keys: Path | None) -> dict[str, Any]:
+def migrate(tmp: Path, ram: str, keys: Keys | None) -> dict[str, Any]:
     (port,) = free_ports(1)
     uri = f"tcp://127.0.0.1:{port}"
-    dest_keys = ["--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow")] if keys else []
-    source_keys = (
-        ["--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key")] if keys else []
-    )
+    dest_keys = keys.dest_args() if keys else []
+    source_keys = keys.source_args() if keys else []
     dest = subprocess.Popen(
         [*DEST, "--listen", uri, "--once", "--stop-at-step", "0", "--log-level", "error", *dest_keys]
     )
@@ -65,11 +63,7 @@ def main() -> int:
     size = parse_size(args.ram)
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        keys = tmp / "keys"
-        (keys / "allow").mkdir(parents=True)
-        generate(str(keys / "dest"))
-        generate(str(keys / "allow" / "source"))
-        (keys / "allow" / "source.key_secret").rename(keys / "source.key_secret")
+        keys = make_keys(tmp / "keys")
         runs: dict[str, list[float]] = {"clear": [], "CURVE": []}
         for _ in range(args.repeat):  # alternating, so that drift in the machine hits both
             for label, key_dir in (("clear", None), ("CURVE", keys)):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from common.keys import generate
 from source_node.demo import free_port, free_ports, wait_for_control
 
 SOURCE = [sys.executable, "-m", "source_node.cli"]
@@ -107,3 +109,35 @@ def run_source(tmp: Path, *args: str, timeout: float = 120) -> Finished:
 def same_guest(a: dict[str, Any], b: dict[str, Any]) -> bool:
     keys = ("step", "ram_digest", "tag_digest", "vcpu_digest", "tag_check_faults")
     return all(a[k] == b[k] for k in keys)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key pairs made for a test: `dest`, `source` (in the allow directory) and any others."""
+
+    directory: Path
+
+    def secret(self, name: str) -> str:
+        return str(self.directory / f"{name}.key_secret")
+
+    def public(self, name: str) -> str:
+        return str(self.directory / f"{name}.key")
+
+    @property
+    def allow(self) -> str:
+        return str(self.directory / "allow")
+
+    def dest_args(self) -> list[str]:
+        return ["--key", self.secret("dest"), "--allow", self.allow]
+
+    def source_args(self, name: str = "source") -> list[str]:
+        return ["--key", self.secret(name), "--peer-key", self.public("dest")]
+
+
+def make_keys(directory: Path, *others: str) -> Keys:
+    """dest and source key pairs, source's public key allowed; `others` made but not allowed."""
+    (directory / "allow").mkdir(parents=True)
+    for name in ("dest", "source", *others):
+        generate(str(directory / name))
+    shutil.copy(directory / "source.key", directory / "allow")
+    return Keys(directory)

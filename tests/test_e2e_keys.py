@@ -31,25 +31,27 @@ from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from faultinject.proxy import FaultProxy
 from source_node.demo import free_port
-from tests.e2e import SMALL_GUEST, SOURCE, Dest, busy_small_guest, reference, run_source, same_guest
+from tests.e2e import (
+    SMALL_GUEST,
+    SOURCE,
+    Dest,
+    Finished,
+    Keys,
+    busy_small_guest,
+    make_keys,
+    reference,
+    run_source,
+    same_guest,
+)
 
 pytestmark = pytest.mark.slow
 RANDOM_GUEST = ["--ram", "16MiB", "--working-set", "2MiB", "--fill", "random", "--seed", "9"]
 
 
 @pytest.fixture
-def keys(tmp_path: Path) -> dict[str, str]:
-    """A destination, an allowed source and a stranger: their files by role."""
-    directory = tmp_path / "keys"
-    (directory / "allow").mkdir(parents=True)
-    for name in ("dest", "source", "stranger"):
-        generate(str(directory / name))
-    shutil.copy(directory / "source.key", directory / "allow")
-    found = {name: str(directory / f"{name}.key_secret") for name in ("dest", "source", "stranger")}
-    found["dest.pub"] = str(directory / "dest.key")
-    found["stranger.pub"] = str(directory / "stranger.key")
-    found["allow"] = str(directory / "allow")
-    return found
+def keys(tmp_path: Path) -> Keys:
+    """A destination, an allowed source and a stranger."""
+    return make_keys(tmp_path / "keys", "stranger")
 
 
 def guest_sample() -> bytes:
@@ -62,12 +64,10 @@ def guest_sample() -> bytes:
 
 
 @pytest.mark.parametrize("with_keys", [True, False], ids=["curve", "clear"])
-def test_a_wiretap_sees_guest_memory_only_without_keys(
-    tmp_path: Path, keys: dict[str, str], with_keys: bool
-) -> None:
+def test_a_wiretap_sees_guest_memory_only_without_keys(tmp_path: Path, keys: Keys, with_keys: bool) -> None:
     sample = guest_sample()
-    dest_keys = ["--key", keys["dest"], "--allow", keys["allow"]] if with_keys else []
-    source_keys = ["--key", keys["source"], "--peer-key", keys["dest.pub"]] if with_keys else []
+    dest_keys = keys.dest_args() if with_keys else []
+    source_keys = keys.source_args() if with_keys else []
     dest = Dest(tmp_path, "--stop-at-step", "0", *dest_keys)
     try:
         with FaultProxy(("127.0.0.1", dest.port), capture_bytes=64 << 20) as tap:
@@ -88,22 +88,23 @@ def test_a_wiretap_sees_guest_memory_only_without_keys(
         assert sample in captured, "the sample is guest memory: a tap without keys must see it"
 
 
-def test_an_unknown_key_is_refused_until_the_operator_allows_it(tmp_path: Path, keys: dict[str, str]) -> None:
-    dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys["dest"], "--allow", keys["allow"])
-    try:
-        refused = run_source(
+def test_an_unknown_key_is_refused_until_the_operator_allows_it(tmp_path: Path, keys: Keys) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "0", *keys.dest_args())
+
+    def stranger_migrates(stop: str) -> Finished:
+        return run_source(
             tmp_path,
             *SMALL_GUEST,
             "--stop-at-step",
-            "300",
+            stop,
             "--migrate-to",
             dest.uri,
-            "--key",
-            keys["stranger"],
-            "--peer-key",
-            keys["dest.pub"],
+            *keys.source_args("stranger"),
             timeout=60,
         )
+
+    try:
+        refused = stranger_migrates("300")
         assert refused.code == 1 and refused.report["status"] == "failed"
         assert "refused this node's key" in refused.report["error"]
         assert "--allow directory" in refused.report["error"], "it says what to do"
@@ -113,22 +114,10 @@ def test_an_unknown_key_is_refused_until_the_operator_allows_it(tmp_path: Path, 
         assert status["ram"]["wire_bytes"] == 0
 
         # the operator allows the key and tells the destination: the same source gets in
-        shutil.copy(keys["stranger.pub"], keys["allow"])
+        shutil.copy(keys.public("stranger"), keys.allow)
         dest.proc.send_signal(signal.SIGHUP)
         time.sleep(0.3)
-        admitted = run_source(
-            tmp_path,
-            *SMALL_GUEST,
-            "--stop-at-step",
-            "0",
-            "--migrate-to",
-            dest.uri,
-            "--key",
-            keys["stranger"],
-            "--peer-key",
-            keys["dest.pub"],
-            timeout=60,
-        )
+        admitted = stranger_migrates("0")
         got = dest.finish()
     finally:
         dest.kill()
@@ -137,21 +126,24 @@ def test_an_unknown_key_is_refused_until_the_operator_allows_it(tmp_path: Path, 
     assert "peer key refused" in got.stderr and "allow-list reloaded" in got.stderr
 
 
-def test_keys_are_checked_before_anything_starts(tmp_path: Path, keys: dict[str, str]) -> None:
+def test_keys_are_checked_before_anything_starts(tmp_path: Path, keys: Keys) -> None:
     """Mistakes with keys are usage errors that name the file or the rule, before a guest boots."""
     port = 47000 + os.getpid() % 1000
     cases = [
         (["dest_node.cli", "--listen", f"tcp://0.0.0.0:{port}"], "--insecure"),
-        (["dest_node.cli", "--listen", f"tcp://127.0.0.1:{port}", "--key", keys["dest"]], "needs --allow"),
+        (
+            ["dest_node.cli", "--listen", f"tcp://127.0.0.1:{port}", "--key", keys.secret("dest")],
+            "needs --allow",
+        ),
         (
             [
                 "dest_node.cli",
                 "--listen",
                 f"tcp://127.0.0.1:{port}",
                 "--key",
-                keys["dest.pub"],
+                keys.public("dest"),
                 "--allow",
-                keys["allow"],
+                keys.allow,
             ],
             "holds no secret key",
         ),
@@ -173,7 +165,7 @@ def test_keys_are_checked_before_anything_starts(tmp_path: Path, keys: dict[str,
                 "--migrate-to",
                 f"tcp://127.0.0.1:{port}",
                 "--key",
-                keys["source"],
+                keys.secret("source"),
             ],
             "--peer-key",
         ),
@@ -257,16 +249,16 @@ class Flood:
 @pytest.mark.faults
 @pytest.mark.parametrize("with_keys", [False, True], ids=["clear", "curve"])
 def test_a_stranger_flooding_the_port_does_not_stop_the_migration(
-    tmp_path: Path, keys: dict[str, str], with_keys: bool
+    tmp_path: Path, keys: Keys, with_keys: bool
 ) -> None:
     """Without keys the stranger's garbage reaches the destination and is refused; with keys it
     never gets past the handshake, and its handshakes are refused by the thousand."""
     guest = busy_small_guest(seed=4, stop=1500, pace="1500")
     expected = reference(tmp_path, *guest)
-    dest_keys = ["--key", keys["dest"], "--allow", keys["allow"]] if with_keys else []
-    source_keys = ["--key", keys["source"], "--peer-key", keys["dest.pub"]] if with_keys else []
+    dest_keys = keys.dest_args() if with_keys else []
+    source_keys = keys.source_args() if with_keys else []
     dest = Dest(tmp_path, "--stop-at-step", "1500", *dest_keys)
-    flood = Flood(dest.uri, load_public(keys["dest.pub"]) if with_keys else None)
+    flood = Flood(dest.uri, load_public(keys.public("dest")) if with_keys else None)
     try:
         time.sleep(0.3)  # the flood is on before the source arrives
         src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, *source_keys, timeout=120)
@@ -292,9 +284,7 @@ def test_a_stranger_flooding_the_port_does_not_stop_the_migration(
         assert got.stderr.count("messages refused") < got.report["refused_messages"] / 10
 
 
-def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
-    tmp_path: Path, keys: dict[str, str]
-) -> None:
+def test_a_control_endpoint_off_this_machine_answers_known_keys_only(tmp_path: Path, keys: Keys) -> None:
     """Bound on every interface (reached here over loopback): only a key in --control-allow
     gets an answer; that user starts a keyed migration with `ctl migrate --peer-key`."""
     ctl_allow = tmp_path / "ctl-allow"
@@ -312,7 +302,7 @@ def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
             "--control",
             f"tcp://0.0.0.0:{port}",
             "--key",
-            keys["source"],
+            keys.secret("source"),
             "--control-allow",
             str(ctl_allow),
         ],
@@ -320,19 +310,19 @@ def test_a_control_endpoint_off_this_machine_answers_known_keys_only(
         stderr=subprocess.PIPE,
         text=True,
     )
-    dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys["dest"], "--allow", keys["allow"])
-    ops = (load_secret(ops_secret), load_public(Path(keys["source"]).with_suffix(".key")))
+    dest = Dest(tmp_path, "--stop-at-step", "0", "--key", keys.secret("dest"), "--allow", keys.allow)
+    ops = (load_secret(ops_secret), load_public(keys.public("source")))
     try:
         deadline = time.monotonic() + 20
         while not request(reach, "status", timeout_s=1.0, curve=ops).get("ok"):
             assert time.monotonic() < deadline and source.poll() is None, "source-node did not come up"
         assert not request(reach, "status", timeout_s=1.0).get("ok"), "no key: no answer"
-        stranger = (load_secret(keys["stranger"]), ops[1])
+        stranger = (load_secret(keys.secret("stranger")), ops[1])
         assert not request(reach, "status", timeout_s=1.0, curve=stranger).get("ok"), "unknown key: no answer"
-        source_public = str(Path(keys["source"]).with_suffix(".key"))
+        source_public = str(keys.public("source"))
         ctl = [*SOURCE, "ctl", "--control", reach, "--key", str(ops_secret), "--control-key", source_public]
         started = subprocess.run(
-            [*ctl, "migrate", dest.uri, "--peer-key", keys["dest.pub"]],
+            [*ctl, "migrate", dest.uri, "--peer-key", keys.public("dest")],
             capture_output=True,
             text=True,
             timeout=30,

@@ -9,8 +9,16 @@ from pathlib import Path
 import pytest
 
 from common.control import request
-from tests.e2e import Dest, busy_small_guest, finish_source, reference, run_source, same_guest, start_source
-from tests.test_faults_proxy import make_keys
+from tests.e2e import (
+    Dest,
+    busy_small_guest,
+    finish_source,
+    make_keys,
+    reference,
+    run_source,
+    same_guest,
+    start_source,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -19,17 +27,9 @@ pytestmark = pytest.mark.slow
 def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: str, keys: bool) -> None:
     """With keys, the urgent channel that carries requested pages is a CURVE connection too."""
     guest = busy_small_guest(seed, 3000, "1500")
-    dest_keys: list[str] = []
-    source_keys: list[str] = []
-    if keys:
-        make_keys(tmp_path / "keys")
-        dest_keys = ["--key", str(tmp_path / "keys/dest.key_secret"), "--allow", str(tmp_path / "keys/allow")]
-        source_keys = [
-            "--key",
-            str(tmp_path / "keys/source.key_secret"),
-            "--peer-key",
-            str(tmp_path / "keys/dest.key"),
-        ]
+    made = make_keys(tmp_path / "keys") if keys else None
+    dest_keys = made.dest_args() if made else []
+    source_keys = made.source_args() if made else []
     dest = Dest(tmp_path, "--stop-at-step", "3000", *dest_keys)
     src = run_source(
         tmp_path,

@@ -13,8 +13,8 @@ import pytest
 
 from common.control import request
 from faultinject.netns import NamespaceError, NetPair
-from tests.e2e import Dest, finish_source, start_source
-from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal, make_keys
+from tests.e2e import Dest, Keys, finish_source, make_keys, start_source
+from tests.test_faults_proxy import BUSY_512, LINK, STOP, assert_completed_and_equal
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 PORT = 4444  # the namespaces are new: nothing else listens there
@@ -44,12 +44,10 @@ def wait_for_pages(dest: Dest, timeout_s: float = 30.0) -> None:
 def keys_or_insecure(tmp: Path, side: str) -> list[str]:
     """The namespaces' addresses leave the machine, as far as the daemons can tell: the link
     faults are tested in the clear (--insecure), except where a test put keys in `tmp`."""
-    keys = tmp / "keys"
-    if not keys.is_dir():
+    keys = Keys(tmp / "keys")
+    if not keys.directory.is_dir():
         return ["--insecure"]
-    if side == "dest":
-        return ["--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow")]
-    return ["--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key")]
+    return keys.dest_args() if side == "dest" else keys.source_args()
 
 
 def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None, *extra: str):  # type: ignore[no-untyped-def]

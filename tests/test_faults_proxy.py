@@ -7,7 +7,6 @@ guest running and the destination's never run. Never both, never neither, never 
 
 from __future__ import annotations
 
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -16,9 +15,17 @@ from pathlib import Path
 import pytest
 
 from common.control import request
-from common.keys import generate
 from faultinject.proxy import FaultProxy, Milestones
-from tests.e2e import Dest, Finished, finish_source, reference, run_source, same_guest, start_source
+from tests.e2e import (
+    Dest,
+    Finished,
+    finish_source,
+    make_keys,
+    reference,
+    run_source,
+    same_guest,
+    start_source,
+)
 
 pytestmark = [pytest.mark.slow, pytest.mark.faults]
 
@@ -70,14 +77,6 @@ def assert_failed_cleanly(tmp: Path, src: Finished, got: Finished, seed: str = "
     assert "keeps running here" in src.stdout
 
 
-def make_keys(directory: Path) -> None:
-    """dest.key(_secret), source.key(_secret), and allow/ holding source.key."""
-    (directory / "allow").mkdir(parents=True)
-    generate(str(directory / "dest"))
-    public, _ = generate(str(directory / "source"))
-    shutil.copy(public, directory / "allow")
-
-
 def after(megabytes: int) -> Callable[[Milestones], bool]:
     return lambda m: m.bytes_down > megabytes << 20
 
@@ -113,17 +112,16 @@ def test_corruption_under_curve_is_ridden_out(tmp_path: Path) -> None:
     """With keys, a damaged message is a failed decryption: libzmq drops the connection (and
     reports it as a handshake failure), ZeroMQ reconnects with a new CURVE handshake, and the
     link resends what was lost. Nothing of it may fail the migration."""
-    keys = tmp_path / "keys"
-    make_keys(keys)
-    dest_keys = ("--key", str(keys / "dest.key_secret"), "--allow", str(keys / "allow"))
-    source_keys = ("--key", str(keys / "source.key_secret"), "--peer-key", str(keys / "dest.key"))
+    keys = make_keys(tmp_path / "keys")
 
     def setup(proxy: FaultProxy) -> None:
         proxy.corrupt_commands = True
         proxy.corrupt_down = 0.002
         proxy.corrupt_up = 0.002
 
-    src, got, proxy = migrate_through(tmp_path, setup, extra=source_keys, dest_extra=dest_keys)
+    src, got, proxy = migrate_through(
+        tmp_path, setup, extra=tuple(keys.source_args()), dest_extra=tuple(keys.dest_args())
+    )
     assert proxy.corrupted > 0
     assert_completed_and_equal(tmp_path, src, got)
     assert got.stderr.count("peer key admitted") >= 3, "reconnected, and proved the key again"

@@ -19,7 +19,7 @@ from common.constants import (
     STRANGER_MESSAGES_PER_TURN,
 )
 from common.protocol import events as ev
-from common.protocol.dest import DestParameters
+from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
@@ -58,11 +58,16 @@ def test_the_ram_a_hello_may_claim_is_the_destinations_choice() -> None:
     assert "exceeds this destination's limit of 4 MiB (dest-node --max-ram)" in pair.src.failure.reason
 
 
-def test_every_message_after_the_hello_must_speak_our_version() -> None:
+def receiving() -> tuple[Pair, DestSession]:
+    """A pair whose destination has just opened the session."""
     pair = Pair(busy_guest(seed=2))
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.dst.session_id != b"", max_seconds=5)
-    dst = pair.dst
+    return pair, pair.dst
+
+
+def test_every_message_after_the_hello_must_speak_our_version() -> None:
+    pair, dst = receiving()
     before = dst.refused_messages
     env = framing.envelope(dst.session_id, 0, heartbeat=pb.Heartbeat())
     env.protocol_version = PROTOCOL_VERSION + 1
@@ -73,10 +78,7 @@ def test_every_message_after_the_hello_must_speak_our_version() -> None:
 
 
 def test_a_session_belongs_to_the_key_that_opened_it() -> None:
-    pair = Pair(busy_guest(seed=2))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.session_id != b"", max_seconds=5)
-    dst = pair.dst
+    pair, dst = receiving()
     before = dst.refused_messages
     env = framing.envelope(dst.session_id, 0, heartbeat=pb.Heartbeat())
     dst.receive(dst.peer or b"", framing.encode(env), pair.now, peer_key=b"K" * 40)
