@@ -375,6 +375,7 @@ class DestDaemon:
         also lets a postcopy vCPU run soon after its page lands."""
         session_id = self.session.session_id
         guarded = bool(session_id)
+        keyed = self.zap is not None  # without keys there is no user id to ask each frame for
         own_taken = strangers = 0
         for _ in range(READS_PER_TURN):
             received = self._receive_one()
@@ -393,7 +394,9 @@ class DestDaemon:
                     peer, pb.ERROR_BAD_MESSAGE, f"a message of more than {MAX_FRAMES_PER_MESSAGE} frames", now
                 )
             elif frames:
-                self.session.receive(peer, [f.buffer for f in frames], now, peer_key=_peer_key(frames[0]))
+                self.session.receive(
+                    peer, [f.buffer for f in frames], now, peer_key=_peer_key(frames[0]) if keyed else b""
+                )
             if own:
                 own_taken += 1
                 if own_taken >= DRAIN_BUDGET_MESSAGES:
