@@ -18,8 +18,9 @@ from common.cli_keys import add_key_arguments, keygen_main, security_from
 from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
 from common.constants import HEARTBEAT_INTERVAL_S, MAX_RAM_BYTES, PEER_DEAD_AFTER_S
 from common.ctl import ctl_main
+from common.guest.memory import check_ram_size
 from common.logging import configure
-from common.malloc import keep_large_buffers
+from common.malloc import keep_large_buffers, quiet_collector
 from common.protocol.dest import DestParameters
 from common.units import format_size
 
@@ -82,6 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"refuse guests larger than this: what a source may make this node allocate "
         f"(default {format_size(MAX_RAM_BYTES)})",
     )
+    parser.add_argument(
+        "--preallocate",
+        type=size,
+        default=None,
+        metavar="SIZE",
+        help="commit this much guest memory at start-up, before any source arrives (QEMU's "
+        "-mem-prealloc): the stream then never waits on the kernel. Used by a guest of at most "
+        "SIZE; costs SIZE of RAM while waiting (default: commit pages as they arrive)",
+    )
     add_key_arguments(parser, dest=True)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Test builds: flip a byte of this page once after placing it (proves verification repairs).
@@ -97,6 +107,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return keygen_main(argv[1:], "dest-node")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.preallocate is not None:
+        try:
+            check_ram_size(args.preallocate)
+        except ValueError as exc:
+            parser.error(f"--preallocate: {exc}")
+        if args.preallocate > args.max_ram:
+            parser.error(
+                f"--preallocate {format_size(args.preallocate)} is more than --max-ram {format_size(args.max_ram)}"
+            )
     security, _ = security_from(args, parser)
     configure(args.log_level)
     keep_large_buffers()
@@ -119,11 +138,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 report=args.report,
                 control=args.control,
                 security=security,
+                preallocate_bytes=args.preallocate,
             )
         )
     except StartupError as exc:
         print(f"dest-node: {exc}", file=sys.stderr)
         return 2
+    quiet_collector()
     return daemon.run()
 
 

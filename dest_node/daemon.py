@@ -22,7 +22,7 @@ from common.constants import (
 )
 from common.control import ControlError, ControlServer, peer_key_arg
 from common.guest.guest import Guest
-from common.guest.prefault import Prefaulter
+from common.guest.prefault import Preallocation, Prefaulter
 from common.guest.presence import PresenceGate, RestartableVcpu
 from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
@@ -35,6 +35,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase
 from common.protocol.ratelimit import PerSecond
 from common.report import guest_summary, write_report
+from common.units import format_size
 from common.wire import mte_migration_pb2 as pb
 from common.zap import ZapHandler
 
@@ -56,6 +57,7 @@ class DestOptions:
     # for sending a guest that runs here onward (ctl migrate)
     outgoing_params: MigrationParameters = field(default_factory=MigrationParameters)
     security: Security = field(default_factory=Security)
+    preallocate_bytes: int | None = None  # commit this much guest memory before a source arrives
 
 
 def _peer_key(frame: zmq.Frame) -> bytes:
@@ -109,6 +111,10 @@ class DestDaemon:
         self._warned_postcopy_signal = False
         self.running_guest: Guest | None = None
         self.prefaulter: Prefaulter | None = None
+        self.preallocation: Preallocation | None = None
+        self._preallocated_guest: Guest | None = None
+        self._prealloc_logged = False
+        self._preallocate()
         self.outgoing: OutgoingMigration | None = None
         self.last_outgoing: dict[str, Any] | None = None
         self.quit = False
@@ -146,7 +152,28 @@ class DestDaemon:
     def _new_session(self) -> DestSession:
         return DestSession(self, self.options.params, time.monotonic())
 
+    def _preallocate(self) -> None:
+        size = self.options.preallocate_bytes
+        if size is not None and (self.preallocation is None or self.preallocation.backing is None):
+            self.preallocation = Preallocation(size)
+            self.preallocation.start()
+
     # -- the host interface the session steers --------------------------------------------------
+    def create_guest(self, ram_bytes: int, vcpu_count: int) -> Guest:
+        prealloc = self.preallocation
+        backing = prealloc.take(ram_bytes) if prealloc is not None else None
+        guest = Guest.create(ram_bytes, vcpu_count, backing)
+        if prealloc is not None:
+            if backing is None:
+                self.log.warning(
+                    "guest larger than the preallocation: its memory is committed as pages arrive",
+                    ram=format_size(ram_bytes),
+                    preallocated=format_size(prealloc.ram_bytes),
+                )
+            else:
+                self._preallocated_guest = guest
+        return guest
+
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         self._stop_prefault()
         self.running_guest = guest
@@ -190,8 +217,15 @@ class DestDaemon:
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()
         self.log.info("incoming guest discarded")
+        if guest is self._preallocated_guest:
+            self._preallocated_guest = None
+            if not self.options.once:
+                self._prealloc_logged = False
+                self._preallocate()  # for the next source; this guest's memory goes with it
 
     def prefault(self, guest: Guest, pages: np.ndarray) -> None:
+        if guest is self._preallocated_guest:
+            return  # committed already
         self._stop_prefault()
         self.prefaulter = Prefaulter(guest.memory, pages)
         self.prefaulter.start()
@@ -207,6 +241,16 @@ class DestDaemon:
         """The report so far; digests only when asked and the guest is not running."""
         report = self.session.report(time.monotonic())
         report["listen"] = self.address
+        prealloc = self.preallocation
+        report["preallocation"] = (
+            None
+            if prealloc is None
+            else {
+                "bytes": prealloc.ram_bytes,
+                "committed_bytes": prealloc.committed_bytes,
+                "seconds": prealloc.seconds,
+            }
+        )
         if self.outgoing is not None:
             report["outgoing"] = self.outgoing.session.report(time.monotonic())
         elif self.last_outgoing is not None:
@@ -495,6 +539,15 @@ class DestDaemon:
         return self._finish()
 
     def _observe(self) -> None:
+        prealloc = self.preallocation
+        if prealloc is not None and prealloc.seconds is not None and not self._prealloc_logged:
+            self._prealloc_logged = True
+            self.log.info(
+                "memory preallocated",
+                size=format_size(prealloc.ram_bytes),
+                seconds=round(prealloc.seconds, 3),
+                rate=f"{prealloc.committed_bytes / max(prealloc.seconds, 1e-9) / (1 << 30):.1f} GiB/s",
+            )
         phase = self.session.phase
         if phase is DestPhase.FAILED and not self._reported_failure:
             self._reported_failure = True
@@ -516,6 +569,8 @@ class DestDaemon:
 
     def _finish(self) -> int:
         self._flush_refusals(final=True)
+        if self.preallocation is not None:
+            self.preallocation.stop()
         prefaulter = self.prefaulter
         self._stop_prefault()
         if prefaulter is not None:

@@ -173,6 +173,9 @@ class FakeDestHost:
     def take_page_misses(self) -> list[int]:
         return self.vcpu.take_misses() if self.vcpu is not None else []
 
+    def create_guest(self, ram_bytes: int, vcpu_count: int) -> Guest:
+        return Guest.create(ram_bytes, vcpu_count)
+
     def discard_guest(self, guest: Guest) -> None:
         self.discarded += 1
 

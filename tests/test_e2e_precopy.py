@@ -77,7 +77,9 @@ def test_idle_guest_migrates_and_matches_reference(tmp_path: Path) -> None:
 )
 def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: int, pace: str) -> None:
     guest = busy_small_guest(seed, stop, pace)
-    dest = Dest(tmp_path, "--stop-at-step", str(stop))
+    # one destination places into memory it committed before the source came, one into fresh
+    preallocate = ["--preallocate", "32MiB"] if seed == 8 else []
+    dest = Dest(tmp_path, "--stop-at-step", str(stop), *preallocate)
     src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--downtime-limit", "50")
     got = dest.finish()
     assert src.code == 0, src.stdout + src.stderr + "\n--- dest ---\n" + got.stderr
@@ -90,6 +92,11 @@ def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: 
         assert switched_at < stop
     assert got.report["guest"]["step"] == stop
     assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+    if preallocate:
+        assert got.report["preallocation"]["bytes"] == 32 << 20
+        assert got.report["preallocation"]["seconds"] is not None
+    else:
+        assert got.report["preallocation"] is None
 
 
 def test_tag_only_workload_resends_tag_sections(tmp_path: Path) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from common.guest.digest import MemoryDigests, memory_digests
-from common.guest.memory import GuestMemory
+from common.guest.memory import Backing, GuestMemory
 from common.guest.vcpu import VcpuState, vcpus_digest
 
 
@@ -29,8 +29,8 @@ class Guest:
     vcpus: list[VcpuState] = field(default_factory=lambda: [VcpuState()])
 
     @classmethod
-    def create(cls, ram_bytes: int, vcpu_count: int = 1) -> Guest:
-        return cls(GuestMemory(ram_bytes), [VcpuState(index=i) for i in range(vcpu_count)])
+    def create(cls, ram_bytes: int, vcpu_count: int = 1, backing: Backing | None = None) -> Guest:
+        return cls(GuestMemory(ram_bytes, backing), [VcpuState(index=i) for i in range(vcpu_count)])
 
     def digests(self) -> GuestDigests:
         with self.memory.lock:

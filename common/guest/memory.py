@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from common.constants import (
     GRANULE_SIZE,
+    HUGE_PAGE_ALIGN,
     MAX_RAM_BYTES,
     MIN_RAM_BYTES,
     PACKED_TAG_BYTES_PER_PAGE,
@@ -49,14 +50,30 @@ class DirtySync:
     tag_pages: PageIndices
 
 
-def _lazy_zeroed(size: int) -> tuple[mmap.mmap, npt.NDArray[np.uint8]]:
+def lazy_zeroed(size: int) -> tuple[mmap.mmap, npt.NDArray[np.uint8]]:
+    """`size` zero bytes, committed only when touched, starting on a huge-page boundary: a
+    transparent huge page can back a 2 MiB region only if the region is aligned, and where the
+    kernel did not align the mapping, population fell back to 4 KiB pages (0.55 s per GiB
+    instead of 0.15 here). The extra 2 MiB of address space is never touched."""
     mapping = mmap.mmap(
         -1,
-        size,
+        size + HUGE_PAGE_ALIGN,
         flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE,
         prot=mmap.PROT_READ | mmap.PROT_WRITE,
     )
-    return mapping, np.frombuffer(mapping, dtype=np.uint8)
+    whole = np.frombuffer(mapping, dtype=np.uint8)
+    pad = -whole.ctypes.data % HUGE_PAGE_ALIGN
+    return mapping, whole[pad : pad + size]
+
+
+# A guest's RAM and tag storage: (mapping, RAM bytes, mapping, packed tag bytes).
+Backing = tuple[mmap.mmap, npt.NDArray[np.uint8], mmap.mmap, npt.NDArray[np.uint8]]
+
+
+def fresh_backing(ram_bytes: int) -> Backing:
+    ram_map, ram = lazy_zeroed(ram_bytes)
+    tag_map, tags = lazy_zeroed(ram_bytes // PAGE_SIZE * PACKED_TAG_BYTES_PER_PAGE)
+    return ram_map, ram, tag_map, tags
 
 
 def check_ram_size(ram_bytes: int) -> None:
@@ -73,13 +90,16 @@ def check_ram_size(ram_bytes: int) -> None:
 class GuestMemory:
     """RAM in 4 KiB pages plus one 4-bit allocation tag per 16-byte granule."""
 
-    def __init__(self, ram_bytes: int) -> None:
+    def __init__(self, ram_bytes: int, backing: Backing | None = None) -> None:
+        """`backing`: zeroed storage of at least this size made earlier (a destination's
+        preallocation); by default fresh storage, committed as pages are touched."""
         check_ram_size(ram_bytes)
         self.ram_bytes = ram_bytes
         self.page_count = ram_bytes // PAGE_SIZE
-        self._ram_map, self.ram = _lazy_zeroed(ram_bytes)
+        self._ram_map, ram, self._tag_map, tag_bytes = backing or fresh_backing(ram_bytes)
+        self.ram = ram[:ram_bytes]
         self.pages = self.ram.reshape(self.page_count, PAGE_SIZE)
-        self._tag_map, self.tag_bytes = _lazy_zeroed(self.page_count * PACKED_TAG_BYTES_PER_PAGE)
+        self.tag_bytes = tag_bytes[: self.page_count * PACKED_TAG_BYTES_PER_PAGE]
         self.page_tags = self.tag_bytes.reshape(self.page_count, PACKED_TAG_BYTES_PER_PAGE)
         self.data_dirty = np.zeros(self.page_count, dtype=np.bool_)
         self.tag_dirty = np.zeros(self.page_count, dtype=np.bool_)

@@ -57,6 +57,10 @@ _LIVE = (_D.RECEIVING, _D.AWAIT_COMMIT, _D.POSTCOPY)
 
 
 class DestHost(Protocol):
+    def create_guest(self, ram_bytes: int, vcpu_count: int) -> Guest:
+        """Where an arriving guest lives (a preallocation, or fresh memory)."""
+        ...
+
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         """Run the guest here; in postcopy its accesses go through the gate."""
 
@@ -355,7 +359,7 @@ class DestSession:
             self.keep_for_s = max(self.params.peer_timeout_s, hello.reconnect_timeout_ms / 1000.0)
         self.postcopy_keep_s = hello.postcopy_recover_timeout_ms / 1000.0
         self.t_hello = now
-        self.guest = Guest.create(hello.ram_bytes, hello.vcpu_count)
+        self.guest = self.host.create_guest(hello.ram_bytes, hello.vcpu_count)
         self.digests = DigestCache(self.guest.memory)
         self.use_lz4 = pb.FEATURE_LZ4 in hello.features
         self.postcopy_mode = hello.mode == pb.MODE_POSTCOPY
