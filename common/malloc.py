@@ -1,4 +1,4 @@
-"""glibc tuning for a process that moves 1 MiB buffers all day.
+"""Process tuning for a daemon that moves 1 MiB buffers all day: glibc and the collector.
 
 glibc serves a 1 MiB allocation with a fresh mmap and returns it to the kernel on free, so
 every batch (our encoded pages, libzmq's received messages) pays 256 page faults on first
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
@@ -29,3 +30,12 @@ def keep_large_buffers() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
         mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
     )
+
+
+def quiet_collector() -> None:
+    """Move what start-up allocated (modules, parsers, the guest's bookkeeping) out of the
+    cyclic collector's reach and collect young objects less often: with per-message objects
+    churning, full collections rescanning start-up objects took 2 to 4 % of a daemon's CPU."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 50, 100)

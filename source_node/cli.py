@@ -27,7 +27,7 @@ from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
 from common.logging import configure, get_logger
-from common.malloc import keep_large_buffers
+from common.malloc import keep_large_buffers, quiet_collector
 from common.protocol.params import MigrationParameters
 from common.report import guest_summary, write_report
 from common.units import format_rate, parse_size
@@ -313,6 +313,7 @@ def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
     )
     daemon = SourceDaemon(guest, runner, options, ctx, control, zap)
     log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    quiet_collector()
     if args.migrate_to:
         try:
             daemon.migrate(args.migrate_to, peer_key)
