@@ -77,18 +77,22 @@ def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def migrate_once(ram: int, blob: Path, tmp: Path) -> dict[str, Any]:
+def migrate_once(ram: int, blob: Path, tmp: Path, channels: int = 1) -> dict[str, Any]:
+    """One migration; channels > 1 turns on multifd with that many channels at both ends."""
     (port,) = free_ports(1)
     src_qmp, dst_qmp = tmp / f"src-{port}.qmp", tmp / f"dst-{port}.qmp"
     src = subprocess.Popen(
         qemu_cmd(ram, src_qmp, ["-device", f"loader,file={blob},addr={RAM_BASE + DTB_ROOM:#x},force-raw=on"]),
         stderr=subprocess.PIPE,
     )
-    dst = subprocess.Popen(
-        qemu_cmd(ram, dst_qmp, ["-incoming", f"tcp:127.0.0.1:{port}"]), stderr=subprocess.PIPE
-    )
+    dst = subprocess.Popen(qemu_cmd(ram, dst_qmp, ["-incoming", "defer"]), stderr=subprocess.PIPE)
     try:
         s, d = Qmp(src_qmp), Qmp(dst_qmp)
+        if channels > 1:
+            for side in (s, d):
+                side.call("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+                side.call("migrate-set-parameters", **{"multifd-channels": channels})
+        d.call("migrate-incoming", uri=f"tcp:127.0.0.1:{port}")
         s.call("migrate-set-parameters", **{"max-bandwidth": 100 << 30})
         s.call("migrate", uri=f"tcp:127.0.0.1:{port}")
         while True:
@@ -105,13 +109,13 @@ def migrate_once(ram: int, blob: Path, tmp: Path) -> dict[str, Any]:
             proc.wait(timeout=10)
 
 
-def measure(ram: int, repeat: int) -> dict[str, float] | None:
+def measure(ram: int, repeat: int, channels: int = 1) -> dict[str, float] | None:
     if shutil.which(QEMU) is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
         blob = Path(tmp) / "ram.bin"
         blob.write_bytes(np.random.default_rng(1).bit_generator.random_raw((ram - DTB_ROOM) // 8).tobytes())
-        runs = [migrate_once(ram, blob, Path(tmp)) for _ in range(repeat)]
+        runs = [migrate_once(ram, blob, Path(tmp), channels) for _ in range(repeat)]
     done = [r for r in runs if r.get("status") == "completed"]
     if not done:
         raise RuntimeError(f"QEMU migration did not complete: {runs[0]}")
@@ -129,14 +133,15 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--ram", type=parse_size, default=parse_size("1GiB"))
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--channels", type=int, default=1, help="multifd channels (1: multifd off)")
     args = parser.parse_args()
-    result = measure(args.ram, args.repeat)
+    result = measure(args.ram, args.repeat, args.channels)
     if result is None:
         print(f"{QEMU} is not installed (Debian: apt-get install qemu-system-arm)")
         return 1
     rate = args.ram / result["seconds"]
     print(
-        f"QEMU {args.ram >> 20} MiB paused virt,mte=on, random RAM: median {result['seconds']:.2f} s ({rate / 1e9:.2f} GB/s), range {result['min']:.2f}..{result['max']:.2f} s over {result['runs']} runs"
+        f"QEMU {args.ram >> 20} MiB paused virt,mte=on, random RAM, {args.channels} channel(s): median {result['seconds']:.2f} s ({rate / 1e9:.2f} GB/s), range {result['min']:.2f}..{result['max']:.2f} s over {result['runs']} runs"
     )
     return 0
 
