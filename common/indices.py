@@ -10,3 +10,23 @@ def contiguous(indices: npt.NDArray[np.int64]) -> bool:
     """Ascending and gap-free (the usual case in round 1): a slice serves instead of a scatter."""
     n = indices.size
     return n > 0 and int(indices[-1]) - int(indices[0]) + 1 == n and bool((np.diff(indices) == 1).all())
+
+
+def union(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Sorted pages in either. By sorting, not np.union1d: numpy 2's hash-based unique took
+    2.4 ms for 14k pages, and 18 ms on its first call in a process, which landed in a downtime."""
+    both = np.concatenate((a, b)).astype(np.int64, copy=False)
+    both.sort()
+    if both.size < 2:
+        return both
+    return both[np.concatenate(([True], both[1:] != both[:-1]))]
+
+
+def has_repeats(indices: npt.NDArray[np.int64] | npt.NDArray[np.uint64]) -> bool:
+    """Whether a page appears twice (sorting a copy; see `union`)."""
+    if indices.size < 2:
+        return False
+    if contiguous(indices.astype(np.int64, copy=False)):
+        return False
+    ordered = np.sort(indices)
+    return bool((ordered[1:] == ordered[:-1]).any())
