@@ -37,10 +37,8 @@ RGSR_SEED_MASK = 0xFFFF
 # Digests are computed over blocks of pages (a two-level Merkle tree): a mismatched
 # block narrows the search to its pages without hashing every page twice.
 DIGEST_BLOCK_PAGES = 256
-# RAM digest leaves cover 16 pages (64 KiB): see common/guest/digest.py for the trade.
-DIGEST_LEAF_PAGES = 16
 
-PROTOCOL_VERSION = 2  # 2: acknowledged, resent and resumable messages
+PROTOCOL_VERSION = 3  # 2: acknowledged, resent and resumable messages; 3: per-page digests
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
@@ -51,6 +49,11 @@ TAG_SECTIONS_PER_BATCH = 1024
 INITIAL_CREDIT = 16
 
 DEFAULT_DOWNTIME_LIMIT_MS = 300
+# Precopy stops the guest as soon as the expected downtime is within this share of the limit;
+# between it and the limit, only once another round no longer shrinks the estimate below
+# ROUND_WORTH_IT of the last one.
+DOWNTIME_AIM = 0.25
+ROUND_WORTH_IT = 0.5
 HEARTBEAT_INTERVAL_S = 0.5
 # On exit a daemon waits this long for its last messages (Started, Abort) to leave.
 CLOSE_LINGER_MS = 2000
@@ -63,9 +66,6 @@ RECONNECT_TIMEOUT_S = 10.0
 RECONNECT_BACKOFF_S = (0.1, 1.0)
 # A sequenced message unacknowledged this long is sent again.
 RETRANSMIT_AFTER_S = 1.0
-# Pages each side hashes per loop turn for verification while the stream runs.
-SOURCE_DIGEST_BUDGET_PAGES = 2048
-DEST_DIGEST_BUDGET_PAGES = 4096
 
 # Hostile-input bounds: a message larger than these is refused before it is decoded.
 MAX_PAGES_PER_MESSAGE = 1024

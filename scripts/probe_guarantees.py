@@ -56,20 +56,6 @@ PROBES = [
         (f"{PROTO}::test_guest_stops_only_when_nothing_is_in_flight",),
     ),
     Probe(
-        "stop gate: the guest stops while the destination has a digest backlog",
-        "common/protocol/precopy.py",
-        " or dest_backlog > CATCH_UP_PAGES",
-        "",
-        (f"{PROTO}::test_guest_stops_only_when_the_destination_has_hashed_what_it_got",),
-    ),
-    Probe(
-        "stop gate: the guest stops while the source has a digest backlog",
-        "common/protocol/precopy.py",
-        " or self.digests.stale_pages > CATCH_UP_PAGES",
-        "",
-        (f"{PROTO}::test_guest_stops_only_when_the_source_has_hashed_what_it_sent",),
-    ),
-    Probe(
         "vCPU: the destination ignores the vCPU digest",
         "common/protocol/verify.py",
         "ok = bad_blocks.size == 0 and vcpu_ok and",

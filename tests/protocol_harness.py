@@ -134,8 +134,6 @@ class FakeSourceHost:
         if self.session is not None:
             self.at_stop = {
                 "in_flight": self.session.in_flight,
-                "dest_backlog": self.session.dest_backlog,
-                "own_backlog": self.session.digests.stale_pages,
             }
 
     def resume_guest(self) -> None:

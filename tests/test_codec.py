@@ -143,7 +143,7 @@ ALL_BODIES = {
     ),
     "commit": pb.Commit(),
     "started": pb.Started(step=77),
-    "ack": pb.Ack(acked_seq=9, credit=4, digest_backlog=300, resend_from=7),
+    "ack": pb.Ack(acked_seq=9, credit=4, resend_from=7),
     "heartbeat": pb.Heartbeat(),
     "abort": pb.Abort(code=pb.ERROR_CANCELLED, reason="operator cancelled"),
     "resume": pb.Resume(epoch=2, last_received=17),
@@ -178,6 +178,7 @@ def valid_frames() -> list[bytes]:
 @settings(max_examples=200)
 @given(data=st.data())
 def test_any_flipped_bit_is_caught_by_the_checksum(data: st.DataObject) -> None:
+    """In the header by the frame checksum; in a page batch's payload by its pages' digests."""
     frames = valid_frames()
     which = data.draw(st.integers(0, len(frames) - 1))
     pos = data.draw(st.integers(0, len(frames[which]) - 1))
@@ -186,7 +187,8 @@ def test_any_flipped_bit_is_caught_by_the_checksum(data: st.DataObject) -> None:
     damaged[pos] ^= 1 << bit
     frames[which] = bytes(damaged)
     with pytest.raises(WireError) as info:
-        framing.decode(frames)
+        message = framing.decode(frames)
+        decode_ram_pages(message.envelope.ram_pages, message.payload, page_count=256)
     assert info.value.code == pb.ERROR_CHECKSUM
 
 
@@ -242,8 +244,9 @@ def ram(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.RamP
     ],
 )
 def test_hostile_ram_pages_are_refused(msg: pb.RamPages, payload: bytes, message: str) -> None:
+    # the checks of structure, as for the pages inside PostcopyPages (no digests)
     with pytest.raises(WireError, match=message) as info:
-        decode_ram_pages(msg, payload, page_count=256)
+        decode_ram_pages(msg, payload, page_count=256, digested=False)
     assert info.value.code == pb.ERROR_BAD_MESSAGE
 
 

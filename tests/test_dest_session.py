@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from common.guest.memory import GuestMemory
+from common.guest.pagehash import row_digests
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import LinkRestored
@@ -242,7 +243,6 @@ def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
     dst.receive(PEER, batch(2, "ram_pages", [3, 4], zero=[9]), 0.5)
     [(_, ack)] = replies(dst)
     assert ack.kind == "ack" and ack.envelope.ack.acked_seq == 2
-    assert ack.envelope.ack.digest_backlog > 0, "placed, not yet hashed"
     assert dst.t_first_data == 0.5
     dst.receive(PEER, batch(3, "tag_sections", [3], zero=[5, 6]), 0.7)
     [(_, ack)] = replies(dst)
@@ -250,8 +250,11 @@ def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
     assert dst.t_first_data == 0.5, "the first batch sets it, once"
     assert (dst.stats.pages, dst.stats.zero_pages) == (3, 1)
     assert (dst.stats.tag_sections, dst.stats.untagged_pages) == (3, 2)
-    assert dst.digests is not None and dst.digests.stale_pages > 0
     assert dst.guest is not None and dst.guest.memory.pages[3, 7] == 1
+    # the digests checked on arrival are the verification's leaves: nothing left to hash
+    assert dst.digests is not None and dst.digests.stale_pages == 0
+    assert dst.digests.ram.leaves[[3, 4]].tolist() == row_digests(dst.guest.memory.pages[3:5]).tolist()
+    assert dst.digests.tags.leaves[3] == row_digests(dst.guest.memory.page_tags[3:4])[0]
     report = dst.report(1.0)
     assert report["setup_time_ms"] == 500.0 and report["total_time_ms"] == 1000.0
 
@@ -266,19 +269,20 @@ def test_a_repeated_message_is_acknowledged_again_and_not_placed_twice() -> None
     assert dst.stats.pages == 1
 
 
-def test_the_backlog_is_reported_when_hashing_catches_up_on_a_quiet_stream() -> None:
-    dst, _ = receiving(
-        DestParameters(digest_budget_pages=10_000, heartbeat_interval_s=5.0, peer_timeout_s=20.0)
-    )
-    dst.receive(PEER, batch(2, "ram_pages", [3, 4]), 0.5)
-    replies(dst)
-    assert dst.next_deadline(0.5) == 0.5, "hashing to do: no sleeping"
-    dst.poll(0.5001)
+def test_a_page_damaged_in_transit_is_not_placed_and_its_batch_is_asked_for_again() -> None:
+    dst, _ = receiving()
+    good = batch(2, "ram_pages", [3, 4])
+    damaged = bytearray(good[1])
+    damaged[4096 + 7] ^= 0x40  # page 4's marked byte: the header and its checksum are intact
+    dst.receive(PEER, [good[0], bytes(damaged)], 0.5)
+    [(_, ask)] = replies(dst)
+    assert ask.kind == "ack" and ask.envelope.ack.resend_from == 2, "not delivered: send it again"
+    assert dst.phase is DestPhase.RECEIVING and dst.link.stats.corrupt == 1
+    assert dst.guest is not None and not dst.guest.memory.pages[3].any(), "no page of it placed"
+    assert dst.stats.pages == 0 and dst.link.received == 1
+    dst.receive(PEER, good, 0.6)  # the resend
     [(_, ack)] = replies(dst)
-    assert ack.kind == "ack" and ack.envelope.ack.digest_backlog == 0, "caught up: said at once"
-    assert dst.next_deadline(0.6) == pytest.approx(5.5001), (
-        "nothing left to hash: the heartbeat after that ack"
-    )
+    assert ack.envelope.ack.acked_seq == 2 and dst.guest.memory.pages[4, 7] == 1
 
 
 def test_the_hello_sets_the_epoch_and_the_compression_it_offered() -> None:

@@ -1,4 +1,5 @@
-"""The incremental digest cache always agrees with a digest computed from scratch."""
+"""The digest cache always agrees with a digest computed from scratch, whether its leaves were
+recorded as pages travelled or hashed from memory."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ from hypothesis import strategies as st
 from common.constants import PAGE_SIZE
 from common.guest.digest import DigestCache, memory_digests
 from common.guest.memory import GuestMemory
+from common.guest.pagehash import NATIVE, row_digests, table_digests
+from common.wire.codec import encode_ram_pages, encode_tag_sections
 
-PAGES = 512  # two digest blocks
+PAGES = 512 + 37  # two whole digest blocks and a short one
 
 
 @settings(max_examples=40, deadline=None)
@@ -20,26 +23,42 @@ PAGES = 512  # two digest blocks
             st.sampled_from(["data", "tags"]),
             st.integers(0, PAGES - 1),
             st.integers(1, 255),
-            st.integers(1, 300),
+            st.booleans(),
         ),
         min_size=1,
         max_size=25,
     )
 )
-def test_incremental_digests_match_from_scratch(ops: list[tuple[str, int, int, int]]) -> None:
+def test_recorded_and_hashed_leaves_match_from_scratch(ops: list[tuple[str, int, int, bool]]) -> None:
     mem = GuestMemory(PAGES * PAGE_SIZE)
     cache = DigestCache(mem)
-    cache.refresh()
-    for kind, page, value, budget in ops:
+    cache.digests()
+    for kind, page, value, send in ops:
         if kind == "data":
             mem.write(page * PAGE_SIZE + value, bytes([value]))
         else:
             mem.set_tags(page * PAGE_SIZE, 16 * (value % 8 + 1), value & 0xF)
         sync = mem.dirty_sync()  # what a migration marks after each dirty sync
         cache.mark(sync.data_pages, sync.tag_pages)
-        cache.refresh(budget)  # partial refreshes, as while the guest runs
+        if send:  # ... and what it records when it sends those pages
+            _, _, data = encode_ram_pages(mem.pages, sync.data_pages, use_lz4=False)
+            cache.record_ram(data.content, data.digests, data.empty)
+            _, _, tags = encode_tag_sections(mem.page_tags, sync.tag_pages, use_lz4=False)
+            cache.record_tags(tags.content, tags.digests, tags.empty)
+            assert not cache.ram.stale[sync.data_pages].any() and not cache.tags.stale[sync.tag_pages].any()
     assert cache.digests() == memory_digests(mem)
     assert cache.stale_pages == 0
+
+
+def test_a_page_marked_but_never_sent_is_hashed_from_memory() -> None:
+    """The safety net: what changed and was never sent shows as a mismatch, not a stale match."""
+    mem = GuestMemory(PAGES * PAGE_SIZE)
+    cache = DigestCache(mem)
+    before = cache.digests()
+    mem.write(300 * PAGE_SIZE, b"x")
+    cache.mark(mem.dirty_sync().data_pages, [])
+    after = cache.digests()
+    assert after.ram != before.ram and after == memory_digests(mem)
 
 
 def test_a_change_is_named_down_to_its_page() -> None:
@@ -52,5 +71,28 @@ def test_a_change_is_named_down_to_its_page() -> None:
     after = memory_digests(mem)
     assert after.ram != first.ram and after.tags == first.tags
     assert np.flatnonzero(after.ram_blocks != first.ram_blocks).tolist() == [1]
-    new_pages, _ = cache.page_digests(256, 256)
+    new_pages, _ = DigestCache(mem).page_digests(256, 256)
     assert (np.flatnonzero(new_pages != old_pages) + 256).tolist() == [300]
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    width=st.sampled_from([1, 8, 128, 4096, 2048 + 8]),
+    count=st.integers(0, 40),
+    seed=st.integers(0, 2**32 - 1),
+    picks=st.lists(st.integers(0, 39), max_size=12, unique=True),
+)
+def test_native_and_python_row_digests_agree(width: int, count: int, seed: int, picks: list[int]) -> None:
+    rows = np.random.default_rng(seed).integers(0, 256, (count, width), dtype=np.uint8)
+    python = row_digests(rows, native=False)
+    assert python.size == count
+    assert row_digests(rows).tolist() == python.tolist()
+    pages = np.array(sorted(p for p in picks if p < count), dtype=np.int64)
+    assert table_digests(rows, pages).tolist() == python[pages].tolist()
+    assert table_digests(rows, pages, native=False).tolist() == python[pages].tolist()
+
+
+def test_the_extension_is_built_where_the_install_script_ran() -> None:
+    """scripts/install.sh installs xxhash.h and builds common/_pagehash: a Python fallback
+    would pass every other test at twice the hashing cost."""
+    assert NATIVE, "common._pagehash is missing: run `bash scripts/install.sh` (needs libxxhash-dev)"

@@ -143,7 +143,6 @@ def test_ctl_offers_each_daemon_what_it_answers(
         ({"throttle_initial": 0.5, "throttle_max": 0.5}, {"throttle_initial": 0.6, "throttle_max": 0.5}),
         ({"throttle_max": 0.999}, {"throttle_max": 1.0}),
         ({"convergence_timeout_s": 0.001}, {"convergence_timeout_s": 0}),
-        ({"digest_budget_pages": 1}, {"digest_budget_pages": 0}),
     ],
 )
 def test_each_parameter_check_sits_at_its_edge(accepted: dict, refused: dict) -> None:

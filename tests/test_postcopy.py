@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common.guest.digest import row_digests
 from common.guest.guest import Guest
+from common.guest.pagehash import row_digests
 from common.guest.workload import Fill, Workload
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase

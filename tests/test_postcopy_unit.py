@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from common.constants import PAGE_SIZE
-from common.guest.digest import UNTAGGED_DIGEST, ZERO_PAGE_DIGEST, manifest_digest, page_manifest, row_digests
+from common.guest.digest import UNTAGGED_DIGEST, ZERO_PAGE_DIGEST, manifest_digest, page_manifest
 from common.guest.memory import GuestMemory
+from common.guest.pagehash import row_digests
 from common.protocol.postcopy import (
     BACKGROUND_BATCH_PAGES,
     MANIFEST_CHUNK_PAGES,

@@ -9,7 +9,7 @@ from common.constants import PAGE_SIZE
 from common.guest.digest import DigestCache
 from common.guest.memory import GuestMemory
 from common.protocol.params import MigrationParameters
-from common.protocol.precopy import CATCH_UP_PAGES, Precopy, Verdict
+from common.protocol.precopy import Precopy, Verdict
 from common.protocol.stats import BandwidthMeter
 
 RATE = 4096 * 1000  # bytes per second the meter says the link carries: 1000 pages/s
@@ -31,13 +31,21 @@ def setup(dirty_pages: int = 0, dirty_tags: int = 0) -> tuple[Precopy, GuestMemo
 
 
 def decide(
-    pre: Precopy, meter: BandwidthMeter, *, limit_ms: float = 10, now: float = T0 + 2.0, **kw: int
+    pre: Precopy,
+    meter: BandwidthMeter,
+    *,
+    limit_ms: float = 10,
+    now: float = T0 + 2.0,
+    previous_ms: float | None = 0.0,
+    **kw: int,
 ) -> Verdict:
+    """One round's end; `previous_ms` is the estimate the round before it made (by default
+    one any estimate exceeds: no further round would shrink it, so the limit alone decides)."""
     params = MigrationParameters(downtime_limit_ms=limit_ms, convergence_timeout_s=kw.pop("timeout", 60))
+    pre.expected_downtime_s = None if previous_ms is None else previous_ms / 1000
     end = pre.end_of_round(
         now,
         in_flight=kw.get("in_flight", 0),
-        dest_backlog=kw.get("dest_backlog", 0),
         active_for=kw.get("active_for", 1),
         meter=meter,
         params=params,
@@ -101,22 +109,13 @@ def test_nothing_dirty_is_a_switchover_whatever_the_limit() -> None:
     [
         ({"in_flight": 1}, True),
         ({"in_flight": 0}, False),
-        ({"dest_backlog": CATCH_UP_PAGES + 1}, True),
-        ({"dest_backlog": CATCH_UP_PAGES}, False),
         ({"in_flight": 1, "active_for": 61}, False),  # past the convergence timeout: decide now
         ({"in_flight": 1, "active_for": 60}, True),
     ],
 )
-def test_the_stop_waits_for_what_is_in_flight_or_unhashed(kw: dict[str, int], waits: bool) -> None:
+def test_the_stop_waits_for_what_is_in_flight(kw: dict[str, int], waits: bool) -> None:
     pre, _, meter = setup(dirty_pages=1)
-    pre.digests.refresh()
     assert (decide(pre, meter, **kw) is Verdict.WAIT) is waits
-
-
-def test_the_stop_waits_for_the_sources_own_hashing() -> None:
-    pre, _, meter = setup(dirty_pages=1)
-    pre.digests.mark(range(CATCH_UP_PAGES + 16), [])
-    assert decide(pre, meter) is Verdict.WAIT
 
 
 def test_giving_up_says_how_far_from_the_limit_it_was() -> None:
@@ -126,7 +125,6 @@ def test_giving_up_says_how_far_from_the_limit_it_was() -> None:
     end = pre2.end_of_round(
         T0 + 2.0,
         in_flight=0,
-        dest_backlog=0,
         active_for=61,
         meter=meter2,
         params=MigrationParameters(downtime_limit_ms=10, convergence_timeout_s=60),
@@ -147,7 +145,7 @@ def test_auto_converge_starts_in_round_two_and_steps_up_to_its_cap() -> None:
     throttles = []
     t = 2.0
     for _ in range(5):
-        end = pre.end_of_round(t, in_flight=0, dest_backlog=0, active_for=1, meter=meter, params=params)
+        end = pre.end_of_round(t, in_flight=0, active_for=1, meter=meter, params=params)
         assert end.verdict is Verdict.NEXT_ROUND
         throttles.append(pre.throttle)
         meter.add(t, 10 * PAGE_SIZE)  # the round sent 10 pages, and the guest dirtied 100 again
@@ -161,12 +159,12 @@ def test_auto_converge_holds_back_only_when_over_half_of_what_was_sent_is_dirty_
     params = MigrationParameters(downtime_limit_ms=0.5)
     for dirty, throttled in ((5, False), (6, True)):
         pre, mem, meter = setup(dirty_pages=1)
-        first = pre.end_of_round(2.0, in_flight=0, dest_backlog=0, active_for=1, meter=meter, params=params)
+        first = pre.end_of_round(2.0, in_flight=0, active_for=1, meter=meter, params=params)
         assert first.verdict is Verdict.NEXT_ROUND and pre.throttle == 0, "never in round 1"
         meter.add(2.5, 10 * PAGE_SIZE)  # round 2 sent 10 pages' worth
         for p in range(dirty):
             mem.write(p * PAGE_SIZE, b"z")
-        pre.end_of_round(3.0, in_flight=0, dest_backlog=0, active_for=1, meter=meter, params=params)
+        pre.end_of_round(3.0, in_flight=0, active_for=1, meter=meter, params=params)
         assert (pre.throttle > 0) is throttled, dirty
 
 
@@ -193,18 +191,10 @@ def test_with_nothing_measured_and_nothing_dirty_it_switches_over() -> None:
     assert decide(pre2, BandwidthMeter(), limit_ms=1) is Verdict.NEXT_ROUND, "no rate: cannot promise"
 
 
-def test_the_source_backlog_at_exactly_the_catch_up_size_does_not_wait() -> None:
-    pre, _, meter = setup(dirty_pages=1)
-    pre.digests.refresh()
-    pre.digests.mark(range(CATCH_UP_PAGES), [])
-    assert pre.digests.stale_pages == CATCH_UP_PAGES
-    assert decide(pre, meter) is not Verdict.WAIT
-
-
 def test_giving_up_gives_the_expected_downtime_in_milliseconds() -> None:
     pre, _, meter = setup(dirty_pages=2000)
     end = pre.end_of_round(
-        T0 + 2.0, in_flight=0, dest_backlog=0, active_for=61, meter=meter,
+        T0 + 2.0, in_flight=0, active_for=61, meter=meter,
         params=MigrationParameters(downtime_limit_ms=10, convergence_timeout_s=60),
     )  # fmt: skip
     assert "expected downtime 2000 ms over the 10 ms limit" in end.reason
@@ -223,7 +213,7 @@ def test_pages_written_before_round_one_and_before_the_stop_are_hashed() -> None
     meter.add(T0, 0)
     meter.add(T0 + 1.0, RATE)
     end = pre.end_of_round(
-        T0 + 2.0, in_flight=0, dest_backlog=0, active_for=2, meter=meter,
+        T0 + 2.0, in_flight=0, active_for=2, meter=meter,
         params=MigrationParameters(downtime_limit_ms=1000),
     )  # fmt: skip
     assert end.verdict is Verdict.SWITCHOVER and end.sync is not None
@@ -231,3 +221,37 @@ def test_pages_written_before_round_one_and_before_the_stop_are_hashed() -> None
     pre.final_pass(end.sync)
     assert digests.digests() == DigestCache(mem).digests()
     assert pre.pass_ is not None and 12 in pre.pass_.tags.tolist()
+
+
+# -- aiming below the limit -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "dirty_pages, previous_ms, verdict",
+    [
+        (2, None, Verdict.SWITCHOVER),  # 2 ms: inside a quarter of the 10 ms limit, stop at once
+        (3, None, Verdict.NEXT_ROUND),  # 3 ms fits, but nothing says another round would not help
+        (3, 5.9, Verdict.SWITCHOVER),  # shrank by less than half since the last round: stop
+        (3, 6.0, Verdict.NEXT_ROUND),  # halved: one more round
+        (10, 10.0, Verdict.SWITCHOVER),
+        (11, 30.0, Verdict.NEXT_ROUND),  # over the limit, shrinking or not
+    ],
+)
+def test_a_fitting_rest_waits_for_another_round_while_rounds_still_halve_it(
+    dirty_pages: int, previous_ms: float | None, verdict: Verdict
+) -> None:
+    pre, _, meter = setup(dirty_pages=dirty_pages)
+    assert decide(pre, meter, limit_ms=10, previous_ms=previous_ms) is verdict
+    assert pre.expected_downtime_s == pytest.approx(dirty_pages / 1000)
+
+
+def test_late_in_the_convergence_time_a_fitting_rest_stops_the_guest() -> None:
+    pre, _, meter = setup(dirty_pages=5)
+    assert decide(pre, meter, previous_ms=None, active_for=30, timeout=60) is Verdict.NEXT_ROUND
+    pre, _, meter = setup(dirty_pages=5)
+    assert decide(pre, meter, previous_ms=None, active_for=31, timeout=60) is Verdict.SWITCHOVER
+
+
+def test_the_expected_downtime_counts_two_handshakes_after_the_last_page() -> None:
+    pre, _, meter = setup(dirty_pages=7)  # 7 ms of pages: they alone would fit 10 ms
+    pre.round_trip_s = 0.002  # the fastest acknowledgement seen: two of them follow the pages
+    assert decide(pre, meter, limit_ms=10) is Verdict.NEXT_ROUND
+    assert pre.expected_downtime_s == pytest.approx(0.011)

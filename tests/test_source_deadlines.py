@@ -39,13 +39,11 @@ def test_setup_wakes_to_resend_the_hello_not_for_heartbeats() -> None:
 
 def test_a_source_with_pages_to_send_and_room_for_them_is_due_now() -> None:
     src, _ = active()
-    src.digests.refresh()
     assert src.precopy.pass_ is not None and src.in_flight < src.params.window
     assert src.next_deadline(0.1) == 0.1, "before the heartbeat due at 0.26"
     src.poll(0.1)  # fills the window of two
     sent(src)
     assert src.in_flight >= src.params.window
-    src.digests.refresh()
     assert src.next_deadline(0.1) > 0.1, "a full window waits for an ack"
 
 
@@ -62,25 +60,20 @@ def test_a_capped_source_wakes_when_its_budget_allows_the_next_batch() -> None:
             if m.envelope.seq:
                 src.receive(from_dest(src, 0, received=1, ack=pb.Ack(acked_seq=m.envelope.seq, credit=2)), t)
         t += 0.001
-    src.digests.refresh()
     limited = src._rate_limited_until
     assert limited is not None and limited > t
     assert src.next_deadline(t) == pytest.approx(min(limited, src.link.t_last_sent + 0.5))
 
 
-def test_hashing_to_do_keeps_an_active_source_awake() -> None:
+def test_an_active_source_with_nothing_to_send_sleeps_until_its_heartbeat() -> None:
     src, _ = active()
     src.precopy.pass_ = None
-    assert src.digests.stale_pages > 0
-    assert src.next_deadline(0.05) == 0.05
-    src.digests.refresh()
     assert src.next_deadline(0.05) == pytest.approx(0.01 + PARAMS.heartbeat_interval_s)
 
 
 def test_a_disconnected_source_wakes_for_its_next_resume() -> None:
     src, _ = active()
     src.precopy.pass_ = None
-    src.digests.refresh()
     src.poll(1.02)
     assert [e for e in src.take_events() if isinstance(e, Reconnect)]
     assert not src.connected

@@ -5,6 +5,7 @@ accepted (so that a check moved by one, or dropped, fails here)."""
 from __future__ import annotations
 
 import struct
+from functools import partial
 
 import lz4.block
 import numpy as np
@@ -23,7 +24,7 @@ from common.constants import (
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap, encode_bitmap
-from common.wire.codec import decode_ram_pages, decode_tag_sections
+from common.wire.codec import decode_ram_pages, decode_tag_sections, encode_ram_pages, encode_tag_sections
 from common.wire.framing import WireError
 
 SESSION = b"s" * 8
@@ -111,7 +112,7 @@ def test_header_frame_shorter_than_its_checksum_is_refused() -> None:
 
 
 def test_message_over_the_size_limit_is_refused_before_anything_else() -> None:
-    header = framing.envelope(SESSION, 1, ram_pages=pb.RamPages()).SerializeToString()
+    header = heartbeat_header()
     room = MAX_FRAME_BYTES - 8 - len(header)
     at_limit = frame_with_checksum(header, bytes(room))
     assert sum(map(len, at_limit)) == MAX_FRAME_BYTES
@@ -244,8 +245,8 @@ def tags(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.Tag
 
 
 DECODERS = {
-    "RAM pages": (decode_ram_pages, ram, pb.PAGE_ZERO),
-    "tag sections": (decode_tag_sections, tags, pb.TAG_UNTAGGED),
+    "RAM pages": (partial(decode_ram_pages, digested=False), ram, pb.PAGE_ZERO),
+    "tag sections": (partial(decode_tag_sections, digested=False), tags, pb.TAG_UNTAGGED),
 }
 
 
@@ -302,12 +303,14 @@ def test_empty_batch_places_nothing(what: str) -> None:
 def test_lengths_must_add_up_to_the_payload() -> None:
     for payload in (b"x" * (PAGE_SIZE - 1), b"x" * (PAGE_SIZE + 1)):
         with pytest.raises(WireError) as info:
-            decode_ram_pages(ram([1], [pb.PAGE_RAW], [PAGE_SIZE]), payload, PAGES)
+            decode_ram_pages(ram([1], [pb.PAGE_RAW], [PAGE_SIZE]), payload, PAGES, digested=False)
         check(
             info, pb.ERROR_BAD_MESSAGE, "RAM pages", f"add up to {PAGE_SIZE}", f"payload has {len(payload)}"
         )
     with pytest.raises(WireError) as info:
-        decode_tag_sections(tags([1, 2], [pb.TAG_UNIFORM] * 2, [1, 1]), b"\x01\x02\x03", PAGES)
+        decode_tag_sections(
+            tags([1, 2], [pb.TAG_UNIFORM] * 2, [1, 1]), b"\x01\x02\x03", PAGES, digested=False
+        )
     check(info, pb.ERROR_BAD_MESSAGE, "tag sections", "add up to 2", "payload has 3")
 
 
@@ -315,7 +318,7 @@ def test_lengths_must_add_up_to_the_payload() -> None:
 @pytest.mark.parametrize("code", [0, 4, 7, -1])
 def test_unknown_page_encoding_is_refused(code: int) -> None:
     with pytest.raises(WireError) as info:
-        decode_ram_pages(ram([1, 2], [pb.PAGE_ZERO, code], [0, 0]), b"", PAGES)
+        decode_ram_pages(ram([1, 2], [pb.PAGE_ZERO, code], [0, 0]), b"", PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, f"unknown page encoding {code}")
 
 
@@ -335,30 +338,30 @@ def test_unknown_page_encoding_is_refused(code: int) -> None:
 def test_page_length_that_does_not_fit_its_encoding_is_refused(encoding: int, length: int) -> None:
     msg = ram([1, 2], [pb.PAGE_ZERO, encoding], [0, length])
     with pytest.raises(WireError) as info:
-        decode_ram_pages(msg, b"\x01" * length, PAGES)
+        decode_ram_pages(msg, b"\x01" * length, PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "RAM pages", "length does not fit")
 
 
 def test_lz4_page_lengths_inside_the_bounds_are_decompressed() -> None:
     block, data = lz4_of_size(PAGE_SIZE, PAGE_SIZE - 1)
-    got = decode_ram_pages(ram([4], [pb.PAGE_LZ4], [len(block)]), block, PAGES)
+    got = decode_ram_pages(ram([4], [pb.PAGE_LZ4], [len(block)]), block, PAGES, digested=False)
     assert got.indices.tolist() == [4] and got.rows.tobytes() == data
     # one byte is a legal length; what is wrong with it is its content
     with pytest.raises(WireError) as info:
-        decode_ram_pages(ram([4], [pb.PAGE_LZ4], [1]), b"\x00", PAGES)
+        decode_ram_pages(ram([4], [pb.PAGE_LZ4], [1]), b"\x00", PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "page 4", "decompresses to 0 bytes")
 
 
 def test_page_that_is_not_lz4_is_refused() -> None:
     with pytest.raises(WireError) as info:
-        decode_ram_pages(ram([1, 6], [pb.PAGE_ZERO, pb.PAGE_LZ4], [0, 5]), b"\xff" * 5, PAGES)
+        decode_ram_pages(ram([1, 6], [pb.PAGE_ZERO, pb.PAGE_LZ4], [0, 5]), b"\xff" * 5, PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "RAM pages", "page 6", "not valid lz4")
 
 
 def test_lz4_page_decompressing_short_is_refused() -> None:
     short = lz4.block.compress(b"short page", store_size=False)
     with pytest.raises(WireError) as info:
-        decode_ram_pages(ram([9], [pb.PAGE_LZ4], [len(short)]), short, PAGES)
+        decode_ram_pages(ram([9], [pb.PAGE_LZ4], [len(short)]), short, PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "page 9", "decompresses to 10 bytes", f"not {PAGE_SIZE}")
 
 
@@ -371,10 +374,12 @@ def test_decoded_pages_land_where_their_indices_say() -> None:
         [pb.PAGE_RAW, pb.PAGE_ZERO, pb.PAGE_LZ4, pb.PAGE_ZERO, pb.PAGE_RAW],
         [PAGE_SIZE, 0, len(block), 0, PAGE_SIZE],
     )
-    got = decode_ram_pages(msg, raw_a + block + raw_b, PAGES)
+    got = decode_ram_pages(msg, raw_a + block + raw_b, PAGES, digested=False)
     assert got.indices.tolist() == [30, 17, 8] and got.zero.tolist() == [2, 5]
     assert [r.tobytes() for r in got.rows] == [raw_a, data, raw_b]
-    plain = decode_ram_pages(ram([3, 1], [pb.PAGE_RAW] * 2, [PAGE_SIZE] * 2), raw_b + raw_a, PAGES)
+    plain = decode_ram_pages(
+        ram([3, 1], [pb.PAGE_RAW] * 2, [PAGE_SIZE] * 2), raw_b + raw_a, PAGES, digested=False
+    )
     assert plain.indices.tolist() == [3, 1] and [r.tobytes() for r in plain.rows] == [raw_b, raw_a]
 
 
@@ -382,7 +387,7 @@ def test_decoded_pages_land_where_their_indices_say() -> None:
 @pytest.mark.parametrize("code", [0, 5, 9, -3])
 def test_unknown_tag_encoding_is_refused(code: int) -> None:
     with pytest.raises(WireError) as info:
-        decode_tag_sections(tags([1, 2], [pb.TAG_UNTAGGED, code], [0, 0]), b"", PAGES)
+        decode_tag_sections(tags([1, 2], [pb.TAG_UNTAGGED, code], [0, 0]), b"", PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, f"unknown tag encoding {code}")
 
 
@@ -406,7 +411,7 @@ OUTSIDE_TAG_LENGTH_BOUNDS = [
 def test_section_length_outside_its_encoding_bounds_is_refused(encoding: int, length: int) -> None:
     msg = tags([1, 2], [pb.TAG_UNTAGGED, encoding], [0, length])
     with pytest.raises(WireError) as info:
-        decode_tag_sections(msg, b"\x01" * length, PAGES)
+        decode_tag_sections(msg, b"\x01" * length, PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "tag sections", "length does not fit")
 
 
@@ -418,12 +423,12 @@ def test_section_lengths_at_their_bounds_are_accepted() -> None:
         [pb.TAG_UNTAGGED, pb.TAG_UNIFORM, pb.TAG_RAW, pb.TAG_LZ4],
         [0, 1, PACKED_TAG_BYTES_PER_PAGE, len(block)],
     )
-    got = decode_tag_sections(msg, b"\x0f" + raw + block, PAGES)
+    got = decode_tag_sections(msg, b"\x0f" + raw + block, PAGES, digested=False)
     assert got.zero.tolist() == [7] and got.indices.tolist() == [3, 9, 4]
     assert [r.tobytes() for r in got.rows] == [b"\xff" * PACKED_TAG_BYTES_PER_PAGE, raw, data]
     # a one-byte lz4 section is a legal length; what is wrong with it is its content
     with pytest.raises(WireError) as info:
-        decode_tag_sections(tags([4], [pb.TAG_LZ4], [1]), b"\x00", PAGES)
+        decode_tag_sections(tags([4], [pb.TAG_LZ4], [1]), b"\x00", PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, "tag sections", "page 4", "decompresses to 0 bytes")
 
 
@@ -431,26 +436,28 @@ def test_section_lengths_at_their_bounds_are_accepted() -> None:
 def test_uniform_tag_wider_than_4_bits_is_refused(tag: int) -> None:
     msg = tags([2, 6], [pb.TAG_UNIFORM] * 2, [1, 1])
     with pytest.raises(WireError) as info:
-        decode_tag_sections(msg, bytes((0x3, tag)), PAGES)
+        decode_tag_sections(msg, bytes((0x3, tag)), PAGES, digested=False)
     check(info, pb.ERROR_BAD_MESSAGE, f"uniform tag {tag}", "page 6", "wider than 4 bits")
 
 
 @pytest.mark.parametrize("tag", range(16))
 def test_uniform_tag_fills_every_granule(tag: int) -> None:
-    got = decode_tag_sections(tags([6], [pb.TAG_UNIFORM], [1]), bytes((tag,)), PAGES)
+    got = decode_tag_sections(tags([6], [pb.TAG_UNIFORM], [1]), bytes((tag,)), PAGES, digested=False)
     assert got.rows.tobytes() == bytes((tag | tag << 4,)) * PACKED_TAG_BYTES_PER_PAGE
 
 
 def test_section_that_is_not_lz4_is_refused() -> None:
     with pytest.raises(WireError) as info:
-        decode_tag_sections(tags([1, 2], [pb.TAG_UNIFORM, pb.TAG_LZ4], [1, 4]), b"\x01" + b"\xff" * 4, PAGES)
+        decode_tag_sections(
+            tags([1, 2], [pb.TAG_UNIFORM, pb.TAG_LZ4], [1, 4]), b"\x01" + b"\xff" * 4, PAGES, digested=False
+        )
     check(info, pb.ERROR_BAD_MESSAGE, "tag sections", "page 2", "not valid lz4")
 
 
 def test_lz4_section_decompressing_short_is_refused() -> None:
     short = lz4.block.compress(b"\x12" * 40, store_size=False)
     with pytest.raises(WireError) as info:
-        decode_tag_sections(tags([3], [pb.TAG_LZ4], [len(short)]), short, PAGES)
+        decode_tag_sections(tags([3], [pb.TAG_LZ4], [len(short)]), short, PAGES, digested=False)
     check(
         info, pb.ERROR_BAD_MESSAGE, "page 3", "decompresses to 40 bytes", f"not {PACKED_TAG_BYTES_PER_PAGE}"
     )
@@ -458,9 +465,84 @@ def test_lz4_section_decompressing_short_is_refused() -> None:
 
 def test_raw_sections_alone_land_where_their_indices_say() -> None:
     a, b = bytes(range(128)), bytes(range(128, 256))
-    got = decode_tag_sections(tags([8, 1], [pb.TAG_RAW] * 2, [128, 128]), a + b, PAGES)
+    got = decode_tag_sections(tags([8, 1], [pb.TAG_RAW] * 2, [128, 128]), a + b, PAGES, digested=False)
     assert got.indices.tolist() == [8, 1] and [r.tobytes() for r in got.rows] == [a, b]
     only_uniform = decode_tag_sections(
-        tags([8, 1, 2], [pb.TAG_UNIFORM] * 3, [1, 1, 1]), b"\x01\x02\x03", PAGES
+        tags([8, 1, 2], [pb.TAG_UNIFORM] * 3, [1, 1, 1]), b"\x01\x02\x03", PAGES, digested=False
     )
     assert [r[0] for r in only_uniform.rows] == [0x11, 0x22, 0x33]
+
+
+# -- per-page digests: the transit check of page batches, and the verification's leaves ----------
+def _guest_tables() -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(5)
+    pages = rng.integers(0, 256, (PAGES, PAGE_SIZE), dtype=np.uint8)
+    pages[[3, 7]] = 0  # zero pages carry no bytes and no digest
+    page_tags = rng.integers(0, 256, (PAGES, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
+    page_tags[4] = 0  # untagged
+    page_tags[5] = 0x99  # uniform
+    return pages, page_tags
+
+
+def test_page_batch_checksum_covers_the_header_and_digests_cover_each_page() -> None:
+    pages, _ = _guest_tables()
+    body, payload, _ = encode_ram_pages(pages, np.arange(2, 10), use_lz4=False)
+    assert len(body.digests) == 8 * 6, "a digest per page with content, none for zero pages"
+    header = framing.envelope(SESSION, 4, ram_pages=body).SerializeToString()
+    # the documented layout: the frame checksum covers the header alone for page batches
+    frames = [struct.pack("<Q", xxhash.xxh3_64_intdigest(header)) + header, bytes(payload)]
+    message = framing.decode(frames)
+    got = decode_ram_pages(message.envelope.ram_pages, message.payload, PAGES)
+    assert got.indices.tolist() == [2, 4, 5, 6, 8, 9] and got.zero.tolist() == [3, 7]
+    assert got.digests.tolist() == [xxhash.xxh3_64_intdigest(pages[i].tobytes()) for i in got.indices]
+    with pytest.raises(WireError) as info:  # a checksum over header and payload is not ours
+        framing.decode([struct.pack("<Q", xxhash.xxh3_64_intdigest(header + frames[1])) + header, frames[1]])
+    check(info, pb.ERROR_CHECKSUM)
+
+
+@settings(max_examples=60)
+@given(data=st.data())
+def test_any_damaged_page_byte_is_a_checksum_error_naming_its_page(data: st.DataObject) -> None:
+    pages, _ = _guest_tables()
+    body, payload, _ = encode_ram_pages(pages, np.arange(1, 9), use_lz4=data.draw(st.booleans()))
+    damaged = bytearray(bytes(payload))
+    pos = data.draw(st.integers(0, len(damaged) - 1), label="byte")
+    damaged[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
+    with pytest.raises(WireError) as info:
+        decode_ram_pages(body, bytes(damaged), PAGES)
+    check(info, pb.ERROR_CHECKSUM, "RAM pages")
+    if "damaged in transit" in info.value.reason:
+        content = [i for i in range(1, 9) if pages[i].any()]
+        assert f"page {content[pos // PAGE_SIZE]}" in info.value.reason, "the page the damage is in"
+
+
+def test_tag_sections_stay_covered_by_the_frame_checksum_and_carry_no_digests() -> None:
+    _, page_tags = _guest_tables()
+    body, payload, stats = encode_tag_sections(page_tags, np.arange(2, 8), use_lz4=False)
+    assert "digests" not in pb.TagSections.DESCRIPTOR.fields_by_name, "8 bytes beside 128 would matter"
+    assert stats.content.tolist() == [2, 3, 5, 6, 7] and stats.empty.tolist() == [4]
+    got = decode_tag_sections(body, payload, PAGES)
+    assert got.digests.tolist() == stats.digests.tolist(), "both sides' leaves for the same tags"
+    frames = framing.encode(framing.envelope(SESSION, 2, tag_sections=body), payload)
+    damaged = bytearray(frames[1])
+    damaged[3] ^= 0x10
+    with pytest.raises(WireError) as info:
+        framing.decode([frames[0], bytes(damaged)])
+    check(info, pb.ERROR_CHECKSUM, "checksum")
+
+
+def test_a_page_batch_without_its_digests_is_refused() -> None:
+    pages, _ = _guest_tables()
+    body, payload, _ = encode_ram_pages(pages, np.arange(8), use_lz4=False)
+    body.digests = body.digests[:-8]
+    with pytest.raises(WireError) as info:
+        decode_ram_pages(body, payload, PAGES)
+    check(info, pb.ERROR_BAD_MESSAGE, "RAM pages", "40 bytes of digests for 6 pages")
+
+
+def test_a_payload_shorter_than_an_intact_header_says_is_damage_in_transit() -> None:
+    pages, _ = _guest_tables()
+    body, payload, _ = encode_ram_pages(pages, np.arange(8, 10), use_lz4=False)
+    with pytest.raises(WireError) as info:
+        decode_ram_pages(body, bytes(payload)[:-1], PAGES)
+    check(info, pb.ERROR_CHECKSUM, "payload has")

@@ -1,18 +1,15 @@
 """Digests of guest RAM, tags and vCPU state: a three-level tree of xxh3 hashes.
 
-A leaf hashes a run of pages: DIGEST_LEAF_PAGES of RAM (64 KiB), or a whole block of packed
-tags (32 KiB); a block digest hashes the leaves of DIGEST_BLOCK_PAGES pages; the root hashes
-the blocks. A leaf whose pages were never written is known to be zero, so a large idle guest
-costs almost nothing.
+A leaf is one page: the xxh3-64 of its 4096 bytes of data, or of its 128 bytes of packed tags.
+A block digest hashes the leaves of DIGEST_BLOCK_PAGES pages; the root hashes the blocks. A page
+never written is known to be zero, so a large idle guest costs almost nothing.
 
-Leaves and blocks are cached and refreshed only where pages changed: a migration marks the
-pages each dirty sync (source) or each placement (destination) touched, refreshes in small
-budgets while the guest still runs, and after the guest stops only the last pass's leaves are
-hashed again. That keeps the verification handshake out of the downtime. Why 16-page leaves:
-one xxh3 call per 4 KiB page made Python's call overhead a quarter of the source's CPU; per
-64 KiB it is a sixteenth, and a page changed in the last pass costs 2.7 us instead of 0.4.
-Per-page digests, which name the pages at fault after a mismatch, are computed on demand for
-the mismatched blocks only.
+The leaves are the digests that travel with each page batch (common/wire/codec.py): a source
+records the digest of what it sent, a destination the digest it checked on arrival, so neither
+hashes a page a second time for the verification. A page marked stale (the source's dirty
+syncs mark what changed; a sent copy replaces the mark) is hashed from memory before digests
+are given out, so a page that changed and was never sent still shows up as a mismatch. Per-page
+digests name the pages at fault after a mismatch.
 """
 
 from __future__ import annotations
@@ -23,10 +20,14 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from common.constants import DIGEST_BLOCK_PAGES, DIGEST_LEAF_PAGES, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
+from common.constants import DIGEST_BLOCK_PAGES, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.memory import GuestMemory
+from common.guest.pagehash import table_digests
 
 U64Array = npt.NDArray[np.uint64]
+
+ZERO_PAGE_DIGEST = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
+UNTAGGED_DIGEST = xxhash.xxh3_64_intdigest(bytes(PACKED_TAG_BYTES_PER_PAGE))
 
 
 @dataclass(frozen=True, eq=False)
@@ -45,95 +46,55 @@ class MemoryDigests:
 
 
 class _Leaves:
-    """Cached leaves over one byte array (RAM or packed tags), each covering `pages_per_leaf`.
+    """Per-page leaves over one table (RAM pages or packed tags), with block digests cached
+    and refreshed only where leaves changed."""
 
-    The stale count and a low-water cursor are kept up to date so that asking "how much is
-    left" and finding the next stale leaves never scans a whole 16 GiB bitmap.
-    """
-
-    _SCAN = 1 << 14  # leaves looked at per step of the cursor
-
-    def __init__(
-        self,
-        flat: npt.NDArray[np.uint8],
-        row_bytes: int,
-        populated: npt.NDArray[np.bool_],
-        pages_per_leaf: int,
-    ) -> None:
-        self.view = memoryview(flat)  # type: ignore[arg-type]
-        self.total_bytes = populated.size * row_bytes
-        self.pages_per_leaf = pages_per_leaf
-        self.leaf_bytes = pages_per_leaf * row_bytes
-        count = (populated.size + pages_per_leaf - 1) // pages_per_leaf
-        self.leaves = np.full(count, xxhash.xxh3_64_intdigest(bytes(self.leaf_bytes)), dtype="<u8")
-        if count and self.total_bytes % self.leaf_bytes:
-            self.leaves[-1] = xxhash.xxh3_64_intdigest(bytes(self.total_bytes % self.leaf_bytes))
-        # A leaf of never-written pages already holds the right (zero) digest.
-        self.stale = (
-            np.logical_or.reduceat(populated, np.arange(0, populated.size, pages_per_leaf))
-            if count
-            else np.zeros(0, dtype=np.bool_)
-        )
+    def __init__(self, table: npt.NDArray[np.uint8], populated: npt.NDArray[np.bool_], empty: int) -> None:
+        self.table = table
+        self.leaves = np.full(table.shape[0], empty, dtype=np.uint64)
+        # A never-written page already holds the right (empty) digest.
+        self.stale = populated.copy()
         self.stale_count = int(np.count_nonzero(self.stale))
-        self.cursor = 0  # no stale leaf below this
-        self.leaves_per_block = DIGEST_BLOCK_PAGES // pages_per_leaf
-        block_count = (count + self.leaves_per_block - 1) // self.leaves_per_block
+        block_count = (table.shape[0] + DIGEST_BLOCK_PAGES - 1) // DIGEST_BLOCK_PAGES
         self.block_digests = np.zeros(block_count, dtype=np.uint64)
         self.block_stale = np.ones(block_count, dtype=np.bool_)
-
-    @property
-    def stale_pages(self) -> int:
-        return self.stale_count * self.pages_per_leaf
 
     def mark(self, pages: npt.ArrayLike) -> None:
         idx = np.asarray(pages, dtype=np.int64)
         if idx.size == 0:
             return
-        leaves = np.unique(idx // self.pages_per_leaf)
-        fresh = leaves[~self.stale[leaves]]
-        self.stale[fresh] = True
-        self.stale_count += int(fresh.size)
-        self.cursor = min(self.cursor, int(leaves[0]))
+        self.stale_count += int(idx.size - np.count_nonzero(self.stale[idx]))
+        self.stale[idx] = True
 
-    def refresh(self, budget_pages: int | None) -> int:
-        """Hash stale leaves, up to about budget_pages pages; returns pages hashed."""
-        budget = None if budget_pages is None else max(1, budget_pages // self.pages_per_leaf)
-        done = 0
-        n = self.stale.size
-        while self.stale_count and self.cursor < n and (budget is None or done < budget):
-            hits = np.flatnonzero(self.stale[self.cursor : self.cursor + self._SCAN])
-            want = hits.size if budget is None else min(hits.size, budget - done)
-            if want:
-                self._hash(hits[:want] + self.cursor)
-                done += want
-            if want == hits.size:
-                self.cursor += self._SCAN
-        if self.stale_count == 0:
-            self.cursor = n
-        return done * self.pages_per_leaf
+    def record(self, pages: npt.NDArray[np.int64], digests: U64Array | int) -> None:
+        """Leaves known without hashing: what was sent or checked on arrival."""
+        if pages.size == 0:
+            return
+        self.stale_count -= int(np.count_nonzero(self.stale[pages]))
+        self.stale[pages] = False
+        self.leaves[pages] = digests
+        self.block_stale[pages // DIGEST_BLOCK_PAGES] = True
 
-    def _hash(self, pending: npt.NDArray[np.int64]) -> None:
-        self.block_stale[pending // self.leaves_per_block] = True
-        self.stale[pending] = False
-        self.stale_count -= int(pending.size)
-        lb, view, end = self.leaf_bytes, self.view, self.total_bytes
-        self.leaves[pending] = np.fromiter(
-            (xxhash.xxh3_64_intdigest(view[p * lb : min((p + 1) * lb, end)]) for p in pending.tolist()),
-            dtype=np.uint64,
-            count=pending.size,
-        )
+    def refresh(self) -> int:
+        """Hash every stale page from memory; returns pages hashed."""
+        if not self.stale_count:
+            return 0
+        pending = np.flatnonzero(self.stale)
+        self.record(pending, table_digests(self.table, pending))
+        return int(pending.size)
 
     def blocks(self) -> U64Array:
         """Block digests, recomputing only blocks whose leaves changed since last time."""
         stale = np.flatnonzero(self.block_stale)
         if stale.size:
-            raw = memoryview(self.leaves).cast("B")
-            step = self.leaves_per_block * 8
-            self.block_digests[stale] = np.fromiter(
-                (xxhash.xxh3_64_intdigest(raw[b * step : (b + 1) * step]) for b in stale.tolist()),
-                dtype=np.uint64,
-                count=stale.size,
-            )
+            whole = self.leaves.size // DIGEST_BLOCK_PAGES
+            full = stale[stale < whole]
+            if full.size:
+                rows = self.leaves[: whole * DIGEST_BLOCK_PAGES].astype("<u8").view(np.uint8)
+                self.block_digests[full] = table_digests(rows.reshape(whole, -1), full)
+            if stale[-1] >= whole:  # a last, shorter block
+                tail = self.leaves[whole * DIGEST_BLOCK_PAGES :].astype("<u8").tobytes()
+                self.block_digests[-1] = xxhash.xxh3_64_intdigest(tail)
             self.block_stale[stale] = False
         return self.block_digests.copy()
 
@@ -146,38 +107,41 @@ def root_digest(kind: bytes, page_count: int, blocks: U64Array) -> bytes:
     return h.digest()
 
 
-def _per_page(flat: npt.NDArray[np.uint8], row_bytes: int, first: int, count: int) -> U64Array:
-    view = memoryview(flat)  # type: ignore[arg-type]
-    return np.fromiter(
-        (
-            xxhash.xxh3_64_intdigest(view[p * row_bytes : (p + 1) * row_bytes])
-            for p in range(first, first + count)
-        ),
-        dtype=np.uint64,
-        count=count,
-    )
-
-
 class DigestCache:
-    """Digests of one guest's memory, kept fresh incrementally."""
+    """Digests of one guest's memory: leaves recorded as pages travel, stale ones hashed."""
 
     def __init__(self, mem: GuestMemory) -> None:
         self.mem = mem
-        self.ram = _Leaves(mem.ram, PAGE_SIZE, mem.data_populated, DIGEST_LEAF_PAGES)
-        self.tags = _Leaves(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, mem.tags_populated, DIGEST_BLOCK_PAGES)
+        self.ram = _Leaves(mem.pages, mem.data_populated, ZERO_PAGE_DIGEST)
+        self.tags = _Leaves(mem.page_tags, mem.tags_populated, UNTAGGED_DIGEST)
 
     def mark(self, data_pages: npt.ArrayLike, tag_pages: npt.ArrayLike) -> None:
         self.ram.mark(data_pages)
         self.tags.mark(tag_pages)
 
-    def refresh(self, budget: int | None = None) -> int:
-        """Hash up to about `budget` stale pages (all when None); returns pages hashed."""
-        done = self.ram.refresh(budget)
-        return done + self.tags.refresh(None if budget is None else max(0, budget - done))
+    def record_ram(
+        self, pages: npt.NDArray[np.int64], digests: U64Array, zero: npt.NDArray[np.int64]
+    ) -> None:
+        self.ram.record(pages, digests)
+        self.ram.record(zero, ZERO_PAGE_DIGEST)
+
+    def record_tags(
+        self, pages: npt.NDArray[np.int64], digests: U64Array, untagged: npt.NDArray[np.int64]
+    ) -> None:
+        self.tags.record(pages, digests)
+        self.tags.record(untagged, UNTAGGED_DIGEST)
+
+    def refresh(self) -> int:
+        """Hash every stale page; returns pages hashed."""
+        return self.ram.refresh() + self.tags.refresh()
 
     @property
     def stale_pages(self) -> int:
-        return self.ram.stale_pages + self.tags.stale_pages
+        return self.ram.stale_count + self.tags.stale_count
+
+    @property
+    def block_count(self) -> int:
+        return int(self.ram.block_digests.size)
 
     def digests(self) -> MemoryDigests:
         self.refresh()
@@ -189,11 +153,9 @@ class DigestCache:
         )
 
     def page_digests(self, first: int, count: int) -> tuple[U64Array, U64Array]:
-        """Per-page digests of RAM and tags, computed now: they name the pages at fault."""
-        return (
-            _per_page(self.mem.ram, PAGE_SIZE, first, count),
-            _per_page(self.mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, first, count),
-        )
+        """Per-page digests of RAM and tags: they name the pages at fault."""
+        self.refresh()
+        return self.ram.leaves[first : first + count].copy(), self.tags.leaves[first : first + count].copy()
 
 
 def memory_digests(mem: GuestMemory) -> MemoryDigests:
@@ -207,29 +169,6 @@ def block_pages(block: int, page_count: int) -> tuple[int, int]:
 
 
 # -- postcopy: one digest per page, data and tags apart ------------------------------------------
-ZERO_PAGE_DIGEST = xxhash.xxh3_64_intdigest(bytes(PAGE_SIZE))
-UNTAGGED_DIGEST = xxhash.xxh3_64_intdigest(bytes(PACKED_TAG_BYTES_PER_PAGE))
-
-
-def row_digests(rows: npt.NDArray[np.uint8]) -> U64Array:
-    """xxh3-64 of each row: a page's data (4096 bytes) or its packed tags (128 bytes)."""
-    rows = np.ascontiguousarray(rows)
-    width = rows.shape[1] if rows.ndim == 2 else 0
-    view = memoryview(rows.reshape(-1))  # type: ignore[arg-type]
-    return np.fromiter(
-        (xxhash.xxh3_64_intdigest(view[i : i + width]) for i in range(0, rows.shape[0] * width, width)),
-        dtype=np.uint64,
-        count=rows.shape[0],
-    )
-
-
-def _digests_of(flat: npt.NDArray[np.uint8], row_bytes: int, pages: npt.NDArray[np.int64]) -> U64Array:
-    view = memoryview(flat)  # type: ignore[arg-type]
-    return np.fromiter(
-        (xxhash.xxh3_64_intdigest(view[p * row_bytes : (p + 1) * row_bytes]) for p in pages.tolist()),
-        dtype=np.uint64,
-        count=pages.size,
-    )
 
 
 def page_manifest(mem: GuestMemory) -> tuple[U64Array, U64Array]:
@@ -238,9 +177,9 @@ def page_manifest(mem: GuestMemory) -> tuple[U64Array, U64Array]:
     ram = np.full(mem.page_count, ZERO_PAGE_DIGEST, dtype=np.uint64)
     tags = np.full(mem.page_count, UNTAGGED_DIGEST, dtype=np.uint64)
     written = np.flatnonzero(mem.data_populated)
-    ram[written] = _digests_of(mem.ram, PAGE_SIZE, written)
+    ram[written] = table_digests(mem.pages, written)
     tagged = np.flatnonzero(mem.tags_populated)
-    tags[tagged] = _digests_of(mem.tag_bytes, PACKED_TAG_BYTES_PER_PAGE, tagged)
+    tags[tagged] = table_digests(mem.page_tags, tagged)
     return ram, tags
 
 

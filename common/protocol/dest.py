@@ -20,7 +20,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.constants import (
-    DEST_DIGEST_BUDGET_PAGES,
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
     MAX_PAGES_PER_MESSAGE,
@@ -81,7 +80,6 @@ class DestParameters:
     # long an unfinished session is kept while its source is silent.
     peer_timeout_s: float = PEER_DEAD_AFTER_S
     retransmit_after_s: float = RETRANSMIT_AFTER_S
-    digest_budget_pages: int = DEST_DIGEST_BUDGET_PAGES  # pages hashed per loop turn
     # The largest guest a source may make this node allocate (dest-node --max-ram).
     max_ram_bytes: int = MAX_RAM_BYTES
     # Test builds only: flip a byte of this page after placing it, to prove verification.
@@ -222,6 +220,13 @@ class DestSession:
                 )
             getattr(self, f"_on_{message.kind}")(getattr(env, message.kind), message.payload, now)
         except WireError as exc:
+            if exc.code == pb.ERROR_CHECKSUM and message.kind in framing.PAGE_DIGESTED:
+                # a page's digest says it was damaged in transit: nothing was placed, and the
+                # message counts as not delivered, so it is asked for again
+                self.link.retract(env.seq)
+                self.link.stats.corrupt += 1
+                self._ask_resend(now)
+                return
             self._fail(exc.code, exc.reason, now)
             return
         if (
@@ -255,14 +260,6 @@ class DestSession:
             link.restart_retransmit_clock(now)
         if now - link.t_last_sent >= self.params.heartbeat_interval_s:
             self._unsequenced(now, heartbeat=pb.Heartbeat())
-        if self.digests is not None and not self.source_stopped and self.digests.stale_pages:
-            self.digests.refresh(self.params.digest_budget_pages)
-            # While the stream is quiet no ack carries the backlog; a source waiting for us to
-            # catch up must hear that it shrank.
-            if self.phase is _D.RECEIVING and (
-                self.digests.stale_pages == 0 or now - link.t_last_sent > 0.005
-            ):
-                self._ack(now)
 
     def _poll_postcopy(self, now: float) -> None:
         """Ask for what the guest missed; the source may be silent: the guest runs on the pages
@@ -299,8 +296,6 @@ class DestSession:
         if self.phase is _D.RUNNING and link.unacked:
             return link.t_progress + link.rto_s
         if self.phase in _LIVE:
-            if self.digests is not None and self.digests.stale_pages and not self.source_stopped:
-                return now
             if self.postcopy is not None and self.postcopy.late_tags:
                 return now
             deadline = min(
@@ -431,8 +426,7 @@ class DestSession:
         decoded = apply_ram_pages(self.guest.memory, msg, payload)
         if self.t_first_data is None:
             self.t_first_data = now
-        self.digests.mark(decoded.indices, [])
-        self.digests.mark(decoded.zero, [])
+        self.digests.record_ram(decoded.indices, decoded.digests, decoded.zero)
         self._note_repair(decoded.indices, decoded.zero)
         self.stats.pages += int(decoded.indices.size + decoded.zero.size)
         self.stats.zero_pages += int(decoded.zero.size)
@@ -443,8 +437,7 @@ class DestSession:
     def _on_tag_sections(self, msg: pb.TagSections, payload: Buffer, now: float) -> None:
         assert self.guest is not None and self.digests is not None
         decoded = apply_tag_sections(self.guest.memory, msg, payload)
-        self.digests.mark([], decoded.indices)
-        self.digests.mark([], decoded.zero)
+        self.digests.record_tags(decoded.indices, decoded.digests, decoded.zero)
         self._note_repair(decoded.indices, decoded.zero)
         self.stats.tag_sections += int(decoded.indices.size + decoded.zero.size)
         self.stats.untagged_pages += int(decoded.zero.size)
@@ -465,6 +458,9 @@ class DestSession:
         # Only once, so a resend repairs it: this proves the handshake names and fixes pages.
         self._corrupted = True
         self.guest.memory.pages[target, 100] ^= 0xFF
+        # as a faulty placement would: memory no longer holds what the digest checked
+        assert self.digests is not None
+        self.digests.mark([target], [])
 
     def _on_end_of_round(self, msg: pb.EndOfRound, _: Buffer, now: float) -> None:
         self.rounds = msg.round
@@ -626,13 +622,7 @@ class DestSession:
             self._unsequenced(now, ack=self._ack_body(resend_from=received + 1))
 
     def _ack_body(self, resend_from: int = 0) -> pb.Ack:
-        backlog = self.digests.stale_pages if self.digests is not None else 0
-        return pb.Ack(
-            acked_seq=self.link.received,
-            credit=self.params.window,
-            digest_backlog=backlog,
-            resend_from=resend_from,
-        )
+        return pb.Ack(acked_seq=self.link.received, credit=self.params.window, resend_from=resend_from)
 
     def _ack(self, now: float) -> None:
         self._unsequenced(now, ack=self._ack_body())

@@ -47,6 +47,7 @@ class Unacked:
     size: int
     body: Any = None
     data: Any = None
+    t_sent: float = 0.0  # first sent (a resend keeps it)
 
 
 @dataclass
@@ -91,7 +92,7 @@ class Link:
         if not self.unacked:
             self.t_progress = now  # the retransmission clock starts with the first unacked
         ((kind, message),) = body.items()
-        self.unacked.append(Unacked(seq, kind, size, None if data is not None else message, data))
+        self.unacked.append(Unacked(seq, kind, size, None if data is not None else message, data, now))
         self.t_last_sent = now
         return frames
 
@@ -130,6 +131,11 @@ class Link:
             return Arrival.AHEAD
         self.received = seq
         return Arrival.NEXT
+
+    def retract(self, seq: int) -> None:
+        """The message that just arrived turned out damaged: it was not delivered after all."""
+        if seq == self.received:
+            self.received = seq - 1
 
     def stale(self, env: pb.Envelope) -> bool:
         return env.epoch < self.epoch

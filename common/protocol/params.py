@@ -13,7 +13,6 @@ from common.constants import (
     PEER_DEAD_AFTER_S,
     RECONNECT_TIMEOUT_S,
     RETRANSMIT_AFTER_S,
-    SOURCE_DIGEST_BUDGET_PAGES,
 )
 from common.units import parse_size
 
@@ -50,8 +49,6 @@ class MigrationParameters:
     throttle_max: float = 0.99
     # Give up when the guest has not converged after this long, even fully throttled.
     convergence_timeout_s: float = 60.0
-    # Pages hashed per loop turn while the guest runs: small enough not to stall the stream.
-    digest_budget_pages: int = SOURCE_DIGEST_BUDGET_PAGES
     # Postcopy: the destination runs the guest after this many precopy rounds (0: at once).
     postcopy: bool = False
     postcopy_after_rounds: int = 1
@@ -86,8 +83,6 @@ class MigrationParameters:
             raise ValueError("throttle settings must satisfy 0 <= initial <= max < 1")
         if self.convergence_timeout_s <= 0:
             raise ValueError("convergence timeout must be positive")
-        if self.digest_budget_pages < 1:
-            raise ValueError("the digest budget must be at least one page")
         if self.postcopy_after_rounds < 0:
             raise ValueError(f"postcopy after {self.postcopy_after_rounds} rounds: must be 0 or more")
         if self.postcopy_recover_timeout_s < self.peer_timeout_s:

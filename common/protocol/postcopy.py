@@ -15,8 +15,9 @@ import numpy as np
 import numpy.typing as npt
 
 from common.constants import DIGEST_BLOCK_PAGES
-from common.guest.digest import manifest_digest, page_manifest, row_digests
+from common.guest.digest import manifest_digest, page_manifest
 from common.guest.memory import GuestMemory
+from common.guest.pagehash import row_digests
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import PostcopyBatch
 from common.wire.framing import WireError

@@ -9,21 +9,18 @@ from enum import Enum
 
 import numpy as np
 
-from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
+from common.constants import DOWNTIME_AIM, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, ROUND_WORTH_IT
 from common.guest.digest import DigestCache
 from common.guest.memory import DirtySync, GuestMemory
+from common.indices import union
 from common.protocol.params import MigrationParameters
 from common.protocol.stats import BandwidthMeter
 from common.transfer import PagePass
 from common.units import format_size
 
-# The guest is stopped only when both sides have at most this many pages left to hash, so that
-# hashing does not land inside the downtime (about a millisecond of work).
-CATCH_UP_PAGES = 4096
-
 
 class Verdict(Enum):
-    WAIT = "wait"  # something is in flight or unhashed: decide when it has caught up
+    WAIT = "wait"  # something is in flight: decide when it has arrived
     NEXT_ROUND = "next-round"
     SWITCHOVER = "switchover"
     GIVE_UP = "give-up"  # not converging within the convergence timeout
@@ -47,6 +44,9 @@ class Precopy:
     dirty_pages_rate: float = 0.0
     t_round: float = 0.0  # when the current round began
     _acked_at_round: int = 0  # the meter's total when the current round began
+    # The fastest acknowledgement of a control message so far; the downtime holds two such
+    # handshakes (verification, then commit and start) after its last page.
+    round_trip_s: float = float("inf")
 
     def first_round(self, now: float) -> tuple[int, int]:
         """Round 1: every page ever written. Returns the never-written (zero) and never-tagged
@@ -79,25 +79,40 @@ class Precopy:
         now: float,
         *,
         in_flight: int,
-        dest_backlog: int,
         active_for: float,
         meter: BandwidthMeter,
         params: MigrationParameters,
     ) -> RoundEnd:
-        # Decide only once the destination has applied everything and both sides have hashed
-        # nearly all of it: what is still in flight or unhashed would otherwise be downtime.
-        behind = in_flight > 0 or self.digests.stale_pages > CATCH_UP_PAGES or dest_backlog > CATCH_UP_PAGES
-        if behind and active_for <= params.convergence_timeout_s:
+        # Decide only once the destination has placed (and so hashed) everything: what is
+        # still in flight would otherwise be downtime.
+        if in_flight > 0 and active_for <= params.convergence_timeout_s:
             return RoundEnd(Verdict.WAIT)
         sync = self.mem.dirty_sync()
         self.digests.mark(sync.data_pages, sync.tag_pages)
         elapsed = max(now - self.t_round, 1e-6)
         self.dirty_pages_rate = (sync.data_pages.size + sync.tag_pages.size) / elapsed
         remaining = sync.data_pages.size * PAGE_SIZE + sync.tag_pages.size * PACKED_TAG_BYTES_PER_PAGE
+        # the acknowledged bandwidth already holds the destination's placing and hashing
         bandwidth = meter.rate() or (meter.total / max(active_for, 1e-6)) or None
-        self.expected_downtime_s = remaining / bandwidth if bandwidth else None
+        handover_s = 2 * self.round_trip_s if self.round_trip_s != float("inf") else 0.0
+        expected = remaining / bandwidth + handover_s if bandwidth else None
+        previous, self.expected_downtime_s = self.expected_downtime_s, expected
         limit_s = params.downtime_limit_ms / 1000.0
-        if remaining == 0 or (self.expected_downtime_s is not None and self.expected_downtime_s <= limit_s):
+        if remaining == 0:
+            return RoundEnd(Verdict.SWITCHOVER, sync)
+        # It fits: stop now only if it is well inside the limit, or another round would not
+        # shrink it much, or time is running out. A round costs the guest little, and each one
+        # that shrinks the rest shortens the downtime.
+        if (
+            expected is not None
+            and expected <= limit_s
+            and (
+                params.postcopy  # the rest is pulled after the switchover, not in a downtime
+                or expected <= limit_s * DOWNTIME_AIM
+                or (previous is not None and expected > previous * ROUND_WORTH_IT)
+                or active_for > params.convergence_timeout_s / 2
+            )
+        ):
             return RoundEnd(Verdict.SWITCHOVER, sync)
         if active_for > params.convergence_timeout_s:
             return RoundEnd(Verdict.GIVE_UP, sync, self.give_up_reason(params))
@@ -121,9 +136,7 @@ class Precopy:
         self.round += 1
         last = self.mem.dirty_sync()
         self.digests.mark(last.data_pages, last.tag_pages)
-        self.pass_ = PagePass(
-            np.union1d(sync.data_pages, last.data_pages), np.union1d(sync.tag_pages, last.tag_pages)
-        )
+        self.pass_ = PagePass(union(sync.data_pages, last.data_pages), union(sync.tag_pages, last.tag_pages))
 
     def repair_pass(self, data: np.ndarray, tags: np.ndarray) -> None:
         self.pass_ = PagePass(data, tags)

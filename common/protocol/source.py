@@ -46,7 +46,7 @@ from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
-from common.wire.codec import encode_postcopy_pages, encode_ram_pages, encode_tag_sections
+from common.wire.codec import BatchStats, encode_postcopy_pages, encode_ram_pages, encode_tag_sections
 from common.wire.framing import Buffer, WireError
 
 _S = SourcePhase
@@ -90,7 +90,6 @@ class SourceSession:
         self._events: list[ev.Event] = []
         self._use_lz4 = False
         self.guest_stopped = False
-        self.dest_backlog = 0  # pages the destination has placed but not hashed
         self._catching_up = False
         self._resend_vcpus = True
         self._rate_limited_until: float | None = None
@@ -252,8 +251,6 @@ class SourceSession:
             return
         if self.phase in _SENDING:
             self._pump(now)
-        if self.phase is _S.ACTIVE and self.digests.stale_pages:
-            self.digests.refresh(self.params.digest_budget_pages)
         if self.phase is _S.ACTIVE and self._catching_up:
             self._end_of_pass(now)
         if (
@@ -280,8 +277,6 @@ class SourceSession:
         if self.phase in _SENDING:
             if self.precopy.pass_ is not None and self.in_flight < self.params.window:
                 deadline = min(deadline, self._rate_limited_until or now)
-            if self.phase is _S.ACTIVE and self.digests.stale_pages:
-                deadline = now  # hashing to do; otherwise an ack (an arrival) is what we wait for
             pc = self.postcopy
             if (
                 pc is not None
@@ -414,7 +409,6 @@ class SourceSession:
             return
         if kind == "ack":
             ack = env.ack
-            self.dest_backlog = ack.digest_backlog
             if ack.resend_from:
                 if ack.resend_from > self.link.next_seq:
                     self._fail(
@@ -447,6 +441,10 @@ class SourceSession:
         self.link.restart_retransmit_clock(now)
 
     def _acknowledged(self, entry: Unacked, now: float) -> None:
+        if entry.data is None and entry.kind != "hello":  # (a hello's answer waits for an allocation)
+            # a control message is acknowledged as soon as the destination has handled it: the
+            # fastest such round trip is what each handshake inside the downtime costs at least
+            self.precopy.round_trip_s = min(self.precopy.round_trip_s, now - entry.t_sent)
         if entry.data is not None:
             self.meter.add(now, entry.size)
         elif entry.kind == "commit":
@@ -481,7 +479,8 @@ class SourceSession:
                 chunk, round_no = entry.data
                 encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
                 table = self.mem.pages if entry.kind == "ram_pages" else self.mem.page_tags
-                body, payload, _ = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
+                body, payload, stats = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
+                self._record_sent(entry.kind, stats)
                 self._outgoing.append(self.link.again(entry, payload, body))
         if entries:
             self.link.t_last_sent = now
@@ -699,6 +698,7 @@ class SourceSession:
         )
         size = sum(len(f) for f in frames)
         self._outgoing.append(frames)
+        self._record_sent(batch.kind, batch.stats)
         self._account(size)
         if self._capped():
             self.bucket.spend(size, now)
@@ -710,6 +710,11 @@ class SourceSession:
             self.stats.tag_bytes += size
             self.stats.tag_sections += batch.stats.pages
             self.stats.untagged_pages += batch.stats.zero
+
+    def _record_sent(self, kind: str, stats: BatchStats) -> None:
+        """The digests a batch carries are this side's verification leaves: what was sent."""
+        record = self.digests.record_ram if kind == "ram_pages" else self.digests.record_tags
+        record(stats.content, stats.digests, stats.empty)
 
     def _end_of_pass(self, now: float) -> None:
         if self.phase is _S.SWITCHOVER:
@@ -725,7 +730,6 @@ class SourceSession:
         end = self.precopy.end_of_round(
             now,
             in_flight=self.in_flight,
-            dest_backlog=self.dest_backlog,
             active_for=self._active_for(now),
             meter=self.meter,
             params=self.params,

@@ -4,11 +4,15 @@ Zero pages and untagged pages carry no payload bytes; a page whose granules all 
 carries one byte; lz4 is used only when a sample of the batch says it pays, since on random
 data it costs time and saves nothing. Decoders treat their input as hostile: every count,
 index, encoding and length is checked before anything is returned for placement.
+
+Each page with content carries its xxh3-64 in the body: the destination checks every page
+against it (a damaged payload is ERROR_CHECKSUM, asked for again, never placed) and keeps it
+as the page's verification leaf, so no page is hashed twice on either side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import lz4.block
 import numpy as np
@@ -22,12 +26,16 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
-from common.indices import contiguous
+from common.guest.pagehash import row_digests
+from common.indices import contiguous, has_repeats
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer, WireError
 
 U8 = npt.NDArray[np.uint8]
+U64 = npt.NDArray[np.uint64]
 Indices = npt.NDArray[np.int64]
+_NO_PAGES = np.zeros(0, dtype=np.int64)
+_NO_DIGESTS = np.zeros(0, dtype=np.uint64)
 
 
 @dataclass
@@ -38,6 +46,13 @@ class BatchStats:
     raw: int = 0
     lz4: int = 0
     payload_bytes: int = 0
+    content: Indices = field(default_factory=lambda: _NO_PAGES)  # pages that carry bytes ...
+    digests: U64 = field(default_factory=lambda: _NO_DIGESTS)  # ... and their digests, as sent
+    empty: Indices = field(default_factory=lambda: _NO_PAGES)  # the zero (or untagged) pages
+
+
+def _digest_bytes(digests: U64) -> bytes:
+    return digests.astype("<u8", copy=False).tobytes()
 
 
 def gather_rows(table: U8, indices: Indices, *, view_ok: bool = False) -> U8:
@@ -91,39 +106,55 @@ def _compress_rows(
 
 
 def encode_ram_pages(
-    pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
+    pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0, digests: bool = True
 ) -> tuple[pb.RamPages, Buffer, BatchStats]:
-    """Encode pages[indices] (pages is the guest's (page_count, 4096) view).
+    """Encode pages[indices] (pages is the guest's (page_count, 4096) view), with a digest of
+    each page with content unless `digests` is False (postcopy: the manifest checks those).
 
     The payload may be a view of guest memory, not a copy: whoever sends it must copy it out
-    (or send it) before the guest runs again, or the page may change under its checksum.
+    (or send it) before the guest runs again, or a page may change under its digest (the
+    destination then asks for the batch again, and the resend is encoded afresh).
     """
     rows = gather_rows(pages, indices, view_ok=True)
     nonzero = nonzero_rows(rows)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
     data_rows = np.flatnonzero(nonzero)
-    stats = BatchStats(pages=int(indices.size), zero=int(indices.size - data_rows.size))
+    all_content = data_rows.size == rows.shape[0]
+    stats = BatchStats(
+        pages=int(indices.size),
+        zero=int(indices.size - data_rows.size),
+        content=indices if all_content else indices[data_rows],
+        empty=_NO_PAGES if all_content else indices[~nonzero],
+    )
+    # A contiguous batch of pages with content is a view of guest memory, hashed in place and
+    # copied once, by the socket.
+    content = rows if all_content else rows[data_rows]
+    if digests:
+        stats.digests = row_digests(content)
     if use_lz4 and _lz4_pays(rows, data_rows):
         payload: Buffer = b"".join(_compress_rows(rows, data_rows, pb.PAGE_LZ4, encodings, lengths))
         stats.lz4 = int(np.count_nonzero(encodings == pb.PAGE_LZ4))
     else:
-        # The common fast path: no per-page Python work. A contiguous batch of pages with
-        # content is a view of guest memory, copied once, by the socket: see encode_ram_pages.
-        content = rows if data_rows.size == rows.shape[0] else rows[data_rows]
         payload = memoryview(content.reshape(-1)) if content.size else b""
     stats.raw = int(np.count_nonzero(encodings == pb.PAGE_RAW))
     stats.payload_bytes = len(payload)
     msg = pb.RamPages(
-        round=round_no, page_index=indices.tolist(), encoding=encodings.tolist(), length=lengths.tolist()
+        round=round_no,
+        page_index=indices.tolist(),
+        encoding=encodings.tolist(),
+        length=lengths.tolist(),
+        digests=_digest_bytes(stats.digests),
     )
     return msg, payload, stats
 
 
 def encode_tag_sections(
-    page_tags: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0
+    page_tags: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0, digests: bool = True
 ) -> tuple[pb.TagSections, Buffer, BatchStats]:
-    """Encode the packed tags of pages[indices] (page_tags is (page_count, 128))."""
+    """Encode the packed tags of pages[indices] (page_tags is (page_count, 128)). The digests
+    of the tagged pages' 128 bytes (unless `digests` is False) are the sender's verification
+    leaves; they do not travel (see the schema)."""
     rows = gather_rows(page_tags, indices)
     first = rows[:, 0]
     uniform = (rows == first[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
@@ -136,8 +167,14 @@ def encode_tag_sections(
     lengths[untagged] = 0
     varied = np.flatnonzero(~uniform)
     stats = BatchStats(
-        pages=int(indices.size), zero=int(untagged.sum()), uniform=int((uniform & ~untagged).sum())
+        pages=int(indices.size),
+        zero=int(untagged.sum()),
+        uniform=int((uniform & ~untagged).sum()),
+        content=indices[~untagged],
+        empty=indices[untagged],
     )
+    if digests:
+        stats.digests = row_digests(rows[~untagged])
     compressed = use_lz4 and _lz4_pays(rows, varied)
     if compressed:
         varied_parts = iter(_compress_rows(rows, varied, pb.TAG_LZ4, encodings, lengths))
@@ -157,7 +194,10 @@ def encode_tag_sections(
     stats.lz4 = int(np.count_nonzero(encodings == pb.TAG_LZ4))
     stats.payload_bytes = len(payload)
     msg = pb.TagSections(
-        round=round_no, page_index=indices.tolist(), encoding=encodings.tolist(), length=lengths.tolist()
+        round=round_no,
+        page_index=indices.tolist(),
+        encoding=encodings.tolist(),
+        length=lengths.tolist(),
     )
     return msg, payload, stats
 
@@ -169,6 +209,7 @@ class DecodedBatch:
     indices: Indices  # pages that get rows
     rows: U8  # (len(indices), row_bytes)
     zero: Indices  # pages that become all zero (data) or untagged (tags)
+    digests: U64 = field(default_factory=lambda: _NO_DIGESTS)  # of the rows, checked (or none)
 
 
 def _validate_header(
@@ -178,7 +219,10 @@ def _validate_header(
     lengths: npt.NDArray[np.int64],
     page_count: int,
     payload_len: int,
+    damaged: int,
 ) -> None:
+    """`damaged`: the code for a payload that does not fit an intact header (ERROR_CHECKSUM
+    where the header's own checksum passed and only the payload can be at fault)."""
     n = indices.size
     if not (n == encodings.size == lengths.size):
         raise WireError(
@@ -194,32 +238,58 @@ def _validate_header(
             pb.ERROR_BAD_MESSAGE,
             f"{what}: page {int(indices.max())} is out of range (guest has {page_count} pages)",
         )
-    if np.unique(indices).size != n:
+    if has_repeats(indices):
         raise WireError(pb.ERROR_BAD_MESSAGE, f"{what}: a page appears twice in one batch")
     total = int(lengths.sum())
     if total != payload_len:
-        raise WireError(
-            pb.ERROR_BAD_MESSAGE, f"{what}: lengths add up to {total} bytes but the payload has {payload_len}"
-        )
+        raise WireError(damaged, f"{what}: lengths add up to {total} bytes but the payload has {payload_len}")
 
 
-def _decompress(what: str, page: int, data: Buffer, size: int) -> bytes:
+def _decompress(what: str, page: int, data: Buffer, size: int, damaged: int) -> bytes:
     try:
         out = lz4.block.decompress(data, uncompressed_size=size)
     except lz4.block.LZ4BlockError as exc:
-        raise WireError(pb.ERROR_BAD_MESSAGE, f"{what}: page {page} is not valid lz4 ({exc})") from None
+        raise WireError(damaged, f"{what}: page {page} is not valid lz4 ({exc})") from None
     if len(out) != size:
-        raise WireError(
-            pb.ERROR_BAD_MESSAGE, f"{what}: page {page} decompresses to {len(out)} bytes, not {size}"
-        )
+        raise WireError(damaged, f"{what}: page {page} decompresses to {len(out)} bytes, not {size}")
     return out
 
 
-def decode_ram_pages(msg: pb.RamPages, payload: Buffer, page_count: int) -> DecodedBatch:
+def _expected_digests(what: str, raw: bytes, content: int, digested: bool) -> U64 | None:
+    if not digested:
+        return None
+    if len(raw) != 8 * content:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"{what}: {len(raw)} bytes of digests for {content} pages with content (8 bytes each)",
+        )
+    return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
+
+
+def _check_digests(what: str, rows: U8, pages: Indices, expected: U64 | None) -> U64:
+    """The digests of rows, which must be the ones the sender computed."""
+    if expected is None:
+        return _NO_DIGESTS
+    got = row_digests(rows)
+    bad = np.flatnonzero(got != expected)
+    if bad.size:
+        raise WireError(
+            pb.ERROR_CHECKSUM,
+            f"{what}: {bad.size} page(s) damaged in transit (first: page {int(pages[bad[0]])})",
+        )
+    return got
+
+
+def decode_ram_pages(
+    msg: pb.RamPages, payload: Buffer, page_count: int, *, digested: bool = True
+) -> DecodedBatch:
+    """Check a batch of pages; with `digested` (a RamPages message of its own) every page
+    against its digest, which the result keeps."""
     indices = np.asarray(msg.page_index, dtype=np.uint64)
     encodings = np.asarray(msg.encoding, dtype=np.int64)
     lengths = np.asarray(msg.length, dtype=np.int64)
-    _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload))
+    damaged = pb.ERROR_CHECKSUM if digested else pb.ERROR_BAD_MESSAGE
+    _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload), damaged)
     idx = indices.astype(np.int64)
     zero = encodings == pb.PAGE_ZERO
     raw = encodings == pb.PAGE_RAW
@@ -234,28 +304,37 @@ def decode_ram_pages(msg: pb.RamPages, payload: Buffer, page_count: int) -> Deco
     ):
         raise WireError(pb.ERROR_BAD_MESSAGE, "RAM pages: a page length does not fit its encoding")
     content = ~zero
+    pages = idx[content]
+    expected = _expected_digests("RAM pages", msg.digests, pages.size, digested)
     view = memoryview(payload).cast("B")
     if not packed.any():
         rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, PAGE_SIZE)
     else:
-        rows = np.empty((int(content.sum()), PAGE_SIZE), dtype=np.uint8)
+        rows = np.empty((pages.size, PAGE_SIZE), dtype=np.uint8)
         offsets = np.concatenate(([0], np.cumsum(lengths)))
         for row, i in enumerate(np.flatnonzero(content).tolist()):
             chunk = view[offsets[i] : offsets[i + 1]]
             if packed[i]:
                 rows[row] = np.frombuffer(
-                    _decompress("RAM pages", int(idx[i]), chunk, PAGE_SIZE), dtype=np.uint8
+                    _decompress("RAM pages", int(idx[i]), chunk, PAGE_SIZE, damaged), dtype=np.uint8
                 )
             else:
                 rows[row] = np.frombuffer(chunk, dtype=np.uint8)
-    return DecodedBatch(indices=idx[content], rows=rows, zero=idx[zero])
+    digests = _check_digests("RAM pages", rows, pages, expected)
+    return DecodedBatch(indices=pages, rows=rows, zero=idx[zero], digests=digests)
 
 
-def decode_tag_sections(msg: pb.TagSections, payload: Buffer, page_count: int) -> DecodedBatch:
+def decode_tag_sections(
+    msg: pb.TagSections, payload: Buffer, page_count: int, *, digested: bool = True
+) -> DecodedBatch:
+    """Check a batch of tag sections (the frame checksum covered their bytes); with `digested`,
+    hash each tagged page's 128 bytes for the receiver's verification leaves."""
     indices = np.asarray(msg.page_index, dtype=np.uint64)
     encodings = np.asarray(msg.encoding, dtype=np.int64)
     lengths = np.asarray(msg.length, dtype=np.int64)
-    _validate_header("tag sections", indices, encodings, lengths, page_count, len(payload))
+    _validate_header(
+        "tag sections", indices, encodings, lengths, page_count, len(payload), pb.ERROR_BAD_MESSAGE
+    )
     idx = indices.astype(np.int64)
     expected = {
         pb.TAG_UNTAGGED: (0, 0),
@@ -272,6 +351,7 @@ def decode_tag_sections(msg: pb.TagSections, payload: Buffer, page_count: int) -
             raise WireError(pb.ERROR_BAD_MESSAGE, "tag sections: a section length does not fit its encoding")
     untagged = encodings == pb.TAG_UNTAGGED
     content = ~untagged
+    pages = idx[content]
     view = memoryview(payload).cast("B")
     if (encodings[content] == pb.TAG_RAW).all():
         rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
@@ -291,11 +371,15 @@ def decode_tag_sections(msg: pb.TagSections, payload: Buffer, page_count: int) -
                 rows[row] = tag | (tag << 4)
             elif code == pb.TAG_LZ4:
                 rows[row] = np.frombuffer(
-                    _decompress("tag sections", int(idx[i]), chunk, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8
+                    _decompress(
+                        "tag sections", int(idx[i]), chunk, PACKED_TAG_BYTES_PER_PAGE, pb.ERROR_BAD_MESSAGE
+                    ),
+                    dtype=np.uint8,
                 )
             else:
                 rows[row] = np.frombuffer(chunk, dtype=np.uint8)
-    return DecodedBatch(indices=idx[content], rows=rows, zero=idx[untagged])
+    digests = row_digests(rows) if digested else _NO_DIGESTS
+    return DecodedBatch(indices=pages, rows=rows, zero=idx[untagged], digests=digests)
 
 
 # -- postcopy: a page and its tags in one message ----------------------------------------------
@@ -312,8 +396,8 @@ def encode_postcopy_pages(
     pages: U8, page_tags: U8, indices: Indices, *, use_lz4: bool, requested: bool
 ) -> tuple[pb.PostcopyPages, bytes, int]:
     """One message for data and tags of the same pages; returns (body, payload, page count)."""
-    data, data_payload, _ = encode_ram_pages(pages, indices, use_lz4=use_lz4)
-    tags, tag_payload, _ = encode_tag_sections(page_tags, indices, use_lz4=use_lz4)
+    data, data_payload, _ = encode_ram_pages(pages, indices, use_lz4=use_lz4, digests=False)
+    tags, tag_payload, _ = encode_tag_sections(page_tags, indices, use_lz4=use_lz4, digests=False)
     data_bytes = bytes(data_payload)
     body = pb.PostcopyPages(data=data, tags=tags, data_bytes=len(data_bytes), requested=requested)
     return body, data_bytes + bytes(tag_payload), int(indices.size)
@@ -328,8 +412,8 @@ def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: in
         )
     if list(msg.data.page_index) != list(msg.tags.page_index):
         raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy pages: data and tags name different pages")
-    data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count)
-    tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count)
+    data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count, digested=False)
+    tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count, digested=False)
     order = np.asarray(msg.data.page_index, dtype=np.int64)
     return PostcopyBatch(
         order, _full_rows(order, data, PAGE_SIZE), _full_rows(order, tags, PACKED_TAG_BYTES_PER_PAGE)

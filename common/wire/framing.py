@@ -17,6 +17,9 @@ from common.constants import MAX_FRAME_BYTES, MAX_FRAMES_PER_MESSAGE, PROTOCOL_V
 from common.wire import mte_migration_pb2 as pb
 
 _CHECKSUM = struct.Struct("<Q")
+# Bodies whose payload carries a digest per page in the body itself: the frame checksum covers
+# their header only, so that each page is hashed once (see the schema).
+PAGE_DIGESTED = frozenset({"ram_pages"})
 Buffer = bytes | bytearray | memoryview
 
 
@@ -52,7 +55,8 @@ def _checksum(header: Buffer, payload: Buffer) -> int:
 
 def encode(env: pb.Envelope, payload: Buffer = b"") -> list[Buffer]:
     header = env.SerializeToString()
-    frames: list[Buffer] = [_CHECKSUM.pack(_checksum(header, payload)) + header]
+    covered = b"" if env.WhichOneof("body") in PAGE_DIGESTED else payload
+    frames: list[Buffer] = [_CHECKSUM.pack(_checksum(header, covered)) + header]
     if len(payload):
         frames.append(payload)
     return frames
@@ -75,13 +79,19 @@ def decode(frames: Sequence[Buffer]) -> Message:
         )
     header = first[_CHECKSUM.size :]
     (expected,) = _CHECKSUM.unpack(first[: _CHECKSUM.size])
-    if _checksum(header, payload) != expected:
-        raise WireError(pb.ERROR_CHECKSUM, "checksum mismatch: the message was corrupted in transit")
-    env = pb.Envelope()
+    # Parsed before it is checked, to know what the checksum covers; a header that does not
+    # parse is judged by the whole-message checksum.
+    env: pb.Envelope | None = pb.Envelope()
+    problem = ""
     try:
-        env.ParseFromString(header)
+        env.ParseFromString(header)  # type: ignore[union-attr]
     except DecodeError as exc:
-        raise WireError(pb.ERROR_BAD_MESSAGE, f"header is not a valid Envelope: {exc}") from None
+        env, problem = None, str(exc)
+    covered = b"" if env is not None and env.WhichOneof("body") in PAGE_DIGESTED else payload
+    if _checksum(header, covered) != expected:
+        raise WireError(pb.ERROR_CHECKSUM, "checksum mismatch: the message was corrupted in transit")
+    if env is None:
+        raise WireError(pb.ERROR_BAD_MESSAGE, f"header is not a valid Envelope: {problem}")
     if env.WhichOneof("body") is None:
         raise WireError(pb.ERROR_BAD_MESSAGE, "envelope carries no message body")
     return Message(env, payload)

@@ -133,16 +133,18 @@ class HelloAck(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ..., code: _Optional[_Union[ErrorCode, str]] = ...) -> None: ...
 
 class RamPages(_message.Message):
-    __slots__ = ("round", "page_index", "encoding", "length")
+    __slots__ = ("round", "page_index", "encoding", "length", "digests")
     ROUND_FIELD_NUMBER: _ClassVar[int]
     PAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
     ENCODING_FIELD_NUMBER: _ClassVar[int]
     LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DIGESTS_FIELD_NUMBER: _ClassVar[int]
     round: int
     page_index: _containers.RepeatedScalarFieldContainer[int]
     encoding: _containers.RepeatedScalarFieldContainer[PageEncoding]
     length: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., page_index: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Iterable[_Union[PageEncoding, str]]] = ..., length: _Optional[_Iterable[int]] = ...) -> None: ...
+    digests: bytes
+    def __init__(self, round: _Optional[int] = ..., page_index: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Iterable[_Union[PageEncoding, str]]] = ..., length: _Optional[_Iterable[int]] = ..., digests: _Optional[bytes] = ...) -> None: ...
 
 class TagSections(_message.Message):
     __slots__ = ("round", "page_index", "encoding", "length")
@@ -293,16 +295,14 @@ class Started(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "credit", "digest_backlog", "resend_from")
+    __slots__ = ("acked_seq", "credit", "resend_from")
     ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
     CREDIT_FIELD_NUMBER: _ClassVar[int]
-    DIGEST_BACKLOG_FIELD_NUMBER: _ClassVar[int]
     RESEND_FROM_FIELD_NUMBER: _ClassVar[int]
     acked_seq: int
     credit: int
-    digest_backlog: int
     resend_from: int
-    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., digest_backlog: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
+    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("epoch", "last_received")

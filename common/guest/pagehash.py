@@ -1,0 +1,70 @@
+"""xxh3-64 of every row of a buffer: a page's data (4096 bytes) or its packed tags (128).
+
+One digest per page serves twice: as the transit check of a page batch and as the leaf of the
+verification tree, so each page is hashed once per side. The loop runs in C where the
+extension was built (common/_pagehash.c: no Python call per row, the GIL released); otherwise
+in Python, with the same results.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from common.indices import contiguous
+
+U64Array = npt.NDArray[np.uint64]
+
+try:
+    from common import _pagehash
+
+    NATIVE = sys.byteorder == "little"  # the extension writes host-order u64s
+except ImportError:  # built without a compiler or xxhash.h: the Python loop below
+    NATIVE = False
+
+
+def _python_rows(view: memoryview, width: int, out: U64Array) -> None:
+    out[:] = np.fromiter(
+        (xxhash.xxh3_64_intdigest(view[i : i + width]) for i in range(0, out.size * width, width)),
+        dtype=np.uint64,
+        count=out.size,
+    )
+
+
+def row_digests(rows: npt.NDArray[np.uint8], *, native: bool = NATIVE) -> U64Array:
+    """One digest per row of a 2-D uint8 array (copied first only if not contiguous)."""
+    rows = np.ascontiguousarray(rows)
+    count = rows.shape[0] if rows.ndim == 2 else 0
+    out = np.empty(count, dtype=np.uint64)
+    if count == 0:
+        return out
+    width = rows.shape[1]
+    flat = rows.reshape(-1)
+    if native:
+        _pagehash.hash_rows(flat, width, out)
+    else:
+        _python_rows(memoryview(flat), width, out)  # type: ignore[arg-type]
+    return out
+
+
+def table_digests(
+    table: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], *, native: bool = NATIVE
+) -> U64Array:
+    """Digests of table[pages] (table is (page_count, width)), reading runs of consecutive
+    pages in place rather than gathering them first."""
+    out = np.empty(pages.size, dtype=np.uint64)
+    if pages.size == 0:
+        return out
+    if contiguous(pages):
+        first = int(pages[0])
+        return row_digests(table[first : first + pages.size], native=native)
+    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
+    starts = np.concatenate(([0], breaks)).tolist()
+    ends = np.concatenate((breaks, [pages.size])).tolist()
+    for a, b in zip(starts, ends, strict=True):
+        first = int(pages[a])
+        out[a:b] = row_digests(table[first : first + b - a], native=native)
+    return out
