@@ -10,49 +10,27 @@ measured in the same session. Not part of CI.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+import runs  # noqa: E402
 
 from common.units import format_rate, parse_size  # noqa: E402
-from source_node.demo import free_ports  # noqa: E402
 from tests.e2e import Keys, make_keys  # noqa: E402
-
-SOURCE = [sys.executable, "-m", "source_node.cli"]
-DEST = [sys.executable, "-m", "dest_node.cli"]
 
 
 def migrate(tmp: Path, ram: str, keys: Keys | None) -> dict[str, Any]:
-    (port,) = free_ports(1)
-    uri = f"tcp://127.0.0.1:{port}"
-    dest_keys = keys.dest_args() if keys else []
-    source_keys = keys.source_args() if keys else []
-    dest = subprocess.Popen(
-        [*DEST, "--listen", uri, "--once", "--stop-at-step", "0", "--log-level", "error", *dest_keys]
-    )
-    time.sleep(0.3)
-    report = tmp / f"source-{port}.json"
-    try:
-        subprocess.run(
-            [*SOURCE, "--ram", ram, "--fill", "random", "--working-set", "1MiB", "--stop-at-step", "0",
-             "--migrate-to", uri, "--report", str(report), "--log-level", "error", *source_keys],
-            check=False, capture_output=True, timeout=600,
-        )  # fmt: skip
-    finally:
-        try:
-            dest.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dest.kill()
-    result: dict[str, Any] = json.loads(report.read_text())
-    return result
+    guest = ["--ram", ram, "--fill", "random", "--working-set", "1MiB", "--stop-at-step", "0"]
+    return runs.migrate(
+        tmp, [*guest, *(keys.source_args() if keys else [])], keys.dest_args() if keys else []
+    ).source
 
 
 def main() -> int:

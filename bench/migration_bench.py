@@ -14,12 +14,9 @@ guest with random RAM is measured too, side by side (bench/qemu_compare.py).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -28,48 +25,15 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import qemu_compare  # noqa: E402
+import runs  # noqa: E402
 from raw_zmq import measure as raw_zmq_seconds  # noqa: E402
 
 from common.units import parse_size  # noqa: E402
-from source_node.demo import free_ports  # noqa: E402
-
-SOURCE = [sys.executable, "-m", "source_node.cli"]
-DEST = [sys.executable, "-m", "dest_node.cli"]
 
 
 def migrate(tmp: Path, guest: list[str], knobs: list[str], dest_stop: str) -> dict[str, Any]:
     """One migration through the real daemons; the source's report."""
-    (port,) = free_ports(1)
-    uri = f"tcp://127.0.0.1:{port}"
-    dest = subprocess.Popen(
-        [*DEST, "--listen", uri, "--once", "--stop-at-step", dest_stop, "--log-level", "error"]
-    )
-    time.sleep(0.3)
-    report_path = tmp / f"source-{port}.json"
-    try:
-        subprocess.run(
-            [
-                *SOURCE,
-                *guest,
-                *knobs,
-                "--migrate-to",
-                uri,
-                "--report",
-                str(report_path),
-                "--log-level",
-                "error",
-            ],
-            check=False,
-            capture_output=True,
-            timeout=600,
-        )
-    finally:
-        try:
-            dest.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            dest.kill()
-    report: dict[str, Any] = json.loads(report_path.read_text())
-    return report
+    return runs.migrate(tmp, [*guest, *knobs], dest_stop=dest_stop).source
 
 
 def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
