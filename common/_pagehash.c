@@ -1,10 +1,19 @@
-/* Per-row xxh3-64 digests of a byte buffer, with the GIL released.
+/* Per-page xxh3-64 digests of guest pages, and the copies that go with them, with the GIL
+ * released.
  *
  * A guest page (4096 bytes) or a page's packed tags (128 bytes) is one row. Hashing a batch of
  * rows one Python call each cost about 0.9 us per page (0.24 s per GiB against 0.10 s for the
- * hashing itself); here the loop runs in C and other threads run meanwhile. The digests equal
- * the xxhash package's xxh3_64_intdigest of each row (XXH3_64bits, seed 0), which the pure
- * Python fallback in common/guest/pagehash.py computes, and the tests compare the two.
+ * hashing itself); here the loops run in C and other threads run meanwhile. Copy and hash go
+ * row by row, so a row is read from memory once and hashed or copied from the cache:
+ *   hash_rows(rows, row_bytes, out)                       out[i] = xxh3(row i)
+ *   gather_rows(table, row_bytes, indices, dst, out)      dst row i = table row indices[i], hashed
+ *   place_rows(src, row_bytes, indices, expected, table)  table row indices[i] = src row i, once
+ *                                                         it hashes to expected[i]; returns the
+ *                                                         first row that does not (-1: none),
+ *                                                         and places nothing from it on
+ * The digests equal the xxhash package's xxh3_64_intdigest (XXH3_64bits, seed 0), which the
+ * Python fallback in common/guest/pagehash.py computes; the tests compare the two. Digests are
+ * host-order u64s: pagehash.py uses the module on little-endian hosts only.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -12,27 +21,59 @@
 #include <string.h>
 #include <xxhash.h>
 
+typedef uint64_t (*hash_fn)(const void *, size_t);
+static uint64_t hash_default(const void *p, size_t n) { return XXH3_64bits(p, n); }
+static hash_fn row_hash = hash_default;
+static const char *variant = "default";
+
+#if defined(__x86_64__) || defined(__i386__)
+#define HAVE_AVX2_BUILD 1
+uint64_t pagehash_xxh3_avx2(const void *p, size_t n); /* _pagehash_avx2.c */
+#endif
+
+/* rows of `row` bytes in a buffer of `len` bytes */
+static int whole_rows(Py_ssize_t len, Py_ssize_t row, Py_ssize_t *n) {
+    if (row <= 0 || len % row != 0) {
+        PyErr_Format(PyExc_ValueError, "%zd bytes are not a whole number of %zd-byte rows", len, row);
+        return -1;
+    }
+    *n = len / row;
+    return 0;
+}
+
+static int room_for(const char *what, Py_ssize_t have, Py_ssize_t need) {
+    if (have < need) {
+        PyErr_Format(PyExc_ValueError, "%s has %zd bytes, %zd needed", what, have, need);
+        return -1;
+    }
+    return 0;
+}
+
+/* every index names a row of the table */
+static int rows_in_table(const int64_t *idx, Py_ssize_t n, Py_ssize_t table_rows) {
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (idx[i] < 0 || idx[i] >= table_rows) {
+            PyErr_Format(PyExc_IndexError, "row %lld is outside a table of %zd rows", (long long)idx[i], table_rows);
+            return -1;
+        }
+    }
+    return 0;
+}
+
 static PyObject *hash_rows(PyObject *self, PyObject *args) {
     Py_buffer src, out;
-    Py_ssize_t row;
+    Py_ssize_t row, n;
     if (!PyArg_ParseTuple(args, "y*nw*", &src, &row, &out))
         return NULL;
     PyObject *result = NULL;
-    if (row <= 0 || src.len % row != 0) {
-        PyErr_Format(PyExc_ValueError, "%zd bytes are not a whole number of %zd-byte rows", src.len, row);
+    if (whole_rows(src.len, row, &n) < 0 || room_for("the digest output", out.len, n * 8) < 0)
         goto done;
-    }
-    Py_ssize_t n = src.len / row;
-    if (out.len < n * 8) {
-        PyErr_Format(PyExc_ValueError, "%zd rows need %zd bytes of digests, the output has %zd", n, n * 8, out.len);
-        goto done;
-    }
     const char *base = (const char *)src.buf;
     char *dst = (char *)out.buf;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t h = XXH3_64bits(base + i * row, (size_t)row);
-        memcpy(dst + i * 8, &h, 8);  /* little-endian hosts only: see the module's check */
+        uint64_t h = row_hash(base + i * row, (size_t)row);
+        memcpy(dst + i * 8, &h, 8);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(n);
@@ -42,12 +83,102 @@ done:
     return result;
 }
 
+static PyObject *gather_rows(PyObject *self, PyObject *args) {
+    Py_buffer table, indices, dst, out;
+    Py_ssize_t row, table_rows;
+    if (!PyArg_ParseTuple(args, "y*ny*w*w*", &table, &row, &indices, &dst, &out))
+        return NULL;
+    PyObject *result = NULL;
+    Py_ssize_t n = indices.len / 8;
+    const int64_t *idx = (const int64_t *)indices.buf;
+    if (indices.len % 8 != 0) {
+        PyErr_SetString(PyExc_ValueError, "indices must be 64-bit integers");
+        goto done;
+    }
+    if (whole_rows(table.len, row, &table_rows) < 0 || room_for("the destination", dst.len, n * row) < 0 ||
+        room_for("the digest output", out.len, n * 8) < 0 || rows_in_table(idx, n, table_rows) < 0)
+        goto done;
+    const char *from = (const char *)table.buf;
+    char *to = (char *)dst.buf, *digests = (char *)out.buf;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        char *copy = to + i * row;
+        memcpy(copy, from + idx[i] * row, (size_t)row);
+        uint64_t h = row_hash(copy, (size_t)row); /* of the copy: what is sent is what was hashed */
+        memcpy(digests + i * 8, &h, 8);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&table);
+    PyBuffer_Release(&indices);
+    PyBuffer_Release(&dst);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *place_rows(PyObject *self, PyObject *args) {
+    Py_buffer src, indices, expected, table;
+    Py_ssize_t row, n, table_rows;
+    if (!PyArg_ParseTuple(args, "y*ny*y*w*", &src, &row, &indices, &expected, &table))
+        return NULL;
+    PyObject *result = NULL;
+    const int64_t *idx = (const int64_t *)indices.buf;
+    if (whole_rows(src.len, row, &n) < 0)
+        goto done;
+    if (indices.len != n * 8 || expected.len != n * 8) {
+        PyErr_Format(PyExc_ValueError, "%zd rows need %zd indices and %zd digests", n, indices.len / 8,
+                     expected.len / 8);
+        goto done;
+    }
+    if (whole_rows(table.len, row, &table_rows) < 0 || rows_in_table(idx, n, table_rows) < 0)
+        goto done;
+    const char *from = (const char *)src.buf, *want = (const char *)expected.buf;
+    char *to = (char *)table.buf;
+    Py_ssize_t bad = -1;
+    Py_BEGIN_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint64_t h = row_hash(from + i * row, (size_t)row), w;
+        memcpy(&w, want + i * 8, 8);
+        if (h != w) {
+            bad = i;
+            break;
+        }
+        memcpy(to + idx[i] * row, from + i * row, (size_t)row);
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(bad);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&indices);
+    PyBuffer_Release(&expected);
+    PyBuffer_Release(&table);
+    return result;
+}
+
 static PyMethodDef methods[] = {
-    {"hash_rows", hash_rows, METH_VARARGS,
-     "hash_rows(rows, row_bytes, out) -> n: out[i] = xxh3-64 of row i (little-endian u64s)."},
+    {"hash_rows", hash_rows, METH_VARARGS, "hash_rows(rows, row_bytes, out) -> n"},
+    {"gather_rows", gather_rows, METH_VARARGS, "gather_rows(table, row_bytes, indices, dst, out) -> n"},
+    {"place_rows", place_rows, METH_VARARGS, "place_rows(src, row_bytes, indices, expected, table) -> first bad row or -1"},
     {NULL, NULL, 0, NULL},
 };
 
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_pagehash", NULL, -1, methods};
 
-PyMODINIT_FUNC PyInit__pagehash(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__pagehash(void) {
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL)
+        return NULL;
+#ifdef HAVE_AVX2_BUILD
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx2")) {
+        row_hash = pagehash_xxh3_avx2;
+        variant = "avx2";
+    }
+#endif
+    if (PyModule_AddStringConstant(m, "VARIANT", variant) < 0) { /* the benchmarks print it */
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -19,6 +19,7 @@ from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
     BatchStats,
     DecodedBatch,
+    damaged,
     decode_ram_pages,
     decode_tag_sections,
     encode_ram_pages,
@@ -76,11 +77,25 @@ class PagePass:
         return None
 
 
+class DamagedBatch(WireError):
+    """A page of the batch did not hash to its digest: the pages before it were placed (they
+    checked out), it and the rest were not; the batch is to be sent again."""
+
+    def __init__(self, decoded: DecodedBatch, placed: int) -> None:
+        error = damaged("RAM pages", int(decoded.indices[placed]))
+        super().__init__(error.code, error.reason)
+        self.placed_pages = decoded.indices[:placed]
+        self.placed_digests = decoded.digests[:placed]
+
+
 def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> DecodedBatch:
-    """Check a batch of pages from a peer, then place it; returns what was placed."""
-    decoded = decode_ram_pages(msg, payload, mem.page_count)
+    """Check a batch of pages from a peer and place it, each page checked against its digest
+    as it is placed (one read of it); returns what was placed, or raises DamagedBatch."""
+    decoded = decode_ram_pages(msg, payload, mem.page_count, verify=False)
     with mem.lock:
-        mem.place_pages(decoded.indices, decoded.rows)
+        placed = mem.place_checked_pages(decoded.indices, decoded.rows, decoded.digests)
+        if placed < decoded.indices.size:
+            raise DamagedBatch(decoded, placed)
         mem.place_zero_pages(decoded.zero)
     return decoded
 

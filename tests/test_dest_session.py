@@ -271,18 +271,22 @@ def test_a_repeated_message_is_acknowledged_again_and_not_placed_twice() -> None
 
 def test_a_page_damaged_in_transit_is_not_placed_and_its_batch_is_asked_for_again() -> None:
     dst, _ = receiving()
-    good = batch(2, "ram_pages", [3, 4])
+    good = batch(2, "ram_pages", [3, 4, 5])
     damaged = bytearray(good[1])
     damaged[4096 + 7] ^= 0x40  # page 4's marked byte: the header and its checksum are intact
     dst.receive(PEER, [good[0], bytes(damaged)], 0.5)
     [(_, ask)] = replies(dst)
     assert ask.kind == "ack" and ask.envelope.ack.resend_from == 2, "not delivered: send it again"
     assert dst.phase is DestPhase.RECEIVING and dst.link.stats.corrupt == 1
-    assert dst.guest is not None and not dst.guest.memory.pages[3].any(), "no page of it placed"
+    mem = dst.guest.memory if dst.guest is not None else None
+    assert mem is not None and not mem.pages[4].any() and not mem.pages[5].any(), "not it, nor after it"
+    # the page before it checked out and was placed; its leaf says so, for a resend that may not come
+    assert mem.pages[3, 7] == 1 and dst.digests is not None and dst.digests.stale_pages == 0
+    assert dst.digests.ram.leaves[3] == row_digests(mem.pages[3:4])[0]
     assert dst.stats.pages == 0 and dst.link.received == 1
     dst.receive(PEER, good, 0.6)  # the resend
     [(_, ack)] = replies(dst)
-    assert ack.envelope.ack.acked_seq == 2 and dst.guest.memory.pages[4, 7] == 1
+    assert ack.envelope.ack.acked_seq == 2 and mem.pages[4, 7] == 1 and mem.pages[5, 7] == 1
 
 
 def test_the_hello_sets_the_epoch_and_the_compression_it_offered() -> None:

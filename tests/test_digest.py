@@ -4,13 +4,14 @@ recorded as pages travelled or hashed from memory."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from common.constants import PAGE_SIZE
 from common.guest.digest import DigestCache, memory_digests
 from common.guest.memory import GuestMemory
-from common.guest.pagehash import NATIVE, row_digests, table_digests
+from common.guest.pagehash import NATIVE, gather_digests, place_checked, row_digests, table_digests
 from common.wire.codec import encode_ram_pages, encode_tag_sections
 
 PAGES = 512 + 37  # two whole digest blocks and a short one
@@ -96,3 +97,45 @@ def test_the_extension_is_built_where_the_install_script_ran() -> None:
     """scripts/install.sh installs xxhash.h and builds common/_pagehash: a Python fallback
     would pass every other test at twice the hashing cost."""
     assert NATIVE, "common._pagehash is missing: run `bash scripts/install.sh` (needs libxxhash-dev)"
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    width=st.sampled_from([128, 4096]),
+    seed=st.integers(0, 2**32 - 1),
+    picks=st.lists(st.integers(0, 31), max_size=12, unique=True),
+    damage=st.one_of(st.none(), st.integers(0, 11)),
+)
+def test_gather_and_checked_placement_agree_with_the_python_loops(
+    width: int, seed: int, picks: list[int], damage: int | None
+) -> None:
+    rng = np.random.default_rng(seed)
+    table = rng.integers(0, 256, (32, width), dtype=np.uint8)
+    pages = np.array(picks, dtype=np.int64)
+    for native in (True, False):
+        rows, digests = gather_digests(table, pages, native=native)
+        assert rows.tolist() == table[pages].tolist()
+        assert digests.tolist() == row_digests(table[pages], native=False).tolist()
+    expected = row_digests(table[pages], native=False)
+    if damage is not None and damage < pages.size:
+        expected[damage] ^= 1  # the row at `damage` arrived damaged
+    want = damage if damage is not None and damage < pages.size else pages.size
+    placed_tables = []
+    for native in (True, False):
+        target = np.zeros_like(table)
+        assert place_checked(target, pages, table[pages], expected, native=native) == want
+        assert target[pages[:want]].tolist() == table[pages[:want]].tolist()
+        assert not target[pages[want:]].any(), "nothing from the damaged row on"
+        placed_tables.append(target)
+    assert placed_tables[0].tolist() == placed_tables[1].tolist()
+
+
+@pytest.mark.skipif(not NATIVE, reason="common._pagehash is not built")
+def test_the_native_calls_refuse_rows_outside_the_table() -> None:
+    table = np.zeros((4, 128), dtype=np.uint8)
+    with pytest.raises(IndexError, match="row 4 is outside a table of 4 rows"):
+        gather_digests(table, np.array([1, 4], dtype=np.int64))
+    with pytest.raises(IndexError, match="row -1"):
+        place_checked(
+            table, np.array([-1], dtype=np.int64), np.zeros((1, 128), np.uint8), np.zeros(1, np.uint64)
+        )

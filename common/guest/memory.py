@@ -25,6 +25,7 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
+from common.guest.pagehash import place_checked
 from common.indices import contiguous
 from common.units import exact_size, format_size
 
@@ -215,6 +216,15 @@ class GuestMemory:
     def place_pages(self, indices: PageIndices, data: npt.NDArray[np.uint8]) -> None:
         _scatter(self.pages, indices, data)
         _scatter(self.data_populated, indices, True)
+
+    def place_checked_pages(
+        self, indices: PageIndices, data: npt.NDArray[np.uint8], digests: npt.NDArray[np.uint64]
+    ) -> int:
+        """Place each page whose data hashes to its digest, in order, up to the first that does
+        not; returns how many were placed."""
+        placed = place_checked(self.pages, indices, data, digests)
+        _scatter(self.data_populated, indices[:placed], True)
+        return placed
 
     def place_zero_pages(self, indices: PageIndices) -> None:
         populated = indices[self.data_populated[indices]]

@@ -68,3 +68,48 @@ def table_digests(
         first = int(pages[a])
         out[a:b] = row_digests(table[first : first + b - a], native=native)
     return out
+
+
+def gather_digests(
+    table: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], *, native: bool = NATIVE
+) -> tuple[npt.NDArray[np.uint8], U64Array]:
+    """A fresh copy of table[pages] and the digest of each copied row, in one pass: what is
+    sent is what was hashed, whatever writes the table meanwhile."""
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    width = table.shape[1]
+    rows = np.empty((pages.size, width), dtype=np.uint8)
+    digests = np.empty(pages.size, dtype=np.uint64)
+    if pages.size == 0:
+        return rows, digests
+    if native:
+        _pagehash.gather_rows(table.reshape(-1), width, pages, rows.reshape(-1), digests)
+    else:
+        rows[:] = table[pages]
+        digests[:] = row_digests(rows, native=False)
+    return rows, digests
+
+
+def place_checked(
+    table: npt.NDArray[np.uint8],
+    pages: npt.NDArray[np.int64],
+    rows: npt.NDArray[np.uint8],
+    expected: U64Array,
+    *,
+    native: bool = NATIVE,
+) -> int:
+    """table[pages[i]] = rows[i] for each row that hashes to expected[i], in order, stopping at
+    the first that does not (it and the rows after it are not placed). Returns how many rows
+    were placed. Each row is read once: hashed, then copied from the cache."""
+    pages = np.ascontiguousarray(pages, dtype=np.int64)
+    rows = np.ascontiguousarray(rows)
+    expected = np.ascontiguousarray(expected, dtype=np.uint64)
+    if pages.size == 0:
+        return 0
+    if native:
+        bad = _pagehash.place_rows(rows.reshape(-1), table.shape[1], pages, expected, table.reshape(-1))
+        return pages.size if bad < 0 else int(bad)
+    got = row_digests(rows, native=False)
+    wrong = np.flatnonzero(got != expected)
+    placed = int(wrong[0]) if wrong.size else pages.size
+    table[pages[:placed]] = rows[:placed]
+    return placed
