@@ -177,9 +177,8 @@ class OutgoingMigration:
         self.flush()
 
     def flush(self) -> None:
-        """Send what the session produced. Page payloads may be views of guest memory (no copy
-        was made to encode them), so they are copied by the socket here, before the vCPU's next
-        slice; whatever cannot be sent now is copied out before the guest may run again."""
+        """Send what the session produced. Every payload is its message's own (page batches are
+        copied out of guest memory as they are hashed), so the socket takes it without copying."""
         if (
             self.session.postcopy is not None
             and not self.session.phase.ended
@@ -198,9 +197,8 @@ class OutgoingMigration:
         self.pending.extend(self.session.take_outgoing())
         while self.pending and self.socket is not None:
             try:
-                self.socket.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=True)
+                self.socket.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=False)
             except zmq.Again:
-                self.pending = deque([bytes(f) for f in frames] for frames in self.pending)
                 return
             self.pending.popleft()
 

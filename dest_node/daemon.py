@@ -114,6 +114,7 @@ class DestDaemon:
         self.preallocation: Preallocation | None = None
         self._preallocated_guest: Guest | None = None
         self._prealloc_logged = False
+        self._t_guest_done: float | None = None
         self._preallocate()
         self.outgoing: OutgoingMigration | None = None
         self.last_outgoing: dict[str, Any] | None = None
@@ -565,7 +566,16 @@ class DestDaemon:
     def _done(self) -> bool:
         if self.session.phase is DestPhase.FAILED and self.options.once:
             return True
-        return self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished
+        if not (self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished):
+            return False
+        # The guest is done here; after a precopy handover the source must also have heard that
+        # it ran here (Started is sent again until acknowledged), or it is left unsure whose
+        # guest it is. A source that never answers is given its reconnect time.
+        now = time.monotonic()
+        if self._t_guest_done is None:
+            self._t_guest_done = now
+        unheard = any(entry.kind == "started" for entry in self.session.link.unacked)
+        return not unheard or now - self._t_guest_done > self.session.keep_for_s
 
     def _finish(self) -> int:
         self._flush_refusals(final=True)

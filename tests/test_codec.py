@@ -13,14 +13,24 @@ from common.guest.memory import GuestMemory
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
+    batch_arrays,
     decode_ram_pages,
     decode_tag_sections,
     encode_ram_pages,
     encode_tag_sections,
+    packed_fields,
 )
 from common.wire.framing import WireError
 
 SESSION = b"s" * 8
+
+
+def encodings_of(msg: pb.RamPages | pb.TagSections) -> list[int]:
+    return batch_arrays("", msg)[1].tolist()
+
+
+def lengths_of(msg: pb.RamPages | pb.TagSections) -> list[int]:
+    return batch_arrays("", msg)[2].tolist()
 
 
 def guest_with_content(kind: str, pages: int = 64) -> GuestMemory:
@@ -67,7 +77,7 @@ def test_uniform_and_untagged_sections_are_tiny() -> None:
     mem = GuestMemory(1 << 20)
     mem.set_tags(PAGE_SIZE, PAGE_SIZE, 9)
     msg, payload, stats = encode_tag_sections(mem.page_tags, np.array([0, 1], dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [pb.TAG_UNTAGGED, pb.TAG_UNIFORM]
+    assert encodings_of(msg) == [pb.TAG_UNTAGGED, pb.TAG_UNIFORM]
     assert bytes(payload) == b"\x09" and stats.uniform == 1 and stats.zero == 1
 
 
@@ -79,7 +89,7 @@ def wire_bytes(mem: GuestMemory, pages: list[int]) -> int:
 
 def test_tag_only_change_costs_about_160_bytes_on_the_wire() -> None:
     mem = guest_with_content("random")
-    assert wire_bytes(mem, [5]) <= 165  # a lone section, envelope and checksum included
+    assert wire_bytes(mem, [5]) <= 170  # a lone section, envelope and checksum included
     batch = list(range(0, 64))
     assert wire_bytes(mem, batch) / len(batch) <= 140  # the usual case: sections batched
 
@@ -99,10 +109,8 @@ ALL_BODIES = {
         reconnect_timeout_ms=30000,
     ),
     "hello_ack": pb.HelloAck(accepted=True, protocol_version=1, features=[pb.FEATURE_MTE], initial_credit=16),
-    "ram_pages": pb.RamPages(
-        round=2, page_index=[1, 2], encoding=[pb.PAGE_ZERO, pb.PAGE_ZERO], length=[0, 0]
-    ),
-    "tag_sections": pb.TagSections(round=2, page_index=[3], encoding=[pb.TAG_UNTAGGED], length=[0]),
+    "ram_pages": pb.RamPages(round=2, **packed_fields([1, 2], [pb.PAGE_ZERO, pb.PAGE_ZERO], [0, 0])),
+    "tag_sections": pb.TagSections(round=2, **packed_fields([3], [pb.TAG_UNTAGGED], [0])),
     "end_of_round": pb.EndOfRound(
         round=3, pages_sent=10, tag_sections_sent=4, remaining_dirty_pages=7, final=True
     ),
@@ -121,8 +129,8 @@ ALL_BODIES = {
     ),
     "page_request": pb.PageRequest(page_index=[5, 6]),
     "postcopy_pages": pb.PostcopyPages(
-        data=pb.RamPages(page_index=[4], encoding=[pb.PAGE_RAW], length=[4096]),
-        tags=pb.TagSections(page_index=[4], encoding=[pb.TAG_RAW], length=[128]),
+        data=pb.RamPages(**packed_fields([4], [pb.PAGE_RAW], [4096])),
+        tags=pb.TagSections(**packed_fields([4], [pb.TAG_RAW], [128])),
         data_bytes=4096,
         requested=True,
     ),
@@ -221,7 +229,7 @@ def test_garbage_with_valid_checksum_is_refused() -> None:
 
 
 def ram(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.RamPages:
-    return pb.RamPages(page_index=indices, encoding=encodings, length=lengths)
+    return pb.RamPages(**packed_fields(indices, encodings, lengths))
 
 
 @pytest.mark.parametrize(
@@ -251,7 +259,7 @@ def test_hostile_ram_pages_are_refused(msg: pb.RamPages, payload: bytes, message
 
 
 def tags(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.TagSections:
-    return pb.TagSections(page_index=indices, encoding=encodings, length=lengths)
+    return pb.TagSections(**packed_fields(indices, encodings, lengths))
 
 
 @pytest.mark.parametrize(
@@ -318,12 +326,12 @@ def test_any_batch_of_pages_arrives_intact(kinds: list[str], order, use_lz4: boo
     dst.place_zero_pages(decoded.zero)
     assert np.array_equal(dst.pages[idx], src.pages[idx])
     zero = [k == "zero" for k in kinds]
-    assert [e == pb.PAGE_ZERO for e in msg.encoding] == zero
-    assert use_lz4 or pb.PAGE_LZ4 not in msg.encoding
+    assert [e == pb.PAGE_ZERO for e in encodings_of(msg)] == zero
+    assert use_lz4 or pb.PAGE_LZ4 not in encodings_of(msg)
     assert (stats.pages, stats.zero) == (len(kinds), sum(zero))
-    assert stats.raw == list(msg.encoding).count(pb.PAGE_RAW)
-    assert stats.lz4 == list(msg.encoding).count(pb.PAGE_LZ4)
-    assert stats.payload_bytes == len(payload) == sum(msg.length)
+    assert stats.raw == encodings_of(msg).count(pb.PAGE_RAW)
+    assert stats.lz4 == encodings_of(msg).count(pb.PAGE_LZ4)
+    assert stats.payload_bytes == len(payload) == sum(lengths_of(msg))
 
 
 def test_uncompressed_pages_are_sent_in_header_order() -> None:
@@ -331,11 +339,11 @@ def test_uncompressed_pages_are_sent_in_header_order() -> None:
     for page in (9, 4, 12):
         mem.pages[page] = page
     msg, payload, _ = encode_ram_pages(mem.pages, np.array([9, 3, 4, 12], dtype=np.int64), use_lz4=False)
-    assert list(msg.encoding) == [pb.PAGE_RAW, pb.PAGE_ZERO, pb.PAGE_RAW, pb.PAGE_RAW]
+    assert encodings_of(msg) == [pb.PAGE_RAW, pb.PAGE_ZERO, pb.PAGE_RAW, pb.PAGE_RAW]
     assert bytes(payload) == bytes([9]) * PAGE_SIZE + bytes([4]) * PAGE_SIZE + bytes([12]) * PAGE_SIZE
     contiguous, cpayload, _ = encode_ram_pages(mem.pages, np.array([4, 5], dtype=np.int64), use_lz4=False)
     assert (
-        list(contiguous.encoding) == [pb.PAGE_RAW, pb.PAGE_ZERO] and bytes(cpayload) == bytes([4]) * PAGE_SIZE
+        encodings_of(contiguous) == [pb.PAGE_RAW, pb.PAGE_ZERO] and bytes(cpayload) == bytes([4]) * PAGE_SIZE
     )
 
 
@@ -357,7 +365,7 @@ def test_lz4_is_used_only_when_the_sample_shrinks_below_80_percent(pages: int) -
         ratio = len(lz4.block.compress(mem.pages[0].tobytes(), store_size=False)) / PAGE_SIZE
         assert abs(ratio - share) < 0.05  # the premise: lz4 shrinks such a page to about `share`
         msg, payload, stats = encode_ram_pages(mem.pages, idx, use_lz4=True)
-        assert list(msg.encoding) == [expected] * pages
+        assert encodings_of(msg) == [expected] * pages
         if expected == pb.PAGE_RAW:
             assert bytes(payload) == mem.pages[:pages].tobytes() and stats.lz4 == 0
 
@@ -368,8 +376,8 @@ def test_pages_lz4_does_not_shrink_stay_raw_in_an_lz4_batch() -> None:
     mem.pages[0:3] = TEXT
     mem.pages[3] = rng.integers(0, 256, PAGE_SIZE, dtype=np.uint8)
     msg, payload, stats = encode_ram_pages(mem.pages, np.arange(4, dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [pb.PAGE_LZ4] * 3 + [pb.PAGE_RAW]
-    assert msg.length[3] == PAGE_SIZE and bytes(payload)[-PAGE_SIZE:] == mem.pages[3].tobytes()
+    assert encodings_of(msg) == [pb.PAGE_LZ4] * 3 + [pb.PAGE_RAW]
+    assert lengths_of(msg)[3] == PAGE_SIZE and bytes(payload)[-PAGE_SIZE:] == mem.pages[3].tobytes()
     assert (stats.lz4, stats.raw) == (3, 1)
 
 
@@ -383,7 +391,7 @@ def test_a_small_batch_is_judged_on_all_its_pages(first: str) -> None:
     for page, kind in enumerate(kinds):
         mem.pages[page] = page_of(kind, rng)
     msg, _, _ = encode_ram_pages(mem.pages, np.arange(2, dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [pb.PAGE_LZ4 if k == "text" else pb.PAGE_RAW for k in kinds]
+    assert encodings_of(msg) == [pb.PAGE_LZ4 if k == "text" else pb.PAGE_RAW for k in kinds]
 
 
 def compressing_to_exactly(packed_size: int, size: int | None = None) -> np.ndarray:
@@ -419,7 +427,7 @@ def test_the_80_percent_threshold_is_exact(packed_size: int, expected: int) -> N
     mem = GuestMemory(1 << 20)
     mem.pages[7] = compressing_to_exactly(packed_size, PAGE_SIZE)
     msg, payload, _ = encode_ram_pages(mem.pages, np.array([7], dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [expected]
+    assert encodings_of(msg) == [expected]
     assert len(payload) == (packed_size if expected == pb.PAGE_LZ4 else PAGE_SIZE)
 
 
@@ -429,7 +437,7 @@ def test_page_whose_lz4_is_a_whole_page_is_sent_raw() -> None:
     mem.pages[0:3] = TEXT
     mem.pages[3] = compressing_to_exactly(PAGE_SIZE)
     msg, payload, _ = encode_ram_pages(mem.pages, np.arange(4, dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [pb.PAGE_LZ4] * 3 + [pb.PAGE_RAW]
+    assert encodings_of(msg) == [pb.PAGE_LZ4] * 3 + [pb.PAGE_RAW]
     decoded = decode_ram_pages(msg, payload, mem.page_count)
     assert np.array_equal(decoded.rows, mem.pages[:4])
 
@@ -478,16 +486,16 @@ def test_any_batch_of_tag_sections_arrives_intact(kinds: list[str], order, use_l
     dst.page_tags[decoded.zero] = 0
     assert np.array_equal(dst.page_tags[idx], src.page_tags[idx])
     expected = {"untagged": [pb.TAG_UNTAGGED], "uniform": [pb.TAG_UNIFORM]}
-    for kind, code in zip(kinds, msg.encoding, strict=True):
+    for kind, code in zip(kinds, encodings_of(msg), strict=True):
         assert code in expected.get(kind, [pb.TAG_RAW, pb.TAG_LZ4] if use_lz4 else [pb.TAG_RAW]), kind
     assert (stats.pages, stats.zero, stats.uniform) == (
         len(kinds),
         kinds.count("untagged"),
         kinds.count("uniform"),
     )
-    assert stats.raw == list(msg.encoding).count(pb.TAG_RAW)
-    assert stats.lz4 == list(msg.encoding).count(pb.TAG_LZ4)
-    assert stats.payload_bytes == len(payload) == sum(msg.length)
+    assert stats.raw == encodings_of(msg).count(pb.TAG_RAW)
+    assert stats.lz4 == encodings_of(msg).count(pb.TAG_LZ4)
+    assert stats.payload_bytes == len(payload) == sum(lengths_of(msg))
 
 
 def test_tag_sections_payload_layout() -> None:
@@ -496,11 +504,11 @@ def test_tag_sections_payload_layout() -> None:
     mem.set_tags(2 * PAGE_SIZE, PAGE_SIZE, 0xC)
     mem.page_tags[5] = 0x12
     msg, payload, _ = encode_tag_sections(mem.page_tags, np.array([5, 0, 2], dtype=np.int64), use_lz4=False)
-    assert list(msg.encoding) == [pb.TAG_RAW, pb.TAG_UNTAGGED, pb.TAG_UNIFORM]
-    assert list(msg.length) == [PACKED_TAG_BYTES_PER_PAGE, 0, 1]
+    assert encodings_of(msg) == [pb.TAG_RAW, pb.TAG_UNTAGGED, pb.TAG_UNIFORM]
+    assert lengths_of(msg) == [PACKED_TAG_BYTES_PER_PAGE, 0, 1]
     assert bytes(payload) == b"\x12" * PACKED_TAG_BYTES_PER_PAGE + b"\x0c"
     alone, apayload, _ = encode_tag_sections(mem.page_tags, np.array([5, 6], dtype=np.int64), use_lz4=False)
-    assert list(alone.encoding) == [pb.TAG_RAW, pb.TAG_UNTAGGED]
+    assert encodings_of(alone) == [pb.TAG_RAW, pb.TAG_UNTAGGED]
     assert bytes(apayload) == b"\x12" * PACKED_TAG_BYTES_PER_PAGE
 
 
@@ -510,5 +518,5 @@ def test_section_whose_lz4_is_a_whole_section_is_sent_raw() -> None:
     mem.page_tags[0:3] = pattern
     mem.page_tags[3] = compressing_to_exactly(PACKED_TAG_BYTES_PER_PAGE)
     msg, payload, _ = encode_tag_sections(mem.page_tags, np.arange(4, dtype=np.int64), use_lz4=True)
-    assert list(msg.encoding) == [pb.TAG_LZ4] * 3 + [pb.TAG_RAW]
+    assert encodings_of(msg) == [pb.TAG_LZ4] * 3 + [pb.TAG_RAW]
     assert np.array_equal(decode_tag_sections(msg, payload, mem.page_count).rows, mem.page_tags[:4])

@@ -14,6 +14,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from common.wire.codec import batch_arrays
 from common.wire.framing import WireError
 from tests.protocol_harness import Faults, Pair, busy_guest
 
@@ -181,7 +182,7 @@ def test_a_damaged_copy_is_asked_for_again_never_shown(encoding: int) -> None:
             return None
         data = message.envelope.postcopy_pages.data
         offset = 0
-        for page, kind, length in zip(data.page_index, data.encoding, data.length, strict=True):
+        for page, kind, length in zip(*(a.tolist() for a in batch_arrays("", data)), strict=True):
             if kind == encoding:
                 payload = bytearray(bytes(message.payload))
                 payload[offset + length // 2] ^= 0xFF

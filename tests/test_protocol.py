@@ -16,6 +16,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from common.wire.codec import packed_fields
 from tests.protocol_harness import PEER, Faults, Pair, busy_guest, hello_of_version
 
 
@@ -194,7 +195,7 @@ def test_strangers_change_nothing() -> None:
     before = pair.dst.guest.digests() if pair.dst.guest else None
     stranger = b"stranger"
     bogus = framing.envelope(
-        pair.src.session_id, 999, ram_pages=pb.RamPages(page_index=[1], encoding=[pb.PAGE_RAW], length=[4096])
+        pair.src.session_id, 999, ram_pages=pb.RamPages(**packed_fields([1], [pb.PAGE_RAW], [4096]))
     )
     pair.dst.receive(stranger, framing.encode(bogus, b"\xff" * 4096), pair.now)
     second_hello = framing.envelope(b"other", 1, hello=pb.Hello(protocol_version=1))

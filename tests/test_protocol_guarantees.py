@@ -18,6 +18,7 @@ from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
+from common.wire.codec import batch_pages
 from tests.protocol_harness import PEER, Faults, Pair, busy_guest, good_hello
 from tests.test_protocol import assert_handed_over, assert_stayed_on_source
 
@@ -68,6 +69,14 @@ def test_an_operator_may_settle_an_unanswered_commit_for_the_source() -> None:
     assert pair.src.phase is SourcePhase.UNSETTLED
     pair.src.settle(runs_here=True, now=pair.now)
     assert pair.src.phase is SourcePhase.CANCELLED and pair.src_host.resumes == 1 and pair.src_host.running
+
+
+def test_the_source_acknowledges_started_so_a_destination_may_leave() -> None:
+    """A --once destination exits only once its Started is acknowledged (or the source's
+    reconnect time passed): a Started lost on the way is sent again, not lost with the process."""
+    pair = Pair(busy_guest(), params=QUICK, guest_speed=1000).run()
+    assert_handed_over(pair)
+    assert not [e for e in pair.dst.link.unacked if e.kind == "started"], "Started acknowledged"
 
 
 def test_lost_started_replies_are_settled_by_the_ack_of_the_commit() -> None:
@@ -352,5 +361,5 @@ def test_a_mismatch_named_in_a_well_formed_result_is_resent() -> None:
     pair.src.poll(pair.now)
     resent = [framing.decode(f) for f in pair.src.take_outgoing()]
     pages = [m for m in resent if m.kind == "ram_pages"]
-    assert len(pages) == 1 and list(pages[0].envelope.ram_pages.page_index) == [7]
+    assert len(pages) == 1 and batch_pages(pages[0].envelope.ram_pages).tolist() == [7]
     assert [m.kind for m in resent][-1] == "verify_request"

@@ -24,7 +24,13 @@ from common.constants import (
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap, encode_bitmap
-from common.wire.codec import decode_ram_pages, decode_tag_sections, encode_ram_pages, encode_tag_sections
+from common.wire.codec import (
+    decode_ram_pages,
+    decode_tag_sections,
+    encode_ram_pages,
+    encode_tag_sections,
+    packed_fields,
+)
 from common.wire.framing import WireError
 
 SESSION = b"s" * 8
@@ -237,11 +243,11 @@ def test_bitmap_decompressing_short_is_refused() -> None:
 
 # -- batch headers (shared by RAM pages and tag sections) --------------------------------------
 def ram(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.RamPages:
-    return pb.RamPages(page_index=indices, encoding=encodings, length=lengths)
+    return pb.RamPages(**packed_fields(indices, encodings, lengths))
 
 
 def tags(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.TagSections:
-    return pb.TagSections(page_index=indices, encoding=encodings, length=lengths)
+    return pb.TagSections(**packed_fields(indices, encodings, lengths))
 
 
 DECODERS = {
@@ -275,7 +281,20 @@ def test_batch_size_limit(what: str) -> None:
 
 
 @pytest.mark.parametrize("what", list(DECODERS))
-@pytest.mark.parametrize("bad", [PAGES, PAGES + 1, 2**63, 2**64 - 1])
+def test_packed_arrays_of_partial_numbers_are_refused(what: str) -> None:
+    decode, build, empty_code = DECODERS[what]
+    msg = build([1, 2], [empty_code] * 2, [0, 0])
+    for field, cut in (("pages", 1), ("lengths", 1)):
+        broken = type(msg)()
+        broken.CopyFrom(msg)
+        setattr(broken, field, getattr(msg, field)[:-cut])
+        with pytest.raises(WireError) as info:
+            decode(broken, b"", PAGES)
+        check(info, pb.ERROR_BAD_MESSAGE, what, "not", "whole 4- and 2-byte numbers")
+
+
+@pytest.mark.parametrize("what", list(DECODERS))
+@pytest.mark.parametrize("bad", [PAGES, PAGES + 1, 2**31, 2**32 - 1])
 def test_page_index_out_of_range_is_refused(what: str, bad: int) -> None:
     decode, build, empty_code = DECODERS[what]
     last = decode(build([0, PAGES - 1], [empty_code] * 2, [0, 0]), b"", PAGES)
@@ -315,7 +334,7 @@ def test_lengths_must_add_up_to_the_payload() -> None:
 
 
 # -- RAM pages -----------------------------------------------------------------------------------
-@pytest.mark.parametrize("code", [0, 4, 7, -1])
+@pytest.mark.parametrize("code", [0, 4, 7, 255])
 def test_unknown_page_encoding_is_refused(code: int) -> None:
     with pytest.raises(WireError) as info:
         decode_ram_pages(ram([1, 2], [pb.PAGE_ZERO, code], [0, 0]), b"", PAGES, digested=False)
@@ -384,7 +403,7 @@ def test_decoded_pages_land_where_their_indices_say() -> None:
 
 
 # -- tag sections ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("code", [0, 5, 9, -3])
+@pytest.mark.parametrize("code", [0, 5, 9, 253])
 def test_unknown_tag_encoding_is_refused(code: int) -> None:
     with pytest.raises(WireError) as info:
         decode_tag_sections(tags([1, 2], [pb.TAG_UNTAGGED, code], [0, 0]), b"", PAGES, digested=False)

@@ -44,11 +44,11 @@ from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.verify import destination_verdict
-from common.transfer import apply_device_state, apply_ram_pages, apply_tag_sections
+from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap, encode_bitmap
-from common.wire.codec import decode_postcopy_pages
+from common.wire.codec import batch_pages, decode_postcopy_pages
 from common.wire.framing import Buffer, WireError
 
 _D = DestPhase
@@ -423,7 +423,12 @@ class DestSession:
     # -- data ---------------------------------------------------------------------------
     def _on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
         assert self.guest is not None and self.digests is not None
-        decoded = apply_ram_pages(self.guest.memory, msg, payload)
+        try:
+            decoded = apply_ram_pages(self.guest.memory, msg, payload)
+        except DamagedBatch as exc:
+            # what was placed checked out: its leaves are right (the resend places it again)
+            self.digests.record_ram(exc.placed_pages, exc.placed_digests, exc.placed_pages[:0])
+            raise
         if self.t_first_data is None:
             self.t_first_data = now
         self.digests.record_ram(decoded.indices, decoded.digests, decoded.zero)
@@ -525,7 +530,7 @@ class DestSession:
             self.last_refusal = exc.reason
             if urgent:
                 return
-            named = [p for p in msg.data.page_index[:MAX_PAGES_PER_MESSAGE] if p < pc.page_count]
+            named = [p for p in batch_pages(msg.data)[:MAX_PAGES_PER_MESSAGE].tolist() if p < pc.page_count]
             for page in named:
                 pc.outstanding.pop(page, None)
             self._ack(now)

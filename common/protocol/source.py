@@ -46,7 +46,13 @@ from common.transfer import OutgoingBatch, device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
-from common.wire.codec import BatchStats, encode_postcopy_pages, encode_ram_pages, encode_tag_sections
+from common.wire.codec import (
+    BatchStats,
+    batch_pages,
+    encode_postcopy_pages,
+    encode_ram_pages,
+    encode_tag_sections,
+)
 from common.wire.framing import Buffer, WireError
 
 _S = SourcePhase
@@ -231,7 +237,9 @@ class SourceSession:
         except WireError as exc:
             self._fail(exc.code, exc.reason, now)
             return
-        if not self.phase.terminal:
+        if not self.phase.terminal or message.kind == "started":
+            # (Started too, though nothing follows it: its destination waits for this ack
+            # before a --once exit, so that a lost Started is sent again, not lost for good)
             self._ack(now)
         self._settle_by_ack(now)
 
@@ -692,7 +700,7 @@ class SourceSession:
         return not self.guest_stopped
 
     def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
-        indices = np.asarray(batch.body.page_index, dtype=np.int64)
+        indices = batch_pages(batch.body).astype(np.int64)
         frames = self.link.sequenced(
             now, batch.payload, data=(indices, self.round), **{batch.kind: batch.body}
         )

@@ -26,7 +26,7 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
-from common.guest.pagehash import row_digests
+from common.guest.pagehash import gather_digests, row_digests
 from common.indices import contiguous, has_repeats
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer, WireError
@@ -55,11 +55,42 @@ def _digest_bytes(digests: U64) -> bytes:
     return digests.astype("<u8", copy=False).tobytes()
 
 
-def gather_rows(table: U8, indices: Indices, *, view_ok: bool = False) -> U8:
-    """table[indices]: a fresh array, or with view_ok a view where the pages are contiguous."""
+def packed_fields(indices: Indices, encodings: npt.NDArray[np.integer], lengths: Indices) -> dict[str, bytes]:
+    """A batch's parallel arrays as the schema packs them (pages, encodings, lengths)."""
+    return {
+        "pages": np.asarray(indices, dtype=np.uint64).astype("<u4").tobytes(),
+        "encodings": np.asarray(encodings).astype(np.uint8).tobytes(),
+        "lengths": np.asarray(lengths).astype("<u2").tobytes(),
+    }
+
+
+def batch_arrays(
+    what: str, msg: pb.RamPages | pb.TagSections
+) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.int64], Indices]:
+    """A peer's (pages, encodings, lengths), refused unless the three have one entry per page."""
+    if len(msg.pages) % 4 or len(msg.lengths) % 2:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"{what}: {len(msg.pages)} bytes of pages and {len(msg.lengths)} of lengths are not "
+            "whole 4- and 2-byte numbers",
+        )
+    return (
+        np.frombuffer(msg.pages, dtype="<u4").astype(np.uint64),
+        np.frombuffer(msg.encodings, dtype=np.uint8).astype(np.int64),
+        np.frombuffer(msg.lengths, dtype="<u2").astype(np.int64),
+    )
+
+
+def batch_pages(msg: pb.RamPages | pb.TagSections) -> npt.NDArray[np.uint64]:
+    """The page numbers a batch names, unchecked (a trailing partial number is left out)."""
+    whole = len(msg.pages) // 4 * 4
+    return np.frombuffer(msg.pages[:whole], dtype="<u4").astype(np.uint64)
+
+
+def gather_rows(table: U8, indices: Indices) -> U8:
+    """table[indices], a fresh array (a slice's copy where the pages are contiguous)."""
     if contiguous(indices):
-        rows = table[int(indices[0]) : int(indices[-1]) + 1]
-        return rows if view_ok else rows.copy()
+        return table[int(indices[0]) : int(indices[-1]) + 1].copy()
     return table[indices]
 
 
@@ -70,6 +101,17 @@ def nonzero_rows(rows: U8) -> npt.NDArray[np.bool_]:
     unsure = np.flatnonzero(~nonzero)
     if unsure.size:
         nonzero[unsure] = rows[unsure].any(axis=1)
+    return nonzero
+
+
+def nonzero_pages(pages: U8, indices: Indices) -> npt.NDArray[np.bool_]:
+    """nonzero_rows of pages[indices], read in place: only the samples are gathered."""
+    if contiguous(indices):
+        return nonzero_rows(pages[int(indices[0]) : int(indices[-1]) + 1])
+    nonzero = pages[indices, :: PAGE_SIZE // 8].any(axis=1)
+    unsure = np.flatnonzero(~nonzero)
+    if unsure.size:
+        nonzero[unsure] = pages[indices[unsure]].any(axis=1)
     return nonzero
 
 
@@ -111,40 +153,38 @@ def encode_ram_pages(
     """Encode pages[indices] (pages is the guest's (page_count, 4096) view), with a digest of
     each page with content unless `digests` is False (postcopy: the manifest checks those).
 
-    The payload may be a view of guest memory, not a copy: whoever sends it must copy it out
-    (or send it) before the guest runs again, or a page may change under its digest (the
-    destination then asks for the batch again, and the resend is encoded afresh).
+    The pages with content are copied out of guest memory and hashed in one pass (the digest
+    is of the copy), so the payload is the message's own: the socket sends it without copying
+    it again, and a guest writing meanwhile cannot tear it.
     """
-    rows = gather_rows(pages, indices, view_ok=True)
-    nonzero = nonzero_rows(rows)
+    nonzero = nonzero_pages(pages, indices)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
     data_rows = np.flatnonzero(nonzero)
-    all_content = data_rows.size == rows.shape[0]
+    all_content = data_rows.size == indices.size
     stats = BatchStats(
         pages=int(indices.size),
         zero=int(indices.size - data_rows.size),
         content=indices if all_content else indices[data_rows],
         empty=_NO_PAGES if all_content else indices[~nonzero],
     )
-    # A contiguous batch of pages with content is a view of guest memory, hashed in place and
-    # copied once, by the socket.
-    content = rows if all_content else rows[data_rows]
     if digests:
-        stats.digests = row_digests(content)
-    if use_lz4 and _lz4_pays(rows, data_rows):
-        payload: Buffer = b"".join(_compress_rows(rows, data_rows, pb.PAGE_LZ4, encodings, lengths))
+        content, stats.digests = gather_digests(pages, stats.content)
+    else:
+        content = gather_rows(pages, stats.content)
+    everything = np.arange(data_rows.size)
+    if use_lz4 and _lz4_pays(content, everything):
+        code = np.full(data_rows.size, pb.PAGE_RAW, dtype=np.int32)
+        size = np.full(data_rows.size, PAGE_SIZE, dtype=np.int64)
+        payload: Buffer = b"".join(_compress_rows(content, everything, pb.PAGE_LZ4, code, size))
+        encodings[data_rows], lengths[data_rows] = code, size
         stats.lz4 = int(np.count_nonzero(encodings == pb.PAGE_LZ4))
     else:
         payload = memoryview(content.reshape(-1)) if content.size else b""
     stats.raw = int(np.count_nonzero(encodings == pb.PAGE_RAW))
     stats.payload_bytes = len(payload)
     msg = pb.RamPages(
-        round=round_no,
-        page_index=indices.tolist(),
-        encoding=encodings.tolist(),
-        length=lengths.tolist(),
-        digests=_digest_bytes(stats.digests),
+        round=round_no, digests=_digest_bytes(stats.digests), **packed_fields(indices, encodings, lengths)
     )
     return msg, payload, stats
 
@@ -193,12 +233,7 @@ def encode_tag_sections(
     stats.raw = int(np.count_nonzero(encodings == pb.TAG_RAW))
     stats.lz4 = int(np.count_nonzero(encodings == pb.TAG_LZ4))
     stats.payload_bytes = len(payload)
-    msg = pb.TagSections(
-        round=round_no,
-        page_index=indices.tolist(),
-        encoding=encodings.tolist(),
-        length=lengths.tolist(),
-    )
+    msg = pb.TagSections(round=round_no, **packed_fields(indices, encodings, lengths))
     return msg, payload, stats
 
 
@@ -266,6 +301,10 @@ def _expected_digests(what: str, raw: bytes, content: int, digested: bool) -> U6
     return np.frombuffer(raw, dtype="<u8").astype(np.uint64)
 
 
+def damaged(what: str, page: int) -> WireError:
+    return WireError(pb.ERROR_CHECKSUM, f"{what}: page {page} damaged in transit (its digest differs)")
+
+
 def _check_digests(what: str, rows: U8, pages: Indices, expected: U64 | None) -> U64:
     """The digests of rows, which must be the ones the sender computed."""
     if expected is None:
@@ -273,21 +312,17 @@ def _check_digests(what: str, rows: U8, pages: Indices, expected: U64 | None) ->
     got = row_digests(rows)
     bad = np.flatnonzero(got != expected)
     if bad.size:
-        raise WireError(
-            pb.ERROR_CHECKSUM,
-            f"{what}: {bad.size} page(s) damaged in transit (first: page {int(pages[bad[0]])})",
-        )
+        raise damaged(what, int(pages[bad[0]]))
     return got
 
 
 def decode_ram_pages(
-    msg: pb.RamPages, payload: Buffer, page_count: int, *, digested: bool = True
+    msg: pb.RamPages, payload: Buffer, page_count: int, *, digested: bool = True, verify: bool = True
 ) -> DecodedBatch:
     """Check a batch of pages; with `digested` (a RamPages message of its own) every page
-    against its digest, which the result keeps."""
-    indices = np.asarray(msg.page_index, dtype=np.uint64)
-    encodings = np.asarray(msg.encoding, dtype=np.int64)
-    lengths = np.asarray(msg.length, dtype=np.int64)
+    against its digest, which the result keeps. With verify=False the digests are returned
+    unchecked, for a caller that checks each page as it places it (GuestMemory.place_checked_pages)."""
+    indices, encodings, lengths = batch_arrays("RAM pages", msg)
     damaged = pb.ERROR_CHECKSUM if digested else pb.ERROR_BAD_MESSAGE
     _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload), damaged)
     idx = indices.astype(np.int64)
@@ -320,7 +355,12 @@ def decode_ram_pages(
                 )
             else:
                 rows[row] = np.frombuffer(chunk, dtype=np.uint8)
-    digests = _check_digests("RAM pages", rows, pages, expected)
+    # unchecked only for a caller that checks each page as it places it
+    digests = (
+        expected
+        if expected is not None and not verify
+        else _check_digests("RAM pages", rows, pages, expected)
+    )
     return DecodedBatch(indices=pages, rows=rows, zero=idx[zero], digests=digests)
 
 
@@ -329,9 +369,7 @@ def decode_tag_sections(
 ) -> DecodedBatch:
     """Check a batch of tag sections (the frame checksum covered their bytes); with `digested`,
     hash each tagged page's 128 bytes for the receiver's verification leaves."""
-    indices = np.asarray(msg.page_index, dtype=np.uint64)
-    encodings = np.asarray(msg.encoding, dtype=np.int64)
-    lengths = np.asarray(msg.length, dtype=np.int64)
+    indices, encodings, lengths = batch_arrays("tag sections", msg)
     _validate_header(
         "tag sections", indices, encodings, lengths, page_count, len(payload), pb.ERROR_BAD_MESSAGE
     )
@@ -410,11 +448,11 @@ def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: in
             pb.ERROR_BAD_MESSAGE,
             f"postcopy pages: data part of {msg.data_bytes} bytes exceeds the payload of {len(view)}",
         )
-    if list(msg.data.page_index) != list(msg.tags.page_index):
+    if msg.data.pages != msg.tags.pages:
         raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy pages: data and tags name different pages")
     data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count, digested=False)
     tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count, digested=False)
-    order = np.asarray(msg.data.page_index, dtype=np.int64)
+    order = batch_pages(msg.data)
     return PostcopyBatch(
         order, _full_rows(order, data, PAGE_SIZE), _full_rows(order, tags, PACKED_TAG_BYTES_PER_PAGE)
     )

@@ -133,30 +133,30 @@ class HelloAck(_message.Message):
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ..., code: _Optional[_Union[ErrorCode, str]] = ...) -> None: ...
 
 class RamPages(_message.Message):
-    __slots__ = ("round", "page_index", "encoding", "length", "digests")
+    __slots__ = ("round", "pages", "encodings", "lengths", "digests")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    PAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
-    ENCODING_FIELD_NUMBER: _ClassVar[int]
-    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
     DIGESTS_FIELD_NUMBER: _ClassVar[int]
     round: int
-    page_index: _containers.RepeatedScalarFieldContainer[int]
-    encoding: _containers.RepeatedScalarFieldContainer[PageEncoding]
-    length: _containers.RepeatedScalarFieldContainer[int]
+    pages: bytes
+    encodings: bytes
+    lengths: bytes
     digests: bytes
-    def __init__(self, round: _Optional[int] = ..., page_index: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Iterable[_Union[PageEncoding, str]]] = ..., length: _Optional[_Iterable[int]] = ..., digests: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., pages: _Optional[bytes] = ..., encodings: _Optional[bytes] = ..., lengths: _Optional[bytes] = ..., digests: _Optional[bytes] = ...) -> None: ...
 
 class TagSections(_message.Message):
-    __slots__ = ("round", "page_index", "encoding", "length")
+    __slots__ = ("round", "pages", "encodings", "lengths")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    PAGE_INDEX_FIELD_NUMBER: _ClassVar[int]
-    ENCODING_FIELD_NUMBER: _ClassVar[int]
-    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    ENCODINGS_FIELD_NUMBER: _ClassVar[int]
+    LENGTHS_FIELD_NUMBER: _ClassVar[int]
     round: int
-    page_index: _containers.RepeatedScalarFieldContainer[int]
-    encoding: _containers.RepeatedScalarFieldContainer[TagEncoding]
-    length: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, round: _Optional[int] = ..., page_index: _Optional[_Iterable[int]] = ..., encoding: _Optional[_Iterable[_Union[TagEncoding, str]]] = ..., length: _Optional[_Iterable[int]] = ...) -> None: ...
+    pages: bytes
+    encodings: bytes
+    lengths: bytes
+    def __init__(self, round: _Optional[int] = ..., pages: _Optional[bytes] = ..., encodings: _Optional[bytes] = ..., lengths: _Optional[bytes] = ...) -> None: ...
 
 class EndOfRound(_message.Message):
     __slots__ = ("round", "pages_sent", "tag_sections_sent", "remaining_dirty_pages", "final")
