@@ -7,10 +7,10 @@
  * row by row, so a row is read from memory once and hashed or copied from the cache:
  *   hash_rows(rows, row_bytes, out)                       out[i] = xxh3(row i)
  *   gather_rows(table, row_bytes, indices, dst, out)      dst row i = table row indices[i], hashed
- *   place_rows(src, row_bytes, indices, expected, table)  table row indices[i] = src row i, once
- *                                                         it hashes to expected[i]; returns the
- *                                                         first row that does not (-1: none),
- *                                                         and places nothing from it on
+ *   place_rows(src, row_bytes, indices, expected, table)  table row indices[i] = src row i, then
+ *                                                         the row as it landed is hashed: returns
+ *                                                         the first that is not expected[i]
+ *                                                         (-1: none); it is written, no row after
  * The digests equal the xxhash package's xxh3_64_intdigest (XXH3_64bits, seed 0), which the
  * Python fallback in common/guest/pagehash.py computes; the tests compare the two. Digests are
  * host-order u64s: pagehash.py uses the module on little-endian hosts only.
@@ -138,13 +138,15 @@ static PyObject *place_rows(PyObject *self, PyObject *args) {
     Py_ssize_t bad = -1;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        uint64_t h = row_hash(from + i * row, (size_t)row), w;
+        char *landed = to + idx[i] * row;
+        memcpy(landed, from + i * row, (size_t)row);
+        /* hashed where it landed (from the cache): a wrong copy or index shows, not only damage */
+        uint64_t h = row_hash(landed, (size_t)row), w;
         memcpy(&w, want + i * 8, 8);
         if (h != w) {
             bad = i;
             break;
         }
-        memcpy(to + idx[i] * row, from + i * row, (size_t)row);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(bad);

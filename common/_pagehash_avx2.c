@@ -2,7 +2,9 @@
  * called only where the CPU has AVX2 (see _pagehash.c): three times as fast on cached data. */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2")
+#ifndef XXH_INLINE_ALL /* setup.py defines it for both files */
 #define XXH_INLINE_ALL
+#endif
 #define XXH_VECTOR XXH_AVX2
 #include <stddef.h>
 #include <stdint.h>

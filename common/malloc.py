@@ -1,8 +1,8 @@
-"""Process tuning for a daemon that moves 1 MiB buffers all day: glibc and the collector.
+"""Process tuning for a daemon that moves 4 MiB buffers all day: glibc and the collector.
 
-glibc serves a 1 MiB allocation with a fresh mmap and returns it to the kernel on free, so
-every batch (our encoded pages, libzmq's received messages) pays 256 page faults on first
-touch. Raising the mmap and trim thresholds keeps such buffers in the heap for reuse.
+glibc serves a large allocation with a fresh mmap and returns it to the kernel on free, so
+every batch (our encoded pages, libzmq's received messages) pays a page fault per 4 KiB on
+first touch. Raising the mmap and trim thresholds keeps such buffers in the heap for reuse.
 """
 
 from __future__ import annotations

@@ -78,14 +78,16 @@ class PagePass:
 
 
 class DamagedBatch(WireError):
-    """A page of the batch did not hash to its digest: the pages before it were placed (they
-    checked out), it and the rest were not; the batch is to be sent again."""
+    """A page of the batch did not land as its digest says: the pages before it did; it and the
+    rest hold unknown content (hashed again before any verification); the batch is to be sent
+    again."""
 
     def __init__(self, decoded: DecodedBatch, placed: int) -> None:
         error = damaged("RAM pages", int(decoded.indices[placed]))
         super().__init__(error.code, error.reason)
         self.placed_pages = decoded.indices[:placed]
         self.placed_digests = decoded.digests[:placed]
+        self.unknown_pages = decoded.indices[placed:]
 
 
 def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> DecodedBatch:

@@ -156,6 +156,8 @@ class DestDaemon:
     def _preallocate(self) -> None:
         size = self.options.preallocate_bytes
         if size is not None and (self.preallocation is None or self.preallocation.backing is None):
+            if self.preallocation is not None:
+                self.preallocation.stop()  # still committing the memory of a discarded guest
             self.preallocation = Preallocation(size)
             self.preallocation.start()
 

@@ -253,8 +253,8 @@ def test_placed_pages_and_tags_are_counted_acknowledged_and_hashed() -> None:
     assert dst.guest is not None and dst.guest.memory.pages[3, 7] == 1
     # the digests checked on arrival are the verification's leaves: nothing left to hash
     assert dst.digests is not None and dst.digests.stale_pages == 0
-    assert dst.digests.ram.leaves[[3, 4]].tolist() == row_digests(dst.guest.memory.pages[3:5]).tolist()
-    assert dst.digests.tags.leaves[3] == row_digests(dst.guest.memory.page_tags[3:4])[0]
+    assert dst.digests.ram.of(3, 2).tolist() == row_digests(dst.guest.memory.pages[3:5]).tolist()
+    assert dst.digests.tags.of(3, 1)[0] == row_digests(dst.guest.memory.page_tags[3:4])[0]
     report = dst.report(1.0)
     assert report["setup_time_ms"] == 500.0 and report["total_time_ms"] == 1000.0
 
@@ -279,14 +279,17 @@ def test_a_page_damaged_in_transit_is_not_placed_and_its_batch_is_asked_for_agai
     assert ask.kind == "ack" and ask.envelope.ack.resend_from == 2, "not delivered: send it again"
     assert dst.phase is DestPhase.RECEIVING and dst.link.stats.corrupt == 1
     mem = dst.guest.memory if dst.guest is not None else None
-    assert mem is not None and not mem.pages[4].any() and not mem.pages[5].any(), "not it, nor after it"
-    # the page before it checked out and was placed; its leaf says so, for a resend that may not come
-    assert mem.pages[3, 7] == 1 and dst.digests is not None and dst.digests.stale_pages == 0
-    assert dst.digests.ram.leaves[3] == row_digests(mem.pages[3:4])[0]
+    assert mem is not None and mem.pages[4, 7] != 1, "what landed is the damaged copy ..."
+    # ... hashed again (as every page from it on) unless the resend places it first; the page
+    # before it landed as its digest says and has its leaf
+    assert mem.pages[3, 7] == 1 and dst.digests is not None
+    assert dst.digests.ram.of(3, 1)[0] == row_digests(mem.pages[3:4])[0]
+    assert dst.digests.ram.stale[[4, 5]].all() and not dst.digests.ram.stale[3]
     assert dst.stats.pages == 0 and dst.link.received == 1
     dst.receive(PEER, good, 0.6)  # the resend
     [(_, ack)] = replies(dst)
     assert ack.envelope.ack.acked_seq == 2 and mem.pages[4, 7] == 1 and mem.pages[5, 7] == 1
+    assert dst.digests.stale_pages == 0 and dst.digests.ram.of(4, 1)[0] == row_digests(mem.pages[4:5])[0]
 
 
 def test_the_hello_sets_the_epoch_and_the_compression_it_offered() -> None:

@@ -79,6 +79,17 @@ def test_the_source_acknowledges_started_so_a_destination_may_leave() -> None:
     assert not [e for e in pair.dst.link.unacked if e.kind == "started"], "Started acknowledged"
 
 
+def test_a_completed_source_acknowledges_a_started_sent_again() -> None:
+    """Its first ack was lost: the destination, waiting to exit, sends Started again."""
+    pair = Pair(busy_guest(), params=QUICK, guest_speed=1000).run()
+    assert_handed_over(pair)
+    pair.src.take_outgoing()
+    again = framing.encode(pair.dst.link.envelope(pair.dst.link.next_seq - 1, started=pb.Started(step=1)))
+    pair.src.receive(again, pair.now)
+    [ack] = [framing.decode(f) for f in pair.src.take_outgoing()]
+    assert ack.kind == "ack" and ack.envelope.received == pair.dst.link.next_seq - 1
+
+
 def test_lost_started_replies_are_settled_by_the_ack_of_the_commit() -> None:
     pair = Pair(
         busy_guest(), params=QUICK, to_source=Faults(drop_kinds=frozenset({"started"})), guest_speed=1000

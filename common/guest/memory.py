@@ -220,10 +220,10 @@ class GuestMemory:
     def place_checked_pages(
         self, indices: PageIndices, data: npt.NDArray[np.uint8], digests: npt.NDArray[np.uint64]
     ) -> int:
-        """Place each page whose data hashes to its digest, in order, up to the first that does
-        not; returns how many were placed."""
+        """Place the pages, each hashed where it landed; returns how many leading pages hold
+        their digest's bytes (those after may hold anything, and are marked written)."""
         placed = place_checked(self.pages, indices, data, digests)
-        _scatter(self.data_populated, indices[:placed], True)
+        _scatter(self.data_populated, indices, True)
         return placed
 
     def place_zero_pages(self, indices: PageIndices) -> None:

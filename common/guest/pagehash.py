@@ -97,9 +97,9 @@ def place_checked(
     *,
     native: bool = NATIVE,
 ) -> int:
-    """table[pages[i]] = rows[i] for each row that hashes to expected[i], in order, stopping at
-    the first that does not (it and the rows after it are not placed). Returns how many rows
-    were placed. Each row is read once: hashed, then copied from the cache."""
+    """table[pages[i]] = rows[i], each row hashed where it landed (from the cache) and compared
+    with expected[i]. Returns how many leading rows landed as expected; the pages from there on
+    hold unknown content (the native loop stops after the first bad row, the Python one does not)."""
     pages = np.ascontiguousarray(pages, dtype=np.int64)
     rows = np.ascontiguousarray(rows)
     expected = np.ascontiguousarray(expected, dtype=np.uint64)
@@ -108,8 +108,6 @@ def place_checked(
     if native:
         bad = _pagehash.place_rows(rows.reshape(-1), table.shape[1], pages, expected, table.reshape(-1))
         return pages.size if bad < 0 else int(bad)
-    got = row_digests(rows, native=False)
-    wrong = np.flatnonzero(got != expected)
-    placed = int(wrong[0]) if wrong.size else pages.size
-    table[pages[:placed]] = rows[:placed]
-    return placed
+    table[pages] = rows
+    wrong = np.flatnonzero(table_digests(table, pages, native=False) != expected)
+    return int(wrong[0]) if wrong.size else pages.size

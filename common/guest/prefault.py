@@ -170,9 +170,12 @@ class Prefaulter:
         base = self.mem.ram.ctypes.data
         placed = self.mem.data_populated
         step = _MAX_CALL_BYTES // PAGE_SIZE
+        # Huge pages for every full region first: placement that overtakes this thread then
+        # faults in 2 MiB at a time too, instead of 4 KiB pages that can never be merged.
         for start, end, huge in self.ranges:
             if huge:
                 madvise(base + start * PAGE_SIZE, (end - start) * PAGE_SIZE, _MADV_HUGEPAGE)
+        for start, end, _ in self.ranges:
             for lo in range(start, end, step):
                 if self._stop.is_set():
                     return

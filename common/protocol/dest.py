@@ -221,8 +221,8 @@ class DestSession:
             getattr(self, f"_on_{message.kind}")(getattr(env, message.kind), message.payload, now)
         except WireError as exc:
             if exc.code == pb.ERROR_CHECKSUM and message.kind in framing.PAGE_DIGESTED:
-                # a page's digest says it was damaged in transit: nothing was placed, and the
-                # message counts as not delivered, so it is asked for again
+                # a page did not land as its digest says (damaged in transit): the message
+                # counts as not delivered, so it is asked for again
                 self.link.retract(env.seq)
                 self.link.stats.corrupt += 1
                 self._ask_resend(now)
@@ -426,8 +426,10 @@ class DestSession:
         try:
             decoded = apply_ram_pages(self.guest.memory, msg, payload)
         except DamagedBatch as exc:
-            # what was placed checked out: its leaves are right (the resend places it again)
+            # what landed as expected has its leaves; the rest is hashed again unless the
+            # resend (asked for below) places it first
             self.digests.record_ram(exc.placed_pages, exc.placed_digests, exc.placed_pages[:0])
+            self.digests.mark(exc.unknown_pages, [])
             raise
         if self.t_first_data is None:
             self.t_first_data = now
@@ -463,7 +465,7 @@ class DestSession:
         # Only once, so a resend repairs it: this proves the handshake names and fixes pages.
         self._corrupted = True
         self.guest.memory.pages[target, 100] ^= 0xFF
-        # as a faulty placement would: memory no longer holds what the digest checked
+        # as the in-place check of a faulty placement would: the page is hashed again
         assert self.digests is not None
         self.digests.mark([target], [])
 

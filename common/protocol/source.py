@@ -178,6 +178,9 @@ class SourceSession:
         return out
 
     def receive(self, frames: list[Buffer], now: float) -> None:
+        if self.phase is _S.COMPLETED:
+            self._ack_started_again(frames, now)
+            return
         if self.phase.terminal or self.phase is _S.IDLE:
             return
         try:
@@ -242,6 +245,16 @@ class SourceSession:
             # before a --once exit, so that a lost Started is sent again, not lost for good)
             self._ack(now)
         self._settle_by_ack(now)
+
+    def _ack_started_again(self, frames: list[Buffer], now: float) -> None:
+        """Done here; a destination whose ack of Started was lost sends it again, and waits."""
+        try:
+            message = framing.decode(frames)
+        except WireError:
+            return
+        env = message.envelope
+        if message.kind == "started" and env.session_id == self.session_id and not self.link.stale(env):
+            self._ack(now)
 
     def poll(self, now: float) -> None:
         """Advance on time: send what the window and bandwidth allow, watch the link."""

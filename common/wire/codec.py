@@ -5,9 +5,10 @@ carries one byte; lz4 is used only when a sample of the batch says it pays, sinc
 data it costs time and saves nothing. Decoders treat their input as hostile: every count,
 index, encoding and length is checked before anything is returned for placement.
 
-Each page with content carries its xxh3-64 in the body: the destination checks every page
-against it (a damaged payload is ERROR_CHECKSUM, asked for again, never placed) and keeps it
-as the page's verification leaf, so no page is hashed twice on either side.
+Each page with content carries its xxh3-64 in the body: the destination hashes every page
+where it lands and compares (a damaged page is ERROR_CHECKSUM: hashed again later unless the
+batch, asked for again, replaces it first) and keeps it as the page's verification leaf, so no
+page is hashed twice on either side.
 """
 
 from __future__ import annotations
@@ -452,7 +453,7 @@ def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: in
         raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy pages: data and tags name different pages")
     data = decode_ram_pages(msg.data, view[: msg.data_bytes], page_count, digested=False)
     tags = decode_tag_sections(msg.tags, view[msg.data_bytes :], page_count, digested=False)
-    order = batch_pages(msg.data)
+    order = batch_pages(msg.data).astype(np.int64)
     return PostcopyBatch(
         order, _full_rows(order, data, PAGE_SIZE), _full_rows(order, tags, PACKED_TAG_BYTES_PER_PAGE)
     )
