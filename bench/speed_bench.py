@@ -53,7 +53,7 @@ DOWNTIME_GUEST = [
     "--ram", "1GiB", "--working-set", "128MiB", "--dirty-pages-per-step", "32", "--tag-only-share", "0.5",
     "--steps-per-second", "1250", "--seed", "3", "--downtime-limit", "50", "--convergence-timeout", "30",
 ]  # fmt: skip
-LARGE_GUEST = ["--ram", "16GiB", "--working-set", "64MiB", "--stop-at-step", "0"]
+LARGE_GUEST = ["--ram", "16GiB", "--fill", "zero", "--working-set", "64MiB", "--stop-at-step", "0"]
 
 
 def idle_guest(size: int) -> list[str]:
