@@ -12,7 +12,7 @@ Usage: python3 bench/speed_bench.py [--baseline REV] [--repeat 3] [--downtime-ru
 - Downtime: a 1 GiB guest with a 128 MiB working set dirtying about 40k pages/s (half of its
   steps retag only), 50 ms limit: the median of the first 5 runs and all of them, the worst,
   and how many went over.
-- Regressions: a 16 GiB guest with a 64 MiB working set (time, and the destination's peak RSS
+- Regressions: a 16 GiB guest, zero-filled (time, and the destination's peak RSS
   against the guest RAM it touched plus 100 MiB), and the share of tag bytes on the wire.
 The baseline (default: the commit before this work) runs from a git worktree in a temporary
 directory. First the machine's free memory is touched once: a VM that backs its memory lazily
@@ -173,14 +173,14 @@ def regressions(tmp: Path, tree: Path, repeat: int) -> None:
         done = [migrate(tmp, LARGE_GUEST, tree=where) for _ in range(repeat)]
         good = [r for r in done if ok(r)]
         if not good:
-            print(f"16 GiB guest, 64 MiB working set, {label}: failed: {done[0].source.get('error')}")
+            print(f"16 GiB guest, zero fill, {label}: failed: {done[0].source.get('error')}")
             continue
         r = good[0]
         touched = (r.dest["ram"]["pages"] - r.dest["ram"]["zero_pages"]) * 4096
         touched += (r.dest["tags"]["sections"] - r.dest["tags"]["untagged_pages"]) * 128
         peak = max(x.dest_peak_rss for x in good)
         print(
-            f"16 GiB guest, 64 MiB working set, {label:22}: {median_of(done, seconds):.2f} s; dest peak RSS "
+            f"16 GiB guest, zero fill, {label:22}: {median_of(done, seconds):.2f} s; dest peak RSS "
             f"{format_size(peak)} for {format_size(touched)} of guest RAM touched "
             f"({'within' if peak <= touched + (100 << 20) else 'OVER'} touched + 100 MiB)"
         )
