@@ -91,7 +91,8 @@ class _Leaves:
             return
         self.stale_count -= int(np.count_nonzero(self.stale[pages]))
         self.stale[pages] = False
-        self.leaves[pages] = 0 if isinstance(digests, int) and digests == self.empty else digests
+        values = np.asarray(digests, dtype=np.uint64)
+        self.leaves[pages] = np.where(values == self.empty, np.uint64(0), values)
         self.block_stale[pages // DIGEST_BLOCK_PAGES] = True
 
     def refresh(self) -> int:
@@ -99,9 +100,7 @@ class _Leaves:
         if not self.stale_count:
             return 0
         pending = np.flatnonzero(self.stale)
-        digests = table_digests(self.table, pending)
-        digests[digests == self.empty] = 0
-        self.record(pending, digests)
+        self.record(pending, table_digests(self.table, pending))
         return int(pending.size)
 
     def of(self, first: int, count: int) -> U64Array:
@@ -168,10 +167,6 @@ class DigestCache:
     @property
     def stale_pages(self) -> int:
         return self.ram.stale_count + self.tags.stale_count
-
-    @property
-    def block_count(self) -> int:
-        return int(self.ram.block_digests.size)
 
     def digests(self) -> MemoryDigests:
         self.refresh()
