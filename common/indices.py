@@ -12,6 +12,14 @@ def contiguous(indices: npt.NDArray[np.int64]) -> bool:
     return n > 0 and int(indices[-1]) - int(indices[0]) + 1 == n and bool((np.diff(indices) == 1).all())
 
 
+def runs(indices: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
+    """[a, b) positions of the runs of consecutive pages in `indices`."""
+    if indices.size == 0:
+        return []
+    breaks = (np.flatnonzero(np.diff(indices) != 1) + 1).tolist()
+    return list(zip([0, *breaks], [*breaks, int(indices.size)], strict=True))
+
+
 def union(a: npt.NDArray[np.int64], b: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     """Sorted pages in either. By sorting, not np.union1d: numpy 2's hash-based unique took
     2.4 ms for 14k pages, and 18 ms on its first call in a process, which landed in a downtime."""

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.indices import contiguous, has_repeats, union
+from common.indices import contiguous, has_repeats, runs, union
 
 pages = st.lists(st.integers(0, 5000), max_size=200)
 
@@ -35,3 +37,14 @@ def test_a_run_is_contiguous_and_never_repeats(start: int, n: int) -> None:
         assert not contiguous(run[::-1])
     if n > 2:
         assert not contiguous(np.delete(run, n // 2)), "a gap in the middle"
+
+
+@given(a=pages)
+def test_runs_are_the_stretches_of_consecutive_pages(a: list[int]) -> None:
+    ordered = np.array(sorted(set(a)), dtype=np.int64)
+    got = runs(ordered)
+    assert [p for x, y in got for p in ordered[x:y].tolist()] == ordered.tolist(), "they cover it, in order"
+    for x, y in got:
+        assert contiguous(ordered[x:y])
+    for (_, y), (x, _) in itertools.pairwise(got):
+        assert ordered[x] != ordered[y - 1] + 1, "a run ends where the next page is not consecutive"

@@ -14,7 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from common.indices import contiguous
+from common.indices import runs
 
 U64Array = npt.NDArray[np.uint64]
 
@@ -56,15 +56,7 @@ def table_digests(
     """Digests of table[pages] (table is (page_count, width)), reading runs of consecutive
     pages in place rather than gathering them first."""
     out = np.empty(pages.size, dtype=np.uint64)
-    if pages.size == 0:
-        return out
-    if contiguous(pages):
-        first = int(pages[0])
-        return row_digests(table[first : first + pages.size], native=native)
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks)).tolist()
-    ends = np.concatenate((breaks, [pages.size])).tolist()
-    for a, b in zip(starts, ends, strict=True):
+    for a, b in runs(pages):
         first = int(pages[a])
         out[a:b] = row_digests(table[first : first + b - a], native=native)
     return out

@@ -28,6 +28,7 @@ import numpy.typing as npt
 
 from common.constants import PAGE_SIZE
 from common.guest.memory import Backing, GuestMemory, check_ram_size, fresh_backing
+from common.indices import runs
 
 _MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", 14)
 _MADV_POPULATE_WRITE = 23  # Linux 5.14+
@@ -54,14 +55,7 @@ def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
 
 def page_runs(pages: npt.NDArray[np.int64]) -> list[tuple[int, int]]:
     """Sorted page numbers as [start, end) runs of consecutive pages."""
-    if pages.size == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(pages) != 1) + 1
-    starts = np.concatenate(([0], breaks))
-    ends = np.concatenate((breaks, [pages.size]))
-    return [
-        (int(pages[a]), int(pages[b - 1]) + 1) for a, b in zip(starts.tolist(), ends.tolist(), strict=True)
-    ]
+    return [(int(pages[a]), int(pages[b - 1]) + 1) for a, b in runs(pages)]
 
 
 def plan(pages: npt.NDArray[np.int64], page_count: int, huge_pages: int) -> list[tuple[int, int, bool]]:
