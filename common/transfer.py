@@ -35,6 +35,7 @@ class OutgoingBatch:
     """One encoded message of a pass: its body (RamPages or TagSections), payload and counts."""
 
     kind: str  # "ram_pages" or "tag_sections"
+    pages: Indices  # the pages it carries, as the body lists them
     body: pb.RamPages | pb.TagSections
     payload: Buffer
     stats: BatchStats
@@ -66,14 +67,14 @@ class PagePass:
             chunk = self.data[self.data_at : self.data_at + PAGES_PER_BATCH]
             self.data_at += chunk.size
             body, payload, stats = encode_ram_pages(mem.pages, chunk, use_lz4=use_lz4, round_no=round_no)
-            return OutgoingBatch("ram_pages", body, payload, stats)
+            return OutgoingBatch("ram_pages", chunk, body, payload, stats)
         if self.tags_at < self.tags.size:
             chunk = self.tags[self.tags_at : self.tags_at + TAG_SECTIONS_PER_BATCH]
             self.tags_at += chunk.size
             tbody, tpayload, tstats = encode_tag_sections(
                 mem.page_tags, chunk, use_lz4=use_lz4, round_no=round_no
             )
-            return OutgoingBatch("tag_sections", tbody, tpayload, tstats)
+            return OutgoingBatch("tag_sections", chunk, tbody, tpayload, tstats)
         return None
 
 

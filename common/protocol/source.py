@@ -48,7 +48,6 @@ from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
 from common.wire.codec import (
     BatchStats,
-    batch_pages,
     encode_postcopy_pages,
     encode_ram_pages,
     encode_tag_sections,
@@ -713,9 +712,8 @@ class SourceSession:
         return not self.guest_stopped
 
     def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
-        indices = batch_pages(batch.body).astype(np.int64)
         frames = self.link.sequenced(
-            now, batch.payload, data=(indices, self.round), **{batch.kind: batch.body}
+            now, batch.payload, data=(batch.pages, self.round), **{batch.kind: batch.body}
         )
         size = sum(len(f) for f in frames)
         self._outgoing.append(frames)
