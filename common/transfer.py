@@ -94,7 +94,7 @@ class DamagedBatch(WireError):
 def apply_ram_pages(mem: GuestMemory, msg: pb.RamPages, payload: Buffer) -> DecodedBatch:
     """Check a batch of pages from a peer and place it, each page checked against its digest
     as it is placed (one read of it); returns what was placed, or raises DamagedBatch."""
-    decoded = decode_ram_pages(msg, payload, mem.page_count, verify=False)
+    decoded = decode_ram_pages(msg, payload, mem.page_count)
     with mem.lock:
         placed = mem.place_checked_pages(decoded.indices, decoded.rows, decoded.digests)
         if placed < decoded.indices.size:

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.memory import GuestMemory
+from common.transfer import apply_ram_pages
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
@@ -196,7 +197,7 @@ def test_any_flipped_bit_is_caught_by_the_checksum(data: st.DataObject) -> None:
     frames[which] = bytes(damaged)
     with pytest.raises(WireError) as info:
         message = framing.decode(frames)
-        decode_ram_pages(message.envelope.ram_pages, message.payload, page_count=256)
+        apply_ram_pages(GuestMemory(256 * PAGE_SIZE), message.envelope.ram_pages, message.payload)
     assert info.value.code == pb.ERROR_CHECKSUM
 
 

@@ -21,6 +21,8 @@ from common.constants import (
     PAGE_SIZE,
     PROTOCOL_VERSION,
 )
+from common.guest.memory import GuestMemory
+from common.transfer import apply_ram_pages
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap, encode_bitmap
@@ -527,8 +529,8 @@ def test_any_damaged_page_byte_is_a_checksum_error_naming_its_page(data: st.Data
     damaged = bytearray(bytes(payload))
     pos = data.draw(st.integers(0, len(damaged) - 1), label="byte")
     damaged[pos] ^= 1 << data.draw(st.integers(0, 7), label="bit")
-    with pytest.raises(WireError) as info:
-        decode_ram_pages(body, bytes(damaged), PAGES)
+    with pytest.raises(WireError) as info:  # checked as the pages land, as a destination does
+        apply_ram_pages(GuestMemory(PAGES * PAGE_SIZE), body, bytes(damaged))
     check(info, pb.ERROR_CHECKSUM, "RAM pages")
     if "damaged in transit" in info.value.reason:
         content = [i for i in range(1, 9) if pages[i].any()]

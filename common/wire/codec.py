@@ -245,7 +245,7 @@ class DecodedBatch:
     indices: Indices  # pages that get rows
     rows: U8  # (len(indices), row_bytes)
     zero: Indices  # pages that become all zero (data) or untagged (tags)
-    digests: U64 = field(default_factory=lambda: _NO_DIGESTS)  # of the rows, checked (or none)
+    digests: U64 = field(default_factory=lambda: _NO_DIGESTS)  # of the rows (or none)
 
 
 def _validate_header(
@@ -306,23 +306,12 @@ def damaged(what: str, page: int) -> WireError:
     return WireError(pb.ERROR_CHECKSUM, f"{what}: page {page} damaged in transit (its digest differs)")
 
 
-def _check_digests(what: str, rows: U8, pages: Indices, expected: U64 | None) -> U64:
-    """The digests of rows, which must be the ones the sender computed."""
-    if expected is None:
-        return _NO_DIGESTS
-    got = row_digests(rows)
-    bad = np.flatnonzero(got != expected)
-    if bad.size:
-        raise damaged(what, int(pages[bad[0]]))
-    return got
-
-
 def decode_ram_pages(
-    msg: pb.RamPages, payload: Buffer, page_count: int, *, digested: bool = True, verify: bool = True
+    msg: pb.RamPages, payload: Buffer, page_count: int, *, digested: bool = True
 ) -> DecodedBatch:
-    """Check a batch of pages; with `digested` (a RamPages message of its own) every page
-    against its digest, which the result keeps. With verify=False the digests are returned
-    unchecked, for a caller that checks each page as it places it (GuestMemory.place_checked_pages)."""
+    """Check a batch of pages; with `digested` (a RamPages message of its own) the result holds
+    the digest the sender gave each page, which the placement checks each page against as it
+    lands (transfer.apply_ram_pages)."""
     indices, encodings, lengths = batch_arrays("RAM pages", msg)
     damaged = pb.ERROR_CHECKSUM if digested else pb.ERROR_BAD_MESSAGE
     _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload), damaged)
@@ -356,12 +345,7 @@ def decode_ram_pages(
                 )
             else:
                 rows[row] = np.frombuffer(chunk, dtype=np.uint8)
-    # unchecked only for a caller that checks each page as it places it
-    digests = (
-        expected
-        if expected is not None and not verify
-        else _check_digests("RAM pages", rows, pages, expected)
-    )
+    digests = _NO_DIGESTS if expected is None else expected
     return DecodedBatch(indices=pages, rows=rows, zero=idx[zero], digests=digests)
 
 
