@@ -95,21 +95,15 @@ def gather_rows(table: U8, indices: Indices) -> U8:
     return table[indices]
 
 
-def nonzero_rows(rows: U8) -> npt.NDArray[np.bool_]:
-    """Which pages hold a non-zero byte. A sample of 8 bytes per page (8 cache lines instead of
-    64) settles almost every page with content; only pages whose sample is zero are scanned."""
-    nonzero = rows[:, :: PAGE_SIZE // 8].any(axis=1)
-    unsure = np.flatnonzero(~nonzero)
-    if unsure.size:
-        nonzero[unsure] = rows[unsure].any(axis=1)
-    return nonzero
-
-
 def nonzero_pages(pages: U8, indices: Indices) -> npt.NDArray[np.bool_]:
-    """nonzero_rows of pages[indices], read in place: only the samples are gathered."""
+    """Which of pages[indices] hold a non-zero byte, read in place. A sample of 8 bytes per page
+    (8 cache lines instead of 64) settles almost every page with content; only pages whose
+    sample is zero are scanned."""
     if contiguous(indices):
-        return nonzero_rows(pages[int(indices[0]) : int(indices[-1]) + 1])
-    nonzero = pages[indices, :: PAGE_SIZE // 8].any(axis=1)
+        sample = pages[int(indices[0]) : int(indices[-1]) + 1, :: PAGE_SIZE // 8]
+    else:
+        sample = pages[indices, :: PAGE_SIZE // 8]
+    nonzero = sample.any(axis=1)
     unsure = np.flatnonzero(~nonzero)
     if unsure.size:
         nonzero[unsure] = pages[indices[unsure]].any(axis=1)
