@@ -178,7 +178,7 @@ class SourceSession:
 
     def receive(self, frames: list[Buffer], now: float) -> None:
         if self.phase is _S.COMPLETED:
-            self._ack_started_again(frames, now)
+            self._ack_repeat(frames, now)
             return
         if self.phase.terminal or self.phase is _S.IDLE:
             return
@@ -245,14 +245,20 @@ class SourceSession:
             self._ack(now)
         self._settle_by_ack(now)
 
-    def _ack_started_again(self, frames: list[Buffer], now: float) -> None:
-        """Done here; a destination whose ack of Started was lost sends it again, and waits."""
+    def _ack_repeat(self, frames: list[Buffer], now: float) -> None:
+        """Done here, yet a destination whose ack was lost (its Started's, say) sends a message
+        again and waits: a repeat is acknowledged, as in every other phase; nothing else is
+        handled any more."""
         try:
             message = framing.decode(frames)
         except WireError:
             return
         env = message.envelope
-        if message.kind == "started" and env.session_id == self.session_id and not self.link.stale(env):
+        if (
+            env.session_id == self.session_id
+            and not self.link.stale(env)
+            and 0 < env.seq <= self.link.received
+        ):
             self._ack(now)
 
     def poll(self, now: float) -> None:
