@@ -113,7 +113,7 @@ class DestDaemon:
         self.prefaulter: Prefaulter | None = None
         self.preallocation: Preallocation | None = None
         self._preallocated_guest: Guest | None = None
-        self._prealloc_logged = False
+        self._prealloc_logged: Preallocation | None = None  # the last one whose time was logged
         self._t_guest_done: float | None = None
         self._preallocate()
         self.outgoing: OutgoingMigration | None = None
@@ -223,7 +223,6 @@ class DestDaemon:
         if guest is self._preallocated_guest:
             self._preallocated_guest = None
             if not self.options.once:
-                self._prealloc_logged = False
                 self._preallocate()  # for the next source; this guest's memory goes with it
 
     def prefault(self, guest: Guest, pages: np.ndarray) -> None:
@@ -543,8 +542,8 @@ class DestDaemon:
 
     def _observe(self) -> None:
         prealloc = self.preallocation
-        if prealloc is not None and prealloc.seconds is not None and not self._prealloc_logged:
-            self._prealloc_logged = True
+        if prealloc is not None and prealloc.seconds is not None and prealloc is not self._prealloc_logged:
+            self._prealloc_logged = prealloc
             self.log.info(
                 "memory preallocated",
                 size=format_size(prealloc.ram_bytes),
