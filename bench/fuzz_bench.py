@@ -28,6 +28,9 @@ import zmq
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from runs import rss_kib  # noqa: E402
 
 from common.control import request  # noqa: E402
 from source_node.demo import free_ports, wait_for_control  # noqa: E402
@@ -37,13 +40,6 @@ SOURCE = [sys.executable, "-m", "source_node.cli"]
 DEST = [sys.executable, "-m", "dest_node.cli"]
 GUEST = ["--ram", "64MiB", "--working-set", "8MiB", "--seed", "5", "--stop-at-step", "2000",
          "--steps-per-second", "2000"]  # fmt: skip
-
-
-def rss_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 class Flood:

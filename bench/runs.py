@@ -33,11 +33,12 @@ class Run:
     dest_peak_rss: int  # bytes, sampled every 10 ms
 
 
-def _rss(pid: int) -> int:
+def rss_kib(pid: int, field: str = "VmRSS") -> int:
+    """A /proc/PID/status size (VmRSS, VmHWM) in KiB; 0 once the process is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
     except OSError:
         pass
     return 0
@@ -50,7 +51,7 @@ class _PeakRss(threading.Thread):
 
     def run(self) -> None:
         while not self.done.wait(0.01):
-            self.peak = max(self.peak, _rss(self.pid))
+            self.peak = max(self.peak, rss_kib(self.pid) * 1024)
 
 
 def migrate(
