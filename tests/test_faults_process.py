@@ -28,12 +28,26 @@ PHASES = [
 
 
 def run_with(
-    tmp: Path, milestone: Callable[[Milestones], bool], act: Callable[[subprocess.Popen[str], Dest], None]
+    tmp: Path,
+    milestone: Callable[[Milestones], bool],
+    act: Callable[[subprocess.Popen[str], Dest], None],
+    reconnect_s: str = "6",
 ) -> tuple[object, object]:
+    """A migration that `act` upsets at `milestone`; the source reconnects for `reconnect_s`."""
     dest = Dest(tmp, "--stop-at-step", STOP, "--peer-timeout", "1")
     try:
         with FaultProxy(("127.0.0.1", dest.port)) as proxy:
-            proc, report = start_source(tmp, *BUSY_512, "--seed", "3", "--migrate-to", proxy.uri, *LINK)
+            proc, report = start_source(
+                tmp,
+                *BUSY_512,
+                "--seed",
+                "3",
+                "--migrate-to",
+                proxy.uri,
+                *LINK,
+                "--reconnect-timeout",
+                reconnect_s,
+            )
             proxy.when(milestone, lambda: act(proc, dest))
             src = finish_source(proc, report)
             got = dest.finish()
@@ -47,7 +61,8 @@ def run_with(
 def test_a_killed_destination_leaves_the_guest_running_on_the_source(
     tmp_path: Path, milestone: Callable[[Milestones], bool]
 ) -> None:
-    src, got = run_with(tmp_path, milestone, lambda _, dest: dest.proc.send_signal(signal.SIGKILL))
+    # nothing comes back: 2 s of reconnecting shows that as well as the usual 6
+    src, got = run_with(tmp_path, milestone, lambda _, dest: dest.proc.send_signal(signal.SIGKILL), "2")
     assert_failed_cleanly(tmp_path, src, got)  # type: ignore[arg-type]
     assert got.code == -signal.SIGKILL  # type: ignore[attr-defined]
 

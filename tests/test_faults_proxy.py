@@ -164,12 +164,12 @@ def test_a_link_cut_for_good_fails_cleanly_within_the_reconnect_timeout(tmp_path
     def setup(proxy: FaultProxy) -> None:
         proxy.when(after(96), proxy.cut)
 
-    src, got, _ = migrate_through(tmp_path, setup)
+    src, got, _ = migrate_through(tmp_path, setup, extra=("--reconnect-timeout", "3"))
     assert_failed_cleanly(tmp_path, src, got)
-    assert "reconnecting for 6.0 s did not bring it back" in src.report["error"]
+    assert "reconnecting for 3.0 s did not bring it back" in src.report["error"]
     lost = min(e["at_ms"] for e in src.report["timeline"] if e["event"].startswith("link lost"))
-    # the source gave up 6 s after it last heard the destination: within its reconnect timeout
-    assert src.report["total_time_ms"] - lost <= 6000 + 1500
+    # the source gave up 3 s after it last heard the destination: within its reconnect timeout
+    assert src.report["total_time_ms"] - lost <= 3000 + 1500
     assert got.report["status"] == "failed" and "silent" in got.report["error"]
 
 
