@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from common.guest.digest import DigestCache, memory_digests
 from common.guest.guest import Guest
 from common.guest.workload import Fill, WorkloadConfig, boot
-from common.transfer import PagePass, apply_ram_pages, apply_tag_sections
+from common.transfer import PagePass, apply_ram_pages, apply_tag_sections, encode_batch
 from common.units import parse_size
 from common.wire import framing
 
@@ -45,7 +45,8 @@ def encode_all(guest: Guest, use_lz4: bool, tags: bool, keep: bool = True) -> li
     out: list[list[object]] = []
     nothing = np.zeros(0, dtype=np.int64)
     whole = PagePass(nothing, every) if tags else PagePass(every, nothing)
-    while (batch := whole.next_batch(mem, use_lz4=use_lz4, round_no=1)) is not None:
+    while chunks := whole.next_chunks(1):
+        batch = encode_batch(mem, *chunks[0], use_lz4=use_lz4, round_no=1)
         frames = framing.encode(framing.envelope(b"bench", 1, **{batch.kind: batch.body}), batch.payload)
         if keep:
             out.append(frames)

@@ -45,6 +45,11 @@ WIRE_MAGIC = b"MTEM"
 PAGES_PER_BATCH = 1024  # 4 MiB messages: per-message work (framing, protobuf, acks) a quarter of 1 MiB ones
 # Tag sections are 32x smaller than pages: bigger batches amortise per-message cost.
 TAG_SECTIONS_PER_BATCH = 1024
+# Parallel channels (QEMU's multifd): the most connections a destination takes page and tag
+# batches over; batches that arrive ahead of their turn wait for it, up to the window. A gap
+# that persists this long is a lost message (a checksum drop, a reset channel), asked for again.
+MAX_CHANNELS = 8
+REORDER_WAIT_S = 0.2
 # Credits are counted in batch messages; the receiver returns one when a batch is applied.
 INITIAL_CREDIT = 16
 

@@ -8,8 +8,10 @@ and logs what the session reports.
 
 from __future__ import annotations
 
+import os
 import time
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import zmq
@@ -22,8 +24,15 @@ from common.guest.guest import Guest
 from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
 from common.protocol.params import MigrationParameters
-from common.protocol.source import SourceHost, SourceSession
+from common.protocol.source import Outbound, SourceHost, SourceSession
 from common.wire.framing import Buffer
+
+
+def io_threads(channels: int) -> int:
+    """libzmq I/O threads for a context that carries `channels` connections of one migration:
+    each connection's TCP work is bound to one I/O thread, so parallel channels want their own,
+    as many as there are cores for them."""
+    return max(1, min(channels, os.cpu_count() or 1))
 
 
 class OutgoingMigration:
@@ -53,13 +62,25 @@ class OutgoingMigration:
         self._handshakes_ok = 0
         self.log = log
         self.socket: zmq.Socket[bytes] | None = None
+        # parallel channels past the first, once the destination granted them: page and tag
+        # batches only, each connection with its own queue (and libzmq I/O thread)
+        self.lanes: list[Lane] = []
+        self._next_lane = 0
+        self._pool = ThreadPoolExecutor(params.channels, "encode") if params.channels > 1 else None
         # postcopy answers: a connection of their own, so that they never wait behind the
         # background stream in ZeroMQ's pipe or TCP's buffers (QEMU's postcopy-preempt channel)
         self.urgent: zmq.Socket[bytes] | None = None
         self.pending: deque[list[Buffer]] = deque()
         self.finished: ev.Finished | None = None
         now = time.monotonic()
-        self.session = SourceSession(guest, host, params, now, node_name=node_name)
+        self.session = SourceSession(
+            guest,
+            host,
+            params,
+            now,
+            node_name=node_name,
+            encode_map=self._pool.map if self._pool is not None else map,
+        )
         self._connect(epoch=1)  # raises ControlError, and nothing has started
         self.session.start(now)
         log.info(
@@ -97,8 +118,29 @@ class OutgoingMigration:
         if self.urgent is not None:
             self.urgent.close(linger=0)
             self.urgent = None  # opened again for this epoch when the next answer goes out
+        self._close_lanes()  # opened again for this epoch before the next batch goes out
         # what waited for the old connection is either resent by the session or not needed
         self.pending.clear()
+
+    def _open_lanes(self) -> None:
+        """The parallel channels the destination granted, for this epoch: the session's routing
+        id with b"D" and the channel's number, so the destination knows them as its source's."""
+        routing = self.session.session_id + self.session.link.epoch.to_bytes(4, "big") + b"D"
+        for number in range(1, self.session.channels):
+            sock = self.ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.setsockopt(zmq.ROUTING_ID, routing + bytes([number]))
+            sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
+            sock.setsockopt(zmq.RECONNECT_IVL, 100)
+            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+            self._secure(sock)
+            sock.connect(self.uri)
+            self.lanes.append(Lane(sock))
+
+    def _close_lanes(self) -> None:
+        for lane in self.lanes:
+            lane.socket.close(linger=0)
+        self.lanes = []
 
     def _urgent_socket(self) -> zmq.Socket[bytes]:
         if self.urgent is None:
@@ -160,6 +202,16 @@ class OutgoingMigration:
         if self.urgent is not None:
             self.urgent.close(linger=0)
             self.urgent = None
+        self._close_lanes()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+    def sockets(self) -> list[tuple[zmq.Socket[bytes], bool, bool]]:
+        """Each connection with what the loop polls it for: (socket, read, write)."""
+        out = [(lane.socket, False, bool(lane.pending)) for lane in self.lanes]
+        if self.socket is not None:
+            out.insert(0, (self.socket, True, bool(self.pending)))
+        return out
 
     # -- driving the session -----------------------------------------------------------------------
     def poll(self, now: float) -> float:
@@ -177,8 +229,7 @@ class OutgoingMigration:
         self.flush()
 
     def flush(self) -> None:
-        """Send what the session produced. Every payload is its message's own (page batches are
-        copied out of guest memory as they are hashed), so the socket takes it without copying."""
+        """Send what the session produced, batches spread over the parallel channels."""
         if (
             self.session.postcopy is not None
             and not self.session.phase.ended
@@ -194,13 +245,27 @@ class OutgoingMigration:
                     sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
                 except zmq.Again:
                     break  # not sent: the destination asks again after a timeout
-        self.pending.extend(self.session.take_outgoing())
-        while self.pending and self.socket is not None:
-            try:
-                self.socket.send_multipart(self.pending[0], flags=zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            self.pending.popleft()
+        outgoing = self.session.take_outgoing()
+        if self.session.channels > 1 and not self.lanes and self.socket is not None:
+            self._open_lanes()
+        for message in outgoing:
+            self._queue(message)
+        if self.socket is not None:
+            _send_queued(self.socket, self.pending)
+        for lane in self.lanes:
+            _send_queued(lane.socket, lane.pending)
+
+    def _queue(self, message: Outbound) -> None:
+        """A batch goes to the channel with the least waiting, taken in turn among equals;
+        everything else to the first connection, in order."""
+        if not message.bulk or not self.lanes:
+            self.pending.append(message.frames)
+            return
+        queues = [self.pending, *(lane.pending for lane in self.lanes)]
+        turn = self._next_lane
+        chosen = min(range(len(queues)), key=lambda i: (len(queues[i]), (i - turn) % len(queues)))
+        self._next_lane = (chosen + 1) % len(queues)
+        queues[chosen].append(message.frames)
 
     def drain(self) -> None:
         sock = self.socket
@@ -283,33 +348,59 @@ def handshake_failure(event: int, value: int, uri: str, curve: tuple[KeyPair, by
     return None
 
 
+class Lane:
+    """A parallel channel: its connection and what waits to go out on it."""
+
+    def __init__(self, socket: zmq.Socket[bytes]) -> None:
+        self.socket = socket
+        self.pending: deque[list[Buffer]] = deque()
+
+
+def _send_queued(sock: zmq.Socket[bytes], pending: deque[list[Buffer]]) -> None:
+    """As much of the queue as the socket takes now. Every payload is its message's own (page
+    batches are copied out of guest memory as they are hashed), so it goes without a copy."""
+    while pending:
+        try:
+            sock.send_multipart(pending[0], flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        pending.popleft()
+
+
 class SocketSlot:
-    """A poller's entry for an outgoing migration's connection, which a reconnect replaces:
-    both daemons' loops keep it current with `track` and ask it whether the socket is ready."""
+    """A poller's entries for an outgoing migration's connections, which a reconnect replaces:
+    both daemons' loops keep them current with `track` and ask whether one was ready."""
 
     def __init__(self, poller: zmq.Poller) -> None:
         self.poller = poller
-        self.registered: zmq.Socket[bytes] | None = None
+        self.registered: dict[zmq.Socket[bytes], int] = {}
+        self.reading: zmq.Socket[bytes] | None = None
 
     def track(self, outgoing: OutgoingMigration | None) -> None:
-        sock = outgoing.socket if outgoing is not None else None
-        if sock is self.registered:
-            return
-        if self.registered is not None:
-            self.poller.unregister(self.registered)
-        if sock is not None:
-            self.poller.register(sock, zmq.POLLIN)
-        self.registered = sock
-
-    def want_writable(self, writable: bool) -> None:
-        if self.registered is not None:
-            self.poller.modify(self.registered, zmq.POLLIN | (zmq.POLLOUT if writable else 0))
+        """Poll each connection for reading (the first) and for writing (any with a queue)."""
+        wanted: dict[zmq.Socket[bytes], int] = {}
+        self.reading = None
+        if outgoing is not None:
+            for sock, read, write in outgoing.sockets():
+                wanted[sock] = (zmq.POLLIN if read else 0) | (zmq.POLLOUT if write else 0)
+                if read:
+                    self.reading = sock
+        for sock in [s for s in self.registered if wanted.get(s, 0) == 0]:
+            self.poller.unregister(sock)
+            del self.registered[sock]
+        for sock, flags in wanted.items():
+            if flags and self.registered.get(sock) != flags:
+                if sock in self.registered:
+                    self.poller.modify(sock, flags)
+                else:
+                    self.poller.register(sock, flags)
+                self.registered[sock] = flags
 
     def service(self, outgoing: OutgoingMigration | None, events: dict[Any, int]) -> bool:
-        """Read or write what the poll found; True if the socket was ready."""
-        if outgoing is None or self.registered is None or self.registered not in events:
+        """Read or write what the poll found; True if a connection was ready."""
+        if outgoing is None or not any(sock in events for sock in self.registered):
             return False
-        if events[self.registered] & zmq.POLLIN:
+        if self.reading is not None and events.get(self.reading, 0) & zmq.POLLIN:
             outgoing.drain()
         else:
             outgoing.flush()

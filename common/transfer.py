@@ -62,20 +62,34 @@ class PagePass:
             self.tags.size - self.tags_at
         ) * PACKED_TAG_BYTES_PER_PAGE
 
-    def next_batch(self, mem: GuestMemory, *, use_lz4: bool, round_no: int) -> OutgoingBatch | None:
-        if self.data_at < self.data.size:
-            chunk = self.data[self.data_at : self.data_at + PAGES_PER_BATCH]
-            self.data_at += chunk.size
-            body, payload, stats = encode_ram_pages(mem.pages, chunk, use_lz4=use_lz4, round_no=round_no)
-            return OutgoingBatch("ram_pages", chunk, body, payload, stats)
-        if self.tags_at < self.tags.size:
-            chunk = self.tags[self.tags_at : self.tags_at + TAG_SECTIONS_PER_BATCH]
-            self.tags_at += chunk.size
-            tbody, tpayload, tstats = encode_tag_sections(
-                mem.page_tags, chunk, use_lz4=use_lz4, round_no=round_no
-            )
-            return OutgoingBatch("tag_sections", chunk, tbody, tpayload, tstats)
-        return None
+    def next_chunks(self, count: int) -> list[tuple[str, Indices]]:
+        """Up to `count` batches' worth of pages, in order, without encoding them: each is
+        `encode_batch`'s to encode, in whichever thread (parallel channels encode side by side)."""
+        chunks: list[tuple[str, Indices]] = []
+        while len(chunks) < count:
+            if self.data_at < self.data.size:
+                chunk = self.data[self.data_at : self.data_at + PAGES_PER_BATCH]
+                self.data_at += chunk.size
+                chunks.append(("ram_pages", chunk))
+            elif self.tags_at < self.tags.size:
+                chunk = self.tags[self.tags_at : self.tags_at + TAG_SECTIONS_PER_BATCH]
+                self.tags_at += chunk.size
+                chunks.append(("tag_sections", chunk))
+            else:
+                break
+        return chunks
+
+
+def encode_batch(
+    mem: GuestMemory, kind: str, pages: Indices, *, use_lz4: bool, round_no: int
+) -> OutgoingBatch:
+    """One batch of a pass, encoded from guest memory as it is now. Reads memory and builds new
+    objects only, so batches encode in parallel threads (the heavy parts release the GIL)."""
+    if kind == "ram_pages":
+        body, payload, stats = encode_ram_pages(mem.pages, pages, use_lz4=use_lz4, round_no=round_no)
+        return OutgoingBatch(kind, pages, body, payload, stats)
+    tbody, tpayload, tstats = encode_tag_sections(mem.page_tags, pages, use_lz4=use_lz4, round_no=round_no)
+    return OutgoingBatch(kind, pages, tbody, tpayload, tstats)
 
 
 class DamagedBatch(WireError):

@@ -14,6 +14,7 @@ import zmq
 from common.constants import (
     CLOSE_LINGER_MS,
     DRAIN_BUDGET_MESSAGES,
+    MAX_CHANNELS,
     MAX_FRAME_BYTES,
     MAX_FRAMES_PER_MESSAGE,
     READS_PER_TURN,
@@ -28,7 +29,7 @@ from common.guest.runner import GuestRunner
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.keys import DATA_DOMAIN, KeyFileError, Security, curve_server
 from common.logging import get_logger
-from common.outgoing import OutgoingMigration, SocketSlot
+from common.outgoing import OutgoingMigration, SocketSlot, io_threads
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
@@ -79,7 +80,8 @@ class DestDaemon:
                 security.check_control(options.control)
         except KeyFileError as exc:
             raise StartupError(str(exc)) from None
-        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        # a source's parallel channels are known only from its hello: room for all of them
+        self.ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=io_threads(MAX_CHANNELS))
         # the key check, bound before any socket that needs it: without a handler libzmq admits any key
         self.zap = (
             ZapHandler(self.ctx, security.allow_lists, get_logger("dest-node"))
@@ -516,8 +518,6 @@ class DestDaemon:
             if outgoing is not None:
                 timeout = min(timeout, outgoing.poll(now))
             slot.track(outgoing)
-            if outgoing is not None:
-                slot.want_writable(bool(outgoing.pending))
             guest_wait = self.runner.seconds_until_due(now) if self.runner else None
             if guest_wait is not None:
                 timeout = min(timeout, guest_wait)

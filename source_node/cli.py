@@ -20,7 +20,7 @@ from typing import Any
 
 from common.cli_keys import add_key_arguments, keygen_main, security_from
 from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
-from common.constants import HEARTBEAT_INTERVAL_S, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
+from common.constants import HEARTBEAT_INTERVAL_S, MAX_CHANNELS, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
 from common.control import ControlError
 from common.ctl import ctl_main
 from common.guest.memory import check_ram_size
@@ -132,6 +132,14 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help="bandwidth cap in bytes per second (e.g. 100MiB = 100 MiB/s); 0 = unlimited (default)",
     )
+    mig.add_argument(
+        "--channels",
+        type=positive(int),
+        default=1,
+        metavar="N",
+        help=f"connections that carry page and tag batches, each encoding its batches in a thread of "
+        f"its own (QEMU's multifd channels; 1 .. {MAX_CHANNELS}, default 1)",
+    )
     mig.add_argument("--no-lz4", action="store_true", help="never compress pages (lz4 is used where it pays)")
     mig.add_argument(
         "--auth-token",
@@ -194,6 +202,7 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
         postcopy=args.mode == "postcopy",
         postcopy_after_rounds=args.postcopy_after_rounds,
         postcopy_recover_timeout_s=max(args.postcopy_recover_timeout, args.peer_timeout),
+        channels=args.channels,
     )
 
 
@@ -285,6 +294,7 @@ def summary_line(report: dict[str, Any]) -> str:
 def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     import zmq
 
+    from common.outgoing import io_threads
     from source_node.daemon import SourceDaemon, SourceOptions, StartupError, open_control
 
     log = get_logger("source-node")
@@ -294,7 +304,7 @@ def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
             security.check_peer(args.migrate_to, peer_key)
         except ValueError as exc:
             parser.error(str(exc))
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(io_threads=io_threads(args.channels))
     try:
         # bound before the guest boots: a port in use is a one-line error, not a lost guest
         control, zap = open_control(ctx, args.control, security, log) if args.control else (None, None)

@@ -297,8 +297,7 @@ class SourceDaemon:
             if outgoing is not None and not outgoing.session.phase.ended:
                 timeout = min(timeout, outgoing.poll(now))
                 self._note_finish()
-                slot.track(outgoing)  # the poll may have reconnected
-                slot.want_writable(bool(outgoing.pending))
+                slot.track(outgoing)  # the poll may have reconnected, or queued more
             events = dict(poller.poll(int(timeout * 1000)))
             if slot.service(outgoing, events):
                 self._note_finish()

@@ -223,7 +223,10 @@ class Pair:
         to_source: Faults | None = None,
         guest_speed: float = 0.0,
         dest_steps: int | None = None,
+        lanes: list[Faults] | None = None,
     ) -> None:
+        """`lanes`: the parallel channels past the first, each with its own faults (a latency
+        of its own reorders batches across them); used once the destination grants them."""
         self.now = CLOCK_START
         self.guest = guest
         self.src_host = FakeSourceHost()
@@ -235,6 +238,8 @@ class Pair:
         # postcopy answers travel on a connection of their own: same faults, their own queue
         self.urgent = Link(self.down.faults)
         self.up = Link(to_source or Faults(seed=1))
+        self.lanes = [Link(faults) for faults in lanes or []]
+        self._next_lane = 0
         self.turns = 0
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
         self.source_key = b""  # the key its connections prove, as a CURVE handshake would vouch
@@ -268,17 +273,25 @@ class Pair:
             if isinstance(event, Reconnect):
                 # a new connection: what was queued on the old one is gone, and the
                 # destination sees a new peer, as with a new ZeroMQ socket
-                self.down.queue.clear()
-                self.urgent.queue.clear()
-                self.up.queue.clear()
+                for link in (self.down, self.urgent, self.up, *self.lanes):
+                    link.queue.clear()
                 self.peer = PEER + b"-%d" % event.epoch
+
+    def _send_down(self) -> None:
+        """The source's messages onto the link; batches in turn over the channels granted."""
+        links = [self.down, *self.lanes[: self.src.channels - 1]]
+        for frames, bulk in self.src.take_outgoing():
+            link = self.down
+            if bulk:
+                link = links[self._next_lane % len(links)]
+                self._next_lane += 1
+            link.put(frames, self.now)
 
     def turn(self) -> None:
         src, dst = self.src, self.dst
         src.poll(self.now)
         self._source_events()
-        for frames in src.take_outgoing():
-            self.down.put(frames, self.now)
+        self._send_down()
         self.urgent.cut_when = self.down.cut_when
         for frames in src.take_urgent():
             self.urgent.put(frames, self.now)
@@ -286,6 +299,9 @@ class Pair:
             dst.receive(self.peer + b"-urgent", frames, self.now, peer_key=self.source_key)
         for frames in self.down.take(self.now):
             dst.receive(self.peer, frames, self.now, peer_key=self.source_key)
+        for number, lane in enumerate(self.lanes, 1):
+            for frames in lane.take(self.now):
+                dst.receive(self.peer + b"D" + bytes([number]), frames, self.now, peer_key=self.source_key)
         dst.poll(self.now)
         for peer, frames in dst.take_outgoing():
             if peer == self.peer:
@@ -293,8 +309,7 @@ class Pair:
         for frames in self.up.take(self.now):
             src.receive(frames, self.now)
         self._source_events()
-        for frames in src.take_outgoing():
-            self.down.put(frames, self.now)
+        self._send_down()
         for frames in src.take_urgent():
             self.urgent.put(frames, self.now)
         if self.runner is not None:
@@ -306,7 +321,7 @@ class Pair:
         for session in (src, dst):
             if not session.phase.terminal:
                 wake.append(session.next_deadline(self.now))
-        for link in (self.down, self.up, self.urgent):
+        for link in (self.down, self.up, self.urgent, *self.lanes):
             arrival = link.next_arrival()
             if arrival is not None:
                 wake.append(arrival)

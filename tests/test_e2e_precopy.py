@@ -99,6 +99,20 @@ def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: 
         assert got.report["preallocation"] is None
 
 
+def test_a_busy_guest_over_three_channels_equals_unmigrated(tmp_path: Path) -> None:
+    guest = [*busy_small_guest(12, 3000, "1000"), "--ram", "64MiB", "--fill", "random"]
+    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    src = run_source(tmp_path, *guest, "--migrate-to", dest.uri, "--channels", "3", "--downtime-limit", "50")
+    got = dest.finish()
+    assert src.code == 0, src.stdout + src.stderr + "\n--- dest ---\n" + got.stderr
+    assert src.report["verification"]["ok"] is True
+    assert src.report["link"]["channels"] == got.report["link"]["channels"] == 3
+    batches = got.report["link"]["channel_batches"]
+    assert len(batches) == 3 and min(batches) > 0, f"every channel carried batches: {batches}"
+    assert src.report["guest"]["step"] < 3000, "switched over while the guest ran"
+    assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+
+
 def test_tag_only_workload_resends_tag_sections(tmp_path: Path) -> None:
     common = [*SMALL_GUEST, "--seed", "4", "--steps-per-second", "2000", "--stop-at-step", "3000"]
     idle_dest = Dest(tmp_path, "--stop-at-step", "0")
@@ -202,7 +216,8 @@ def test_cancel_keeps_guest_on_source(tmp_path: Path) -> None:
 def test_destination_killed_mid_migration_keeps_guest_on_source(tmp_path: Path) -> None:
     guest, knobs = slow_migration(tmp_path)
     dest = Dest(tmp_path, "--stop-at-step", "8000")
-    proc, path = start_source(tmp_path, *guest, *knobs, "--migrate-to", dest.uri)
+    # nothing comes back: 3 s of reconnecting (not the default 10) shows it as well
+    proc, path = start_source(tmp_path, *guest, *knobs, "--reconnect-timeout", "3", "--migrate-to", dest.uri)
     time.sleep(1.5)
     dest.kill()
     src = finish_source(proc, path)

@@ -101,9 +101,10 @@ def test_payload_corruption(net: NetPair, tmp_path: Path) -> None:
     assert "counter packets 0" not in net.nft_counters(net.dest)
 
 
-@pytest.mark.parametrize("keys", [False, True], ids=["clear", "curve"])
+@pytest.mark.parametrize("keys", [False, True], ids=["clear", "curve-3-channels"])
 def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None:
-    """With keys, every reconnect after a reset proves both keys again (a new CURVE handshake)."""
+    """With keys, every reconnect after a reset proves both keys again (a new CURVE handshake),
+    on each of three parallel channels, which the reconnect opens again."""
     if keys:
         make_keys(tmp_path / "keys")
     seen: list[str] = []
@@ -115,10 +116,12 @@ def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None
         seen.append(net.nft_counters(net.dest))
         net.clear_nft(net.dest)
 
-    src, got = migrate_in(net, tmp_path, resets)
+    src, got = migrate_in(net, tmp_path, resets, *(["--channels", "3"] if keys else []))
     assert_completed_and_equal(tmp_path, src, got)
     assert seen and "counter packets 0" not in seen[0], "resets were sent"
     if keys:
+        assert got.report["link"]["channels"] == 3
+        assert all(count > 0 for count in got.report["link"]["channel_batches"]), got.report["link"]
         assert '"keys": "CURVE"' in got.stderr
         # data and urgent connections at the start, and again after the resets
         assert got.stderr.count("peer key admitted") >= 2, got.stderr[-2000:]

@@ -86,7 +86,7 @@ def test_a_completed_source_acknowledges_a_started_sent_again() -> None:
     pair.src.take_outgoing()
     again = framing.encode(pair.dst.link.envelope(pair.dst.link.next_seq - 1, started=pb.Started(step=1)))
     pair.src.receive(again, pair.now)
-    [ack] = [framing.decode(f) for f in pair.src.take_outgoing()]
+    [ack] = [framing.decode(o.frames) for o in pair.src.take_outgoing()]
     assert ack.kind == "ack" and ack.envelope.received == pair.dst.link.next_seq - 1
 
 
@@ -127,12 +127,12 @@ def test_the_source_never_acts_on_a_message_that_overtook_a_lost_one() -> None:
     result = pb.VerifyResult(ok=True, attempt=1)
     to_source(pair, seq=first + 1, verify_result=result)  # message `first` was lost
     assert pair.src.phase is SourcePhase.VERIFYING, "a message past a gap is not handled"
-    asked = [framing.decode(f) for f in pair.src.take_outgoing()]
+    asked = [framing.decode(o.frames) for o in pair.src.take_outgoing()]
     assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [first]
     to_source(pair, seq=first + 1, verify_result=result)  # again: asked once per loss, not per message
     assert not [
         m
-        for m in map(framing.decode, pair.src.take_outgoing())
+        for m in (framing.decode(o.frames) for o in pair.src.take_outgoing())
         if m.kind == "ack" and m.envelope.ack.resend_from
     ]
 
@@ -370,7 +370,7 @@ def test_a_mismatch_named_in_a_well_formed_result_is_resent() -> None:
     to_source(pair, verify_result=pb.VerifyResult(ok=False, attempt=1, page_digests=[block]))
     assert pair.src.phase is SourcePhase.SWITCHOVER and pair.src.mismatched_pages == [7]
     pair.src.poll(pair.now)
-    resent = [framing.decode(f) for f in pair.src.take_outgoing()]
+    resent = [framing.decode(o.frames) for o in pair.src.take_outgoing()]
     pages = [m for m in resent if m.kind == "ram_pages"]
     assert len(pages) == 1 and batch_pages(pages[0].envelope.ram_pages).tolist() == [7]
     assert [m.kind for m in resent][-1] == "verify_request"

@@ -39,6 +39,7 @@ def source(**overrides: Any) -> Any:
         round_records=[],
         dest_missing=None,
         link=SimpleNamespace(epoch=3, stats=LinkStats(resent=4, resend_requests=5, corrupt=6, resumes=2)),
+        channels=2,
         params=SimpleNamespace(downtime_limit_ms=300.0, postcopy=False),
         postcopy=None,
         t_dest_running=None,
@@ -75,6 +76,7 @@ def test_the_source_report_computes_each_field() -> None:
         "resent_messages": 4,
         "resend_requests": 5,
         "corrupt_received": 6,
+        "channels": 2,
     }
     assert report["timeline"] == [
         {"event": "setup done", "at_ms": 250.0},
@@ -138,7 +140,11 @@ def dest(**overrides: Any) -> Any:
         stats=TransferStats(ram_bytes=EDGE_BYTES - 600, tag_bytes=600, other_bytes=10_000),
         guest=SimpleNamespace(memory=SimpleNamespace(ram_bytes=1 << 30)),
         refused_messages=2,
-        link=SimpleNamespace(epoch=2, stats=LinkStats(resent=1, resend_requests=2, corrupt=3, resumes=1)),
+        link=SimpleNamespace(
+            epoch=2, stats=LinkStats(resent=1, resend_requests=2, corrupt=3, resumes=1, reordered=7)
+        ),
+        channels=3,
+        channel_batches=[4, 5, 6],
         verified=True,
         my_digests={"ram": "cc", "tags": "dd", "vcpu": "ee"},
         mismatched_pages=[],
@@ -167,6 +173,9 @@ def test_the_destination_report_computes_each_field() -> None:
         "resent_messages": 1,
         "resend_requests": 2,
         "corrupt_received": 3,
+        "channels": 3,
+        "channel_batches": [4, 5, 6],
+        "reordered": 7,
     }
     assert report["verification"] == {
         "ok": True,

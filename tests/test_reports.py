@@ -104,6 +104,7 @@ def test_status_verification_and_link_sections() -> None:
         "resent_messages": 0,
         "resend_requests": 0,
         "corrupt_received": 0,
+        "channels": 1,
     }
     assert dst["link"] == {
         "epoch": 1,
@@ -111,7 +112,12 @@ def test_status_verification_and_link_sections() -> None:
         "resent_messages": 0,
         "resend_requests": 0,
         "corrupt_received": 0,
+        "channels": 1,
+        "channel_batches": dst["link"]["channel_batches"],
+        "reordered": 0,
     }
+    [batches] = dst["link"]["channel_batches"]
+    assert batches > 0, "every batch came over the one connection"
     assert dst["refused_messages"] == 0
 
 

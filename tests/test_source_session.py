@@ -20,7 +20,7 @@ PARAMS = MigrationParameters(peer_timeout_s=1.0, heartbeat_interval_s=0.25, reco
 
 
 def sent(src: SourceSession) -> list[framing.Message]:
-    return [framing.decode(f) for f in src.take_outgoing()]
+    return [framing.decode(o.frames) for o in src.take_outgoing()]
 
 
 def from_dest(src: SourceSession, seq: int, received: int = 0, epoch: int = 1, **body: Any) -> list[Any]:

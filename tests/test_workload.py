@@ -16,6 +16,7 @@ from common.transfer import (
     apply_ram_pages,
     apply_tag_sections,
     device_state,
+    encode_batch,
 )
 from common.wire import framing
 
@@ -76,7 +77,8 @@ def snapshot_through_wire(src: Guest, use_lz4: bool) -> Guest:
     everything = np.arange(src.memory.page_count, dtype=np.int64)
     whole = PagePass(everything, everything)
     seq = 0
-    while (batch := whole.next_batch(src.memory, use_lz4=use_lz4, round_no=1)) is not None:
+    while chunks := whole.next_chunks(1):
+        batch = encode_batch(src.memory, *chunks[0], use_lz4=use_lz4, round_no=1)
         seq += 1
         frames = framing.encode(framing.envelope(SESSION, seq, **{batch.kind: batch.body}), batch.payload)
         got = framing.decode([bytes(f) for f in frames])

@@ -28,6 +28,7 @@ from common.constants import (
     PEER_DEAD_AFTER_S,
     PROTOCOL_VERSION,
     REFUSAL_ANSWERS_PER_S,
+    REORDER_WAIT_S,
     RETRANSMIT_AFTER_S,
 )
 from common.guest.digest import DigestCache
@@ -36,8 +37,8 @@ from common.guest.presence import PresenceGate
 from common.guest.vcpu import vcpus_digest
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
-from common.protocol.handshake import REQUIRED_FEATURES, check_hello
-from common.protocol.link import UNSEQUENCED, Arrival, Link
+from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_channels
+from common.protocol.link import UNSEQUENCED, Arrival, Link, Reorder
 from common.protocol.phases import DEST_EXPECTS, DEST_MOVES, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
 from common.protocol.ratelimit import PerSecond
@@ -107,6 +108,9 @@ class DestSession:
         self.session_id = b""
         self.link = Link(b"", now, rto_s=params.retransmit_after_s)
         self.use_lz4 = False
+        self.channels = 1  # connections the source's batches come over (parallel channels)
+        self.channel_batches = [0]  # batches that arrived over each, resends included
+        self.reorder = Reorder(params.window)
         self.stats = TransferStats()
         self.refused_messages = 0
         self._outgoing: list[tuple[bytes, list[Buffer]]] = []
@@ -188,7 +192,7 @@ class DestSession:
             if self.phase is _D.POSTCOPY and env.epoch >= self.link.epoch:
                 self._on_postcopy_pages(env.postcopy_pages, message.payload, now, urgent=True)
             return
-        if peer != self.peer:
+        if not self._from_source(peer):
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
         if self.phase is _D.FAILED or self.link.stale(env):
@@ -201,13 +205,45 @@ class DestSession:
         if env.seq == 0:
             self._on_unsequenced(message, now)
             return
+        if message.kind in framing.BATCH_KINDS:
+            self.channel_batches[0 if peer == self.peer else peer[-1]] += 1
         arrival = self.link.arrive(env.seq)
         if arrival is Arrival.REPEAT:
             self._ack(now)  # our ack may be what was lost
             return
         if arrival is Arrival.AHEAD:
+            if self.channels > 1 and self.reorder.hold(env.seq, (message, self._arrived_bytes), now):
+                self.link.stats.reordered += 1
+                return
+            self.link.stats.out_of_order += 1
             self._ask_resend(now)
             return
+        self._deliver(message, now)
+        self.reorder.drop_upto(self.link.received)  # copies a resend overtook
+        while self.reorder.held and self.phase in _LIVE:
+            held = self.reorder.take(self.link.received + 1, now)
+            if held is None:
+                return
+            message, self._arrived_bytes = held
+            self.link.arrive(message.envelope.seq)
+            self._deliver(message, now)
+
+    def _from_source(self, peer: bytes) -> bool:
+        """The session's own connection, or one of its parallel channels (the same routing id
+        with b"D" and the channel's number after it)."""
+        if peer == self.peer:
+            return True
+        return (
+            self.channels > 1
+            and self.peer is not None
+            and len(peer) == len(self.peer) + 2
+            and peer.startswith(self.peer + b"D")
+            and 1 <= peer[-1] < self.channels
+        )
+
+    def _deliver(self, message: framing.Message, now: float) -> None:
+        """Handle the next message in sequence order."""
+        env = message.envelope
         if self.phase is _D.RUNNING:
             # a commit sent again because our answer was lost: it is answered by the resend of
             # Started; anything else after the handover is out of place and changes nothing
@@ -229,10 +265,7 @@ class DestSession:
                 return
             self._fail(exc.code, exc.reason, now)
             return
-        if (
-            message.kind not in ("ram_pages", "tag_sections", "postcopy_pages")
-            and self.phase is not _D.FAILED
-        ):
+        if message.kind not in framing.BATCH_KINDS and self.phase is not _D.FAILED:
             self._ack(now)  # data messages are acknowledged with the flow control
 
     def poll(self, now: float) -> None:
@@ -258,6 +291,8 @@ class DestSession:
         if link.retransmit_due(now):
             self._resend_from(link.peer_received, now)
             link.restart_retransmit_clock(now)
+        if self.reorder.waited(now) >= REORDER_WAIT_S:
+            self._ask_resend(now)  # what the held messages wait for is lost, not late
         if now - link.t_last_sent >= self.params.heartbeat_interval_s:
             self._unsequenced(now, heartbeat=pb.Heartbeat())
 
@@ -303,6 +338,8 @@ class DestSession:
             )
             if link.unacked:
                 deadline = min(deadline, link.t_progress + link.rto_s)
+            if self.reorder.t_gap is not None:
+                deadline = min(deadline, self.reorder.t_gap + REORDER_WAIT_S)
             return deadline
         return now + 3600.0
 
@@ -361,6 +398,10 @@ class DestSession:
         features = sorted(REQUIRED_FEATURES) + ([pb.FEATURE_LZ4] if self.use_lz4 else [])
         if self.postcopy_mode:
             features.append(pb.FEATURE_POSTCOPY)
+        self.channels = granted_channels(hello)
+        self.channel_batches = [0] * self.channels
+        if self.channels > 1:
+            features.append(pb.FEATURE_MULTI_CHANNEL)
         self._move(_D.RECEIVING)
         if hint is not None:
             self.host.prefault(self.guest, np.flatnonzero(hint))
@@ -371,6 +412,7 @@ class DestSession:
                 protocol_version=PROTOCOL_VERSION,
                 features=features,
                 initial_credit=self.params.window,
+                channels=self.channels if self.channels > 1 else 0,
             ),
         )
 
@@ -395,6 +437,7 @@ class DestSession:
         self.link.heard(env, now)
         self.link.acknowledged(resume.last_received, now)
         if fresh:
+            self.reorder.clear()  # the source sends all of it again, encoded afresh
             self.link.stats.resumes += 1
             self._events.append(ev.LinkRestored(resume.epoch, len(self.link.unacked)))
         self._unsequenced(

@@ -6,6 +6,7 @@ import hmac
 
 from common.constants import (
     GRANULE_SIZE,
+    MAX_CHANNELS,
     MAX_RAM_BYTES,
     MAX_VCPUS,
     MIN_RAM_BYTES,
@@ -31,7 +32,9 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
         page_size=PAGE_SIZE,
         granule_size=GRANULE_SIZE,
         ram_bytes=guest.memory.ram_bytes,
-        features=offered_features(params.use_lz4) + ([pb.FEATURE_POSTCOPY] if params.postcopy else []),
+        features=offered_features(params.use_lz4)
+        + ([pb.FEATURE_POSTCOPY] if params.postcopy else [])
+        + ([pb.FEATURE_MULTI_CHANNEL] if params.channels > 1 else []),
         mode=pb.MODE_POSTCOPY if params.postcopy else pb.MODE_PRECOPY,
         vcpu_count=len(guest.vcpus),
         node_name=node_name,
@@ -39,7 +42,16 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
         populated_hint_lz4=encode_bitmap(guest.memory.data_populated),
         reconnect_timeout_ms=round(params.reconnect_timeout_s * 1000),
         postcopy_recover_timeout_ms=round(params.postcopy_recover_timeout_s * 1000) if params.postcopy else 0,
+        channels=params.channels if params.channels > 1 else 0,
     )
+
+
+def granted_channels(hello: pb.Hello) -> int:
+    """How many connections the destination takes this source's batches over: what it asked
+    for, up to MAX_CHANNELS; 1 without the feature."""
+    if pb.FEATURE_MULTI_CHANNEL not in hello.features or hello.channels < 2:
+        return 1
+    return min(hello.channels, MAX_CHANNELS)
 
 
 def check_hello(

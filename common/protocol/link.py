@@ -12,6 +12,9 @@ send in and the one they receive from.
 - An unacknowledged message is sent again when the peer asks, when nothing was acknowledged
   for a retransmission timeout, and after a reconnect (a resume).
 - Each connection of a session has an epoch; messages of an older epoch are stale and ignored.
+- Over parallel channels, messages arrive out of order as a matter of course: the receiver holds
+  those ahead of their turn (up to the window) and delivers them when their turn comes. Only a
+  gap that persists, or a full hold, is taken for a loss.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ class LinkStats:
     resend_requests: int = 0  # times we asked the peer to send again
     corrupt: int = 0  # messages from the peer dropped as corrupt
     out_of_order: int = 0  # messages from the peer that arrived ahead of a lost one
+    reordered: int = 0  # messages that overtook another channel's and waited for their turn
     resumes: int = 0  # reconnects that carried the session on
 
 
@@ -127,8 +131,7 @@ class Link:
         if seq <= self.received:
             return Arrival.REPEAT
         if seq != self.received + 1:
-            self.stats.out_of_order += 1
-            return Arrival.AHEAD
+            return Arrival.AHEAD  # the caller counts it: held for its turn, or a loss
         self.received = seq
         return Arrival.NEXT
 
@@ -173,6 +176,47 @@ class Link:
 
     def silence(self, now: float) -> float:
         return now - self.t_last_heard
+
+
+class Reorder:
+    """Messages that arrived ahead of their turn over parallel channels, held until it comes.
+    Bounded: a sender never has more than its window in flight, so a full hold means a loss."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held: dict[int, Any] = {}
+        self.t_gap: float | None = None  # since when a message ahead waits for a missing one
+
+    def hold(self, seq: int, item: Any, now: float) -> bool:
+        """Keep `item` for its turn; False when the hold is full (ask for a resend instead)."""
+        if seq not in self.held and len(self.held) >= self.limit:
+            return False
+        self.held[seq] = item  # a resent copy replaces the first: both carry the same message
+        if self.t_gap is None:
+            self.t_gap = now
+        return True
+
+    def take(self, seq: int, now: float) -> Any:
+        """The held message numbered `seq`, if it is here; the gap clock restarts on it."""
+        item = self.held.pop(seq, None)
+        if item is not None:
+            self.t_gap = now if self.held else None
+        return item
+
+    def waited(self, now: float) -> float:
+        """How long the oldest unbroken wait for a missing message has lasted."""
+        return 0.0 if self.t_gap is None else now - self.t_gap
+
+    def drop_upto(self, seq: int) -> None:
+        """Forget what was delivered meanwhile (a resend overtook the held copy)."""
+        for old in [s for s in self.held if s <= seq]:
+            del self.held[old]
+        if not self.held:
+            self.t_gap = None
+
+    def clear(self) -> None:
+        self.held.clear()
+        self.t_gap = None
 
 
 @dataclass

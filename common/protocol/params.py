@@ -10,6 +10,7 @@ from common.constants import (
     DEFAULT_DOWNTIME_LIMIT_MS,
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
+    MAX_CHANNELS,
     PEER_DEAD_AFTER_S,
     RECONNECT_TIMEOUT_S,
     RETRANSMIT_AFTER_S,
@@ -55,6 +56,9 @@ class MigrationParameters:
     # After the switchover a broken link pauses both sides; the source reconnects this long
     # before it stops trying and leaves the handover to an operator (ctl recover / settle).
     postcopy_recover_timeout_s: float = 60.0
+    # Connections that carry page and tag batches (QEMU's multifd channels); each encodes its
+    # batches in a thread of its own. 1: everything on the one connection.
+    channels: int = 1
 
     def check(self) -> MigrationParameters:
         for f in fields(self):
@@ -83,6 +87,8 @@ class MigrationParameters:
             raise ValueError("throttle settings must satisfy 0 <= initial <= max < 1")
         if self.convergence_timeout_s <= 0:
             raise ValueError("convergence timeout must be positive")
+        if not 1 <= self.channels <= MAX_CHANNELS:
+            raise ValueError(f"channels {self.channels} is outside 1 .. {MAX_CHANNELS}")
         if self.postcopy_after_rounds < 0:
             raise ValueError(f"postcopy after {self.postcopy_after_rounds} rounds: must be 0 or more")
         if self.postcopy_recover_timeout_s < self.peer_timeout_s:

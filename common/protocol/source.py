@@ -17,8 +17,9 @@ settles where it runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -42,7 +43,7 @@ from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.verify import SourceVerifier
-from common.transfer import OutgoingBatch, device_state
+from common.transfer import OutgoingBatch, device_state, encode_batch
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
@@ -64,6 +65,22 @@ class SourceHost(Protocol):
     def set_throttle(self, share: float) -> None: ...
 
 
+class Outbound(NamedTuple):
+    """A message to send, and whether it is a bulk one (a page or tag batch): bulk messages may
+    take any of the parallel channels, the rest keep to the first. The destination delivers in
+    sequence order whatever the channel, so an end of round still follows its round's batches."""
+
+    frames: list[Buffer]
+    bulk: bool = False
+
+
+# How a session encodes several batches at once: `map` in order, or a thread pool's `map`
+# (the edge's, with parallel channels); either way the results come back in order.
+EncodeMap = Callable[
+    [Callable[[tuple[str, Any]], OutgoingBatch], list[tuple[str, Any]]], Iterable[OutgoingBatch]
+]
+
+
 class SourceSession:
     def __init__(
         self,
@@ -74,6 +91,7 @@ class SourceSession:
         *,
         session_id: bytes | None = None,
         node_name: str = "source",
+        encode_map: EncodeMap = map,
     ) -> None:
         self.guest = guest
         self.mem = guest.memory
@@ -90,7 +108,9 @@ class SourceSession:
         self.precopy = Precopy(self.mem, self.digests)
         self.verifier = SourceVerifier(guest, self.digests)
         self.bucket = TokenBucket(self.params.max_bandwidth, now, min_burst=1 << 20)
-        self._outgoing: list[list[Buffer]] = []
+        self._outgoing: list[Outbound] = []
+        self.channels = 1  # granted by the destination's HelloAck
+        self._encode_map = encode_map
         self._urgent: list[list[Buffer]] = []  # postcopy answers, for the urgent connection
         self._events: list[ev.Event] = []
         self._use_lz4 = False
@@ -161,7 +181,7 @@ class SourceSession:
         self._move(_S.SETUP)
         self._send(now, hello=source_hello(self.guest, self.params, self.node_name))
 
-    def take_outgoing(self) -> list[list[Buffer]]:
+    def take_outgoing(self) -> list[Outbound]:
         out, self._outgoing = self._outgoing, []
         return out
 
@@ -225,6 +245,7 @@ class SourceSession:
             self._ack(now)  # our ack may be what was lost
             return
         if arrival is Arrival.AHEAD:
+            self.link.stats.out_of_order += 1
             self._ask_resend(now)
             return
         if not self.machine.expects(message.kind):
@@ -496,18 +517,18 @@ class SourceSession:
     def _resend(self, entries: list[Unacked], now: float) -> None:
         for entry in entries:
             if entry.data is None:
-                self._outgoing.append(self.link.again(entry))
+                self._outgoing.append(Outbound(self.link.again(entry)))
             elif entry.kind == "postcopy_pages":
                 chunk, requested = entry.data
                 body, payload, _ = self._encode_postcopy(chunk, requested=requested)
-                self._outgoing.append(self.link.again(entry, payload, body))
+                self._outgoing.append(Outbound(self.link.again(entry, payload, body), bulk=True))
             else:
                 chunk, round_no = entry.data
                 encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
                 table = self.mem.pages if entry.kind == "ram_pages" else self.mem.page_tags
                 body, payload, stats = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
                 self._record_sent(entry.kind, stats)
-                self._outgoing.append(self.link.again(entry, payload, body))
+                self._outgoing.append(Outbound(self.link.again(entry, payload, body), bulk=True))
         if entries:
             self.link.t_last_sent = now
 
@@ -521,6 +542,13 @@ class SourceSession:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"destination granted a window of {ack.initial_credit}")
         self.params = replace(self.params, window=min(self.params.window, ack.initial_credit))
         self._use_lz4 = pb.FEATURE_LZ4 in ack.features and self.params.use_lz4
+        if pb.FEATURE_MULTI_CHANNEL in ack.features:
+            if not 2 <= ack.channels <= self.params.channels:
+                raise WireError(
+                    pb.ERROR_BAD_MESSAGE,
+                    f"destination granted {ack.channels} channels; this source asked for {self.params.channels}",
+                )
+            self.channels = ack.channels
         self._move(_S.ACTIVE)
         self.t_setup_done = now
         self._mark_time("setup done", now)
@@ -641,12 +669,15 @@ class SourceSession:
                 if self._rate_limited_until is not None:
                     return
             p = self.precopy.pass_
-            batch = p.next_batch(self.mem, use_lz4=self._use_lz4, round_no=self.round)
-            if batch is not None:
+            chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
+            for batch in self._encode_map(self._encode, chunks):
                 self._send_batch(batch, now)
             if p.done:
                 self.precopy.pass_ = None
                 self._end_of_pass(now)
+
+    def _encode(self, chunk: tuple[str, Any]) -> OutgoingBatch:
+        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=self.round)
 
     def _pump_postcopy(self, now: float) -> None:
         """Strict priority: every requested page goes before any background page, and little
@@ -678,7 +709,7 @@ class SourceSession:
     def _send_background(self, pages: np.ndarray, now: float) -> None:
         body, payload, count = self._encode_postcopy(pages, requested=False)
         frames = self.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
-        self._outgoing.append(frames)
+        self._outgoing.append(Outbound(frames, bulk=True))
         self._count_postcopy(frames, count)
 
     def _encode_postcopy(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
@@ -722,7 +753,7 @@ class SourceSession:
             now, batch.payload, data=(batch.pages, self.round), **{batch.kind: batch.body}
         )
         size = sum(len(f) for f in frames)
-        self._outgoing.append(frames)
+        self._outgoing.append(Outbound(frames, bulk=True))
         self._record_sent(batch.kind, batch.stats)
         self._account(size)
         if self._capped():
@@ -835,7 +866,7 @@ class SourceSession:
         size = sum(len(f) for f in frames)
         self.stats.other_bytes += size
         self._account(size)
-        self._outgoing.append(frames)
+        self._outgoing.append(Outbound(frames))
 
     # -- endings ---------------------------------------------------------------------------
     def _move(self, to: SourcePhase) -> None:

@@ -20,6 +20,8 @@ _CHECKSUM = struct.Struct("<Q")
 # Bodies whose payload carries a digest per page in the body itself: the frame checksum covers
 # their header only, so that each page is hashed once (see the schema).
 PAGE_DIGESTED = frozenset({"ram_pages"})
+# Bodies that carry pages or tags in a payload: the batches that parallel channels spread.
+BATCH_KINDS = frozenset({"ram_pages", "tag_sections", "postcopy_pages"})
 Buffer = bytes | bytearray | memoryview
 
 

@@ -89,7 +89,7 @@ ERROR_BUSY: ErrorCode
 ERROR_INTERNAL: ErrorCode
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms", "postcopy_recover_timeout_ms")
+    __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms", "postcopy_recover_timeout_ms", "channels")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     GRANULE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Hello(_message.Message):
     POPULATED_HINT_LZ4_FIELD_NUMBER: _ClassVar[int]
     RECONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_RECOVER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     page_size: int
     granule_size: int
@@ -114,23 +115,26 @@ class Hello(_message.Message):
     populated_hint_lz4: bytes
     reconnect_timeout_ms: int
     postcopy_recover_timeout_ms: int
-    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ..., reconnect_timeout_ms: _Optional[int] = ..., postcopy_recover_timeout_ms: _Optional[int] = ...) -> None: ...
+    channels: int
+    def __init__(self, protocol_version: _Optional[int] = ..., page_size: _Optional[int] = ..., granule_size: _Optional[int] = ..., ram_bytes: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., mode: _Optional[_Union[MigrationMode, str]] = ..., vcpu_count: _Optional[int] = ..., node_name: _Optional[str] = ..., auth_token: _Optional[bytes] = ..., populated_hint_lz4: _Optional[bytes] = ..., reconnect_timeout_ms: _Optional[int] = ..., postcopy_recover_timeout_ms: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class HelloAck(_message.Message):
-    __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit", "code")
+    __slots__ = ("accepted", "reason", "protocol_version", "features", "initial_credit", "code", "channels")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     INITIAL_CREDIT_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
+    CHANNELS_FIELD_NUMBER: _ClassVar[int]
     accepted: bool
     reason: str
     protocol_version: int
     features: _containers.RepeatedScalarFieldContainer[Feature]
     initial_credit: int
     code: ErrorCode
-    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ..., code: _Optional[_Union[ErrorCode, str]] = ...) -> None: ...
+    channels: int
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ..., protocol_version: _Optional[int] = ..., features: _Optional[_Iterable[_Union[Feature, str]]] = ..., initial_credit: _Optional[int] = ..., code: _Optional[_Union[ErrorCode, str]] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class RamPages(_message.Message):
     __slots__ = ("round", "pages", "encodings", "lengths", "digests")
