@@ -2,18 +2,23 @@
 same run: the figures of issue 11 in one table.
 
 Usage: python3 bench/speed_bench.py [--baseline REV] [--repeat 3] [--downtime-runs 20]
-                                    [--sizes 1GiB,4GiB] [--save]
+                                    [--sizes 1GiB,4GiB] [--channels 2,4] [--save]
 
 - Throughput: idle guests of random, fully tagged memory, beside raw ZeroMQ between two
   processes (plain, and with the receiver placing into fresh memory) and QEMU's own migration of
   a paused virt,mte=on guest (one channel, and multifd on two) where qemu-system-aarch64 is
   installed. Ours twice: into fresh memory, and into memory `dest-node --preallocate` committed
-  before the source came (QEMU's -mem-prealloc); what committing took is its own column.
+  before the source came (QEMU's -mem-prealloc); what committing took is its own column. Then
+  preallocated again over parallel channels (`--channels N`, QEMU's multifd).
+- Encoding alone: what the source does to each batch (copy, hash, zero and lz4 sampling,
+  protobuf), for 1 GiB, in one thread and in as many as each channel count: how far the part
+  that parallel channels spread scales on this machine when nothing else runs.
 - Downtime: a 1 GiB guest with a 128 MiB working set dirtying about 40k pages/s (half of its
   steps retag only), 50 ms limit: the median of the first 5 runs and all of them, the worst,
   and how many went over.
-- Regressions: a 16 GiB guest, zero-filled (time, and the destination's peak RSS
-  against the guest RAM it touched plus 100 MiB), and the share of tag bytes on the wire.
+- Regressions: a 16 GiB guest with a 64 MiB working set (time, and the destination's peak RSS
+  against the guest RAM it touched plus 100 MiB), twice: zero-filled and idle, and with the
+  workload writing its working set while it migrates; and the share of tag bytes on the wire.
 The baseline (default: the commit before this work) runs from a git worktree in a temporary
 directory. First the machine's free memory is touched once: a VM that backs its memory lazily
 (this one does) otherwise charges the first use of each page to whichever run comes first.
@@ -34,8 +39,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
 from pathlib import Path
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -53,7 +61,9 @@ DOWNTIME_GUEST = [
     "--ram", "1GiB", "--working-set", "128MiB", "--dirty-pages-per-step", "32", "--tag-only-share", "0.5",
     "--steps-per-second", "1250", "--seed", "3", "--downtime-limit", "50", "--convergence-timeout", "30",
 ]  # fmt: skip
-LARGE_GUEST = ["--ram", "16GiB", "--fill", "zero", "--working-set", "64MiB", "--stop-at-step", "0"]
+LARGE_GUEST = ["--ram", "16GiB", "--fill", "zero", "--working-set", "64MiB"]
+# idle; or 2000 steps of 64 page writes or retags each, run as fast as it can while it migrates
+LARGE_IDLE, LARGE_STEPS = "0", "2000"
 
 
 def idle_guest(size: int) -> list[str]:
@@ -102,7 +112,7 @@ def seconds(run: Run) -> float:
     return float(run.source["total_time_ms"]) / 1000
 
 
-def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int) -> None:
+def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int, channels: list[int]) -> None:
     raw = statistics.median(GIB / raw_zmq_seconds(GIB, 1 << 20, False) for _ in range(repeat))
     placed = statistics.median(GIB / raw_zmq_seconds(GIB, 1 << 20, True) for _ in range(repeat))
     qemu = qemu_compare.measure(GIB, repeat)
@@ -132,9 +142,14 @@ def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int) -> None:
         label = format_size(size)
         before = [migrate(tmp, idle_guest(size), tree=tree) for _ in range(repeat)]
         fresh, prealloc = [], []
-        for _ in range(repeat):  # alternating, so that drift in the machine hits both
+        parallel: dict[int, list[Run]] = {n: [] for n in channels}
+        for _ in range(repeat):  # alternating, so that drift in the machine hits all of them
             fresh.append(migrate(tmp, idle_guest(size)))
             prealloc.append(migrate(tmp, idle_guest(size), ["--preallocate", str(size)]))
+            for n, runs in parallel.items():
+                runs.append(
+                    migrate(tmp, [*idle_guest(size), "--channels", str(n)], ["--preallocate", str(size)])
+                )
         commit = statistics.median(r.dest["preallocation"]["seconds"] for r in prealloc if ok(r))
         row(f"previous ({BASELINE}), {label}", median_of(before, seconds), size,
             f"{sum(map(ok, before))}/{repeat} verified")  # fmt: skip
@@ -142,10 +157,41 @@ def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int) -> None:
             f"{sum(map(ok, fresh))}/{repeat} verified")  # fmt: skip
         row(f"now, {label}, into preallocated memory", median_of(prealloc, seconds), size,
             f"{sum(map(ok, prealloc))}/{repeat} verified; committing it took {commit:.2f} s before")  # fmt: skip
+        for n, runs in parallel.items():
+            spread = [r.dest["link"]["channel_batches"] for r in runs if ok(r)]
+            row(f"now, {label}, preallocated, {n} channels", median_of(runs, seconds), size,
+                f"{sum(map(ok, runs))}/{repeat} verified; batches per channel {spread[0] if spread else '-'}")  # fmt: skip
         if size == GIB:
             share = prealloc[0].source["tags"]["wire_bytes"] / prealloc[0].source["ram"]["wire_bytes"]
             old = before[0].source["tags"]["wire_bytes"] / before[0].source["ram"]["wire_bytes"]
             print(f"{'  tag bytes / RAM bytes on the wire, 1 GiB':56} previous {old:.2%}, now {share:.2%}")
+
+
+def encode_threads(channels: list[int], repeat: int) -> None:
+    from common.guest.workload import Fill, WorkloadConfig, boot
+    from common.transfer import PagePass, encode_batch
+
+    mem = boot(GIB, WorkloadConfig(fill=Fill.RANDOM, working_set_bytes=1 << 20)).memory
+    every = np.arange(mem.page_count, dtype=np.int64)
+
+    def encode_all(pool: ThreadPoolExecutor, n: int) -> float:
+        whole = PagePass(every, every)
+        began = time.perf_counter()
+        while chunks := whole.next_chunks(n):
+            for _ in pool.map(lambda c: encode_batch(mem, *c, use_lz4=True, round_no=1), chunks):
+                pass
+        return time.perf_counter() - began
+
+    print()
+    print("Table 1b: the source's encoding alone (pages and tag sections of 1 GiB random memory)")
+    single = None
+    for n in [1, *channels]:
+        with ThreadPoolExecutor(n) as pool:
+            secs = statistics.median(encode_all(pool, n) for _ in range(repeat))
+        single = single or secs
+        print(
+            f"{n} thread{'s' if n > 1 else ' '} {secs:6.3f} s  {GIB / secs / 1e9:5.2f} GB/s  {single / secs:5.2f}x"
+        )
 
 
 def downtime(tmp: Path, tree: Path, runs: int) -> None:
@@ -169,21 +215,24 @@ def downtime(tmp: Path, tree: Path, runs: int) -> None:
 def regressions(tmp: Path, tree: Path, repeat: int) -> None:
     print()
     print("Table 3: what must not regress")
-    for label, where in ((f"previous ({BASELINE})", tree), ("now", None)):
-        done = [migrate(tmp, LARGE_GUEST, tree=where) for _ in range(repeat)]
-        good = [r for r in done if ok(r)]
-        if not good:
-            print(f"16 GiB guest, zero fill, {label}: failed: {done[0].source.get('error')}")
-            continue
-        r = good[0]
-        touched = (r.dest["ram"]["pages"] - r.dest["ram"]["zero_pages"]) * 4096
-        touched += (r.dest["tags"]["sections"] - r.dest["tags"]["untagged_pages"]) * 128
-        peak = max(x.dest_peak_rss for x in good)
-        print(
-            f"16 GiB guest, zero fill, {label:22}: {median_of(done, seconds):.2f} s; dest peak RSS "
-            f"{format_size(peak)} for {format_size(touched)} of guest RAM touched "
-            f"({'within' if peak <= touched + (100 << 20) else 'OVER'} touched + 100 MiB)"
-        )
+    for steps, what in ((LARGE_IDLE, "idle, zero fill"), (LARGE_STEPS, "writing its working set")):
+        for label, where in ((f"previous ({BASELINE})", tree), ("now", None)):
+            guest = [*LARGE_GUEST, "--dirty-pages-per-step", "64", "--stop-at-step", steps]
+            done = [migrate(tmp, guest, tree=where, dest_stop=steps) for _ in range(repeat)]
+            good = [r for r in done if ok(r)]
+            title = f"16 GiB guest, 64 MiB working set, {what}, {label}"
+            if not good:
+                print(f"{title}: failed: {done[0].source.get('error')}")
+                continue
+            r = good[0]
+            touched = (r.dest["ram"]["pages"] - r.dest["ram"]["zero_pages"]) * 4096
+            touched += (r.dest["tags"]["sections"] - r.dest["tags"]["untagged_pages"]) * 128
+            peak = max(x.dest_peak_rss for x in good)
+            print(
+                f"{title}: {median_of(done, seconds):.2f} s; dest peak RSS {format_size(peak)} for "
+                f"{format_size(touched)} of guest RAM touched "
+                f"({'within' if peak <= touched + (100 << 20) else 'OVER'} touched + 100 MiB)"
+            )
 
 
 def machine() -> str:
@@ -208,6 +257,7 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--downtime-runs", type=int, default=20)
     parser.add_argument("--sizes", default="1GiB,4GiB")
+    parser.add_argument("--channels", default="2,4", help="parallel channel counts to measure (default 2,4)")
     parser.add_argument("--save", action="store_true", help="also write bench/results-DATE-speed.txt")
     args = parser.parse_args()
     BASELINE = args.baseline
@@ -227,7 +277,9 @@ def main() -> int:
         print(f"# memory warmed first: {format_size(warmed)} touched once in {took:.1f} s")
         tree = baseline_tree(args.baseline, tmp)
         try:
-            throughput(tmp, tree, sizes, args.repeat)
+            channels = [int(n) for n in args.channels.split(",") if n]
+            throughput(tmp, tree, sizes, args.repeat, channels)
+            encode_threads(channels, args.repeat)
             downtime(tmp, tree, args.downtime_runs)
             regressions(tmp, tree, args.repeat)
         finally:
