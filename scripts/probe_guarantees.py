@@ -44,15 +44,33 @@ PROBES = [
     Probe(
         "link: the source acts on a message that overtook a lost one",
         "common/protocol/source.py",
-        "        if arrival is Arrival.AHEAD:\n            self._ask_resend(now)\n            return\n",
+        "        if arrival is Arrival.AHEAD:\n            self.link.stats.out_of_order += 1\n"
+        "            self._ask_resend(now)\n            return\n",
         "",
         (f"{PROTO}::test_the_source_never_acts_on_a_message_that_overtook_a_lost_one",),
     ),
     Probe(
+        "channels: the destination handles a batch that overtook another at once",
+        "common/protocol/dest.py",
+        "            if self.channels > 1 and self.reorder.hold(env.seq, (message, self._arrived_bytes), now):\n"
+        "                self.link.stats.reordered += 1\n",
+        "            if self.channels > 1:\n                self._deliver(message, now)\n",
+        (
+            "tests/test_channels.py::test_batches_over_three_channels_arrive_out_of_order_and_the_guest_arrives_whole",
+        ),
+    ),
+    Probe(
+        "channels: a held batch is never delivered",
+        "common/protocol/dest.py",
+        "            held = self.reorder.take(self.link.received + 1, now)\n",
+        "            held = None\n",
+        ("tests/test_channels.py",),
+    ),
+    Probe(
         "stop gate: the guest stops with messages in flight",
         "common/protocol/precopy.py",
-        "behind = in_flight > 0 or ",
-        "behind = ",
+        "if in_flight > 0 and active_for <= params.convergence_timeout_s:",
+        "if False:",
         (f"{PROTO}::test_guest_stops_only_when_nothing_is_in_flight",),
     ),
     Probe(
