@@ -65,6 +65,8 @@ class OutgoingMigration:
         # parallel channels past the first, once the destination granted them: page and tag
         # batches only, each connection with its own queue (and libzmq I/O thread)
         self.lanes: list[Lane] = []
+        self._lanes_failed = False  # could not open them: batches keep to the first connection
+        self._main_sent: deque[int] = deque()  # batches sent on the first connection
         self._next_lane = 0
         self._pool = ThreadPoolExecutor(params.channels, "encode") if params.channels > 1 else None
         # postcopy answers: a connection of their own, so that they never wait behind the
@@ -126,21 +128,27 @@ class OutgoingMigration:
         """The parallel channels the destination granted, for this epoch: the session's routing
         id with b"D" and the channel's number, so the destination knows them as its source's."""
         routing = self.session.session_id + self.session.link.epoch.to_bytes(4, "big") + b"D"
-        for number in range(1, self.session.channels):
-            sock = self.ctx.socket(zmq.DEALER)
-            sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(zmq.ROUTING_ID, routing + bytes([number]))
-            sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
-            sock.setsockopt(zmq.RECONNECT_IVL, 100)
-            sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-            self._secure(sock)
-            sock.connect(self.uri)
-            self.lanes.append(Lane(sock))
+        try:
+            for number in range(1, self.session.channels):
+                sock = self.ctx.socket(zmq.DEALER)
+                self.lanes.append(Lane(sock))
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.setsockopt(zmq.ROUTING_ID, routing + bytes([number]))
+                sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
+                sock.setsockopt(zmq.RECONNECT_IVL, 100)
+                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+                self._secure(sock)
+                sock.connect(self.uri)
+        except zmq.ZMQError as exc:
+            self._close_lanes()
+            self._lanes_failed = True
+            self.log.error("cannot open parallel channels; batches keep to one connection", reason=str(exc))
 
     def _close_lanes(self) -> None:
         for lane in self.lanes:
             lane.socket.close(linger=0)
         self.lanes = []
+        self._main_sent.clear()
 
     def _urgent_socket(self) -> zmq.Socket[bytes]:
         if self.urgent is None:
@@ -246,7 +254,14 @@ class OutgoingMigration:
                 except zmq.Again:
                     break  # not sent: the destination asks again after a timeout
         outgoing = self.session.take_outgoing()
-        if self.session.channels > 1 and not self.lanes and self.socket is not None:
+        if self.session.phase.ended:
+            self._close_lanes()  # a recovery (postcopy) opens them again
+        elif (
+            self.session.channels > 1
+            and not self.lanes
+            and not self._lanes_failed
+            and self.socket is not None
+        ):
             self._open_lanes()
         for message in outgoing:
             self._queue(message)
@@ -256,16 +271,22 @@ class OutgoingMigration:
             _send_queued(lane.socket, lane.pending)
 
     def _queue(self, message: Outbound) -> None:
-        """A batch goes to the channel with the least waiting, taken in turn among equals;
-        everything else to the first connection, in order."""
+        """A batch goes to the channel with the fewest batches queued or unacknowledged, taken
+        in turn among equals: a stalled channel (a reset, a reconnect backing off) holds its
+        batches unacknowledged and is passed over, resends included. Everything else keeps to
+        the first connection, in order."""
         if not message.bulk or not self.lanes:
             self.pending.append(message.frames)
             return
-        queues = [self.pending, *(lane.pending for lane in self.lanes)]
-        turn = self._next_lane
-        chosen = min(range(len(queues)), key=lambda i: (len(queues[i]), (i - turn) % len(queues)))
-        self._next_lane = (chosen + 1) % len(queues)
-        queues[chosen].append(message.frames)
+        acked = self.session.link.peer_received
+        lanes = [(self.pending, self._main_sent), *((lane.pending, lane.sent) for lane in self.lanes)]
+        chosen = least_loaded(
+            [len(pending) + unacknowledged(sent, acked) for pending, sent in lanes], self._next_lane
+        )
+        self._next_lane = (chosen + 1) % len(lanes)
+        pending, sent = lanes[chosen]
+        pending.append(message.frames)
+        sent.append(message.seq)
 
     def drain(self) -> None:
         sock = self.socket
@@ -349,11 +370,28 @@ def handshake_failure(event: int, value: int, uri: str, curve: tuple[KeyPair, by
 
 
 class Lane:
-    """A parallel channel: its connection and what waits to go out on it."""
+    """A parallel channel: its connection, what waits to go out on it, and the batches it
+    carried that the destination may not have yet."""
 
     def __init__(self, socket: zmq.Socket[bytes]) -> None:
         self.socket = socket
         self.pending: deque[list[Buffer]] = deque()
+        self.sent: deque[int] = deque()
+
+
+def least_loaded(loads: list[int], turn: int) -> int:
+    """The channel with the least load; among equals the first from `turn` on."""
+    return min(range(len(loads)), key=lambda i: (loads[i], (i - turn) % len(loads)))
+
+
+def unacknowledged(sent: deque[int], acked: int) -> int:
+    """How many of a channel's batches are past what the destination acknowledged (dropping
+    the rest; a resend may be numbered below a later batch, so not only from the left)."""
+    if sent and min(sent) <= acked:
+        kept = [seq for seq in sent if seq > acked]
+        sent.clear()
+        sent.extend(kept)
+    return len(sent)
 
 
 def _send_queued(sock: zmq.Socket[bytes], pending: deque[list[Buffer]]) -> None:

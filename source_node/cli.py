@@ -137,8 +137,8 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         type=positive(int),
         default=1,
         metavar="N",
-        help=f"connections that carry page and tag batches, each encoding its batches in a thread of "
-        f"its own (QEMU's multifd channels; 1 .. {MAX_CHANNELS}, default 1)",
+        help=f"connections that carry page and tag batches, N batches at a time encoded side by side "
+        f"in N threads (QEMU's multifd channels; 1 .. {MAX_CHANNELS}, default 1)",
     )
     mig.add_argument("--no-lz4", action="store_true", help="never compress pages (lz4 is used where it pays)")
     mig.add_argument(

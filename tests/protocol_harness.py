@@ -5,6 +5,7 @@ them (the h11 ConnectionPair idea)."""
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,7 @@ from common.guest.guest import Guest
 from common.guest.presence import PresenceGate, RestartableVcpu
 from common.guest.runner import GuestRunner
 from common.guest.workload import Workload, WorkloadConfig, boot
+from common.outgoing import least_loaded, unacknowledged
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import Reconnect
 from common.protocol.params import MigrationParameters
@@ -239,6 +241,7 @@ class Pair:
         self.urgent = Link(self.down.faults)
         self.up = Link(to_source or Faults(seed=1))
         self.lanes = [Link(faults) for faults in lanes or []]
+        self._lane_sent: list[deque[int]] = [deque() for _ in range(len(self.lanes) + 1)]
         self._next_lane = 0
         self.turns = 0
         self.peer = PEER  # the source's connection as the destination sees it; new per epoch
@@ -275,17 +278,25 @@ class Pair:
                 # destination sees a new peer, as with a new ZeroMQ socket
                 for link in (self.down, self.urgent, self.up, *self.lanes):
                     link.queue.clear()
+                for sent in self._lane_sent:
+                    sent.clear()
                 self.peer = PEER + b"-%d" % event.epoch
 
     def _send_down(self) -> None:
-        """The source's messages onto the link; batches in turn over the channels granted."""
+        """The source's messages onto the link; batches over the channels granted, each to the
+        one with the fewest in flight, as the daemons' edge chooses."""
         links = [self.down, *self.lanes[: self.src.channels - 1]]
-        for frames, bulk in self.src.take_outgoing():
+        for message in self.src.take_outgoing():
             link = self.down
-            if bulk:
-                link = links[self._next_lane % len(links)]
-                self._next_lane += 1
-            link.put(frames, self.now)
+            if message.bulk and len(links) > 1:
+                acked = self.src.link.peer_received
+                chosen = least_loaded(
+                    [unacknowledged(sent, acked) for sent in self._lane_sent], self._next_lane
+                )
+                self._next_lane = (chosen + 1) % len(links)
+                self._lane_sent[chosen].append(message.seq)
+                link = links[chosen]
+            link.put(message.frames, self.now)
 
     def turn(self) -> None:
         src, dst = self.src, self.dst

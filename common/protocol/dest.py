@@ -158,8 +158,8 @@ class DestSession:
         try:
             message = framing.decode(frames)
         except WireError as exc:
-            if peer == self.peer and self.phase in _LIVE:
-                # From our source but damaged in transit: ask for it again.
+            if self._from_source(peer) and self.phase in _LIVE:
+                # From our source (any of its channels) but damaged in transit: ask for it again.
                 self.link.stats.corrupt += 1
                 self._ask_resend(now)
             else:
@@ -192,11 +192,11 @@ class DestSession:
             if self.phase is _D.POSTCOPY and env.epoch >= self.link.epoch:
                 self._on_postcopy_pages(env.postcopy_pages, message.payload, now, urgent=True)
             return
+        if self.phase is _D.FAILED or self.link.stale(env):
+            return  # stragglers after the end, or from connections the source has left
         if not self._from_source(peer):
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
-        if self.phase is _D.FAILED or self.link.stale(env):
-            return  # stragglers after the end, or from a connection the source has left
         try:
             self.link.heard(env, now)
         except ValueError as exc:
@@ -212,7 +212,10 @@ class DestSession:
             self._ack(now)  # our ack may be what was lost
             return
         if arrival is Arrival.AHEAD:
-            if self.channels > 1 and self.reorder.hold(env.seq, (message, self._arrived_bytes), now):
+            batch = message.kind in framing.BATCH_KINDS
+            if self.channels > 1 and self.reorder.hold(
+                env.seq, (message, self._arrived_bytes), now, batch=batch
+            ):
                 self.link.stats.reordered += 1
                 return
             self.link.stats.out_of_order += 1
@@ -293,6 +296,7 @@ class DestSession:
             link.restart_retransmit_clock(now)
         if self.reorder.waited(now) >= REORDER_WAIT_S:
             self._ask_resend(now)  # what the held messages wait for is lost, not late
+            self.reorder.restart(now)  # asked again after a retransmission timeout, not every turn
         if now - link.t_last_sent >= self.params.heartbeat_interval_s:
             self._unsequenced(now, heartbeat=pb.Heartbeat())
 
@@ -708,7 +712,7 @@ class DestSession:
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=False))
-        if peer == self.peer and self.phase in _LIVE:
+        if self._from_source(peer) and self.phase in _LIVE:
             # Refused under our source's connection name: a correct source never sends this, so
             # it came from a connection that took the name over (ROUTER_HANDOVER) or a source
             # past talking to. An answer would reach the impostor at best, and at worst our

@@ -180,42 +180,62 @@ class Link:
 
 class Reorder:
     """Messages that arrived ahead of their turn over parallel channels, held until it comes.
-    Bounded: a sender never has more than its window in flight, so a full hold means a loss."""
+    Bounded: a sender never has more than its window of batches in flight, so a hold full of
+    batches means a loss. The control messages behind them (an end of round, the vCPU state,
+    a postcopy manifest) have a looser bound of their own: they are few, but not counted by
+    the window."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
-        self.held: dict[int, Any] = {}
+        self.control_limit = 4 * limit + 64
+        self.held: dict[int, tuple[Any, bool]] = {}
+        self.batches = 0
         self.t_gap: float | None = None  # since when a message ahead waits for a missing one
 
-    def hold(self, seq: int, item: Any, now: float) -> bool:
-        """Keep `item` for its turn; False when the hold is full (ask for a resend instead)."""
-        if seq not in self.held and len(self.held) >= self.limit:
+    def hold(self, seq: int, item: Any, now: float, *, batch: bool) -> bool:
+        """Keep `item` for its turn; False when its kind's share of the hold is full (ask for
+        a resend instead)."""
+        if seq in self.held:
+            self.held[seq] = (item, batch)  # a resent copy replaces the first: the same message
+            return True
+        if batch and self.batches >= self.limit:
             return False
-        self.held[seq] = item  # a resent copy replaces the first: both carry the same message
+        if not batch and len(self.held) - self.batches >= self.control_limit:
+            return False
+        self.held[seq] = (item, batch)
+        self.batches += batch
         if self.t_gap is None:
             self.t_gap = now
         return True
 
     def take(self, seq: int, now: float) -> Any:
         """The held message numbered `seq`, if it is here; the gap clock restarts on it."""
-        item = self.held.pop(seq, None)
-        if item is not None:
-            self.t_gap = now if self.held else None
+        if seq not in self.held:
+            return None
+        item, batch = self.held.pop(seq)
+        self.batches -= batch
+        self.t_gap = now if self.held else None
         return item
 
     def waited(self, now: float) -> float:
         """How long the oldest unbroken wait for a missing message has lasted."""
         return 0.0 if self.t_gap is None else now - self.t_gap
 
+    def restart(self, now: float) -> None:
+        """A resend was asked for: wait for it afresh."""
+        if self.t_gap is not None:
+            self.t_gap = now
+
     def drop_upto(self, seq: int) -> None:
         """Forget what was delivered meanwhile (a resend overtook the held copy)."""
         for old in [s for s in self.held if s <= seq]:
-            del self.held[old]
+            self.batches -= self.held.pop(old)[1]
         if not self.held:
             self.t_gap = None
 
     def clear(self) -> None:
         self.held.clear()
+        self.batches = 0
         self.t_gap = None
 
 

@@ -56,8 +56,8 @@ class MigrationParameters:
     # After the switchover a broken link pauses both sides; the source reconnects this long
     # before it stops trying and leaves the handover to an operator (ctl recover / settle).
     postcopy_recover_timeout_s: float = 60.0
-    # Connections that carry page and tag batches (QEMU's multifd channels); each encodes its
-    # batches in a thread of its own. 1: everything on the one connection.
+    # Connections that carry page and tag batches (QEMU's multifd channels); that many batches
+    # at a time are encoded side by side in as many threads. 1: everything on one connection.
     channels: int = 1
 
     def check(self) -> MigrationParameters:

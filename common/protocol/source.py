@@ -72,6 +72,7 @@ class Outbound(NamedTuple):
 
     frames: list[Buffer]
     bulk: bool = False
+    seq: int = 0  # a batch's sequence number: the edge counts what each channel has in flight
 
 
 # How a session encodes several batches at once: `map` in order, or a thread pool's `map`
@@ -521,14 +522,14 @@ class SourceSession:
             elif entry.kind == "postcopy_pages":
                 chunk, requested = entry.data
                 body, payload, _ = self._encode_postcopy(chunk, requested=requested)
-                self._outgoing.append(Outbound(self.link.again(entry, payload, body), bulk=True))
+                self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
                 encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
                 table = self.mem.pages if entry.kind == "ram_pages" else self.mem.page_tags
                 body, payload, stats = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
                 self._record_sent(entry.kind, stats)
-                self._outgoing.append(Outbound(self.link.again(entry, payload, body), bulk=True))
+                self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
         if entries:
             self.link.t_last_sent = now
 
@@ -670,7 +671,8 @@ class SourceSession:
                     return
             p = self.precopy.pass_
             chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
-            for batch in self._encode_map(self._encode, chunks):
+            encode_map = self._encode_map if self.channels > 1 else map  # as granted
+            for batch in encode_map(self._encode, chunks):
                 self._send_batch(batch, now)
             if p.done:
                 self.precopy.pass_ = None
@@ -709,7 +711,7 @@ class SourceSession:
     def _send_background(self, pages: np.ndarray, now: float) -> None:
         body, payload, count = self._encode_postcopy(pages, requested=False)
         frames = self.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
-        self._outgoing.append(Outbound(frames, bulk=True))
+        self._outgoing.append(Outbound(frames, True, self.link.next_seq - 1))
         self._count_postcopy(frames, count)
 
     def _encode_postcopy(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
@@ -753,7 +755,7 @@ class SourceSession:
             now, batch.payload, data=(batch.pages, self.round), **{batch.kind: batch.body}
         )
         size = sum(len(f) for f in frames)
-        self._outgoing.append(Outbound(frames, bulk=True))
+        self._outgoing.append(Outbound(frames, True, self.link.next_seq - 1))
         self._record_sent(batch.kind, batch.stats)
         self._account(size)
         if self._capped():
