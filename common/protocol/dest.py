@@ -192,11 +192,13 @@ class DestSession:
             if self.phase is _D.POSTCOPY and env.epoch >= self.link.epoch:
                 self._on_postcopy_pages(env.postcopy_pages, message.payload, now, urgent=True)
             return
-        if self.phase is _D.FAILED or self.link.stale(env):
-            return  # stragglers after the end, or from connections the source has left
         if not self._from_source(peer):
+            # (a channel of a connection the source has left, too: refused, rate-limited, as
+            # that connection's own messages are)
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
+        if self.phase is _D.FAILED or self.link.stale(env):
+            return  # stragglers after the end, or from a connection the source has left
         try:
             self.link.heard(env, now)
         except ValueError as exc:
