@@ -17,8 +17,9 @@ Usage: python3 bench/speed_bench.py [--baseline REV] [--repeat 3] [--downtime-ru
   steps retag only), 50 ms limit: the median of the first 5 runs and all of them, the worst,
   and how many went over.
 - Regressions: a 16 GiB guest with a 64 MiB working set (time, and the destination's peak RSS
-  against the guest RAM it touched plus 100 MiB), twice: zero-filled and idle, and with the
-  workload writing its working set while it migrates; and the share of tag bytes on the wire.
+  against the guest RAM it touched plus 100 MiB), twice: zero-filled and idle, and busy for
+  2000 steps of 64 page writes (the migration is quick: most of them run at the destination,
+  after the handover, which the touched RAM counts); and the share of tag bytes on the wire.
 The baseline (default: the commit before this work) runs from a git worktree in a temporary
 directory. First the machine's free memory is touched once: a VM that backs its memory lazily
 (this one does) otherwise charges the first use of each page to whichever run comes first.
@@ -62,7 +63,7 @@ DOWNTIME_GUEST = [
     "--steps-per-second", "1250", "--seed", "3", "--downtime-limit", "50", "--convergence-timeout", "30",
 ]  # fmt: skip
 LARGE_GUEST = ["--ram", "16GiB", "--fill", "zero", "--working-set", "64MiB"]
-# idle; or 2000 steps of 64 page writes or retags each, run as fast as it can while it migrates
+# idle; or 2000 steps of 64 page writes or retags each, as fast as it can, on either side
 LARGE_IDLE, LARGE_STEPS = "0", "2000"
 
 
@@ -215,7 +216,7 @@ def downtime(tmp: Path, tree: Path, runs: int) -> None:
 def regressions(tmp: Path, tree: Path, repeat: int) -> None:
     print()
     print("Table 3: what must not regress")
-    for steps, what in ((LARGE_IDLE, "idle, zero fill"), (LARGE_STEPS, "writing its working set")):
+    for steps, what in ((LARGE_IDLE, "idle, zero fill"), (LARGE_STEPS, "busy, 2000 steps")):
         for label, where in ((f"previous ({BASELINE})", tree), ("now", None)):
             guest = [*LARGE_GUEST, "--dirty-pages-per-step", "64", "--stop-at-step", steps]
             done = [migrate(tmp, guest, tree=where, dest_stop=steps) for _ in range(repeat)]
@@ -224,10 +225,14 @@ def regressions(tmp: Path, tree: Path, repeat: int) -> None:
             if not good:
                 print(f"{title}: failed: {done[0].source.get('error')}")
                 continue
-            r = good[0]
-            touched = (r.dest["ram"]["pages"] - r.dest["ram"]["zero_pages"]) * 4096
-            touched += (r.dest["tags"]["sections"] - r.dest["tags"]["untagged_pages"]) * 128
-            peak = max(x.dest_peak_rss for x in good)
+            r = max(good, key=lambda x: x.dest_peak_rss)
+            # what the guest wrote at the destination, migrated or written there after the
+            # handover (the baseline reports no populated_bytes: what arrived with content)
+            touched = r.dest["guest"].get("populated_bytes")
+            if touched is None:
+                touched = (r.dest["ram"]["pages"] - r.dest["ram"]["zero_pages"]) * 4096
+            touched += touched // 32  # and its tags
+            peak = r.dest_peak_rss
             print(
                 f"{title}: {median_of(done, seconds):.2f} s; dest peak RSS {format_size(peak)} for "
                 f"{format_size(touched)} of guest RAM touched "

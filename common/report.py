@@ -6,6 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from common.constants import PAGE_SIZE
 from common.guest.guest import Guest
 from common.guest.workload import REG_FAULTS, REG_STEP
 
@@ -26,7 +29,11 @@ def guest_summary(guest: Guest, *, here: bool, running: bool, with_digests: bool
     if with_digests:
         digests = guest.digests()
         summary.update(
-            ram_digest=digests.ram.hex(), tag_digest=digests.tags.hex(), vcpu_digest=digests.vcpu.hex()
+            ram_digest=digests.ram.hex(),
+            tag_digest=digests.tags.hex(),
+            vcpu_digest=digests.vcpu.hex(),
+            # pages ever written here, by the vCPU or by a migration: the guest RAM it touched
+            populated_bytes=int(np.count_nonzero(guest.memory.data_populated)) * PAGE_SIZE,
         )
     return summary
 

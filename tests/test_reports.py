@@ -6,9 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from common.constants import PAGE_SIZE
+from common.guest.guest import Guest
 from common.protocol.events import Finished, RoundStarted
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SourcePhase
+from common.report import guest_summary
 from tests.protocol_harness import CLOCK_START, Faults, Pair, busy_guest
 from tests.test_protocol import assert_handed_over
 
@@ -166,3 +169,12 @@ def test_events_tell_the_daemon_each_round_and_the_end() -> None:
     assert all(r["dirty_pages_rate"] is not None for r in detail)
     finished = [e for e in pair.src.take_events() + pair.events if isinstance(e, Finished)]
     assert [f.status for f in finished] == ["completed"]
+
+
+def test_the_guest_summary_counts_the_ram_written_on_this_side() -> None:
+    guest = Guest.create(1 << 20)
+    guest.memory.write(0, b"x")
+    guest.memory.write(5 * PAGE_SIZE - 1, b"yz")  # the last byte of page 4 and the first of 5
+    summary = guest_summary(guest, here=True, running=False)
+    assert summary["populated_bytes"] == 3 * PAGE_SIZE
+    assert "populated_bytes" not in guest_summary(guest, here=True, running=True, with_digests=False)

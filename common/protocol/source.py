@@ -50,8 +50,6 @@ from common.wire.bitmap import decode_bitmap
 from common.wire.codec import (
     BatchStats,
     encode_postcopy_pages,
-    encode_ram_pages,
-    encode_tag_sections,
 )
 from common.wire.framing import Buffer, WireError
 
@@ -525,11 +523,11 @@ class SourceSession:
                 self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
-                encode = encode_ram_pages if entry.kind == "ram_pages" else encode_tag_sections
-                table = self.mem.pages if entry.kind == "ram_pages" else self.mem.page_tags
-                body, payload, stats = encode(table, chunk, use_lz4=self._use_lz4, round_no=round_no)
-                self._record_sent(entry.kind, stats)
-                self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
+                batch = encode_batch(self.mem, entry.kind, chunk, use_lz4=self._use_lz4, round_no=round_no)
+                self._record_sent(entry.kind, batch.stats)
+                self._outgoing.append(
+                    Outbound(self.link.again(entry, batch.payload, batch.body), True, entry.seq)
+                )
         if entries:
             self.link.t_last_sent = now
 
