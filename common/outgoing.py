@@ -95,21 +95,11 @@ class OutgoingMigration:
 
     # -- the connection --------------------------------------------------------------------------
     def _connect(self, epoch: int) -> None:
-        """A fresh connection for this epoch. Its routing id names the session and epoch, so
-        that ZeroMQ's own reconnects (after a reset) keep it and the destination still knows it."""
-        sock = self.ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.session.session_id + epoch.to_bytes(4, "big"))
-        # No ZMQ_IMMEDIATE: with it libzmq drops a disconnected peer's unread messages at once.
-        sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
-        sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        sock.setsockopt(zmq.RECONNECT_IVL, 100)
-        sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        """A fresh connection for this epoch (see `_routing`)."""
         try:
-            self._secure(sock)
-            sock.connect(self.uri)
+            # the one connection the destination answers on: its messages are bounded
+            sock = self._dealer(self._routing(epoch), self._stream_hwm(), max_message=MAX_FRAME_BYTES)
         except zmq.ZMQError as exc:
-            sock.close(linger=0)
             raise ControlError(f"cannot connect to {self.uri}: {exc}") from None
         if self.socket is not None:
             self._close_monitor()
@@ -127,18 +117,10 @@ class OutgoingMigration:
     def _open_lanes(self) -> None:
         """The parallel channels the destination granted, for this epoch: the session's routing
         id with b"D" and the channel's number, so the destination knows them as its source's."""
-        routing = self.session.session_id + self.session.link.epoch.to_bytes(4, "big") + b"D"
+        routing = self._routing(self.session.link.epoch) + b"D"
         try:
             for number in range(1, self.session.channels):
-                sock = self.ctx.socket(zmq.DEALER)
-                self.lanes.append(Lane(sock))
-                sock.setsockopt(zmq.LINGER, 0)
-                sock.setsockopt(zmq.ROUTING_ID, routing + bytes([number]))
-                sock.setsockopt(zmq.SNDHWM, 4 * self.session.params.window + 64)
-                sock.setsockopt(zmq.RECONNECT_IVL, 100)
-                sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
-                self._secure(sock)
-                sock.connect(self.uri)
+                self.lanes.append(Lane(self._dealer(routing + bytes([number]), self._stream_hwm())))
         except zmq.ZMQError as exc:
             self._close_lanes()
             self._lanes_failed = True
@@ -152,18 +134,35 @@ class OutgoingMigration:
 
     def _urgent_socket(self) -> zmq.Socket[bytes]:
         if self.urgent is None:
-            sock = self.ctx.socket(zmq.DEALER)
+            self.urgent = self._dealer(self._routing(self.session.link.epoch) + b"U", 256)
+        return self.urgent
+
+    def _routing(self, epoch: int) -> bytes:
+        """A connection's routing id starts with the session and epoch: ZeroMQ's own reconnects
+        (after a reset) keep it, and the destination knows it as this session's."""
+        return self.session.session_id + epoch.to_bytes(4, "big")
+
+    def _stream_hwm(self) -> int:
+        return 4 * self.session.params.window + 64
+
+    def _dealer(self, routing: bytes, send_hwm: int, max_message: int = -1) -> zmq.Socket[bytes]:
+        """A connection to the destination, keyed when this migration has keys; closed again
+        if it cannot be made (the ZMQError goes to the caller)."""
+        sock = self.ctx.socket(zmq.DEALER)
+        try:
             sock.setsockopt(zmq.LINGER, 0)
-            sock.setsockopt(
-                zmq.ROUTING_ID, self.session.session_id + self.session.link.epoch.to_bytes(4, "big") + b"U"
-            )
-            sock.setsockopt(zmq.SNDHWM, 256)
+            sock.setsockopt(zmq.ROUTING_ID, routing)
+            # No ZMQ_IMMEDIATE: with it libzmq drops a disconnected peer's unread messages at once.
+            sock.setsockopt(zmq.SNDHWM, send_hwm)
+            sock.setsockopt(zmq.MAXMSGSIZE, max_message)
             sock.setsockopt(zmq.RECONNECT_IVL, 100)
             sock.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
             self._secure(sock)
             sock.connect(self.uri)
-            self.urgent = sock
-        return self.urgent
+        except zmq.ZMQError:
+            sock.close(linger=0)
+            raise
+        return sock
 
     def _secure(self, sock: zmq.Socket[bytes]) -> None:
         if self.curve is not None:
