@@ -24,7 +24,7 @@ from tests.test_protocol import assert_handed_over
 
 
 def random_guest(seed: int = 3) -> Guest:
-    """32 MiB of random, tagged memory: 8 RAM batches and their tag sections, enough to reorder."""
+    """32 MiB of random, tagged memory: 8 RAM batches and a tag batch, enough to reorder."""
     return busy_guest(seed=seed, ram=32 << 20, fill=Fill.RANDOM, working_set=4 << 20)
 
 
@@ -114,7 +114,7 @@ def test_a_channel_that_loses_batches_is_repaired_by_resends() -> None:
 
 
 def test_a_corrupted_batch_on_a_channel_is_the_source_s_and_asked_for_again() -> None:
-    lanes = [Faults(corrupt=0.3, seed=5)]
+    lanes = [Faults(corrupt=0.5, seed=5)]
     pair = Pair(random_guest(), MigrationParameters(channels=2), lanes=lanes).run()
     assert_handed_over(pair)
     assert pair.dst.link.stats.corrupt > 0 and pair.dst.link.stats.resend_requests > 0

@@ -110,7 +110,7 @@ def test_cancel_resumes_source_and_destination_never_runs() -> None:
 
 def test_link_cut_for_good_fails_within_the_reconnect_timeout_and_resumes_source() -> None:
     params = MigrationParameters(peer_timeout_s=0.5, heartbeat_interval_s=0.1, reconnect_timeout_s=2.0)
-    pair = Pair(busy_guest(), params=params, to_dest=Faults(cut_after=5), guest_speed=1000)
+    pair = Pair(busy_guest(), params=params, to_dest=Faults(cut_after=3), guest_speed=1000)
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase.terminal, max_seconds=10)
     assert_stayed_on_source(pair)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 from common.constants import (
     MAX_FRAME_BYTES,
     MAX_PAGES_PER_MESSAGE,
+    MAX_TAG_SECTIONS_PER_MESSAGE,
     PACKED_TAG_BYTES_PER_PAGE,
     PAGE_SIZE,
     PROTOCOL_VERSION,
@@ -256,6 +257,7 @@ DECODERS = {
     "RAM pages": (partial(decode_ram_pages, digested=False), ram, pb.PAGE_ZERO),
     "tag sections": (partial(decode_tag_sections, digested=False), tags, pb.TAG_UNTAGGED),
 }
+LIMITS = {"RAM pages": MAX_PAGES_PER_MESSAGE, "tag sections": MAX_TAG_SECTIONS_PER_MESSAGE}
 
 
 @pytest.mark.parametrize("what", list(DECODERS))
@@ -274,7 +276,7 @@ def test_parallel_arrays_of_different_lengths_are_refused(
 @pytest.mark.parametrize("what", list(DECODERS))
 def test_batch_size_limit(what: str) -> None:
     decode, build, empty_code = DECODERS[what]
-    n = MAX_PAGES_PER_MESSAGE
+    n = LIMITS[what]
     ok = decode(build(list(range(n)), [empty_code] * n, [0] * n), b"", 4 * n)
     assert ok.zero.tolist() == list(range(n))
     with pytest.raises(WireError) as info:

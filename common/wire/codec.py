@@ -23,6 +23,7 @@ from common.constants import (
     LZ4_SAMPLE_PAGES,
     LZ4_WORTH_RATIO,
     MAX_PAGES_PER_MESSAGE,
+    MAX_TAG_SECTIONS_PER_MESSAGE,
     PACKED_TAG_BYTES_PER_PAGE,
     PAGE_SIZE,
     TAG_MASK,
@@ -250,19 +251,19 @@ def _validate_header(
     page_count: int,
     payload_len: int,
     damaged: int,
+    limit: int,
 ) -> None:
     """`damaged`: the code for a payload that does not fit an intact header (ERROR_CHECKSUM
-    where the header's own checksum passed and only the payload can be at fault)."""
+    where the header's own checksum passed and only the payload can be at fault); `limit`: the
+    most pages a message of this kind may name."""
     n = indices.size
     if not (n == encodings.size == lengths.size):
         raise WireError(
             pb.ERROR_BAD_MESSAGE,
             f"{what}: {n} page indices, {encodings.size} encodings and {lengths.size} lengths differ",
         )
-    if n > MAX_PAGES_PER_MESSAGE:
-        raise WireError(
-            pb.ERROR_BAD_MESSAGE, f"{what}: {n} pages exceed the limit of {MAX_PAGES_PER_MESSAGE} per message"
-        )
+    if n > limit:
+        raise WireError(pb.ERROR_BAD_MESSAGE, f"{what}: {n} pages exceed the limit of {limit} per message")
     if n and int(indices.max()) >= page_count:
         raise WireError(
             pb.ERROR_BAD_MESSAGE,
@@ -308,7 +309,9 @@ def decode_ram_pages(
     lands (transfer.apply_ram_pages)."""
     indices, encodings, lengths = batch_arrays("RAM pages", msg)
     damaged = pb.ERROR_CHECKSUM if digested else pb.ERROR_BAD_MESSAGE
-    _validate_header("RAM pages", indices, encodings, lengths, page_count, len(payload), damaged)
+    _validate_header(
+        "RAM pages", indices, encodings, lengths, page_count, len(payload), damaged, MAX_PAGES_PER_MESSAGE
+    )
     idx = indices.astype(np.int64)
     zero = encodings == pb.PAGE_ZERO
     raw = encodings == pb.PAGE_RAW
@@ -350,7 +353,14 @@ def decode_tag_sections(
     hash each tagged page's 128 bytes for the receiver's verification leaves."""
     indices, encodings, lengths = batch_arrays("tag sections", msg)
     _validate_header(
-        "tag sections", indices, encodings, lengths, page_count, len(payload), pb.ERROR_BAD_MESSAGE
+        "tag sections",
+        indices,
+        encodings,
+        lengths,
+        page_count,
+        len(payload),
+        pb.ERROR_BAD_MESSAGE,
+        MAX_TAG_SECTIONS_PER_MESSAGE,
     )
     idx = indices.astype(np.int64)
     expected = {
