@@ -394,8 +394,9 @@ def unacknowledged(sent: deque[int], acked: int) -> int:
 
 
 def _send_queued(sock: zmq.Socket[bytes], pending: deque[list[Buffer]]) -> None:
-    """As much of the queue as the socket takes now. Every payload is its message's own (page
-    batches are copied out of guest memory as they are hashed), so it goes without a copy."""
+    """As much of the queue as the socket takes now. Payloads go without a copy: each is its
+    message's own (page batches are copied out of guest memory as they are hashed), or guest
+    memory that nothing writes until it has left (encode_ram_pages' `borrow`)."""
     while pending:
         try:
             sock.send_multipart(pending[0], flags=zmq.NOBLOCK, copy=False)

@@ -81,12 +81,15 @@ class PagePass:
 
 
 def encode_batch(
-    mem: GuestMemory, kind: str, pages: Indices, *, use_lz4: bool, round_no: int
+    mem: GuestMemory, kind: str, pages: Indices, *, use_lz4: bool, round_no: int, borrow: bool = False
 ) -> OutgoingBatch:
     """One batch of a pass, encoded from guest memory as it is now. Reads memory and builds new
-    objects only, so batches encode in parallel threads (the heavy parts release the GIL)."""
+    objects only, so batches encode in parallel threads (the heavy parts release the GIL).
+    `borrow`: nothing writes guest memory before the batch has left (encode_ram_pages)."""
     if kind == "ram_pages":
-        body, payload, stats = encode_ram_pages(mem.pages, pages, use_lz4=use_lz4, round_no=round_no)
+        body, payload, stats = encode_ram_pages(
+            mem.pages, pages, use_lz4=use_lz4, round_no=round_no, borrow=borrow
+        )
         return OutgoingBatch(kind, pages, body, payload, stats)
     tbody, tpayload, tstats = encode_tag_sections(mem.page_tags, pages, use_lz4=use_lz4, round_no=round_no)
     return OutgoingBatch(kind, pages, tbody, tpayload, tstats)

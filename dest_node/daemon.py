@@ -219,6 +219,9 @@ class DestDaemon:
         if self.runner is not None:
             self.runner.throttle = share
 
+    def guest_quiet(self) -> bool:
+        return self.runner is None or not self.runner.running
+
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()
         self.log.info("incoming guest discarded")

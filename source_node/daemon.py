@@ -110,6 +110,9 @@ class SourceDaemon:
         self.runner.throttle = share
         self.log.info("auto-converge throttle", throttle=round(share, 2))
 
+    def guest_quiet(self) -> bool:
+        return not self.runner.running  # its steps run on this thread, between our calls
+
     # -- commands -----------------------------------------------------------------------------
     @property
     def session(self) -> SourceSession | None:

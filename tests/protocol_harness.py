@@ -149,6 +149,9 @@ class FakeSourceHost:
         if self.runner is not None:
             self.runner.throttle = share
 
+    def guest_quiet(self) -> bool:
+        return not (self.runner.running if self.runner is not None else self.running)
+
 
 class FakeDestHost:
     def __init__(self) -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.memory import GuestMemory
-from common.transfer import apply_ram_pages
+from common.transfer import DamagedBatch, apply_ram_pages
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import (
@@ -353,6 +353,46 @@ def test_any_batch_of_pages_arrives_intact(kinds: list[str], order, use_lz4: boo
     assert stats.raw == encodings_of(msg).count(pb.PAGE_RAW)
     assert stats.lz4 == encodings_of(msg).count(pb.PAGE_LZ4)
     assert stats.payload_bytes == len(payload) == sum(lengths_of(msg))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    kinds=st.lists(st.sampled_from(PAGE_KINDS), min_size=1, max_size=12),
+    first=st.integers(0, 200),
+    borrow=st.booleans(),
+    use_lz4=st.booleans(),
+)
+def test_a_borrowed_run_is_sent_from_guest_memory_and_arrives_intact(
+    kinds: list[str], first: int, borrow: bool, use_lz4: bool
+) -> None:
+    rng = np.random.default_rng(first)
+    src = GuestMemory(1 << 20)
+    idx = np.arange(first, first + len(kinds), dtype=np.int64)
+    for page, kind in zip(idx.tolist(), kinds, strict=True):
+        src.pages[page] = page_of(kind, rng)
+    msg, payload, stats = encode_ram_pages(src.pages, idx, use_lz4=use_lz4, borrow=borrow)
+    shared = len(payload) > 0 and np.shares_memory(np.frombuffer(payload, dtype=np.uint8), src.pages)
+    content = [i for i, kind in enumerate(kinds) if kind != "zero"]
+    one_run = bool(content) and content == list(range(content[0], content[-1] + 1))
+    assert shared == (borrow and one_run and stats.lz4 == 0 and isinstance(payload, memoryview))
+    if borrow and one_run and not use_lz4:
+        assert shared, "a run of pages that nothing writes is sent from where it is"
+    got = through_the_wire(msg, payload)
+    dst = GuestMemory(1 << 20)
+    apply_ram_pages(dst, got.envelope.ram_pages, got.payload)  # every page checked as it lands
+    assert np.array_equal(dst.pages[idx], src.pages[idx])
+
+
+def test_a_borrowed_page_written_before_it_left_is_caught_as_damaged() -> None:
+    """The guest must not run while a borrowed batch waits in the socket; were it to, the
+    destination would refuse the page it changed, not place it as the sender hashed it."""
+    src = GuestMemory(1 << 20)
+    src.pages[:8] = np.random.default_rng(1).integers(0, 256, (8, PAGE_SIZE), dtype=np.uint8)
+    msg, payload, _ = encode_ram_pages(src.pages, np.arange(8, dtype=np.int64), use_lz4=False, borrow=True)
+    src.pages[5, 100] ^= 0xFF  # a write after the hashing, before the socket copied it
+    with pytest.raises(DamagedBatch) as info:
+        apply_ram_pages(GuestMemory(1 << 20), msg, bytes(payload))
+    assert info.value.code == pb.ERROR_CHECKSUM and info.value.placed_pages.tolist() == [0, 1, 2, 3, 4]
 
 
 def test_uncompressed_pages_are_sent_in_header_order() -> None:

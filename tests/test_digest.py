@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from common.constants import PAGE_SIZE
 from common.guest.digest import DigestCache, memory_digests
 from common.guest.memory import GuestMemory
-from common.guest.pagehash import NATIVE, gather_digests, place_checked, row_digests, table_digests
+from common.guest.pagehash import NATIVE, gather_content, place_checked, row_digests, table_digests
 from common.wire.codec import encode_ram_pages, encode_tag_sections
 
 PAGES = 512 + 37  # two whole digest blocks and a short one
@@ -99,23 +99,31 @@ def test_the_extension_is_built_where_the_install_script_ran() -> None:
     assert NATIVE, "common._pagehash is missing: run `bash scripts/install.sh` (needs libxxhash-dev)"
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(
-    width=st.sampled_from([128, 4096]),
+    width=st.sampled_from([128, 4096, 100]),
     seed=st.integers(0, 2**32 - 1),
     picks=st.lists(st.integers(0, 31), max_size=12, unique=True),
+    zeroed=st.sets(st.integers(0, 31)),
+    last_byte_only=st.sets(st.integers(0, 31)),
     damage=st.one_of(st.none(), st.integers(0, 11)),
 )
 def test_gather_and_checked_placement_agree_with_the_python_loops(
-    width: int, seed: int, picks: list[int], damage: int | None
+    width: int, seed: int, picks: list[int], zeroed: set[int], last_byte_only: set[int], damage: int | None
 ) -> None:
     rng = np.random.default_rng(seed)
     table = rng.integers(0, 256, (32, width), dtype=np.uint8)
+    table[sorted(zeroed | last_byte_only)] = 0
+    table[sorted(last_byte_only - zeroed), -1] = 1  # content only in the last byte: not a zero row
     pages = np.array(picks, dtype=np.int64)
+    want_zero = [not table[p].any() for p in picks]
+    content = pages[~np.array(want_zero, dtype=np.bool_)] if picks else pages
     for native in sorted({NATIVE, False}):
-        rows, digests = gather_digests(table, pages, native=native)
-        assert rows.tolist() == table[pages].tolist()
-        assert digests.tolist() == row_digests(table[pages], native=False).tolist()
+        for copy in (True, False):
+            zero, rows, digests = gather_content(table, pages, copy=copy, native=native)
+            assert zero.tolist() == want_zero
+            assert digests.tolist() == row_digests(table[content], native=False).tolist()
+            assert rows is None if not copy else rows.tolist() == table[content].tolist()
     expected = row_digests(table[pages], native=False)
     if damage is not None and damage < pages.size:
         expected[damage] ^= 1  # the row at `damage` arrived damaged
@@ -132,7 +140,7 @@ def test_gather_and_checked_placement_agree_with_the_python_loops(
 def test_the_native_calls_refuse_rows_outside_the_table() -> None:
     table = np.zeros((4, 128), dtype=np.uint8)
     with pytest.raises(IndexError, match="row 4 is outside a table of 4 rows"):
-        gather_digests(table, np.array([1, 4], dtype=np.int64))
+        gather_content(table, np.array([1, 4], dtype=np.int64))
     with pytest.raises(IndexError, match="row -1"):
         place_checked(
             table, np.array([-1], dtype=np.int64), np.zeros((1, 128), np.uint8), np.zeros(1, np.uint64)

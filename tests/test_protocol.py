@@ -3,17 +3,21 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.guest.guest import Guest
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
+from common.protocol import source as source_module
 from common.protocol.dest import DestParameters
 from common.protocol.events import LinkRestored
 from common.protocol.link import Arrival, Link
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
+from common.transfer import OutgoingBatch, encode_batch
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import packed_fields
@@ -106,6 +110,23 @@ def test_cancel_resumes_source_and_destination_never_runs() -> None:
     assert pair.src.phase is SourcePhase.CANCELLED
     assert pair.dst.phase is DestPhase.FAILED and pair.dst_host.discarded == 1
     assert "cancelled" in (pair.dst.failure.reason if pair.dst.failure else "")
+
+
+def test_guest_memory_is_borrowed_only_while_the_guest_is_stopped(monkeypatch: pytest.MonkeyPatch) -> None:
+    config = WorkloadConfig(seed=11, working_set_bytes=1 << 20, dirty_pages_per_step=8)
+    pair = Pair(boot(8 << 20, config), guest_speed=3000)
+    calls: list[tuple[bool, bool]] = []  # (borrowed, the guest was running)
+
+    def spy(*args: Any, borrow: bool = False, **kwargs: Any) -> OutgoingBatch:
+        calls.append((borrow, pair.src_host.running))
+        return encode_batch(*args, borrow=borrow, **kwargs)
+
+    monkeypatch.setattr(source_module, "encode_batch", spy)
+    pair.run()
+    assert_handed_over(pair)
+    assert (False, True) in calls, "batches of the rounds the guest ran through"
+    assert (True, False) in calls, "the final pass, after the stop, is sent from guest memory"
+    assert (True, True) not in calls, "never while the guest may write"
 
 
 def test_link_cut_for_good_fails_within_the_reconnect_timeout_and_resumes_source() -> None:

@@ -62,23 +62,31 @@ def table_digests(
     return out
 
 
-def gather_digests(
-    table: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], *, native: bool = NATIVE
-) -> tuple[npt.NDArray[np.uint8], U64Array]:
-    """A fresh copy of table[pages] and the digest of each copied row, in one pass: what is
-    sent is what was hashed, whatever writes the table meanwhile."""
+def gather_content(
+    table: npt.NDArray[np.uint8], pages: npt.NDArray[np.int64], *, copy: bool = True, native: bool = NATIVE
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint8] | None, U64Array]:
+    """Which of table[pages] are all zero, and for the others, in order, the digest of each and
+    (with `copy`) a fresh copy, in one pass: what is sent is what was hashed, whatever writes
+    the table meanwhile. Without `copy` the rows are hashed where they are, for a caller that
+    knows nothing writes them before they have been sent."""
     pages = np.ascontiguousarray(pages, dtype=np.int64)
     width = table.shape[1]
-    rows = np.empty((pages.size, width), dtype=np.uint8)
+    zero = np.zeros(pages.size, dtype=np.bool_)
+    rows = np.empty((pages.size, width), dtype=np.uint8) if copy else None
     digests = np.empty(pages.size, dtype=np.uint64)
     if pages.size == 0:
-        return rows, digests
+        return zero, rows, digests
     if native:
-        _pagehash.gather_rows(table.reshape(-1), width, pages, rows.reshape(-1), digests)
+        out = None if rows is None else rows.reshape(-1)
+        count = _pagehash.gather_content(table.reshape(-1), width, pages, out, digests, zero.view(np.uint8))
     else:
-        rows[:] = table[pages]
-        digests[:] = row_digests(rows, native=False)
-    return rows, digests
+        zero[:] = ~table[pages].any(axis=1)
+        content = table[pages[~zero]]
+        count = content.shape[0]
+        if rows is not None:
+            rows[:count] = content
+        digests[:count] = row_digests(content, native=False)
+    return zero, None if rows is None else rows[:count], digests[:count]
 
 
 def place_checked(

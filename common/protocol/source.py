@@ -62,6 +62,11 @@ class SourceHost(Protocol):
     def resume_guest(self) -> None: ...
     def set_throttle(self, share: float) -> None: ...
 
+    def guest_quiet(self) -> bool:
+        """Nothing writes guest memory until the session resumes the guest (it is stopped, or
+        has run its last step): page batches may be sent from guest memory without a copy."""
+        ...
+
 
 class Outbound(NamedTuple):
     """A message to send, and whether it is a bulk one (a page or tag batch): bulk messages may
@@ -110,6 +115,7 @@ class SourceSession:
         self._outgoing: list[Outbound] = []
         self.channels = 1  # granted by the destination's HelloAck
         self._encode_map = encode_map
+        self._borrow = False  # the host's guest_quiet() as this turn's batches are encoded
         self._urgent: list[list[Buffer]] = []  # postcopy answers, for the urgent connection
         self._events: list[ev.Event] = []
         self._use_lz4 = False
@@ -523,7 +529,14 @@ class SourceSession:
                 self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
-                batch = encode_batch(self.mem, entry.kind, chunk, use_lz4=self._use_lz4, round_no=round_no)
+                batch = encode_batch(
+                    self.mem,
+                    entry.kind,
+                    chunk,
+                    use_lz4=self._use_lz4,
+                    round_no=round_no,
+                    borrow=self.host.guest_quiet(),
+                )
                 self._record_sent(entry.kind, batch.stats)
                 self._outgoing.append(
                     Outbound(self.link.again(entry, batch.payload, batch.body), True, entry.seq)
@@ -670,6 +683,7 @@ class SourceSession:
             p = self.precopy.pass_
             chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
             encode_map = self._encode_map if self.channels > 1 else map  # as granted
+            self._borrow = self.host.guest_quiet()
             for batch in encode_map(self._encode, chunks):
                 self._send_batch(batch, now)
             if p.done:
@@ -677,7 +691,7 @@ class SourceSession:
                 self._end_of_pass(now)
 
     def _encode(self, chunk: tuple[str, Any]) -> OutgoingBatch:
-        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=self.round)
+        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=self.round, borrow=self._borrow)
 
     def _pump_postcopy(self, now: float) -> None:
         """Strict priority: every requested page goes before any background page, and little

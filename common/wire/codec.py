@@ -28,7 +28,7 @@ from common.constants import (
     PAGE_SIZE,
     TAG_MASK,
 )
-from common.guest.pagehash import gather_digests, row_digests
+from common.guest.pagehash import gather_content, row_digests
 from common.indices import contiguous, has_repeats
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer, WireError
@@ -144,16 +144,30 @@ def _compress_rows(
 
 
 def encode_ram_pages(
-    pages: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0, digests: bool = True
+    pages: U8,
+    indices: Indices,
+    *,
+    use_lz4: bool,
+    round_no: int = 0,
+    digests: bool = True,
+    borrow: bool = False,
 ) -> tuple[pb.RamPages, Buffer, BatchStats]:
     """Encode pages[indices] (pages is the guest's (page_count, 4096) view), with a digest of
     each page with content unless `digests` is False (postcopy: the manifest checks those).
 
     The pages with content are copied out of guest memory and hashed in one pass (the digest
     is of the copy), so the payload is the message's own: the socket sends it without copying
-    it again, and a guest writing meanwhile cannot tear it.
+    it again, and a guest writing meanwhile cannot tear it. With `borrow` the caller knows that
+    nothing writes guest memory until the batch has left (the guest is stopped, or has run its
+    last step): consecutive pages are then hashed and sent where they are, without the copy.
+    (Were the guest to write one anyway, the destination would find it damaged and ask again.)
     """
-    nonzero = nonzero_pages(pages, indices)
+    if digests:  # zero pages found, the others hashed (and copied), in one pass
+        in_place = borrow and contiguous(indices)
+        zero, copied, page_digests = gather_content(pages, indices, copy=not in_place)
+        nonzero = ~zero
+    else:
+        nonzero = nonzero_pages(pages, indices)
     encodings = np.where(nonzero, pb.PAGE_RAW, pb.PAGE_ZERO).astype(np.int32)
     lengths = np.where(nonzero, PAGE_SIZE, 0).astype(np.int64)
     data_rows = np.flatnonzero(nonzero)
@@ -164,10 +178,16 @@ def encode_ram_pages(
         content=indices if all_content else indices[data_rows],
         empty=_NO_PAGES if all_content else indices[~nonzero],
     )
-    if digests:
-        content, stats.digests = gather_digests(pages, stats.content)
-    else:
+    if not digests:
         content = gather_rows(pages, stats.content)
+    else:
+        stats.digests = page_digests
+        if copied is not None:
+            content = copied
+        elif contiguous(stats.content):  # borrowed: sent from guest memory
+            content = pages[int(stats.content[0]) : int(stats.content[-1]) + 1]
+        else:  # zero pages split the run: copied now (nothing has written since it was hashed)
+            content = pages[stats.content]
     everything = np.arange(data_rows.size)
     if use_lz4 and _lz4_pays(content, everything):
         code = np.full(data_rows.size, pb.PAGE_RAW, dtype=np.int32)
