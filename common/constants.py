@@ -43,7 +43,9 @@ PROTOCOL_VERSION = 4  # 2: acknowledged, resent and resumable messages; 3: per-p
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
-PAGES_PER_BATCH = 1024  # 4 MiB messages: per-message work (framing, protobuf, acks) a quarter of 1 MiB ones
+# 8 MiB messages: per-message work (framing, protobuf, acks) is an eighth of 1 MiB ones'. Measured
+# on 1 GiB into preallocated memory, 2 cores: 8 MiB 10 % faster than 4 MiB, 16 MiB slower again.
+PAGES_PER_BATCH = 2048
 # Tag sections are 32x smaller than pages, and a message costs both sides about the same whatever
 # it carries: 1 MiB of tags per message made a 1 GiB migration 10-20 % faster than 128 KiB.
 TAG_SECTIONS_PER_BATCH = 8192
@@ -75,7 +77,7 @@ RECONNECT_BACKOFF_S = (0.1, 1.0)
 RETRANSMIT_AFTER_S = 1.0
 
 # Hostile-input bounds: a message larger than these is refused before it is decoded.
-MAX_PAGES_PER_MESSAGE = 1024
+MAX_PAGES_PER_MESSAGE = 2048
 MAX_TAG_SECTIONS_PER_MESSAGE = 8192  # 1 MiB of packed tags
 MAX_FRAME_BYTES = MAX_PAGES_PER_MESSAGE * (PAGE_SIZE + 64) + (1 << 20)
 # lz4 is used for a batch only when a sample of its pages shrinks below this share.

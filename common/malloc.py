@@ -1,4 +1,4 @@
-"""Process tuning for a daemon that moves 4 MiB buffers all day: glibc and the collector.
+"""Process tuning for a daemon that moves 8 MiB buffers all day: glibc and the collector.
 
 glibc serves a large allocation with a fresh mmap and returns it to the kernel on free, so
 every batch (our encoded pages, libzmq's received messages) pays a page fault per 4 KiB on

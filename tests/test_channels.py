@@ -24,8 +24,8 @@ from tests.test_protocol import assert_handed_over
 
 
 def random_guest(seed: int = 3) -> Guest:
-    """32 MiB of random, tagged memory: 8 RAM batches and a tag batch, enough to reorder."""
-    return busy_guest(seed=seed, ram=32 << 20, fill=Fill.RANDOM, working_set=4 << 20)
+    """64 MiB of random, tagged memory: 8 RAM batches and a tag batch, enough to reorder."""
+    return busy_guest(seed=seed, ram=64 << 20, fill=Fill.RANDOM, working_set=4 << 20)
 
 
 # -- the hold ----------------------------------------------------------------------------------

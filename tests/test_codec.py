@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
+from common.constants import MAX_PAGES_PER_MESSAGE, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.memory import GuestMemory
 from common.transfer import DamagedBatch, apply_ram_pages
 from common.wire import framing
@@ -24,6 +24,7 @@ from common.wire.codec import (
 from common.wire.framing import WireError
 
 SESSION = b"s" * 8
+TOO_MANY = MAX_PAGES_PER_MESSAGE + 1
 
 
 def encodings_of(msg: pb.RamPages | pb.TagSections) -> list[int]:
@@ -269,7 +270,7 @@ def ram(indices: list[int], encodings: list[int], lengths: list[int]) -> pb.RamP
             lz4.block.compress(b"short", store_size=False),
             "decompresses to 5 bytes",
         ),
-        (ram(list(range(1025)), [pb.PAGE_ZERO] * 1025, [0] * 1025), b"", "limit"),
+        (ram(list(range(TOO_MANY)), [pb.PAGE_ZERO] * TOO_MANY, [0] * TOO_MANY), b"", "limit"),
     ],
 )
 def test_hostile_ram_pages_are_refused(msg: pb.RamPages, payload: bytes, message: str) -> None:
