@@ -168,6 +168,14 @@ class DigestCache:
     def stale_pages(self) -> int:
         return self.ram.stale_count + self.tags.stale_count
 
+    def update_blocks(self) -> None:
+        """Bring the block digests up to date with the leaves recorded so far. Called at the end
+        of each round, so that the verification inside the downtime has only the blocks of the
+        last pass left to hash (2 to 3 ms per GiB of written guest on each side). Stale pages
+        stay stale: they are hashed when digests are given out."""
+        self.ram.blocks()
+        self.tags.blocks()
+
     def digests(self) -> MemoryDigests:
         self.refresh()
         ram_blocks = self.ram.blocks()

@@ -790,6 +790,7 @@ class SourceSession:
         if self.phase is _S.SWITCHOVER:
             self._finish_switchover(now)
             return
+        self.digests.update_blocks()  # while the guest runs: the verification then hashes less
         finished_round = self.round
         if self.params.postcopy and (
             self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
