@@ -38,6 +38,7 @@ U64 = npt.NDArray[np.uint64]
 Indices = npt.NDArray[np.int64]
 _NO_PAGES = np.zeros(0, dtype=np.int64)
 _NO_DIGESTS = np.zeros(0, dtype=np.uint64)
+_TAG_COLUMNS = np.arange(PACKED_TAG_BYTES_PER_PAGE)  # a raw section's bytes, from its offset
 
 
 @dataclass
@@ -213,7 +214,8 @@ def encode_tag_sections(
     leaves; they do not travel (see the schema)."""
     rows = gather_rows(page_tags, indices)
     first = rows[:, 0]
-    uniform = (rows == first[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
+    same = first.astype(np.uint64) * np.uint64(0x0101010101010101)  # compared 8 bytes at a time
+    uniform = (rows.view(np.uint64) == same[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
     untagged = uniform & (first == 0)
     encodings = np.full(indices.size, pb.TAG_RAW, dtype=np.int32)
     lengths = np.full(indices.size, PACKED_TAG_BYTES_PER_PAGE, dtype=np.int64)
@@ -232,20 +234,21 @@ def encode_tag_sections(
     if digests:
         stats.digests = row_digests(rows[~untagged])
     compressed = use_lz4 and _lz4_pays(rows, varied)
-    if compressed:
-        varied_parts = iter(_compress_rows(rows, varied, pb.TAG_LZ4, encodings, lengths))
-    else:
-        varied_parts = iter(rows[i].tobytes() for i in varied.tolist())
+    packed = _compress_rows(rows, varied, pb.TAG_LZ4, encodings, lengths) if compressed else []
     if varied.size == indices.size and not compressed:
         payload: Buffer = rows.tobytes()
     else:
-        parts: list[bytes] = []
-        for i, code in enumerate(encodings.tolist()):
-            if code == pb.TAG_UNIFORM:
-                parts.append(bytes((int(first[i]) & TAG_MASK,)))
-            elif code != pb.TAG_UNTAGGED:
-                parts.append(next(varied_parts))
-        payload = b"".join(parts)
+        # each section at its offset: the uniform and raw ones in one step each, lz4 ones in turn
+        starts = np.cumsum(lengths) - lengths
+        out = np.empty(int(lengths.sum()), dtype=np.uint8)
+        one = np.flatnonzero(encodings == pb.TAG_UNIFORM)
+        out[starts[one]] = first[one] & TAG_MASK
+        raw = np.flatnonzero(encodings == pb.TAG_RAW)
+        out[starts[raw, None] + _TAG_COLUMNS] = rows[raw]
+        for i, part in zip(varied.tolist() if compressed else [], packed, strict=True):
+            if encodings[i] == pb.TAG_LZ4:
+                out[starts[i] : starts[i] + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        payload = out.tobytes()
     stats.raw = int(np.count_nonzero(encodings == pb.TAG_RAW))
     stats.lz4 = int(np.count_nonzero(encodings == pb.TAG_LZ4))
     stats.payload_bytes = len(payload)
@@ -403,28 +406,31 @@ def decode_tag_sections(
     if (encodings[content] == pb.TAG_RAW).all():
         rows = np.frombuffer(view, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
     else:
-        rows = np.empty((int(content.sum()), PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
-        offsets = np.concatenate(([0], np.cumsum(lengths)))
-        for row, i in enumerate(np.flatnonzero(content).tolist()):
-            chunk = view[offsets[i] : offsets[i + 1]]
-            code = encodings[i]
-            if code == pb.TAG_UNIFORM:
-                tag = chunk[0]
-                if tag > TAG_MASK:
-                    raise WireError(
-                        pb.ERROR_BAD_MESSAGE,
-                        f"tag sections: uniform tag {tag} of page {int(idx[i])} is wider than 4 bits",
-                    )
-                rows[row] = tag | (tag << 4)
-            elif code == pb.TAG_LZ4:
-                rows[row] = np.frombuffer(
-                    _decompress(
-                        "tag sections", int(idx[i]), chunk, PACKED_TAG_BYTES_PER_PAGE, pb.ERROR_BAD_MESSAGE
-                    ),
-                    dtype=np.uint8,
-                )
-            else:
-                rows[row] = np.frombuffer(chunk, dtype=np.uint8)
+        # each kind of section in one step (lz4 ones in turn); the lengths were checked above
+        data = np.frombuffer(view, dtype=np.uint8)
+        starts = np.cumsum(lengths) - lengths
+        row_of = np.cumsum(content) - 1  # the row of each page with content
+        rows = np.empty((pages.size, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
+        one = np.flatnonzero(encodings == pb.TAG_UNIFORM)
+        tag = data[starts[one]]
+        wide = np.flatnonzero(tag > TAG_MASK)
+        if wide.size:
+            i = int(one[wide[0]])
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE,
+                f"tag sections: uniform tag {int(tag[wide[0]])} of page {int(idx[i])} is wider than 4 bits",
+            )
+        rows[row_of[one]] = (tag | (tag << 4))[:, None]
+        raw = np.flatnonzero(encodings == pb.TAG_RAW)
+        rows[row_of[raw]] = data[starts[raw, None] + _TAG_COLUMNS]
+        for i in np.flatnonzero(encodings == pb.TAG_LZ4).tolist():
+            chunk = view[starts[i] : starts[i] + lengths[i]]
+            rows[row_of[i]] = np.frombuffer(
+                _decompress(
+                    "tag sections", int(idx[i]), chunk, PACKED_TAG_BYTES_PER_PAGE, pb.ERROR_BAD_MESSAGE
+                ),
+                dtype=np.uint8,
+            )
     digests = row_digests(rows) if digested else _NO_DIGESTS
     return DecodedBatch(indices=pages, rows=rows, zero=idx[untagged], digests=digests)
 
