@@ -20,6 +20,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common.control import request  # noqa: E402
 from source_node.demo import free_ports  # noqa: E402
 
 SOURCE = [sys.executable, "-m", "source_node.cli"]
@@ -54,6 +55,19 @@ class _PeakRss(threading.Thread):
             self.peak = max(self.peak, rss_kib(self.pid) * 1024)
 
 
+def _committed(control: str, timeout_s: float = 120.0) -> None:
+    """Wait until a `dest-node --preallocate` has committed its memory: the source comes after,
+    as to a QEMU started with -mem-prealloc, and committing is timed apart (its report says)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        reply = request(control, "status", timeout_s=2.0)
+        prealloc = (reply.get("result") or {}).get("preallocation") if reply.get("ok") else None
+        if prealloc and prealloc.get("seconds") is not None:
+            return
+        time.sleep(0.05)
+    raise TimeoutError(f"the destination did not commit its memory within {timeout_s:.0f} s")
+
+
 def migrate(
     tmp: Path,
     source_args: list[str],
@@ -61,19 +75,23 @@ def migrate(
     tree: Path | None = None,
     dest_stop: str = "0",
 ) -> Run:
-    (port,) = free_ports(1)
+    port, control_port = free_ports(2)
     uri = f"tcp://127.0.0.1:{port}"
     cwd = tree or ROOT
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     dest_report, source_report = tmp / f"dest-{port}.json", tmp / f"source-{port}.json"
+    preallocated = "--preallocate" in dest_args
+    control = f"tcp://127.0.0.1:{control_port}"
     dest = subprocess.Popen(
         [*DEST, "--listen", uri, "--once", "--stop-at-step", dest_stop, "--log-level", "error",
-         "--report", str(dest_report), *dest_args],
+         "--report", str(dest_report), *(["--control", control] if preallocated else []), *dest_args],
         cwd=cwd, env=env,
     )  # fmt: skip
     watch = _PeakRss(dest.pid)
     watch.start()
     time.sleep(0.3)
+    if preallocated:
+        _committed(control)
     try:
         subprocess.run(
             [*SOURCE, *source_args, "--migrate-to", uri, "--report", str(source_report), "--log-level", "error"],
