@@ -245,9 +245,10 @@ def encode_tag_sections(
         out[starts[one]] = first[one] & TAG_MASK
         raw = np.flatnonzero(encodings == pb.TAG_RAW)
         out[starts[raw, None] + _TAG_COLUMNS] = rows[raw]
-        for i, part in zip(varied.tolist() if compressed else [], packed, strict=True):
-            if encodings[i] == pb.TAG_LZ4:
-                out[starts[i] : starts[i] + len(part)] = np.frombuffer(part, dtype=np.uint8)
+        if compressed:  # a part for each varied section: lz4, or raw where lz4 did not shrink it
+            for i, part in zip(varied.tolist(), packed, strict=True):
+                if encodings[i] == pb.TAG_LZ4:
+                    out[starts[i] : starts[i] + len(part)] = np.frombuffer(part, dtype=np.uint8)
         payload = out.tobytes()
     stats.raw = int(np.count_nonzero(encodings == pb.TAG_RAW))
     stats.lz4 = int(np.count_nonzero(encodings == pb.TAG_LZ4))
