@@ -259,6 +259,27 @@ PROBES = [
         "        return True\n",
         ("tests/test_link_parts.py::test_the_cap_does_not_stretch_the_downtime",),
     ),
+    Probe(
+        "borrow: batches are sent from guest memory while the guest runs",
+        "common/protocol/source.py",
+        "            self._borrow = self.host.guest_quiet()\n",
+        "            self._borrow = True\n",
+        ("tests/test_protocol.py::test_guest_memory_is_borrowed_only_while_the_guest_is_stopped",),
+    ),
+    Probe(
+        "borrow: a page written after it was hashed is placed as if intact",
+        "common/guest/pagehash.py",
+        "        return pages.size if bad < 0 else int(bad)\n",
+        "        return pages.size\n",
+        ("tests/test_codec.py::test_a_borrowed_page_written_before_it_left_is_caught_as_damaged",),
+    ),
+    Probe(
+        "blocks: the verification in the downtime hashes every block the migration wrote",
+        "common/guest/digest.py",
+        "        self.ram.blocks()\n        self.tags.blocks()\n",
+        "        pass\n",
+        ("tests/test_digest.py::test_after_a_round_only_the_blocks_written_since_are_hashed_again",),
+    ),
 ]
 
 
