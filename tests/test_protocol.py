@@ -6,7 +6,7 @@ import re
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from common.guest.guest import Guest
@@ -269,6 +269,9 @@ def test_the_convergence_timeout_holds_inside_a_long_round() -> None:
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# the hello's answer lost, then the hello resent damaged: the destination has the hello and
+# acknowledges it, so the source must ask for the answer before its setup timeout
+@example(drop=0.02, duplicate=0.0, reorder=0.0, corrupt=0.02, seed=848, steps=0)
 @given(
     drop=st.sampled_from([0.0, 0.0, 0.02]),
     duplicate=st.sampled_from([0.0, 0.1]),

@@ -320,7 +320,7 @@ class SourceSession:
         deadline = link.t_last_heard + self._silence_limit()
         if self.phase is not _S.SETUP:
             deadline = min(deadline, link.t_last_sent + self.params.heartbeat_interval_s)
-        if link.unacked:
+        if link.unacked or self.phase is _S.SETUP:  # a resend, or asking for a lost answer to our hello
             deadline = min(deadline, link.t_progress + link.rto_s)
         if self.phase is _S.ACTIVE and self.t_setup_done is not None and not self.params.postcopy:
             deadline = min(deadline, self.t_setup_done + self.params.convergence_timeout_s)
@@ -425,6 +425,12 @@ class SourceSession:
             return True
         if link.retransmit_due(now):
             self._resend(link.to_resend(link.peer_received), now)
+            link.restart_retransmit_clock(now)
+        elif self.phase is _S.SETUP and not link.unacked and now - link.t_progress > link.rto_s:
+            # The destination acknowledged our hello but its answer was lost: ask for it, as after
+            # any loss, rather than wait for its own retransmission, which may come after our
+            # setup timeout (a hello resent after the loss is acknowledged, not answered again).
+            self._unsequenced(now, ack=pb.Ack(acked_seq=link.received, resend_from=link.received + 1))
             link.restart_retransmit_clock(now)
         return True
 
