@@ -104,7 +104,7 @@ def test_payload_corruption(net: NetPair, tmp_path: Path) -> None:
 @pytest.mark.parametrize("keys", [False, True], ids=["clear", "curve-3-channels"])
 def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None:
     """With keys, every reconnect after a reset proves both keys again (a new CURVE handshake),
-    on each of three parallel channels, which the reconnect opens again."""
+    on any of three parallel channels that the resets broke."""
     if keys:
         make_keys(tmp_path / "keys")
     seen: list[str] = []
@@ -123,8 +123,9 @@ def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None
         assert got.report["link"]["channels"] == 3
         assert all(count > 0 for count in got.report["link"]["channel_batches"]), got.report["link"]
         assert '"keys": "CURVE"' in got.stderr
-        # the three channels' connections at the start, and each again after the resets
-        assert got.stderr.count("peer key admitted") >= 6, got.stderr[-2000:]
+        # the three channels' connections at the start, then again each one the resets broke: at
+        # least one (a channel that sent nothing while the resets lasted keeps its connection)
+        assert got.stderr.count("peer key admitted") >= 4, got.stderr[-2000:]
 
 
 def test_a_rate_limit(net: NetPair, tmp_path: Path) -> None:
