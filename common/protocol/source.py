@@ -796,7 +796,6 @@ class SourceSession:
         if self.phase is _S.SWITCHOVER:
             self._finish_switchover(now)
             return
-        self.digests.update_blocks()  # while the guest runs: the verification then hashes less
         finished_round = self.round
         if self.params.postcopy and (
             self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
@@ -814,6 +813,7 @@ class SourceSession:
         self._catching_up = end.verdict is Verdict.WAIT
         if end.sync is None:
             return
+        self.digests.update_blocks()  # before any stop: the verification then hashes less
         self._round_sent(finished_round, int(end.sync.data_pages.size), now)
         if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
             # converged before its rounds were up: postcopy starts now, with little left to pull
