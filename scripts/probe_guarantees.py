@@ -52,7 +52,9 @@ PROBES = [
     Probe(
         "channels: the destination handles a batch that overtook another at once",
         "common/protocol/dest.py",
-        "            if self.channels > 1 and self.reorder.hold(env.seq, (message, self._arrived_bytes), now):\n"
+        "            if self.channels > 1 and self.reorder.hold(\n"
+        "                env.seq, (message, self._arrived_bytes), now, batch=batch\n"
+        "            ):\n"
         "                self.link.stats.reordered += 1\n",
         "            if self.channels > 1:\n                self._deliver(message, now)\n",
         (
@@ -262,8 +264,8 @@ PROBES = [
     Probe(
         "borrow: batches are sent from guest memory while the guest runs",
         "common/protocol/source.py",
-        "            self._borrow = self.host.guest_quiet()\n",
-        "            self._borrow = True\n",
+        "borrow=self.host.guest_quiet())\n            for batch in encode_map(encode, chunks):",
+        "borrow=True)\n            for batch in encode_map(encode, chunks):",
         ("tests/test_protocol.py::test_guest_memory_is_borrowed_only_while_the_guest_is_stopped",),
     ),
     Probe(

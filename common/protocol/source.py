@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
+from functools import partial
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -115,7 +116,6 @@ class SourceSession:
         self._outgoing: list[Outbound] = []
         self.channels = 1  # granted by the destination's HelloAck
         self._encode_map = encode_map
-        self._borrow = False  # the host's guest_quiet() as this turn's batches are encoded
         self._urgent: list[list[Buffer]] = []  # postcopy answers, for the urgent connection
         self._events: list[ev.Event] = []
         self._use_lz4 = False
@@ -430,7 +430,7 @@ class SourceSession:
             # The destination acknowledged our hello but its answer was lost: ask for it, as after
             # any loss, rather than wait for its own retransmission, which may come after our
             # setup timeout (a hello resent after the loss is acknowledged, not answered again).
-            self._unsequenced(now, ack=pb.Ack(acked_seq=link.received, resend_from=link.received + 1))
+            self._ack(now, resend=True)
             link.restart_retransmit_clock(now)
         return True
 
@@ -518,12 +518,12 @@ class SourceSession:
 
     def _ask_resend(self, now: float) -> None:
         if self.phase is not _S.SETUP and self.connected and self.link.should_ask_resend(now):
-            self._unsequenced(
-                now, ack=pb.Ack(acked_seq=self.link.received, resend_from=self.link.received + 1)
-            )
+            self._ack(now, resend=True)
 
-    def _ack(self, now: float) -> None:
-        self._unsequenced(now, ack=pb.Ack(acked_seq=self.link.received))
+    def _ack(self, now: float, *, resend: bool = False) -> None:
+        """What we received; with `resend`, asking for everything after it again."""
+        received = self.link.received
+        self._unsequenced(now, ack=pb.Ack(acked_seq=received, resend_from=received + 1 if resend else 0))
 
     def _resend(self, entries: list[Unacked], now: float) -> None:
         for entry in entries:
@@ -535,14 +535,7 @@ class SourceSession:
                 self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
-                batch = encode_batch(
-                    self.mem,
-                    entry.kind,
-                    chunk,
-                    use_lz4=self._use_lz4,
-                    round_no=round_no,
-                    borrow=self.host.guest_quiet(),
-                )
+                batch = self._encode((entry.kind, chunk), round_no=round_no, borrow=self.host.guest_quiet())
                 self._record_sent(entry.kind, batch.stats)
                 self._outgoing.append(
                     Outbound(self.link.again(entry, batch.payload, batch.body), True, entry.seq)
@@ -689,15 +682,15 @@ class SourceSession:
             p = self.precopy.pass_
             chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
             encode_map = self._encode_map if self.channels > 1 else map  # as granted
-            self._borrow = self.host.guest_quiet()
-            for batch in encode_map(self._encode, chunks):
+            encode = partial(self._encode, round_no=self.round, borrow=self.host.guest_quiet())
+            for batch in encode_map(encode, chunks):
                 self._send_batch(batch, now)
             if p.done:
                 self.precopy.pass_ = None
                 self._end_of_pass(now)
 
-    def _encode(self, chunk: tuple[str, Any]) -> OutgoingBatch:
-        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=self.round, borrow=self._borrow)
+    def _encode(self, chunk: tuple[str, Any], *, round_no: int, borrow: bool) -> OutgoingBatch:
+        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=round_no, borrow=borrow)
 
     def _pump_postcopy(self, now: float) -> None:
         """Strict priority: every requested page goes before any background page, and little
