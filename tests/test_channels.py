@@ -66,6 +66,52 @@ def test_control_messages_behind_a_full_window_of_batches_are_held_too() -> None
     assert not hold.hold(99, "a third batch", 0.0, batch=True)
 
 
+def test_one_number_sent_as_a_control_message_then_as_a_batch_changes_no_count() -> None:
+    """A hostile source repeats a number under another kind: the replaced copy is uncounted,
+    so the batch count cannot drift below zero and let more than the window be held."""
+    hold = Reorder(limit=16)
+    for r in range(0, 300, 3):
+        assert hold.hold(r + 2, "control", 0.0, batch=False)
+        assert hold.hold(r + 2, "empty ram batch", 0.0, batch=True)
+        hold.drop_upto(r + 2)
+        assert hold.batches == 0 and not hold.held
+    for seq in range(1000, 1100):
+        hold.hold(seq, "batch", 0.0, batch=True)
+    assert hold.batches == 16 == len(hold.held), "no more than the window of batches"
+
+
+def test_the_hold_is_bounded_in_bytes_whatever_the_kinds() -> None:
+    hold = Reorder(limit=16, max_bytes=1000)
+    assert hold.hold(2, "a", 0.0, batch=True, size=600)
+    assert not hold.hold(3, "b", 0.0, batch=False, size=500), "past the byte bound: a loss"
+    assert hold.hold(2, "a again, smaller", 0.0, batch=True, size=100), "the replaced copy's bytes are freed"
+    assert hold.hold(3, "b", 0.0, batch=False, size=500) and hold.bytes == 600
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["hold", "take", "drop"]),
+            st.integers(1, 24),
+            st.booleans(),
+            st.integers(0, 400),
+        ),
+        max_size=80,
+    )
+)
+def test_the_holds_counts_always_match_what_it_holds(ops: list[tuple[str, int, bool, int]]) -> None:
+    hold = Reorder(limit=4, max_bytes=2000)
+    for op, seq, batch, size in ops:
+        if op == "hold":
+            hold.hold(seq, seq, 0.0, batch=batch, size=size)
+        elif op == "take":
+            hold.take(seq, 0.0)
+        else:
+            hold.drop_upto(seq)
+        assert hold.batches == sum(1 for _, b, _ in hold.held.values() if b) <= hold.limit
+        assert hold.bytes == sum(n for _, _, n in hold.held.values()) <= hold.max_bytes
+
+
 def test_a_batch_goes_to_the_channel_with_the_least_in_flight() -> None:
     assert least_loaded([0, 0, 0], turn=0) == 0
     assert least_loaded([0, 0, 0], turn=2) == 2, "in turn among equals"

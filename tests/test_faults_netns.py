@@ -30,6 +30,12 @@ def net() -> Iterator[NetPair]:
         yield pair
 
 
+# The stream's cap in the tests whose fault must meet a migration in flight: 512 MiB of mixed
+# guest is ~140 MB on the wire, so ~2 s of stream at least, whatever the machine's speed. An
+# idle machine moved the uncapped guest before a fault placed 0.3 s after its first page began.
+PACED = ["--max-bandwidth", "64MiB"]
+
+
 def wait_for_pages(dest: Dest, timeout_s: float = 30.0) -> None:
     """Faults start once pages flow, not at a fixed time after launch: a slow boot on a loaded
     machine must not turn a mid-migration fault into a setup failure."""
@@ -38,7 +44,17 @@ def wait_for_pages(dest: Dest, timeout_s: float = 30.0) -> None:
         reply = request(dest.control, "status", timeout_s=1.0)
         if reply.get("ok") and (reply["result"].get("ram") or {}).get("pages", 0) > 0:
             return
-        time.sleep(0.05)
+        time.sleep(0.02)
+    raise AssertionError(f"no page arrived within {timeout_s:.0f} s: the fault was never placed")
+
+
+def wait_until(hit: Callable[[], bool], timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if hit():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 def keys_or_insecure(tmp: Path, side: str) -> list[str]:
@@ -74,12 +90,23 @@ def migrate_in(net: NetPair, tmp: Path, during: Callable[[], None] | None = None
             *extra,
             prefix=net.command(net.source, []),
         )
+        problems: list[BaseException] = []
         if during is not None:
-            threading.Thread(target=lambda: (wait_for_pages(dest), during()), daemon=True).start()
+
+            def fault() -> None:
+                try:
+                    wait_for_pages(dest)
+                    during()
+                except BaseException as exc:  # the test thread asserts on it
+                    problems.append(exc)
+
+            threading.Thread(target=fault, daemon=True).start()
         src = finish_source(proc, report, timeout=120)
         got = dest.finish(timeout=60)
     finally:
         dest.kill()
+    if problems:
+        raise problems[0]
     return src, got
 
 
@@ -110,15 +137,17 @@ def test_tcp_resets_mid_stream(net: NetPair, tmp_path: Path, keys: bool) -> None
     seen: list[str] = []
 
     def resets() -> None:
-        time.sleep(0.3)
+        # placed by progress (pages flow), lifted once the rule has reset something (or after
+        # 5 s, which the assertion below then reports): never by wall time alone
         net.reset_connections(PORT)
-        time.sleep(0.3)
+        wait_until(lambda: "counter packets 0 " not in net.nft_counters(net.dest), 5.0)
+        time.sleep(0.1)  # every channel's next packets meet the rule too
         seen.append(net.nft_counters(net.dest))
         net.clear_nft(net.dest)
 
-    src, got = migrate_in(net, tmp_path, resets, *(["--channels", "3"] if keys else []))
+    src, got = migrate_in(net, tmp_path, resets, *PACED, *(["--channels", "3"] if keys else []))
     assert_completed_and_equal(tmp_path, src, got)
-    assert seen and "counter packets 0" not in seen[0], "resets were sent"
+    assert seen and "counter packets 0 " not in seen[0], f"resets were sent: {seen}"
     if keys:
         assert got.report["link"]["channels"] == 3
         assert all(count > 0 for count in got.report["link"]["channel_batches"]), got.report["link"]
@@ -138,11 +167,10 @@ def test_a_rate_limit(net: NetPair, tmp_path: Path) -> None:
 
 def test_the_link_down_for_three_seconds(net: NetPair, tmp_path: Path) -> None:
     def flap() -> None:
-        time.sleep(0.3)
-        net.link(up=False)
+        net.link(up=False)  # as soon as pages flow, into a stream paced to outlast this
         time.sleep(3.0)
         net.link(up=True)
 
-    src, got = migrate_in(net, tmp_path, flap)
+    src, got = migrate_in(net, tmp_path, flap, *PACED)
     assert_completed_and_equal(tmp_path, src, got)
     assert src.report["link"]["reconnects"] >= 1, "a 3 s outage outlasts the 1 s peer timeout"

@@ -59,8 +59,9 @@ def test_the_ram_a_hello_may_claim_is_the_destinations_choice() -> None:
 
 
 def receiving() -> tuple[Pair, DestSession]:
-    """A pair whose destination has just opened the session."""
-    pair = Pair(busy_guest(seed=2))
+    """A pair whose destination has just opened the session (its stream capped, so that the
+    migration is still under way whatever the harness's turns)."""
+    pair = Pair(busy_guest(seed=2), MigrationParameters(max_bandwidth=1 << 20))
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.dst.session_id != b"", max_seconds=5)
     return pair, pair.dst

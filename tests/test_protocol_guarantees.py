@@ -173,7 +173,7 @@ def test_a_page_zeroed_after_it_was_sent_is_zeroed_on_the_destination() -> None:
     guest = busy_guest(seed=6)
     written = np.flatnonzero(guest.memory.data_populated)
     page = int(next(p for p in written if guest.memory.pages[p].any()))
-    pair = Pair(guest)
+    pair = Pair(guest, MigrationParameters(max_bandwidth=2 << 20))  # still under way when it is zeroed
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.dst.stats.pages > np.searchsorted(written, page))
     assert pair.src.phase is SourcePhase.ACTIVE and pair.dst.guest is not None

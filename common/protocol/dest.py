@@ -44,6 +44,7 @@ from common.protocol.postcopy import DestPostcopy
 from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
+from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import destination_verdict
 from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
@@ -216,7 +217,7 @@ class DestSession:
         if arrival is Arrival.AHEAD:
             batch = message.kind in framing.BATCH_KINDS
             if self.channels > 1 and self.reorder.hold(
-                env.seq, (message, self._arrived_bytes), now, batch=batch
+                env.seq, (message, self._arrived_bytes), now, batch=batch, size=self._arrived_bytes
             ):
                 self.link.stats.reordered += 1
                 return
@@ -274,80 +275,94 @@ class DestSession:
             self._ack(now)  # data messages are acknowledged with the flow control
 
     def poll(self, now: float) -> None:
-        if self.phase not in _LIVE and self.phase is not _D.RUNNING:
-            return
+        """Advance on time: take what the guest found missing (postcopy), then act on every
+        timer that is due."""
+        if self.phase is _D.POSTCOPY:
+            self._take_misses(now)
+        run_due(self.timers, now)
+
+    def next_deadline(self, now: float) -> float:
+        return next_deadline(self.timers(now), now)
+
+    def timers(self, now: float) -> list[Timer]:
+        """Every armed timer, in the order poll acts on them: the one list both poll and
+        next_deadline read."""
         link = self.link
+        timers: list[Timer] = []
         if self.phase is _D.RUNNING:
             # the handover is done; only a source that has not heard so may still need Started
-            if link.unacked and link.retransmit_due(now):
-                self._resend_from(link.peer_received, now)
-                link.restart_retransmit_clock(now)
-            return
-        if self.phase is _D.POSTCOPY:
-            self._poll_postcopy(now)
-        silent = link.silence(now)
-        if silent > self.keep_for_s and self.phase is not _D.POSTCOPY:
-            self._fail(
-                pb.ERROR_TIMEOUT,
-                f"source silent for {silent:.1f} s (it had {self.keep_for_s:.1f} s to reconnect); what arrived is discarded",
-                now,
-            )
-            return
-        if link.retransmit_due(now):
-            self._resend_from(link.peer_received, now)
-            link.restart_retransmit_clock(now)
-        if self.reorder.waited(now) >= REORDER_WAIT_S:
-            self._ask_resend(now)  # what the held messages wait for is lost, not late
-            self.reorder.restart(now)  # asked again after a retransmission timeout, not every turn
-        if now - link.t_last_sent >= self.params.heartbeat_interval_s:
-            self._unsequenced(now, heartbeat=pb.Heartbeat())
+            if link.unacked:
+                timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
+            return timers
+        if self.phase not in _LIVE:
+            return timers
+        pc = self.postcopy
+        if self.phase is not _D.POSTCOPY:
+            # a postcopy guest runs here and is never discarded, however long the source is silent
+            timers.append(Timer("source-silent", link.t_last_heard + self.keep_for_s, self._source_silent))
+        if pc is not None and pc.late_tags:
+            timers.append(Timer("late-tags", now, self._place_late_tags, work=True))
+        heard = link.silence(now) < self.params.peer_timeout_s
+        if pc is not None and self.phase is _D.POSTCOPY and heard:
+            # while the source is silent nothing piles up: the resume carries on
+            if pc.outstanding:
+                at = min(pc.outstanding.values()) + link.rto_s
+                timers.append(Timer("ask-again", at, self._ask_overdue))
+            if not pc.complete and not any(e.kind == "received_bitmap" for e in link.unacked):
+                # quiet while pages are missing (a batch refused as malformed, a source that
+                # lost track): say again what we hold, and the source sends the rest
+                at = max(pc.t_last_data, pc.t_last_bitmap) + link.rto_s
+                timers.append(Timer("bitmap-again", at, self._send_bitmap))
+        if link.unacked:
+            timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
+        if self.reorder.t_gap is not None:
+            timers.append(Timer("reorder-gap", self.reorder.t_gap + REORDER_WAIT_S, self._gap_is_a_loss))
+        timers.append(
+            Timer("heartbeat", link.t_last_sent + self.params.heartbeat_interval_s, self._heartbeat)
+        )
+        return timers
 
-    def _poll_postcopy(self, now: float) -> None:
-        """Ask for what the guest missed; the source may be silent: the guest runs on the pages
-        it holds and waits only on missing ones (never discarded, never failed from here)."""
+    def _source_silent(self, now: float) -> None:
+        silent = self.link.silence(now)
+        self._fail(
+            pb.ERROR_TIMEOUT,
+            f"source silent for {silent:.1f} s (it had {self.keep_for_s:.1f} s to reconnect); what arrived is discarded",
+            now,
+        )
+
+    def _retransmit(self, now: float) -> None:
+        self._resend_from(self.link.peer_received, now)
+        self.link.restart_retransmit_clock(now)
+
+    def _gap_is_a_loss(self, now: float) -> None:
+        self._ask_resend(now)  # what the held messages wait for is lost, not late
+        self.reorder.restart(now)  # asked again after a retransmission timeout, not every turn
+
+    def _heartbeat(self, now: float) -> None:
+        self._unsequenced(now, heartbeat=pb.Heartbeat())
+
+    def _take_misses(self, now: float) -> None:
+        """The pages the guest found missing: asked for at once (the source may be silent: the
+        guest runs on the pages it holds and waits only on missing ones)."""
+        assert self.postcopy is not None
+        self._request(self.postcopy.to_request(self.host.take_page_misses(), now, miss=True), now)
+
+    def _place_late_tags(self, now: float) -> None:
         pc = self.postcopy
         assert pc is not None and self.guest is not None
-        if pc.late_tags:
-            pc.place_late_tags(self.guest.memory, now)
-            if pc.complete and not pc.late_tags:
-                self._all_present(now)
-        wanted = pc.to_request(self.host.take_page_misses(), now, miss=True)
-        heard = self.link.silence(now) < self.params.peer_timeout_s
-        if heard:  # while the source is silent, nothing piles up: the resume carries on
-            wanted += pc.overdue(now, self.link.rto_s)
-        self._request(sorted(set(wanted)), now)
-        if (
-            heard
-            and not pc.complete
-            and now - max(pc.t_last_data, pc.t_last_bitmap) > self.link.rto_s
-            and not any(e.kind == "received_bitmap" for e in self.link.unacked)
-        ):
-            # Quiet while pages are missing (a batch refused as malformed, a source that lost
-            # track): say again what we hold, and the source sends the rest.
-            self._send_bitmap(now)
+        pc.place_late_tags(self.guest.memory, now)
+        if pc.complete and not pc.late_tags:
+            self._all_present(now)
+
+    def _ask_overdue(self, now: float) -> None:
+        assert self.postcopy is not None
+        self._request(sorted(self.postcopy.overdue(now, self.link.rto_s)), now)
 
     def _request(self, pages: list[int], now: float) -> None:
         for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
             self._send(
                 now, page_request=pb.PageRequest(page_index=pages[first : first + MAX_PAGES_PER_MESSAGE])
             )
-
-    def next_deadline(self, now: float) -> float:
-        link = self.link
-        if self.phase is _D.RUNNING and link.unacked:
-            return link.t_progress + link.rto_s
-        if self.phase in _LIVE:
-            if self.postcopy is not None and self.postcopy.late_tags:
-                return now
-            deadline = min(
-                link.t_last_sent + self.params.heartbeat_interval_s, link.t_last_heard + self.keep_for_s
-            )
-            if link.unacked:
-                deadline = min(deadline, link.t_progress + link.rto_s)
-            if self.reorder.t_gap is not None:
-                deadline = min(deadline, self.reorder.t_gap + REORDER_WAIT_S)
-            return deadline
-        return now + 3600.0
 
     def cancel(self, now: float, reason: str = "cancelled by the destination's operator") -> None:
         if self.phase is _D.POSTCOPY:

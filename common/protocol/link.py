@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any
 
+from common.constants import MAX_FRAME_BYTES
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer
@@ -183,37 +184,49 @@ class Reorder:
     Bounded: a sender never has more than its window of batches in flight, so a hold full of
     batches means a loss. The control messages behind them (an end of round, the vCPU state,
     a postcopy manifest) have a looser bound of their own: they are few, but not counted by
-    the window."""
+    the window. Bytes are bounded too, whatever the kinds: what a peer can make us hold is at
+    most a window of the largest messages the wire admits."""
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, max_bytes: int | None = None) -> None:
         self.limit = limit
         self.control_limit = 4 * limit + 64
-        self.held: dict[int, tuple[Any, bool]] = {}
+        self.max_bytes = (limit + 1) * MAX_FRAME_BYTES if max_bytes is None else max_bytes
+        self.held: dict[int, tuple[Any, bool, int]] = {}
         self.batches = 0
+        self.bytes = 0
         self.t_gap: float | None = None  # since when a message ahead waits for a missing one
 
-    def hold(self, seq: int, item: Any, now: float, *, batch: bool) -> bool:
-        """Keep `item` for its turn; False when its kind's share of the hold is full (ask for
-        a resend instead)."""
+    def hold(self, seq: int, item: Any, now: float, *, batch: bool, size: int = 0) -> bool:
+        """Keep `item` for its turn; False when its kind's share of the hold, or the bytes
+        held, would pass their bound (ask for a resend instead)."""
         if seq in self.held:
-            self.held[seq] = (item, batch)  # a resent copy replaces the first: the same message
-            return True
+            # A resent copy replaces the first, and is counted as what it is now: a peer that
+            # sends one number as a control message and then as a batch changes no count.
+            self._pop(seq)
         if batch and self.batches >= self.limit:
             return False
         if not batch and len(self.held) - self.batches >= self.control_limit:
             return False
-        self.held[seq] = (item, batch)
+        if self.bytes + size > self.max_bytes:
+            return False
+        self.held[seq] = (item, batch, size)
         self.batches += batch
+        self.bytes += size
         if self.t_gap is None:
             self.t_gap = now
         return True
+
+    def _pop(self, seq: int) -> Any:
+        item, batch, size = self.held.pop(seq)
+        self.batches -= batch
+        self.bytes -= size
+        return item
 
     def take(self, seq: int, now: float) -> Any:
         """The held message numbered `seq`, if it is here; the gap clock restarts on it."""
         if seq not in self.held:
             return None
-        item, batch = self.held.pop(seq)
-        self.batches -= batch
+        item = self._pop(seq)
         self.t_gap = now if self.held else None
         return item
 
@@ -229,13 +242,14 @@ class Reorder:
     def drop_upto(self, seq: int) -> None:
         """Forget what was delivered meanwhile (a resend overtook the held copy)."""
         for old in [s for s in self.held if s <= seq]:
-            self.batches -= self.held.pop(old)[1]
+            self._pop(old)
         if not self.held:
             self.t_gap = None
 
     def clear(self) -> None:
         self.held.clear()
         self.batches = 0
+        self.bytes = 0
         self.t_gap = None
 
 

@@ -189,7 +189,8 @@ class DestPostcopy:
 
     def overdue(self, now: float, after_s: float) -> list[int]:
         """Requests unanswered this long (an urgent answer is not resent by the link): ask again."""
-        late = [page for page, asked in self.outstanding.items() if now - asked > after_s]
+        # (the same sum as the deadline it answers: it must find what that deadline promised)
+        late = [page for page, asked in self.outstanding.items() if asked + after_s <= now]
         for page in late:
             self.outstanding[page] = now
             self.retried_requests += 1

@@ -43,6 +43,7 @@ from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
+from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch, device_state, encode_batch
 from common.wire import framing
@@ -122,7 +123,6 @@ class SourceSession:
         self.guest_stopped = False
         self._catching_up = False
         self._resend_vcpus = True
-        self._rate_limited_until: float | None = None
         self._commit_acked = False
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # postcopy: set at the switchover; from then on the guest is the destination's
@@ -288,55 +288,86 @@ class SourceSession:
             self._ack(now)
 
     def poll(self, now: float) -> None:
-        """Advance on time: send what the window and bandwidth allow, watch the link."""
-        if self.phase.ended or self.phase is _S.IDLE:
-            return
-        if not self._watch_link(now):
-            return
-        if (
-            self.phase is _S.ACTIVE
-            and not self.params.postcopy  # postcopy is the answer to a guest that does not converge
-            and self._active_for(now) > self.params.convergence_timeout_s
-        ):
-            # checked on time, not only when a round ends: a long round must not overrun it
-            self._fail(pb.ERROR_NOT_CONVERGING, self.precopy.give_up_reason(self.params), now)
-            return
-        if self.phase in _SENDING:
-            self._pump(now)
-        if self.phase is _S.ACTIVE and self._catching_up:
-            self._end_of_pass(now)
-        if (
-            self.connected
-            and self.phase is not _S.SETUP  # the hello is resent until answered; it is the heartbeat
-            and now - self.link.t_last_sent >= self.params.heartbeat_interval_s
-        ):
-            self._unsequenced(now, heartbeat=pb.Heartbeat())
+        """Advance on time: act on every timer that is due (sending what the window and the
+        bandwidth allow is one of them)."""
+        run_due(self.timers, now)
 
     def next_deadline(self, now: float) -> float:
         """When poll next has something to do even if no message arrives."""
+        return next_deadline(self.timers(now), now)
+
+    def timers(self, now: float) -> list[Timer]:
+        """Every armed timer, in the order poll acts on them: the one list both poll and
+        next_deadline read."""
         if self.phase.ended or self.phase is _S.IDLE:
-            return now + 3600.0
-        link = self.link
-        deadline = link.t_last_heard + self._silence_limit()
-        if self.phase is not _S.SETUP:
-            deadline = min(deadline, link.t_last_sent + self.params.heartbeat_interval_s)
-        if link.unacked or self.phase is _S.SETUP:  # a resend, or asking for a lost answer to our hello
-            deadline = min(deadline, link.t_progress + link.rto_s)
-        if self.phase is _S.ACTIVE and self.t_setup_done is not None and not self.params.postcopy:
-            deadline = min(deadline, self.t_setup_done + self.params.convergence_timeout_s)
+            return []
+        link, params = self.link, self.params
+        timers: list[Timer] = []
+        if self.phase is _S.SETUP:
+            timers.append(
+                Timer("setup-timeout", link.t_last_heard + params.peer_timeout_s, self._setup_timed_out)
+            )
+        else:
+            timers.append(Timer("give-up", link.t_last_heard + self._give_up_after(), self._give_up))
+            if self.connected:
+                timers.append(
+                    Timer("link-broken", link.t_last_heard + params.peer_timeout_s, self._link_broken)
+                )
         if not self.connected:
-            return min(deadline, self.reconnector.next_at)
-        if self.phase in _SENDING:
-            if self.precopy.pass_ is not None and self.in_flight < self.params.window:
-                deadline = min(deadline, self._rate_limited_until or now)
-            pc = self.postcopy
-            if (
-                pc is not None
-                and pc.background_left
-                and self.in_flight < min(BACKGROUND_WINDOW, self.params.window)
-            ):
-                deadline = now  # background pages to send and room for them
-        return deadline
+            timers.append(Timer("resume", self.reconnector.next_at, self._send_resume))
+        elif link.unacked:
+            timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
+        elif self.phase is _S.SETUP:
+            # The destination acknowledged our hello but its answer was lost: ask for it, as after
+            # any loss, rather than wait for its own retransmission, which may come after our
+            # setup timeout (a hello resent after the loss is acknowledged, not answered again).
+            timers.append(Timer("ask-hello-answer", link.t_progress + link.rto_s, self._ask_hello_answer))
+        if self.phase is _S.ACTIVE and not params.postcopy and self.t_setup_done is not None:
+            # postcopy is the answer to a guest that does not converge; the check runs on time,
+            # not only when a round ends: a long round must not overrun it
+            at = self.t_setup_done + params.convergence_timeout_s
+            timers.append(Timer("convergence", at, self._not_converging))
+        if self.connected and self.phase in _SENDING:
+            send_at = self._send_at(now)
+            if send_at is not None:
+                timers.append(Timer("send", send_at, self._pump, work=True))
+        if self.phase is _S.ACTIVE and self._catching_up:
+            # the round's end waits for its batches to be placed there (or for time to run out)
+            at = (
+                now
+                if self.in_flight == 0 or self.t_setup_done is None
+                else (self.t_setup_done + params.convergence_timeout_s)
+            )
+            timers.append(Timer("round-end", at, self._end_of_pass, work=self.in_flight == 0))
+        if self.connected and self.phase is not _S.SETUP:  # in setup, the hello is the heartbeat
+            at = link.t_last_sent + params.heartbeat_interval_s
+            timers.append(Timer("heartbeat", at, self._heartbeat))
+        return timers
+
+    def _send_at(self, now: float) -> float | None:
+        """When there is something to send and room for it: at once, when the cap allows, or
+        never (None) until an ack or a request makes room or work."""
+        pc = self.postcopy
+        if pc is not None:
+            # requests that waited out a broken link go at once; background pages need room
+            room = self.in_flight < min(BACKGROUND_WINDOW, self.params.window)
+            return now if pc.urgent or (pc.background_left and room) else None
+        if self.precopy.pass_ is None or self.in_flight >= self.params.window:
+            return None
+        if self._capped():
+            return self.bucket.ready_at(now) or now
+        return now
+
+    def _setup_timed_out(self, now: float) -> None:
+        timeout = self.params.peer_timeout_s
+        reason = f"no answer from the destination within {timeout:.1f} s (is dest-node listening there?)"
+        self._fail(pb.ERROR_TIMEOUT, reason, now)
+
+    def _not_converging(self, now: float) -> None:
+        self._fail(pb.ERROR_NOT_CONVERGING, self.precopy.give_up_reason(self.params), now)
+
+    def _heartbeat(self, now: float) -> None:
+        self._unsequenced(now, heartbeat=pb.Heartbeat())
 
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
         if self.phase.terminal:
@@ -396,50 +427,35 @@ class SourceSession:
         self.bucket.set_rate(self.params.max_bandwidth, now)
 
     # -- link ----------------------------------------------------------------------------------
-    def _silence_limit(self) -> float:
-        return self.params.peer_timeout_s if self.connected else self.params.reconnect_timeout_s
+    def _link_broken(self, now: float) -> None:
+        silent = self.link.silence(now)
+        self.reconnector.broken(now)
+        epoch = self.link.new_epoch()
+        self._events.append(ev.Reconnect(epoch, silent))
+        self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
+        if self.phase in (_S.POSTCOPY, _S.POSTCOPY_VERIFYING):
+            self._paused_from = self.phase
+            self._move(_S.POSTCOPY_PAUSED)
 
-    def _watch_link(self, now: float) -> bool:
-        """Heartbeats, retransmission and reconnects; False once the session has ended."""
-        link = self.link
-        silent = link.silence(now)
-        if self.phase is _S.SETUP:
-            if silent > self.params.peer_timeout_s:
-                reason = f"no answer from the destination within {self.params.peer_timeout_s:.1f} s (is dest-node listening there?)"
-                self._fail(pb.ERROR_TIMEOUT, reason, now)
-                return False
-        elif silent > self._give_up_after():
-            self._give_up(now, silent)
-            return False
-        elif self.connected and silent > self.params.peer_timeout_s:
-            self.reconnector.broken(now)
-            epoch = link.new_epoch()
-            self._events.append(ev.Reconnect(epoch, silent))
-            self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
-            if self.phase in (_S.POSTCOPY, _S.POSTCOPY_VERIFYING):
-                self._paused_from = self.phase
-                self._move(_S.POSTCOPY_PAUSED)
-        if not self.connected:
-            if self.reconnector.resume_due(now):
-                self._unsequenced(now, resume=pb.Resume(epoch=link.epoch, last_received=link.received))
-            return True
-        if link.retransmit_due(now):
-            self._resend(link.to_resend(link.peer_received), now)
-            link.restart_retransmit_clock(now)
-        elif self.phase is _S.SETUP and not link.unacked and now - link.t_progress > link.rto_s:
-            # The destination acknowledged our hello but its answer was lost: ask for it, as after
-            # any loss, rather than wait for its own retransmission, which may come after our
-            # setup timeout (a hello resent after the loss is acknowledged, not answered again).
-            self._ack(now, resend=True)
-            link.restart_retransmit_clock(now)
-        return True
+    def _send_resume(self, now: float) -> None:
+        if self.reconnector.resume_due(now):
+            self._unsequenced(now, resume=pb.Resume(epoch=self.link.epoch, last_received=self.link.received))
+
+    def _retransmit(self, now: float) -> None:
+        self._resend(self.link.to_resend(self.link.peer_received), now)
+        self.link.restart_retransmit_clock(now)
+
+    def _ask_hello_answer(self, now: float) -> None:
+        self._ack(now, resend=True)
+        self.link.restart_retransmit_clock(now)
 
     def _give_up_after(self) -> float:
         if self.phase.postcopy:
             return self.params.postcopy_recover_timeout_s
         return self.params.reconnect_timeout_s
 
-    def _give_up(self, now: float, silent: float) -> None:
+    def _give_up(self, now: float) -> None:
+        silent = self.link.silence(now)
         if self.phase.postcopy:
             lacks = "an unknown number of" if self.dest_missing is None else f"{self.dest_missing}"
             self._unsettled(
@@ -675,10 +691,8 @@ class SourceSession:
             self._pump_postcopy(now)
             return
         while self.precopy.pass_ is not None and self.in_flight < self.params.window:
-            if self._capped():
-                self._rate_limited_until = self.bucket.ready_at(now)
-                if self._rate_limited_until is not None:
-                    return
+            if self._capped() and self.bucket.ready_at(now) is not None:
+                return
             p = self.precopy.pass_
             chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
             encode_map = self._encode_map if self.channels > 1 else map  # as granted
