@@ -38,8 +38,9 @@ RGSR_SEED_MASK = 0xFFFF
 # block narrows the search to its pages without hashing every page twice.
 DIGEST_BLOCK_PAGES = 256
 
-PROTOCOL_VERSION = 4  # 2: acknowledged, resent and resumable messages; 3: per-page digests;
-# 4: tag sections of up to MAX_TAG_SECTIONS_PER_MESSAGE pages
+PROTOCOL_VERSION = 5  # 2: acknowledged, resent and resumable messages; 3: per-page digests;
+# 4: tag sections of up to MAX_TAG_SECTIONS_PER_MESSAGE pages; 5: LinkTimeouts, and the fields
+# nobody read gone from Ack, EndOfRound and VerifyResult
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
@@ -71,6 +72,10 @@ PEER_DEAD_AFTER_S = 3.0
 # How long a source goes on reconnecting before it fails (its guest running); a destination
 # keeps an unfinished session that long.
 RECONNECT_TIMEOUT_S = 10.0
+# The longest a destination keeps an unfinished session while its source is silent, unless its
+# operator says otherwise (dest-node --max-source-wait): a hello may ask for less, never more,
+# so no source decides how long it holds a destination.
+MAX_SOURCE_WAIT_S = 120.0
 # Resume attempts back off from the first to the last interval.
 RECONNECT_BACKOFF_S = (0.1, 1.0)
 # A sequenced message unacknowledged this long is sent again.

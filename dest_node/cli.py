@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 from common.cli_keys import add_key_arguments, keygen_main, security_from
 from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
-from common.constants import HEARTBEAT_INTERVAL_S, MAX_RAM_BYTES, PEER_DEAD_AFTER_S
+from common.constants import HEARTBEAT_INTERVAL_S, MAX_RAM_BYTES, MAX_SOURCE_WAIT_S, PEER_DEAD_AFTER_S
 from common.ctl import ctl_main
 from common.guest.memory import check_ram_size
 from common.logging import configure
@@ -76,6 +76,14 @@ def build_parser() -> argparse.ArgumentParser:
         f"reconnect timeout, if longer, wins (default {PEER_DEAD_AFTER_S:g} s)",
     )
     parser.add_argument(
+        "--max-source-wait",
+        type=positive(float),
+        default=MAX_SOURCE_WAIT_S,
+        metavar="S",
+        help="keep an unfinished session at most this long while its source is silent, whatever "
+        f"reconnect timeout the source asks for (default {MAX_SOURCE_WAIT_S:g} s)",
+    )
+    parser.add_argument(
         "--max-ram",
         type=size,
         default=MAX_RAM_BYTES,
@@ -127,6 +135,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         heartbeat_interval_s=min(HEARTBEAT_INTERVAL_S, args.peer_timeout / 4),
         corrupt_page=args.debug_corrupt_page,
         max_ram_bytes=args.max_ram,
+        max_source_wait_s=args.max_source_wait,
     )
     try:
         daemon = DestDaemon(

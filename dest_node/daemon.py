@@ -153,7 +153,11 @@ class DestDaemon:
             self.zap.close()
 
     def _new_session(self) -> DestSession:
-        return DestSession(self, self.options.params, time.monotonic())
+        """A session for the next source, remembering the sessions whose guest ran here (their
+        sources may still be reconnecting to learn that)."""
+        previous: DestSession | None = getattr(self, "session", None)
+        handed_over = previous.handed_over_sessions() if previous is not None else None
+        return DestSession(self, self.options.params, time.monotonic(), handed_over)
 
     def _preallocate(self) -> None:
         size = self.options.preallocate_bytes

@@ -113,9 +113,7 @@ ALL_BODIES = {
     "hello_ack": pb.HelloAck(accepted=True, protocol_version=1, features=[pb.FEATURE_MTE], initial_credit=16),
     "ram_pages": pb.RamPages(round=2, **packed_fields([1, 2], [pb.PAGE_ZERO, pb.PAGE_ZERO], [0, 0])),
     "tag_sections": pb.TagSections(round=2, **packed_fields([3], [pb.TAG_UNTAGGED], [0])),
-    "end_of_round": pb.EndOfRound(
-        round=3, pages_sent=10, tag_sections_sent=4, remaining_dirty_pages=7, final=True
-    ),
+    "end_of_round": pb.EndOfRound(round=3, final=True),
     "device_state": pb.DeviceState(
         vcpus=[
             pb.VcpuState(
@@ -147,17 +145,17 @@ ALL_BODIES = {
     ),
     "verify_result": pb.VerifyResult(
         ok=False,
-        mismatched_blocks=[2],
         page_digests=[pb.PageDigests(first_page=512, ram_digests=b"\x01" * 8)],
         attempt=1,
     ),
     "commit": pb.Commit(),
     "started": pb.Started(step=77),
-    "ack": pb.Ack(acked_seq=9, credit=4, resend_from=7),
+    "ack": pb.Ack(resend_from=7),
     "heartbeat": pb.Heartbeat(),
     "abort": pb.Abort(code=pb.ERROR_CANCELLED, reason="operator cancelled"),
     "resume": pb.Resume(epoch=2, last_received=17),
     "resume_ack": pb.ResumeAck(epoch=2, last_received=9, guest_running=True),
+    "link_timeouts": pb.LinkTimeouts(reconnect_timeout_ms=40_000, postcopy_recover_timeout_ms=60_000),
 }
 
 

@@ -65,7 +65,7 @@ def inject_strangers(pair: Pair, seed: int, every: int, per_turn: int) -> list[i
 
 
 def run_with_strangers(pair: Pair, seed: int, max_seconds: float = 60.0) -> int:
-    sent = inject_strangers(pair, seed, every=3, per_turn=4)
+    sent = inject_strangers(pair, seed, every=2, per_turn=4)
 
     def done() -> bool:
         pair.stranger()  # type: ignore[attr-defined]

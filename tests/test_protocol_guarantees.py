@@ -281,7 +281,7 @@ def test_bad_device_state_fails_the_migration_and_changes_no_register(
 def test_an_ack_of_a_message_never_sent_fails_the_source_cleanly() -> None:
     pair = receiving_pair()
     never_sent = pair.src.link.next_seq
-    to_source(pair, seq=0, received=never_sent, ack=pb.Ack(acked_seq=never_sent, credit=16))
+    to_source(pair, seq=0, received=never_sent, ack=pb.Ack())
     assert pair.src.failure is not None and pair.src.failure.code == pb.ERROR_BAD_MESSAGE
     assert f"acknowledged message {never_sent}, never sent" in pair.src.failure.reason
     pair.run_until(pair.settled)
@@ -291,7 +291,7 @@ def test_an_ack_of_a_message_never_sent_fails_the_source_cleanly() -> None:
 def test_an_ack_of_the_last_message_sent_is_fine() -> None:
     pair = receiving_pair()
     last = pair.src.link.next_seq - 1
-    to_source(pair, seq=0, received=last, ack=pb.Ack(acked_seq=last, credit=16))
+    to_source(pair, seq=0, received=last, ack=pb.Ack())
     assert pair.src.failure is None and pair.src.phase is SourcePhase.ACTIVE
 
 

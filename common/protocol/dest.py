@@ -24,6 +24,7 @@ from common.constants import (
     INITIAL_CREDIT,
     MAX_PAGES_PER_MESSAGE,
     MAX_RAM_BYTES,
+    MAX_SOURCE_WAIT_S,
     PAGE_SIZE,
     PEER_DEAD_AFTER_S,
     PROTOCOL_VERSION,
@@ -45,7 +46,7 @@ from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
-from common.protocol.verify import destination_verdict
+from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
 from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
@@ -82,6 +83,9 @@ class DestParameters:
     # long an unfinished session is kept while its source is silent.
     peer_timeout_s: float = PEER_DEAD_AFTER_S
     retransmit_after_s: float = RETRANSMIT_AFTER_S
+    # The longest this node keeps an unfinished session for a silent source, whatever its
+    # hello asks (dest-node --max-source-wait).
+    max_source_wait_s: float = MAX_SOURCE_WAIT_S
     # The largest guest a source may make this node allocate (dest-node --max-ram).
     max_ram_bytes: int = MAX_RAM_BYTES
     # Test builds only: flip a byte of this page after placing it, to prove verification.
@@ -91,10 +95,31 @@ class DestParameters:
     split_placement: bool = False
 
 
+@dataclass(frozen=True)
+class HandedOver:
+    """A session whose guest ran here, kept after it ended (the guest may have moved on since):
+    its source may still be reconnecting, unsure whether the commit took, and must hear that it
+    did, never a "wrong session" that it would read as "the guest is yours again"."""
+
+    key: bytes  # the key that opened it: only that source hears about it
+    received: int  # what had arrived from it in order
+
+
+# Sessions remembered that way: a source reconnects for seconds, not for many migrations.
+REMEMBERED_HANDOVERS = 64
+
+
 class DestSession:
-    def __init__(self, host: DestHost, params: DestParameters, now: float) -> None:
+    def __init__(
+        self,
+        host: DestHost,
+        params: DestParameters,
+        now: float,
+        handed_over: dict[bytes, HandedOver] | None = None,
+    ) -> None:
         self.host = host
         self.params = params
+        self.handed_over = dict(handed_over or {})
         self.machine = PhaseMachine(_D.WAITING, DEST_MOVES, DEST_EXPECTS)
         self.failure: Failure | None = None
         self.guest: Guest | None = None
@@ -119,6 +144,7 @@ class DestSession:
         self.source_stopped = False
         self.verified: bool | None = None
         self.mismatched_pages: list[int] = []
+        self.verify_requests = 0
         self.my_digests: dict[str, str] | None = None
         self.rounds = 0
         self.keep_for_s = params.peer_timeout_s  # the source's reconnect timeout, once known
@@ -178,6 +204,9 @@ class DestSession:
         if message.kind == "hello":
             self._on_hello(peer, env, now, peer_key)
             return
+        if env.session_id in self.handed_over and env.session_id != self.session_id:
+            self._answer_handed_over(peer, env, message.kind, peer_key)
+            return
         if env.session_id != self.session_id or self.phase is _D.WAITING:
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
@@ -234,6 +263,36 @@ class DestSession:
             self.link.arrive(message.envelope.seq)
             self._deliver(message, now)
 
+    def _answer_handed_over(self, peer: bytes, env: pb.Envelope, kind: str, peer_key: bytes) -> None:
+        """A message of a session whose guest ran here: a resume hears that the guest runs here
+        (whatever became of it since, it is no longer the source's); anything else is ignored.
+        Never refused: a refusal tells a source that the commit did not take."""
+        record = self.handed_over[env.session_id]
+        if peer_key != record.key:
+            self._refuse(peer, pb.ERROR_UNAUTHORIZED, "this session belongs to another source's key")
+            return
+        if kind != "resume":
+            return
+        answer = framing.envelope(
+            env.session_id,
+            0,
+            resume_ack=pb.ResumeAck(
+                epoch=env.resume.epoch, last_received=record.received, guest_running=True
+            ),
+        )
+        answer.epoch = env.resume.epoch
+        answer.received = record.received
+        self._outgoing.append((peer, framing.encode(answer)))
+
+    def handed_over_sessions(self) -> dict[bytes, HandedOver]:
+        """What the next session on this node must remember: this one too, if its guest ran here."""
+        past = dict(self.handed_over)
+        if self.t_running is not None and self.session_id:
+            past[self.session_id] = HandedOver(self.peer_key, self.link.received)
+        while len(past) > REMEMBERED_HANDOVERS:
+            del past[next(iter(past))]
+        return past
+
     def _from_source(self, peer: bytes) -> bool:
         """The session's own connection, or one of its parallel channels (the same routing id
         with b"D" and the channel's number after it)."""
@@ -270,6 +329,9 @@ class DestSession:
                 self._ask_resend(now)
                 return
             self._fail(exc.code, exc.reason, now)
+            return
+        except Exception as exc:  # a host error or a bug: the session fails, the node lives
+            self._fail(pb.ERROR_INTERNAL, f"the destination failed handling {message.kind}: {exc!r}", now)
             return
         if message.kind not in framing.BATCH_KINDS and self.phase is not _D.FAILED:
             self._ack(now)  # data messages are acknowledged with the flow control
@@ -402,17 +464,22 @@ class DestSession:
         if problem is not None:
             self._refuse_hello(peer, env.session_id, *problem)
             return
+        try:
+            guest = self.host.create_guest(hello.ram_bytes, hello.vcpu_count)
+        except Exception as exc:  # any host error refuses this source, never the node
+            # nothing of the session was set yet: the next hello finds this node as it was
+            reason = f"the destination cannot hold a guest of {hello.ram_bytes} bytes: {exc}"
+            self._refuse_hello(peer, env.session_id, pb.ERROR_INTERNAL, reason)
+            return
         self.peer = peer
         self.peer_key = peer_key
         self.session_id = env.session_id
         self.link = Link(env.session_id, now, rto_s=self.params.retransmit_after_s)
         self.link.epoch = env.epoch or 1
         self.link.arrive(env.seq)
-        if hello.reconnect_timeout_ms:
-            self.keep_for_s = max(self.params.peer_timeout_s, hello.reconnect_timeout_ms / 1000.0)
-        self.postcopy_keep_s = hello.postcopy_recover_timeout_ms / 1000.0
+        self._keep_for(hello.reconnect_timeout_ms, hello.postcopy_recover_timeout_ms)
         self.t_hello = now
-        self.guest = self.host.create_guest(hello.ram_bytes, hello.vcpu_count)
+        self.guest = guest
         self.digests = DigestCache(self.guest.memory)
         self.use_lz4 = pb.FEATURE_LZ4 in hello.features
         self.postcopy_mode = hello.mode == pb.MODE_POSTCOPY
@@ -436,6 +503,22 @@ class DestSession:
                 channels=self.channels if self.channels > 1 else 0,
             ),
         )
+
+    def _keep_for(self, reconnect_ms: int, postcopy_recover_ms: int) -> None:
+        self.keep_for_s = self._bounded_wait(reconnect_ms)
+        self.postcopy_keep_s = self._bounded_wait(postcopy_recover_ms)
+        if self.postcopy_mode and self.source_stopped:
+            # the source's guest is stopped for good: it reconnects as long as postcopy allows
+            self.keep_for_s = max(self.keep_for_s, self.postcopy_keep_s)
+
+    def _on_link_timeouts(self, msg: pb.LinkTimeouts, _: Buffer, now: float) -> None:
+        self._keep_for(msg.reconnect_timeout_ms, msg.postcopy_recover_timeout_ms)
+
+    def _bounded_wait(self, asked_ms: int) -> float:
+        """How long a silent source is waited for: what its hello asks, at least this node's
+        peer timeout and at most its operator's bound (a uint32 of milliseconds is 49 days)."""
+        asked = max(self.params.peer_timeout_s, asked_ms / 1000.0)
+        return min(asked, max(self.params.max_source_wait_s, self.params.peer_timeout_s))
 
     def _on_resume(self, peer: bytes, env: pb.Envelope, now: float) -> None:
         resume = env.resume
@@ -672,6 +755,13 @@ class DestSession:
         assert self.guest is not None and self.digests is not None
         if not self.source_stopped:
             raise WireError(pb.ERROR_BAD_MESSAGE, "verify_request before the source stopped its guest")
+        self.verify_requests += 1
+        if self.verify_requests > MAX_VERIFY_ATTEMPTS:
+            # a source gives up after its last repair; one that asks on holds this node for nothing
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE,
+                f"verification asked for {self.verify_requests} times; a source asks at most {MAX_VERIFY_ATTEMPTS}",
+            )
         result, self.my_digests = destination_verdict(msg, self.guest, self.digests)
         self.verified = result.ok
         if result.ok:
@@ -695,7 +785,7 @@ class DestSession:
             self._unsequenced(now, ack=self._ack_body(resend_from=received + 1))
 
     def _ack_body(self, resend_from: int = 0) -> pb.Ack:
-        return pb.Ack(acked_seq=self.link.received, credit=self.params.window, resend_from=resend_from)
+        return pb.Ack(resend_from=resend_from)
 
     def _ack(self, now: float) -> None:
         self._unsequenced(now, ack=self._ack_body())

@@ -26,7 +26,19 @@ def offered_features(use_lz4: bool) -> list[int]:
     return sorted(REQUIRED_FEATURES) + ([pb.FEATURE_LZ4] if use_lz4 else [])
 
 
+def link_timeouts(params: MigrationParameters) -> pb.LinkTimeouts:
+    """How long this source goes on reconnecting, as the destination is told it (in the hello,
+    and again when an operator changes it)."""
+    return pb.LinkTimeouts(
+        reconnect_timeout_ms=min(round(params.reconnect_timeout_s * 1000), 2**32 - 1),
+        postcopy_recover_timeout_ms=min(round(params.postcopy_recover_timeout_s * 1000), 2**32 - 1)
+        if params.postcopy
+        else 0,
+    )
+
+
 def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> pb.Hello:
+    timeouts = link_timeouts(params)
     return pb.Hello(
         protocol_version=PROTOCOL_VERSION,
         page_size=PAGE_SIZE,
@@ -40,8 +52,8 @@ def source_hello(guest: Guest, params: MigrationParameters, node_name: str) -> p
         node_name=node_name,
         auth_token=params.auth_token,
         populated_hint_lz4=encode_bitmap(guest.memory.data_populated),
-        reconnect_timeout_ms=round(params.reconnect_timeout_s * 1000),
-        postcopy_recover_timeout_ms=round(params.postcopy_recover_timeout_s * 1000) if params.postcopy else 0,
+        reconnect_timeout_ms=timeouts.reconnect_timeout_ms,
+        postcopy_recover_timeout_ms=timeouts.postcopy_recover_timeout_ms,
         channels=params.channels if params.channels > 1 else 0,
     )
 

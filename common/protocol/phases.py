@@ -118,12 +118,13 @@ _RECEIVING = frozenset(
         "abort",
         "page_manifest",
         "postcopy_start",
+        "link_timeouts",
     }
 )
 DEST_EXPECTS: Mapping[DestPhase, frozenset[str]] = {
     _D.RECEIVING: _RECEIVING,
-    _D.POSTCOPY: frozenset({"postcopy_pages", "verify_request", "abort"}),
-    _D.AWAIT_COMMIT: frozenset({"commit", "abort"}),
+    _D.POSTCOPY: frozenset({"postcopy_pages", "verify_request", "abort", "link_timeouts"}),
+    _D.AWAIT_COMMIT: frozenset({"commit", "abort", "link_timeouts"}),
 }
 
 P = TypeVar("P", SourcePhase, DestPhase)

@@ -34,7 +34,7 @@ from common.guest.digest import DigestCache
 from common.guest.guest import Guest
 from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
-from common.protocol.handshake import source_hello
+from common.protocol.handshake import link_timeouts, source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
@@ -265,6 +265,9 @@ class SourceSession:
         except WireError as exc:
             self._fail(exc.code, exc.reason, now)
             return
+        except Exception as exc:  # a host error or a bug: the session fails, the guest stays
+            self._fail(pb.ERROR_INTERNAL, f"the source failed handling {message.kind}: {exc!r}", now)
+            return
         if not self.phase.terminal or message.kind == "started":
             # (Started too, though nothing follows it: its destination waits for this ack
             # before a --once exit, so that a lost Started is sent again, not lost for good)
@@ -412,6 +415,7 @@ class SourceSession:
         if self.postcopy is None or not (self.phase is _S.UNSETTLED or self.phase is _S.POSTCOPY_PAUSED):
             raise RuntimeError(f"nothing to recover (phase {self.phase.value})")
         if self.phase is _S.UNSETTLED:
+            self._past_trouble(now)
             self._paused_from = self._paused_from or _S.POSTCOPY
             self._move(_S.POSTCOPY_PAUSED)
             self.t_end = None
@@ -423,8 +427,17 @@ class SourceSession:
         self.reconnector.next_at = now
 
     def set_parameters(self, params: MigrationParameters, now: float) -> None:
+        before = self.params
         self.params = replace(params.check(), window=self.params.window)
         self.bucket.set_rate(self.params.max_bandwidth, now)
+        changed = (before.reconnect_timeout_s, before.postcopy_recover_timeout_s) != (
+            self.params.reconnect_timeout_s,
+            self.params.postcopy_recover_timeout_s,
+        )
+        if changed and self.phase is not _S.IDLE and not self.phase.ended:
+            # the destination keeps an unfinished session only as long as it was told we
+            # reconnect: told at the hello, and again whenever that changes
+            self._send(now, link_timeouts=link_timeouts(self.params))
 
     # -- link ----------------------------------------------------------------------------------
     def _link_broken(self, now: float) -> None:
@@ -539,7 +552,7 @@ class SourceSession:
     def _ack(self, now: float, *, resend: bool = False) -> None:
         """What we received; with `resend`, asking for everything after it again."""
         received = self.link.received
-        self._unsequenced(now, ack=pb.Ack(acked_seq=received, resend_from=received + 1 if resend else 0))
+        self._unsequenced(now, ack=pb.Ack(resend_from=received + 1 if resend else 0))
 
     def _resend(self, entries: list[Unacked], now: float) -> None:
         for entry in entries:
@@ -807,7 +820,7 @@ class SourceSession:
         if self.params.postcopy and (
             self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
         ):
-            self._round_sent(finished_round, 0, now)
+            self._round_sent(finished_round, now)
             self._postcopy_switchover(now)
             return
         end = self.precopy.end_of_round(
@@ -821,7 +834,7 @@ class SourceSession:
         if end.sync is None:
             return
         self.digests.update_blocks()  # before any stop: the verification then hashes less
-        self._round_sent(finished_round, int(end.sync.data_pages.size), now)
+        self._round_sent(finished_round, now)
         if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
             # converged before its rounds were up: postcopy starts now, with little left to pull
             self._postcopy_switchover(now)
@@ -834,21 +847,13 @@ class SourceSession:
                 self.host.set_throttle(self.throttle)
             self._round_started(now)
 
-    def _round_sent(self, round_no: int, remaining_dirty_pages: int, now: float) -> None:
+    def _round_sent(self, round_no: int, now: float) -> None:
         self._mark_time(f"round {round_no} sent", now)
         record = self.round_records[-1]
         record.t_end, record.end = now, replace(self.stats)
         record.dirty_pages_rate = self.precopy.dirty_pages_rate
         record.expected_downtime_s = self.precopy.expected_downtime_s
-        self._send(
-            now,
-            end_of_round=pb.EndOfRound(
-                round=round_no,
-                pages_sent=self.stats.pages,
-                tag_sections_sent=self.stats.tag_sections,
-                remaining_dirty_pages=remaining_dirty_pages,
-            ),
-        )
+        self._send(now, end_of_round=pb.EndOfRound(round=round_no))
 
     def _round_started(self, now: float) -> None:
         p = self.precopy.pass_
@@ -954,7 +959,15 @@ class SourceSession:
         if self.phase is not _S.UNSETTLED:
             self._unsettled(now, f"postcopy: the destination refused us ({body.reason})", postcopy=True)
 
+    def _past_trouble(self, now: float) -> None:
+        """The trouble that made this migration unsettled is over: it belongs to the timeline,
+        not to `error`, which an orchestrator reads as this migration's outcome."""
+        if self.failure is not None:
+            self._mark_time(f"earlier trouble, since overcome: {self.failure.reason}", now)
+            self.failure = None
+
     def _complete(self, now: float, note: str | None) -> None:
+        self._past_trouble(now)
         self._move(_S.COMPLETED)
         self.t_end = now
         self._mark_time(note or "destination running", now)

@@ -130,7 +130,6 @@ def destination_verdict(
         attempt=request.attempt,
         vcpu_mismatch=not vcpu_ok,
         destination=pb.GuestDigests(ram_digest=ours.ram, tag_digest=ours.tags, vcpu_digest=vcpu),
-        mismatched_blocks=bad_blocks.tolist(),
     )
     for block in bad_blocks.tolist():
         first, count = block_pages(block, guest.memory.page_count)

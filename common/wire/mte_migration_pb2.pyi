@@ -163,18 +163,12 @@ class TagSections(_message.Message):
     def __init__(self, round: _Optional[int] = ..., pages: _Optional[bytes] = ..., encodings: _Optional[bytes] = ..., lengths: _Optional[bytes] = ...) -> None: ...
 
 class EndOfRound(_message.Message):
-    __slots__ = ("round", "pages_sent", "tag_sections_sent", "remaining_dirty_pages", "final")
+    __slots__ = ("round", "final")
     ROUND_FIELD_NUMBER: _ClassVar[int]
-    PAGES_SENT_FIELD_NUMBER: _ClassVar[int]
-    TAG_SECTIONS_SENT_FIELD_NUMBER: _ClassVar[int]
-    REMAINING_DIRTY_PAGES_FIELD_NUMBER: _ClassVar[int]
     FINAL_FIELD_NUMBER: _ClassVar[int]
     round: int
-    pages_sent: int
-    tag_sections_sent: int
-    remaining_dirty_pages: int
     final: bool
-    def __init__(self, round: _Optional[int] = ..., pages_sent: _Optional[int] = ..., tag_sections_sent: _Optional[int] = ..., remaining_dirty_pages: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
+    def __init__(self, round: _Optional[int] = ..., final: _Optional[bool] = ...) -> None: ...
 
 class VcpuState(_message.Message):
     __slots__ = ("index", "x", "sp", "pc", "pstate", "sctlr_el1", "gcr_el1", "rgsr_el1", "tfsr_el1", "tfsre0_el1")
@@ -273,20 +267,18 @@ class PageDigests(_message.Message):
     def __init__(self, first_page: _Optional[int] = ..., ram_digests: _Optional[bytes] = ..., tag_digests: _Optional[bytes] = ...) -> None: ...
 
 class VerifyResult(_message.Message):
-    __slots__ = ("ok", "destination", "mismatched_blocks", "page_digests", "vcpu_mismatch", "attempt")
+    __slots__ = ("ok", "destination", "page_digests", "vcpu_mismatch", "attempt")
     OK_FIELD_NUMBER: _ClassVar[int]
     DESTINATION_FIELD_NUMBER: _ClassVar[int]
-    MISMATCHED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     PAGE_DIGESTS_FIELD_NUMBER: _ClassVar[int]
     VCPU_MISMATCH_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     ok: bool
     destination: GuestDigests
-    mismatched_blocks: _containers.RepeatedScalarFieldContainer[int]
     page_digests: _containers.RepeatedCompositeFieldContainer[PageDigests]
     vcpu_mismatch: bool
     attempt: int
-    def __init__(self, ok: _Optional[bool] = ..., destination: _Optional[_Union[GuestDigests, _Mapping]] = ..., mismatched_blocks: _Optional[_Iterable[int]] = ..., page_digests: _Optional[_Iterable[_Union[PageDigests, _Mapping]]] = ..., vcpu_mismatch: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
+    def __init__(self, ok: _Optional[bool] = ..., destination: _Optional[_Union[GuestDigests, _Mapping]] = ..., page_digests: _Optional[_Iterable[_Union[PageDigests, _Mapping]]] = ..., vcpu_mismatch: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
     __slots__ = ()
@@ -299,14 +291,10 @@ class Started(_message.Message):
     def __init__(self, step: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
-    __slots__ = ("acked_seq", "credit", "resend_from")
-    ACKED_SEQ_FIELD_NUMBER: _ClassVar[int]
-    CREDIT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("resend_from",)
     RESEND_FROM_FIELD_NUMBER: _ClassVar[int]
-    acked_seq: int
-    credit: int
     resend_from: int
-    def __init__(self, acked_seq: _Optional[int] = ..., credit: _Optional[int] = ..., resend_from: _Optional[int] = ...) -> None: ...
+    def __init__(self, resend_from: _Optional[int] = ...) -> None: ...
 
 class Resume(_message.Message):
     __slots__ = ("epoch", "last_received")
@@ -330,6 +318,14 @@ class Heartbeat(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class LinkTimeouts(_message.Message):
+    __slots__ = ("reconnect_timeout_ms", "postcopy_recover_timeout_ms")
+    RECONNECT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    POSTCOPY_RECOVER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    reconnect_timeout_ms: int
+    postcopy_recover_timeout_ms: int
+    def __init__(self, reconnect_timeout_ms: _Optional[int] = ..., postcopy_recover_timeout_ms: _Optional[int] = ...) -> None: ...
+
 class Abort(_message.Message):
     __slots__ = ("code", "reason")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -339,7 +335,7 @@ class Abort(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_pages", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack", "page_manifest", "postcopy_start")
+    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_pages", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack", "page_manifest", "postcopy_start", "link_timeouts")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -365,6 +361,7 @@ class Envelope(_message.Message):
     RESUME_ACK_FIELD_NUMBER: _ClassVar[int]
     PAGE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_START_FIELD_NUMBER: _ClassVar[int]
+    LINK_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     seq: int
@@ -390,4 +387,5 @@ class Envelope(_message.Message):
     resume_ack: ResumeAck
     page_manifest: PageDigests
     postcopy_start: PostcopyStart
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_pages: _Optional[_Union[PostcopyPages, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ..., page_manifest: _Optional[_Union[PageDigests, _Mapping]] = ..., postcopy_start: _Optional[_Union[PostcopyStart, _Mapping]] = ...) -> None: ...
+    link_timeouts: LinkTimeouts
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_pages: _Optional[_Union[PostcopyPages, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ..., page_manifest: _Optional[_Union[PageDigests, _Mapping]] = ..., postcopy_start: _Optional[_Union[PostcopyStart, _Mapping]] = ..., link_timeouts: _Optional[_Union[LinkTimeouts, _Mapping]] = ...) -> None: ...
