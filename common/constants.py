@@ -16,6 +16,14 @@ MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 30
 MAX_VCPUS = 64
 
+# How far a destination's prefault may run ahead of the pages that arrived: the populated-pages
+# hint costs a source a few bytes, so what it alone can make a destination commit is bounded.
+PREFAULT_LEAD_BYTES = 1 << 30
+
+# The most pages one workload step dirties: a step runs whole between two turns of the daemon's
+# loop, so what a control block in guest RAM may ask of one step is bounded (about 40 ms here).
+MAX_DIRTY_PAGES_PER_STEP = 4096
+
 # Logical tag of a pointer lives in bits 59:56; bit 55 selects TTBR1 (upper) addresses.
 POINTER_TAG_SHIFT = 56
 ADDRESS_MASK = (1 << 56) - 1

@@ -13,9 +13,12 @@ from common.guest.guest import Guest
 from common.guest.workload import REG_FAULTS, REG_STEP
 
 
-def guest_summary(guest: Guest, *, here: bool, running: bool, with_digests: bool = True) -> dict[str, Any]:
+def guest_summary(
+    guest: Guest, *, here: bool, running: bool, with_digests: bool = True, error: str | None = None
+) -> dict[str, Any]:
     """`here`: the guest is this side's (exactly one side says so); `running`: its vCPU
-    executes right now (not once stopped at --stop-at-step, nor while a migration holds it)."""
+    executes right now (not once stopped at --stop-at-step, nor while a migration holds it);
+    `error`: why the guest stopped on its own, if it did (its memory made a step impossible)."""
     vcpu = guest.vcpus[0]
     summary: dict[str, Any] = {
         "step": vcpu.x[REG_STEP],
@@ -25,6 +28,7 @@ def guest_summary(guest: Guest, *, here: bool, running: bool, with_digests: bool
         "tag_check_faults": vcpu.x[REG_FAULTS],
         "here": here,
         "running": running,
+        "error": error,
     }
     if with_digests:
         digests = guest.digests()

@@ -113,10 +113,12 @@ class DestDaemon:
         self._warned_postcopy_signal = False
         self.running_guest: Guest | None = None
         self.prefaulter: Prefaulter | None = None
+        self.last_prefault: dict[str, Any] | None = None
         self.preallocation: Preallocation | None = None
         self._preallocated_guest: Guest | None = None
         self._prealloc_logged: Preallocation | None = None  # the last one whose time was logged
         self._t_guest_done: float | None = None
+        self._guest_error_logged: GuestRunner | None = None  # the runner whose error was logged
         self._preallocate()
         self.outgoing: OutgoingMigration | None = None
         self.last_outgoing: dict[str, Any] | None = None
@@ -228,6 +230,13 @@ class DestDaemon:
 
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()
+        if guest is self.running_guest and self.runner is not None:
+            # it ran here (postcopy, or handed over) until the source took it back: it stops now
+            self.runner.pause()
+            self.runner = None
+            self.vcpu = None
+            self.running_guest = None
+            self.log.warning("guest stopped here: the source runs it again")
         self.log.info("incoming guest discarded")
         if guest is self._preallocated_guest:
             self._preallocated_guest = None
@@ -238,13 +247,23 @@ class DestDaemon:
         if guest is self._preallocated_guest:
             return  # committed already
         self._stop_prefault()
-        self.prefaulter = Prefaulter(guest.memory, pages)
+        session = self.session
+        self.prefaulter = Prefaulter(guest.memory, pages, arrived=lambda: session.stats.pages)
         self.prefaulter.start()
 
     def _stop_prefault(self) -> None:
         if self.prefaulter is not None:
             self.prefaulter.stop()
-            self.log.info("prefault done", faulted_pages=self.prefaulter.faulted_pages)
+            self.last_prefault = {
+                "faulted_pages": self.prefaulter.faulted_pages,
+                "held_back": self.prefaulter.held_back,
+            }
+            self.log.info(
+                "prefault done",
+                faulted_pages=self.prefaulter.faulted_pages,
+                # it waited for pages to arrive: the hint named more than the source sent yet
+                held_back=self.prefaulter.held_back,
+            )
             self.prefaulter = None
 
     # -- commands --------------------------------------------------------------------------------
@@ -262,12 +281,19 @@ class DestDaemon:
                 "seconds": prealloc.seconds,
             }
         )
+        prefaulter = self.prefaulter
+        report["prefault"] = (
+            {"faulted_pages": prefaulter.faulted_pages, "held_back": prefaulter.held_back}
+            if prefaulter is not None
+            else self.last_prefault
+        )
         if self.outgoing is not None:
             report["outgoing"] = self.outgoing.session.report(time.monotonic())
         elif self.last_outgoing is not None:
             report["outgoing"] = self.last_outgoing
         guest = self.running_guest or self.session.guest
         running = self.runner is not None and self.runner.running
+        error = self.runner.error if self.runner is not None else None
         report["guest"] = None
         if guest is not None:
             report["guest"] = guest_summary(
@@ -275,6 +301,7 @@ class DestDaemon:
                 here=self.session.phase in (DestPhase.RUNNING, DestPhase.POSTCOPY),
                 running=running,
                 with_digests=with_digests and not running,
+                error=error,
             )
         return report
 
@@ -327,7 +354,10 @@ class DestDaemon:
             raise ControlError('settle needs "where": "here" or "there"')
         if self.outgoing is None:
             raise ControlError("nothing to settle: no outgoing migration has run")
-        self.outgoing.session.settle(where == "here", time.monotonic())
+        try:
+            self.outgoing.session.settle(where == "here", time.monotonic())
+        except RuntimeError as exc:
+            raise ControlError(str(exc)) from None
         self.outgoing.after_call()
         return self.status()
 
@@ -540,12 +570,19 @@ class DestDaemon:
                 self._flush()
             if self.runner is not None:
                 self.runner.run_slice()
+                self._note_guest_error()
             self._observe()
             self._flush_refusals()
             self._outgoing_done()
             if self._done():
                 break
         return self._finish()
+
+    def _note_guest_error(self) -> None:
+        runner = self.runner
+        if runner is not None and runner.error is not None and runner is not self._guest_error_logged:
+            self._guest_error_logged = runner
+            self.log.error("guest stopped by an error of its own", reason=runner.error)
 
     def _observe(self) -> None:
         prealloc = self.preallocation
@@ -574,7 +611,14 @@ class DestDaemon:
     def _done(self) -> bool:
         if self.session.phase is DestPhase.FAILED and self.options.once:
             return True
-        if not (self.session.phase is DestPhase.RUNNING and self.runner is not None and self.runner.finished):
+        if self.outgoing is not None and not self.outgoing.session.phase.ended:
+            # the guest is on its way on: leaving now would abandon the next node mid-stream
+            return False
+        if not (
+            self.session.phase is DestPhase.RUNNING
+            and self.runner is not None
+            and self.runner.stopped_for_good
+        ):
             return False
         # The guest is done here; after a precopy handover the source must also have heard that
         # it ran here (Started is sent again until acknowledged), or it is left unsure whose

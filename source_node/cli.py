@@ -254,18 +254,23 @@ def reference_run(args: argparse.Namespace) -> int:
     runner.run_until_finished(lambda: bool(signals))
     completed = runner.finished
     goal = f" of {args.stop_at_step}" if args.stop_at_step is not None else ""
+    error = runner.error or (
+        None if completed else f"interrupted by {signals[0]} at step {runner.step}{goal}"
+    )
     report = {
-        "status": "completed" if completed else "interrupted",
+        "status": "completed" if completed else "failed" if runner.error else "interrupted",
         "mode": "none",
-        "error": None if completed else f"interrupted by {signals[0]} at step {runner.step}{goal}",
-        "guest": guest_summary(guest, here=True, running=False),
+        "error": error,
+        "guest": guest_summary(guest, here=True, running=False, error=runner.error),
     }
     log.info("guest stopped", status=report["status"], **report["guest"])
     if args.report:
         write_report(args.report, report)
     # a reference cut short is not the reference: scripts comparing digests must notice (128 +
     # the signal, as a shell reports it: 130 for Ctrl-C)
-    return 0 if completed else 128 + signal.Signals[signals[0]].value
+    if completed:
+        return 0
+    return 1 if runner.error else 128 + signal.Signals[signals[0]].value
 
 
 def summary_line(report: dict[str, Any]) -> str:

@@ -70,6 +70,7 @@ class SourceDaemon:
     ) -> None:
         self.guest = guest
         self.runner = runner
+        self._guest_error_logged = False
         self.options = options
         self.params = options.params
         self.log = get_logger("source-node")
@@ -162,6 +163,7 @@ class SourceDaemon:
             here=self.guest_would_run,
             running=self.runner.running,
             with_digests=with_digests and not self.runner.running,
+            error=self.runner.error,
         )
         return report
 
@@ -198,7 +200,10 @@ class SourceDaemon:
             raise ControlError('settle needs "where": "here" (resume the guest on the source) or "there"')
         if self.session is None:
             raise ControlError("nothing to settle: no migration has run")
-        self.session.settle(where == "here", time.monotonic())
+        try:
+            self.session.settle(where == "here", time.monotonic())
+        except RuntimeError as exc:
+            raise ControlError(str(exc)) from None
         self._after_session_call()
         return self.status()
 
@@ -229,10 +234,15 @@ class SourceDaemon:
         return (
             session is not None
             and session.postcopy is not None
-            and session.phase is not SourcePhase.COMPLETED
+            and not session.phase.terminal  # completed, or settled: no longer a postcopy in progress
         )
 
     # -- the loop ----------------------------------------------------------------------------
+    def _note_guest_error(self) -> None:
+        if self.runner.error is not None and not self._guest_error_logged:
+            self._guest_error_logged = True
+            self.log.error("guest stopped by an error of its own", reason=self.runner.error)
+
     def _after_session_call(self) -> None:
         if self.outgoing is not None:
             self.outgoing.after_call()
@@ -309,6 +319,7 @@ class SourceDaemon:
             if self.control and self.control.socket in events:
                 self.control.handle_one()
             self.runner.run_slice()
+            self._note_guest_error()
             if outgoing is not None and not outgoing.session.phase.ended and self.progress.wanted():
                 self.progress.update(outgoing.session.report(time.monotonic()))
             if self.options.one_shot and self._one_shot_done():
@@ -332,8 +343,8 @@ class SourceDaemon:
         if session.phase is SourcePhase.UNSETTLED:
             return True  # nothing more will happen here without an operator
         # A failed migration leaves the guest running here, as it should: the process lives on
-        # until the guest stops at --stop-at-step (or a signal).
-        return self.runner.finished
+        # until the guest stops at --stop-at-step (or a signal, or an error of its own).
+        return self.runner.stopped_for_good
 
     def _finish(self) -> int:
         self.runner.pause()

@@ -13,8 +13,9 @@ from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.verify import MAX_VERIFY_ATTEMPTS
+from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import FakeDestHost, Pair, busy_guest, good_hello
+from tests.protocol_harness import FakeDestHost, Faults, Pair, busy_guest, good_hello
 from tests.test_dest_session import PEER, frames, receiving, replies
 
 
@@ -112,3 +113,51 @@ def test_a_changed_reconnect_timeout_reaches_the_destination_within_its_bound() 
     assert pair.dst.keep_for_s == MAX_SOURCE_WAIT_S, "within the destination's own bound"
     pair.run_until(pair.settled, 60.0)
     assert pair.src.phase is SourcePhase.COMPLETED, pair.src.failure
+
+
+def test_a_source_that_starts_postcopy_and_sends_no_page_cannot_hold_the_destination() -> None:
+    """Manifest and PostcopyStart, then heartbeats and nothing else: a postcopy guest is never
+    discarded, so the destination was held for good and could not be cancelled."""
+    pair = Pair(
+        busy_guest(seed=5),
+        MigrationParameters(postcopy=True, postcopy_after_rounds=0),
+        dest_params=DestParameters(max_source_wait_s=5.0),
+        to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})),  # no page ever arrives
+        guest_speed=2000,
+        dest_steps=100_000,
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
+    dst = pair.dst
+    assert dst.phase is DestPhase.POSTCOPY and dst.postcopy is not None and dst.postcopy.missing() > 0
+    now, started = pair.now, pair.now
+    dst.take_outgoing()
+    while dst.phase is DestPhase.POSTCOPY and now < started + 10.0:
+        heartbeat = framing.envelope(dst.session_id, 0, heartbeat=pb.Heartbeat())
+        heartbeat.epoch = dst.link.epoch
+        dst.receive(pair.peer, framing.encode(heartbeat), now, peer_key=pair.source_key)
+        dst.poll(now)
+        now += 0.25
+    assert dst.phase is DestPhase.FAILED and 5.0 <= now - started <= 5.5
+    assert dst.failure is not None and "postcopy stalled: no page arrived for 5" in dst.failure.reason
+    assert pair.dst_host.discarded == 1
+    told = [framing.decode(f) for _, f in dst.take_outgoing()]
+    assert any(m.kind == "abort" and "postcopy stalled" in m.envelope.abort.reason for m in told)
+
+
+def test_a_silent_postcopy_source_is_still_waited_for_past_that_bound() -> None:
+    """Silence is a broken link, which a source recovers from: only a source that is heard and
+    sends nothing is a stall."""
+    pair = Pair(
+        busy_guest(seed=5),
+        MigrationParameters(postcopy=True, postcopy_after_rounds=0),
+        dest_params=DestParameters(max_source_wait_s=5.0),
+        to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})),  # no page ever arrives
+        guest_speed=2000,
+        dest_steps=100_000,
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
+    for later in range(1, 40):
+        pair.dst.poll(pair.now + later * 0.5)
+    assert pair.dst.phase is DestPhase.POSTCOPY and pair.dst_host.discarded == 0

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import time
+
+import numpy as np
 import pytest
 
 from common.constants import HUGE_PAGE_ALIGN, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.memory import GuestMemory, lazy_zeroed
-from common.guest.prefault import Preallocation
+from common.guest.prefault import Preallocation, Prefaulter
 from dest_node.cli import build_parser, main
 
 
@@ -55,3 +58,26 @@ def test_preallocate_option_is_checked_before_anything_starts(capsys: pytest.Cap
             main(["--listen", "tcp://127.0.0.1:1", *args])
         assert exit_info.value.code == 2
         assert expected in capsys.readouterr().err
+
+
+def test_a_hint_that_names_every_page_commits_no_more_than_a_lead_past_what_arrived() -> None:
+    """The populated-pages hint costs a source a few bytes; it made the destination commit all of
+    --max-ram before a single page arrived."""
+    mem = GuestMemory(64 << 20)
+    arrived = [0]
+    lead = 8192  # 32 MiB: one madvise call's worth
+    prefault = Prefaulter(mem, np.arange(mem.page_count), arrived=lambda: arrived[0], lead_pages=lead)
+    prefault.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not prefault.held_back and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert prefault.held_back, "it stopped at its lead"
+        time.sleep(0.1)
+        assert prefault.faulted_pages <= lead
+        arrived[0] = mem.page_count  # the source sent what it named: the rest may go ahead
+        while prefault.faulted_pages < mem.page_count and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert prefault.faulted_pages == mem.page_count
+    finally:
+        prefault.join()

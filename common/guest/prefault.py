@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from common.constants import PAGE_SIZE
+from common.constants import PAGE_SIZE, PREFAULT_LEAD_BYTES
 from common.guest.memory import Backing, GuestMemory, check_ram_size, fresh_backing
 from common.indices import runs
 
@@ -125,6 +125,14 @@ class Preallocation:
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
 
+    def _within_lead(self, pages: int) -> bool:
+        """Wait until committing `pages` more stays within the lead; False once stopped."""
+        while self.faulted_pages + pages > self.arrived() + self.lead_pages:
+            self.held_back = True
+            if self._stop.wait(0.01):
+                return False
+        return not self._stop.is_set()
+
     def _run(self) -> None:
         madvise = _madvise()
         backing = self.backing
@@ -137,10 +145,22 @@ class Preallocation:
 
 
 class Prefaulter:
-    def __init__(self, mem: GuestMemory, pages: npt.NDArray[np.int64]) -> None:
+    """`arrived`: how many pages have been placed so far; the helper commits at most `lead_pages`
+    more than that (a hint that names every page commits nothing it does not send)."""
+
+    def __init__(
+        self,
+        mem: GuestMemory,
+        pages: npt.NDArray[np.int64],
+        arrived: Callable[[], int] = lambda: 0,
+        lead_pages: int = PREFAULT_LEAD_BYTES // PAGE_SIZE,
+    ) -> None:
         self.mem = mem
         self.ranges = plan(np.asarray(pages, dtype=np.int64), mem.page_count, _huge_page_pages())
         self.faulted_pages = 0
+        self.arrived = arrived
+        self.lead_pages = lead_pages
+        self.held_back = False  # it reached its lead at least once and waited for arrivals
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefault", daemon=True)
 
@@ -156,6 +176,14 @@ class Prefaulter:
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s)
+
+    def _within_lead(self, pages: int) -> bool:
+        """Wait until committing `pages` more stays within the lead; False once stopped."""
+        while self.faulted_pages + pages > self.arrived() + self.lead_pages:
+            self.held_back = True
+            if self._stop.wait(0.01):
+                return False
+        return not self._stop.is_set()
 
     def _run(self) -> None:
         madvise = _madvise()
@@ -176,6 +204,8 @@ class Prefaulter:
                 hi = min(end, lo + step)
                 if placed[hi - 1]:
                     continue  # placement is already past this piece
+                if not self._within_lead(hi - lo):
+                    return
                 if madvise(base + lo * PAGE_SIZE, (hi - lo) * PAGE_SIZE, _MADV_POPULATE_WRITE) != 0:
                     return  # an older kernel: placement faults as before
                 self.faulted_pages += hi - lo

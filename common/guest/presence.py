@@ -163,6 +163,10 @@ class RestartableVcpu:
             self.blocked_on = miss.page
             self.misses.append(miss.page)
             return
+        except Exception:
+            if journaled:
+                self.gate.undo(self.guest)  # a step the guest could not finish leaves no trace
+            raise
         if journaled:
             self.gate.commit()
 

@@ -49,6 +49,9 @@ class GuestRunner:
         self._running = False
         self._next_due = 0.0
         self._held_until = 0.0  # auto-converge: no slice before this time
+        # Why the guest stopped on its own: a step its memory made impossible (a pointer out of
+        # RAM, say), as a real vCPU takes an abort. The guest stops; the daemon lives on.
+        self.error: str | None = None
 
     @property
     def _interval(self) -> float:
@@ -71,7 +74,12 @@ class GuestRunner:
 
     @property
     def running(self) -> bool:
-        return self._running and not self.finished
+        return self._running and not self.finished and self.error is None
+
+    @property
+    def stopped_for_good(self) -> bool:
+        """It will run no further step: at --stop-at-step, or stopped by an error of its own."""
+        return self.finished or self.error is not None
 
     @property
     def waiting_for_page(self) -> bool:
@@ -114,7 +122,11 @@ class GuestRunner:
                 self._next_due += interval
                 if self._next_due < t - 1.0:  # far behind (a long pause): do not sprint
                     self._next_due = t
-            self.workload.step()
+            try:
+                self.workload.step()
+            except Exception as exc:  # whatever guest memory holds, the daemon's loop goes on
+                self.error = f"the guest stopped at step {self.step}: {exc}"
+                break
             ran += 1
         if self.throttle:
             # hold the vCPU off so that it runs (1 - throttle) of the time
@@ -125,7 +137,7 @@ class GuestRunner:
     def run_until_finished(self, should_stop: Callable[[], bool] = lambda: False) -> None:
         """The reference run: slices back to back (or paced) until --stop-at-step."""
         self.start()
-        while not self.finished and not should_stop():
+        while not self.stopped_for_good and not should_stop():
             wait = self.seconds_until_due(self.clock())
             if wait:
                 time.sleep(min(wait, 0.05))

@@ -16,6 +16,7 @@ tags and registers that run the same number of further steps end equal: that is 
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from enum import Enum
@@ -24,6 +25,7 @@ import numpy as np
 
 from common.constants import (
     GRANULE_SIZE,
+    MAX_DIRTY_PAGES_PER_STEP,
     PACKED_TAG_BYTES_PER_PAGE,
     PAGE_SIZE,
     TCF_ASYMMETRIC,
@@ -89,8 +91,10 @@ class WorkloadConfig:
             raise ValueError(f"--tag-only-share {self.tag_only_share} is outside 0 .. 1")
         if self.steps_per_second < 0:
             raise ValueError(f"--steps-per-second {self.steps_per_second} is negative")
-        if self.dirty_pages_per_step < 1:
-            raise ValueError(f"--dirty-pages-per-step {self.dirty_pages_per_step} is below 1")
+        if not 1 <= self.dirty_pages_per_step <= MAX_DIRTY_PAGES_PER_STEP:
+            raise ValueError(
+                f"--dirty-pages-per-step {self.dirty_pages_per_step} is outside 1 .. {MAX_DIRTY_PAGES_PER_STEP}"
+            )
         if self.working_set_bytes < 2 * PAGE_SIZE:
             raise ValueError(f"--working-set {exact_size(self.working_set_bytes)} is below two pages (8 KiB)")
         pages = _Layout.for_config(self, ram_bytes).end_page
@@ -237,9 +241,29 @@ class Workload:
             self._arena_pages,
             _fill_index,
         ) = fields
-        end = self._arena_page + self._arena_pages
-        if end > self.mem.page_count or self._heap_slots < 1 or self._arena_pages < 1:
-            raise NotAWorkloadGuest("workload control block describes memory beyond guest RAM")
+        problem = self._check_control_block()
+        if problem is not None:
+            # guest RAM is the guest's to write: a block no workload of ours wrote runs idle
+            raise NotAWorkloadGuest(f"workload control block is unusable: {problem}")
+
+    def _check_control_block(self) -> str | None:
+        pages = self.mem.page_count
+        table_pages = -(-self._heap_slots * 8 // PAGE_SIZE)
+        if not 1 <= self.dirty_pages_per_step <= MAX_DIRTY_PAGES_PER_STEP:
+            return f"{self.dirty_pages_per_step} pages a step (at most {MAX_DIRTY_PAGES_PER_STEP})"
+        if self._tag_only_q32 > 1 << 32:
+            return "a tag-only share above 1"
+        if not (math.isfinite(self.steps_per_second) and self.steps_per_second >= 0):
+            return f"a pace of {self.steps_per_second} steps a second"
+        regions = (
+            ("pointer table", self._table_page, table_pages),
+            ("heap", self._heap_page, self._heap_slots),
+            ("arena", self._arena_page, self._arena_pages),
+        )
+        for name, first, count in regions:
+            if first < 1 or count < 1 or first + count > pages:
+                return f"its {name} (pages {first} .. {first + count - 1}) lies outside guest RAM of {pages} pages"
+        return None
 
     @property
     def step_count(self) -> int:

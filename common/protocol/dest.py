@@ -153,6 +153,7 @@ class DestSession:
         self.t_stop_seen: float | None = None
         self.t_first_data: float | None = None
         self.t_running: float | None = None
+        self.t_last_placed = 0.0  # postcopy: when a page last became present here
         self.t_end: float | None = None
         self._corrupted = False
         self._repairing = False
@@ -215,6 +216,13 @@ class DestSession:
             return
         if message.kind == "resume":
             self._on_resume(peer, env, now)
+            return
+        if message.kind == "abort" and env.abort.code == pb.ERROR_GUEST_TAKEN_BACK:
+            # From any connection of the session's key, its own epoch or a newer one: a source
+            # whose operator took the guest back says so on the connection it has now, which
+            # may be one whose Resume never got here (a partition), and no older one is left.
+            if env.epoch >= self.link.epoch:
+                self._taken_back(env.abort.reason, now)
             return
         if message.kind == "postcopy_pages" and env.seq == 0:
             # an answer on the source's urgent connection: checked against the manifest like
@@ -365,6 +373,9 @@ class DestSession:
         if pc is not None and pc.late_tags:
             timers.append(Timer("late-tags", now, self._place_late_tags, work=True))
         heard = link.silence(now) < self.params.peer_timeout_s
+        if pc is not None and self.phase is _D.POSTCOPY and heard and not pc.complete:
+            at = max(self.t_last_placed, self.t_running or now) + self.params.max_source_wait_s
+            timers.append(Timer("postcopy-stalled", at, self._postcopy_stalled))
         if pc is not None and self.phase is _D.POSTCOPY and heard:
             # while the source is silent nothing piles up: the resume carries on
             if pc.outstanding:
@@ -634,6 +645,40 @@ class DestSession:
     def _on_abort(self, msg: pb.Abort, _: Buffer, now: float) -> None:
         self._fail(msg.code, f"source aborted: {msg.reason}", now, notify=False)
 
+    def _taken_back(self, reason: str, now: float) -> None:
+        """The source runs the guest again, by its operator's word: whatever ran here stops,
+        even a postcopy guest or one handed over, or the guest would run twice."""
+        self._stop_copy(
+            pb.ERROR_GUEST_TAKEN_BACK, f"the source took the guest back: {reason}", now, notify=False
+        )
+
+    def _postcopy_stalled(self, now: float) -> None:
+        """A source that is heard but sends none of the pages this guest lacks holds this node
+        for good (a postcopy guest is otherwise never discarded): past the operator's bound the
+        copy here stops, and the source, which keeps the guest as at the switchover, is told."""
+        assert self.postcopy is not None
+        waited = now - max(self.t_last_placed, self.t_running or now)
+        why = (
+            f"postcopy stalled: no page arrived for {waited:.1f} s while {self.postcopy.missing()} pages "
+            "were missing and the source was heard; the guest here is stopped (the source keeps it "
+            "as at the switchover)"
+        )
+        self._stop_copy(pb.ERROR_TIMEOUT, why, now, notify=True)
+
+    def _stop_copy(self, code: int, why: str, now: float, *, notify: bool) -> None:
+        """End the session whatever ran here: the guest is stopped and discarded."""
+        if self.phase is _D.FAILED:
+            return
+        self.failure = Failure(code, why, self.phase.value)
+        self._move(_D.FAILING)
+        if notify and self.peer is not None:
+            self._send(now, abort=pb.Abort(code=code, reason=why))
+        if self.guest is not None:
+            self.host.discard_guest(self.guest)
+        self.t_end = now
+        self._move(_D.FAILED)
+        self._events.append(ev.Finished("failed", why))
+
     # -- verification and handover -------------------------------------------------------------
     # -- postcopy -------------------------------------------------------------------------------
     def _on_page_manifest(self, msg: pb.PageDigests, _: Buffer, now: float) -> None:
@@ -688,6 +733,8 @@ class DestSession:
             self._request(pc.to_request(named, now), now)
             return
         placed = pc.place(self.guest.memory, batch, msg.requested, now)
+        if placed.pages.size:
+            self.t_last_placed = now  # progress, which a stream of refused or repeated pages is not
         self.stats.pages += int(batch.indices.size)
         self.stats.ram_bytes += self._arrived_bytes
         self.stats.postcopy_bytes += self._arrived_bytes

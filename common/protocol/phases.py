@@ -88,10 +88,12 @@ _D = DestPhase
 DEST_MOVES: Mapping[DestPhase, frozenset[DestPhase]] = {
     _D.WAITING: frozenset({_D.RECEIVING}),
     _D.RECEIVING: frozenset({_D.AWAIT_COMMIT, _D.POSTCOPY, _D.FAILING}),
-    _D.POSTCOPY: frozenset({_D.RUNNING}),  # a postcopy guest is never discarded
+    # A guest that runs here is never discarded, except when the source's operator says that
+    # it runs there again ('ctl settle here', ERROR_GUEST_TAKEN_BACK): then this copy stops.
+    _D.POSTCOPY: frozenset({_D.RUNNING, _D.FAILING}),
     _D.AWAIT_COMMIT: frozenset({_D.RUNNING, _D.FAILING}),
     _D.FAILING: frozenset({_D.FAILED}),
-    _D.RUNNING: frozenset(),
+    _D.RUNNING: frozenset({_D.FAILING}),
     _D.FAILED: frozenset(),
 }
 

@@ -28,6 +28,7 @@ from common.constants import (
     MAX_PAGES_PER_MESSAGE,
     PROTOCOL_VERSION,
     RECONNECT_BACKOFF_S,
+    REFUSAL_ANSWERS_PER_S,
     SESSION_ID_BYTES,
 )
 from common.guest.digest import DigestCache
@@ -40,7 +41,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
 from common.protocol.postcopy import BACKGROUND_PER_TURN, BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
-from common.protocol.ratelimit import TokenBucket
+from common.protocol.ratelimit import PerSecond, TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
@@ -124,6 +125,8 @@ class SourceSession:
         self._catching_up = False
         self._resend_vcpus = True
         self._commit_acked = False
+        self._taken_back = False  # an operator's 'settle here': the destination must stop its copy
+        self._reminders = PerSecond(REFUSAL_ANSWERS_PER_S)
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # postcopy: set at the switchover; from then on the guest is the destination's
         self.postcopy: SourcePostcopy | None = None
@@ -205,6 +208,9 @@ class SourceSession:
         if self.phase is _S.COMPLETED:
             self._ack_repeat(frames, now)
             return
+        if self._taken_back:
+            self._remind_taken_back(frames, now)
+            return
         if self.phase.terminal or self.phase is _S.IDLE:
             return
         try:
@@ -273,6 +279,16 @@ class SourceSession:
             # before a --once exit, so that a lost Started is sent again, not lost for good)
             self._ack(now)
         self._settle_by_ack(now)
+
+    def _remind_taken_back(self, frames: list[Buffer], now: float) -> None:
+        """The destination speaks after the operator took the guest back here: whatever it
+        says, it is told again to stop its copy (a bounded number of times a second)."""
+        try:
+            env = framing.decode(frames).envelope
+        except WireError:
+            return
+        if env.session_id == self.session_id and self._reminders.take(now):
+            self._tell_taken_back(now)
 
     def _ack_repeat(self, frames: list[Buffer], now: float) -> None:
         """Done here, yet a destination whose ack was lost (its Started's, say) sends a message
@@ -389,16 +405,29 @@ class SourceSession:
         if self.phase is not _S.UNSETTLED:
             raise RuntimeError(f"nothing to settle (phase {self.phase.value})")
         if runs_here:
-            self._fail(
-                pb.ERROR_CANCELLED,
-                "settled by the operator: the guest runs here again",
-                now,
-                notify=False,
-                cancelled=True,
-                after_commit_ok=True,
+            reason = "settled by the operator: the guest runs here again"
+            self._fail(pb.ERROR_CANCELLED, reason, now, notify=False, cancelled=True, after_commit_ok=True)
+            # The destination may still run a copy (it started it, or it may come back): it hears
+            # that the guest was taken back now, and again in answer to anything it sends later.
+            self._taken_back = True
+            self._tell_taken_back(now)
+            return
+        if self.postcopy is not None and not self.verified:
+            # Only verification proves that the destination holds the whole guest; before it,
+            # pages may exist only here, and calling it done would drop them unseen.
+            lacks = (
+                "an unknown number of pages" if self.dest_missing is None else f"{self.dest_missing} pages"
             )
-        else:
-            self._complete(now, "settled by the operator: the guest runs on the destination")
+            raise RuntimeError(
+                f"postcopy is not verified: the destination last said it lacked {lacks}, held only "
+                "here. 'ctl recover' reconnects and finishes it; 'ctl settle here' only if the "
+                "destination is gone for good"
+            )
+        self._complete(now, "settled by the operator: the guest runs on the destination")
+
+    def _tell_taken_back(self, now: float) -> None:
+        reason = "the source's operator took the guest back ('ctl settle here'): stop this copy"
+        self._unsequenced(now, abort=pb.Abort(code=pb.ERROR_GUEST_TAKEN_BACK, reason=reason))
 
     def start_postcopy(self, now: float) -> None:
         """An operator's postcopy-start: switch a running precopy over now."""

@@ -54,6 +54,7 @@ class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ERROR_NOT_CONVERGING: _ClassVar[ErrorCode]
     ERROR_BUSY: _ClassVar[ErrorCode]
     ERROR_INTERNAL: _ClassVar[ErrorCode]
+    ERROR_GUEST_TAKEN_BACK: _ClassVar[ErrorCode]
 FEATURE_UNSPECIFIED: Feature
 FEATURE_MTE: Feature
 FEATURE_LZ4: Feature
@@ -87,6 +88,7 @@ ERROR_VERIFICATION_FAILED: ErrorCode
 ERROR_NOT_CONVERGING: ErrorCode
 ERROR_BUSY: ErrorCode
 ERROR_INTERNAL: ErrorCode
+ERROR_GUEST_TAKEN_BACK: ErrorCode
 
 class Hello(_message.Message):
     __slots__ = ("protocol_version", "page_size", "granule_size", "ram_bytes", "features", "mode", "vcpu_count", "node_name", "auth_token", "populated_hint_lz4", "reconnect_timeout_ms", "postcopy_recover_timeout_ms", "channels")
