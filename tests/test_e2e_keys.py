@@ -25,7 +25,7 @@ import zmq
 from common.constants import REFUSAL_LOG_LINES_PER_S
 from common.control import request
 from common.guest.workload import Fill, WorkloadConfig, boot
-from common.keys import generate, load_public, load_secret
+from common.keys import curve_client, generate, load_public, load_secret
 from common.units import parse_size
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
@@ -42,6 +42,7 @@ from tests.e2e import (
     reference,
     run_source,
     same_guest,
+    start_source,
 )
 
 pytestmark = pytest.mark.slow
@@ -335,3 +336,61 @@ def test_a_control_endpoint_off_this_machine_answers_known_keys_only(tmp_path: P
         source.send_signal(signal.SIGTERM)
         _, err = source.communicate(timeout=30)
     assert "peer key refused" in err and '"domain": "control"' in err
+
+
+def test_an_allowed_key_cannot_take_over_another_keys_session_by_naming_it(
+    tmp_path: Path, keys: Keys
+) -> None:
+    """The key a connection proved (the ZAP user id) reaches the session: a second allowed
+    source that names a running session, even under its connection's routing id and a newer
+    epoch, is refused, and the migration goes on with its own source."""
+    shutil.copy(keys.public("stranger"), keys.allow)
+    dest = Dest(tmp_path, "--stop-at-step", "2000", *keys.dest_args())
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    stranger = ctx.socket(zmq.DEALER)
+    try:
+        proc, report = start_source(
+            tmp_path,
+            *SMALL_GUEST,
+            "--stop-at-step",
+            "2000",
+            "--steps-per-second",
+            "1000",
+            "--max-bandwidth",
+            "4MiB",
+            "--migrate-to",
+            dest.uri,
+            *keys.source_args(),
+        )
+        assert proc.stderr is not None
+        session = ""
+        for line in proc.stderr:
+            if '"migration started"' in line:
+                session = json.loads(line)["session"]
+                break
+        assert session, "the source said which session it opened"
+        deadline = time.monotonic() + 20
+        while request(dest.control, "status")["result"]["phase"] != "receiving":
+            assert time.monotonic() < deadline, "the destination opened the session"
+            time.sleep(0.02)
+        sid = bytes.fromhex(session)
+        stranger.setsockopt(zmq.ROUTING_ID, sid + (9).to_bytes(4, "big"))
+        curve_client(stranger, load_secret(keys.secret("stranger")), load_public(keys.public("dest")))
+        stranger.connect(dest.uri)
+        takeover = framing.envelope(sid, 0, resume=pb.Resume(epoch=9))
+        takeover.epoch = 9
+        stranger.send_multipart(framing.encode(takeover))
+        assert stranger.poll(10_000), "the destination answers the stranger"
+        answer = framing.decode(stranger.recv_multipart())
+        assert answer.kind == "abort" and answer.envelope.abort.code == pb.ERROR_UNAUTHORIZED
+        assert answer.envelope.abort.reason == "this session belongs to another source's key"
+        rest = proc.stderr.read()
+        proc.wait(timeout=60)
+        got = dest.finish(timeout=60)
+    finally:
+        stranger.close(linger=0)
+        ctx.term()
+        dest.kill()
+    src_report = json.loads(report.read_text())
+    assert proc.returncode == 0 and src_report["status"] == "completed", rest[-2000:]
+    assert got.report["status"] == "completed" and got.report["link"]["resumes"] == 0

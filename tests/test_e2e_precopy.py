@@ -92,6 +92,9 @@ def test_busy_guest_migrated_equals_unmigrated(tmp_path: Path, seed: int, stop: 
         assert switched_at < stop
     assert got.report["guest"]["step"] == stop
     assert same_guest(got.report["guest"], reference(tmp_path, *guest))
+    # Nothing arrived damaged on a clean loopback: a guest write slipping into a batch sent
+    # straight from guest memory (an in-process harness copies frames, so only here) would be.
+    assert got.report["link"]["corrupt_received"] == 0 and src.report["link"]["resent_messages"] == 0
     if preallocate:
         assert got.report["preallocation"]["bytes"] == 32 << 20
         assert got.report["preallocation"]["seconds"] is not None

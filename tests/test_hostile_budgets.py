@@ -7,10 +7,12 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 from structlog.testing import capture_logs
 
 from common.constants import (
+    MAX_FRAME_BYTES,
     MAX_FRAMES_PER_MESSAGE,
     PROTOCOL_VERSION,
     READS_PER_TURN,
@@ -18,6 +20,7 @@ from common.constants import (
     REFUSAL_LOG_LINES_PER_S,
     STRANGER_MESSAGES_PER_TURN,
 )
+from common.control import request
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
@@ -25,6 +28,7 @@ from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from dest_node.daemon import DestDaemon, DestOptions
+from tests.e2e import SMALL_GUEST, Dest, run_source
 from tests.protocol_harness import Faults, Pair, busy_guest, good_hello
 
 
@@ -215,3 +219,40 @@ def test_refused_hellos_are_logged_a_few_a_second_then_counted(tmp_path: Path) -
     assert [entry["reason"] for entry in lines] == [f"bad hello {i}" for i in range(REFUSAL_LOG_LINES_PER_S)]
     counted = [entry for entry in logs if entry["event"] == "messages refused"]
     assert sum(entry["count"] for entry in counted) == 30 - REFUSAL_LOG_LINES_PER_S and len(counted) <= 2
+
+
+def test_a_message_past_the_sockets_size_limit_never_reaches_the_daemon(tmp_path: Path) -> None:
+    """libzmq drops the connection of a peer whose frame passes MAXMSGSIZE, before the daemon
+    holds any of it; the next peer is read as usual."""
+    dest = daemon(tmp_path)
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    big, small = ctx.socket(zmq.DEALER), ctx.socket(zmq.DEALER)
+    try:
+        big.connect(dest.address)
+        big.send(bytes(MAX_FRAME_BYTES + 1))
+        time.sleep(0.5)
+        assert dest._receive_one() is None, "the oversized frame was never delivered"
+        small.connect(dest.address)
+        small.send(b"x" * 100)
+        assert dest.sock.poll(5000)
+        received = dest._receive_one()
+        assert received is not None and bytes(received[1][0].buffer) == b"x" * 100
+    finally:
+        big.close(linger=0)
+        small.close(linger=0)
+        ctx.term()
+        dest.sock.close(linger=0)
+        dest.ctx.term()
+
+
+@pytest.mark.slow
+def test_dest_node_max_ram_bounds_what_a_hello_may_claim(tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "0", "--max-ram", "8MiB")
+    try:
+        src = run_source(tmp_path, *SMALL_GUEST, "--stop-at-step", "0", "--migrate-to", dest.uri, timeout=60)
+        status = request(dest.control, "status")["result"]
+    finally:
+        dest.kill()
+    assert src.code == 1 and src.report["guest"]["here"] is True
+    assert "exceeds this destination's limit of 8 MiB (dest-node --max-ram)" in src.report["error"]
+    assert status["phase"] == "waiting" and status["guest"] is None
