@@ -208,7 +208,7 @@ def test_postcopy_recovers_from_a_broken_link(tmp_path: Path, share: float, faul
     assert src.report["guest"]["here"] is False
 
 
-def test_postcopy_with_a_destination_gone_for_good_waits_for_the_operator(tmp_path: Path) -> None:
+def test_postcopy_with_a_lost_destination_waits_for_the_operator_and_settles_once(tmp_path: Path) -> None:
     dest = Dest(tmp_path, "--stop-at-step", "100000000", "--peer-timeout", "1")
     control = dest.new_control_uri()
     try:
@@ -242,9 +242,22 @@ def test_postcopy_with_a_destination_gone_for_good_waits_for_the_operator(tmp_pa
                 assert proc.poll() is None, "the source stays up: the destination needs its pages"
                 there = request(dest.control, "status", timeout_s=2.0)["result"]
                 assert there["phase"] == "postcopy" and there["guest"]["here"] is True
-                # the operator decides: the destination lives on
-                settled = request(control, "settle", {"where": "there"}, timeout_s=5.0)
+                # 'there' would drop the pages held only here: refused, and nothing changes
+                refused = request(control, "settle", {"where": "there"}, timeout_s=5.0)
+                assert not refused.get("ok") and "postcopy is not verified" in refused["error"], refused
+                assert request(control, "status", timeout_s=2.0)["result"]["status"] == "unsettled"
+                # the operator decides the destination is gone for good: the guest runs here again
+                settled = request(control, "settle", {"where": "here"}, timeout_s=5.0)
                 assert settled.get("ok"), settled
+                assert settled["result"]["status"] == "cancelled" and settled["result"]["guest"]["here"]
+                # the destination was not gone after all: when the link returns it hears that the
+                # guest was taken back, and stops its copy rather than run it beside the source's
+                proxy.restore()
+                got = dest.finish(timeout=20)  # --once: it ends with the copy it stopped
+                assert got.code != 0 and got.report["status"] == "failed", got.stderr[-2000:]
+                assert "the source took the guest back" in got.report["error"]
+                assert got.report["guest"] is None or got.report["guest"]["here"] is False
+                assert "guest stopped here: the source runs it again" in got.stderr
                 src = finish_source(proc, report, timeout=30)
             finally:
                 if proc.poll() is None:
@@ -252,4 +265,4 @@ def test_postcopy_with_a_destination_gone_for_good_waits_for_the_operator(tmp_pa
                     proc.communicate(timeout=10)
     finally:
         dest.kill()
-    assert src.report["status"] == "completed" and "settled by the operator" in str(src.report["timeline"])
+    assert src.report["status"] == "cancelled" and src.report["guest"]["here"] is True
