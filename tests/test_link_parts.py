@@ -9,7 +9,9 @@ import pytest
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import (
     DEST_MOVES,
+    SOURCE_FAILURES,
     SOURCE_MOVES,
+    SOURCE_TRIGGERS,
     DestPhase,
     PhaseMachine,
     ProtocolError,
@@ -102,7 +104,7 @@ def test_every_phase_can_end_and_no_move_leaves_a_terminal_phase() -> None:
 
 
 def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None:
-    machine = PhaseMachine(SourcePhase.ACTIVE, SOURCE_MOVES, {})
+    machine = PhaseMachine(SourcePhase.ACTIVE, SOURCE_MOVES, SOURCE_TRIGGERS, SOURCE_FAILURES)
     with pytest.raises(ProtocolError, match="no move from active to committing"):
         machine.move(SourcePhase.COMMITTING)
     assert machine.phase is SourcePhase.ACTIVE

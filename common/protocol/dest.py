@@ -14,7 +14,9 @@ link broke learns that the guest runs here.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any, Protocol
 
 import numpy as np
@@ -40,7 +42,7 @@ from common.guest.workload import REG_STEP
 from common.protocol import events as ev
 from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_channels
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reorder
-from common.protocol.phases import DEST_EXPECTS, DEST_MOVES, DestPhase, Failure, PhaseMachine
+from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
 from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
@@ -120,7 +122,7 @@ class DestSession:
         self.host = host
         self.params = params
         self.handed_over = dict(handed_over or {})
-        self.machine = PhaseMachine(_D.WAITING, DEST_MOVES, DEST_EXPECTS)
+        self.machine = PhaseMachine(_D.WAITING, DEST_MOVES, DEST_TRIGGERS, DEST_FAILURES)
         self.failure: Failure | None = None
         self.guest: Guest | None = None
         self.digests: DigestCache | None = None
@@ -203,7 +205,10 @@ class DestSession:
             )
             return
         if message.kind == "hello":
-            self._on_hello(peer, env, now, peer_key)
+            if self.machine.handles("hello"):
+                self._fire("hello", partial(self._on_hello, peer, env, now, peer_key), now)
+            else:
+                self._hello_while_busy(peer, env, now, peer_key)
             return
         if env.session_id in self.handed_over and env.session_id != self.session_id:
             self._answer_handed_over(peer, env, message.kind, peer_key)
@@ -215,20 +220,30 @@ class DestSession:
             self._refuse(peer, pb.ERROR_UNAUTHORIZED, "this session belongs to another source's key")
             return
         if message.kind == "resume":
-            self._on_resume(peer, env, now)
+            if self.machine.handles("resume"):
+                self._fire("resume", partial(self._on_resume, peer, env, now), now)
+            else:
+                self._refuse(
+                    peer,
+                    pb.ERROR_WRONG_SESSION,
+                    "no migration session of yours is open here (it was discarded)",
+                )
             return
         if message.kind == "abort" and env.abort.code == pb.ERROR_GUEST_TAKEN_BACK:
             # From any connection of the session's key, its own epoch or a newer one: a source
             # whose operator took the guest back says so on the connection it has now, which
             # may be one whose Resume never got here (a partition), and no older one is left.
-            if env.epoch >= self.link.epoch:
-                self._taken_back(env.abort.reason, now)
+            if env.epoch >= self.link.epoch and self.machine.handles("taken-back"):
+                self._fire("taken-back", partial(self._taken_back, env.abort.reason, now), now)
             return
         if message.kind == "postcopy_pages" and env.seq == 0:
             # an answer on the source's urgent connection: checked against the manifest like
             # any page, so from wherever it came it can only place the source's own version
-            if self.phase is _D.POSTCOPY and env.epoch >= self.link.epoch:
-                self._on_postcopy_pages(env.postcopy_pages, message.payload, now, urgent=True)
+            if env.epoch >= self.link.epoch and self.machine.handles("postcopy_pages"):
+                urgent = partial(
+                    self._on_postcopy_pages, env.postcopy_pages, message.payload, now, urgent=True
+                )
+                self._fire("postcopy_pages", urgent, now)
             return
         if not self._from_source(peer):
             # (a channel of a connection the source has left, too: refused, rate-limited, as
@@ -321,28 +336,47 @@ class DestSession:
             # a commit sent again because our answer was lost: it is answered by the resend of
             # Started; anything else after the handover is out of place and changes nothing
             return
-        try:
-            if not self.machine.expects(message.kind):
-                raise WireError(
-                    pb.ERROR_BAD_MESSAGE,
-                    f"unexpected {message.kind} from the source in phase {self.phase.value}",
-                )
-            getattr(self, f"_on_{message.kind}")(getattr(env, message.kind), message.payload, now)
-        except WireError as exc:
-            if exc.code == pb.ERROR_CHECKSUM and message.kind in framing.PAGE_DIGESTED:
-                # a page did not land as its digest says (damaged in transit): the message
-                # counts as not delivered, so it is asked for again
-                self.link.retract(env.seq)
-                self.link.stats.corrupt += 1
-                self._ask_resend(now)
-                return
-            self._fail(exc.code, exc.reason, now)
+        if message.kind in UNSEQUENCED or not self.machine.handles(message.kind):
+            self._fail(
+                pb.ERROR_BAD_MESSAGE,
+                f"unexpected {message.kind} from the source in phase {self.phase.value}",
+                now,
+            )
             return
-        except Exception as exc:  # a host error or a bug: the session fails, the node lives
-            self._fail(pb.ERROR_INTERNAL, f"the destination failed handling {message.kind}: {exc!r}", now)
+        handler = partial(
+            getattr(self, f"_on_{message.kind}"), getattr(env, message.kind), message.payload, now
+        )
+        if not self._fire(message.kind, handler, now, damaged=message):
             return
         if message.kind not in framing.BATCH_KINDS and self.phase is not _D.FAILED:
             self._ack(now)  # data messages are acknowledged with the flow control
+
+    def _fire(
+        self, trigger: str, act: Callable[[], None], now: float, damaged: framing.Message | None = None
+    ) -> bool:
+        """Act on a trigger through the phase table (which also holds its moves to what the
+        table lists). An error inside ends the session with its reason, never the daemon; a
+        batch whose pages did not land as their digests say (`damaged`) is asked for again.
+        False when the trigger did not complete."""
+        try:
+            self.machine.fire(trigger, act)
+        except WireError as exc:
+            if (
+                damaged is not None
+                and exc.code == pb.ERROR_CHECKSUM
+                and damaged.kind in framing.PAGE_DIGESTED
+            ):
+                # damaged in transit: the message counts as not delivered, and is asked for again
+                self.link.retract(damaged.envelope.seq)
+                self.link.stats.corrupt += 1
+                self._ask_resend(now)
+                return False
+            self._fail(exc.code, exc.reason, now)
+            return False
+        except Exception as exc:  # a host error or a bug: the session fails, the node lives
+            self._fail(pb.ERROR_INTERNAL, f"the destination failed handling {trigger}: {exc!r}", now)
+            return False
+        return True
 
     def poll(self, now: float) -> None:
         """Advance on time: take what the guest found missing (postcopy), then act on every
@@ -356,44 +390,38 @@ class DestSession:
 
     def timers(self, now: float) -> list[Timer]:
         """Every armed timer, in the order poll acts on them: the one list both poll and
-        next_deadline read."""
-        link = self.link
-        timers: list[Timer] = []
-        if self.phase is _D.RUNNING:
-            # the handover is done; only a source that has not heard so may still need Started
-            if link.unacked:
-                timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
-            return timers
-        if self.phase not in _LIVE:
-            return timers
-        pc = self.postcopy
-        if self.phase is not _D.POSTCOPY:
-            # a postcopy guest runs here and is never discarded, however long the source is silent
-            timers.append(Timer("source-silent", link.t_last_heard + self.keep_for_s, self._source_silent))
+        next_deadline read. Which phase runs which timer is the phase table's to say (a
+        postcopy guest runs here, so the source's silence never discards it; after the
+        handover only Started is sent again); this says when each is due."""
+        link, pc = self.link, self.postcopy
+        timers = [Timer("source-silent", link.t_last_heard + self.keep_for_s, self._source_silent)]
         if pc is not None and pc.late_tags:
             timers.append(Timer("late-tags", now, self._place_late_tags, work=True))
+        # while the source is silent nothing piles up or stalls: the resume carries on
         heard = link.silence(now) < self.params.peer_timeout_s
-        if pc is not None and self.phase is _D.POSTCOPY and heard and not pc.complete:
+        if pc is not None and heard and not pc.complete:
             at = max(self.t_last_placed, self.t_running or now) + self.params.max_source_wait_s
             timers.append(Timer("postcopy-stalled", at, self._postcopy_stalled))
-        if pc is not None and self.phase is _D.POSTCOPY and heard:
-            # while the source is silent nothing piles up: the resume carries on
-            if pc.outstanding:
-                at = min(pc.outstanding.values()) + link.rto_s
-                timers.append(Timer("ask-again", at, self._ask_overdue))
-            if not pc.complete and not any(e.kind == "received_bitmap" for e in link.unacked):
+            if not any(e.kind == "received_bitmap" for e in link.unacked):
                 # quiet while pages are missing (a batch refused as malformed, a source that
                 # lost track): say again what we hold, and the source sends the rest
                 at = max(pc.t_last_data, pc.t_last_bitmap) + link.rto_s
                 timers.append(Timer("bitmap-again", at, self._send_bitmap))
+        if pc is not None and heard and pc.outstanding:
+            at = min(pc.outstanding.values()) + link.rto_s
+            timers.append(Timer("ask-again", at, self._ask_overdue))
         if link.unacked:
             timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
         if self.reorder.t_gap is not None:
             timers.append(Timer("reorder-gap", self.reorder.t_gap + REORDER_WAIT_S, self._gap_is_a_loss))
         timers.append(
-            Timer("heartbeat", link.t_last_sent + self.params.heartbeat_interval_s, self._heartbeat)
+            Timer("send-heartbeat", link.t_last_sent + self.params.heartbeat_interval_s, self._heartbeat)
         )
-        return timers
+        return [self._armed(timer) for timer in timers if self.machine.handles(timer.name)]
+
+    def _armed(self, timer: Timer) -> Timer:
+        """The timer as poll acts on it: through the phase table, as any trigger."""
+        return replace(timer, act=lambda now: self._fire(timer.name, partial(timer.act, now), now))
 
     def _source_silent(self, now: float) -> None:
         silent = self.link.silence(now)
@@ -447,20 +475,16 @@ class DestSession:
         self._fail(pb.ERROR_CANCELLED, reason, now)
 
     # -- hello and resume -----------------------------------------------------------------------
+    def _hello_while_busy(self, peer: bytes, env: pb.Envelope, now: float, peer_key: bytes) -> None:
+        if peer == self.peer and env.session_id == self.session_id and peer_key == self.peer_key:
+            # our source's hello again: our answer was lost, so send it again now
+            self._resend_from(self.link.peer_received, now)
+            return
+        reason = f"destination busy with another migration (phase {self.phase.value})"
+        self._refuse_hello(peer, env.session_id, pb.ERROR_BUSY, reason)
+
     def _on_hello(self, peer: bytes, env: pb.Envelope, now: float, peer_key: bytes) -> None:
         hello = env.hello
-        if self.phase is not _D.WAITING:
-            if peer == self.peer and env.session_id == self.session_id and peer_key == self.peer_key:
-                # our source's hello again: our answer was lost, so send it again now
-                self._resend_from(self.link.peer_received, now)
-                return
-            self._refuse_hello(
-                peer,
-                env.session_id,
-                pb.ERROR_BUSY,
-                f"destination busy with another migration (phase {self.phase.value})",
-            )
-            return
         problem = check_hello(hello, self.params.auth_token, self.params.max_ram_bytes)
         hint = None
         if problem is None and env.seq != 1:
@@ -533,11 +557,6 @@ class DestSession:
 
     def _on_resume(self, peer: bytes, env: pb.Envelope, now: float) -> None:
         resume = env.resume
-        if self.phase is _D.FAILED:
-            self._refuse(
-                peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here (it was discarded)"
-            )
-            return
         if resume.epoch < self.link.epoch or (resume.epoch == self.link.epoch and peer != self.peer):
             return  # an old attempt, or a stranger replaying one
         # both acknowledgements it carries are checked before anything changes (the envelope's
@@ -571,12 +590,15 @@ class DestSession:
         if kind not in UNSEQUENCED or kind == "resume_ack":
             self._fail(pb.ERROR_BAD_MESSAGE, f"the source sent {kind} without a sequence number", now)
             return
-        if kind == "ack" and message.envelope.ack.resend_from:
-            want = message.envelope.ack.resend_from
-            if want > self.link.next_seq:
-                self._fail(pb.ERROR_BAD_MESSAGE, f"source asked for message {want}, never sent", now)
-                return
-            self._resend_from(want - 1, now)
+        if kind == "ack" and self.machine.handles("ack"):
+            self._fire("ack", partial(self._on_ack, message.envelope.ack, now), now)
+
+    def _on_ack(self, ack: pb.Ack, now: float) -> None:
+        if not ack.resend_from:
+            return
+        if ack.resend_from > self.link.next_seq:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"source asked for message {ack.resend_from}, never sent")
+        self._resend_from(ack.resend_from - 1, now)
 
     # -- data ---------------------------------------------------------------------------
     def _on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
@@ -891,8 +913,8 @@ class DestSession:
         self._events.append(ev.PhaseChanged(to.value))
 
     def _fail(self, code: int, reason: str, now: float, *, notify: bool = True) -> None:
-        if self.phase.terminal or self.phase is _D.FAILING:
-            return
+        if self.phase.terminal or self.phase in (_D.FAILING, _D.WAITING):
+            return  # (waiting: no session to fail; a hello that could not be handled is refused)
         if self.phase is _D.POSTCOPY:
             # The guest runs here and the source is stopped: it is never discarded. The fault is
             # noted and refused; the source may resume the session and carry on.

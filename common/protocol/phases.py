@@ -8,7 +8,7 @@ a protocol error that fails the migration; it is never acted upon.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Generic, TypeVar
@@ -97,37 +97,86 @@ DEST_MOVES: Mapping[DestPhase, frozenset[DestPhase]] = {
     _D.FAILED: frozenset(),
 }
 
-# Sequenced messages each phase expects from the peer. Unsequenced ones (ack, heartbeat,
-# resume, resume_ack) are link traffic, handled in any live phase.
-SOURCE_EXPECTS: Mapping[SourcePhase, frozenset[str]] = {
-    _S.SETUP: frozenset({"hello_ack", "abort"}),
-    _S.ACTIVE: frozenset({"abort"}),
-    _S.SWITCHOVER: frozenset({"abort"}),
-    _S.VERIFYING: frozenset({"verify_result", "abort"}),
-    _S.COMMITTING: frozenset({"started", "abort"}),
-    _S.UNSETTLED: frozenset({"started"}),
-    _S.POSTCOPY: frozenset({"page_request", "received_bitmap", "abort"}),
-    _S.POSTCOPY_PAUSED: frozenset({"page_request", "received_bitmap", "abort"}),
-    _S.POSTCOPY_VERIFYING: frozenset({"page_request", "received_bitmap", "verify_result", "abort"}),
-}
-_RECEIVING = frozenset(
-    {
-        "ram_pages",
-        "tag_sections",
-        "end_of_round",
-        "device_state",
-        "verify_request",
-        "abort",
-        "page_manifest",
-        "postcopy_start",
-        "link_timeouts",
+# What each phase acts on, and which phases each trigger may lead to: the protocol's transitions
+# with their causes, as data (h11's _state.py is the model). A trigger is a message kind from the
+# peer (sequenced ones; "ack", "resume", "resume_ack" are link traffic; "refusal" is an answer
+# from outside the session), or a timer (named as in the sessions' timers()). The session
+# dispatches every trigger through this table: a message the phase does not list is a protocol
+# error, a timer it does not list is never armed, and a move the trigger does not list raises
+# before anything changes. Failing is always open (the failure phases below), so the table lists
+# progress alone. Operator verbs (cancel, settle, recover, postcopy-start) check their own
+# phase and say why not.
+_LINK = {"ack": (), "resume_ack": (), "refusal": (), "retransmit": (), "send-heartbeat": ()}
+_SETUP_LINK = {"ack": (), "refusal": (), "retransmit": ()}  # the hello, resent, is the heartbeat
+_TIMED = {"give-up": (), "link-broken": (), "send-resume": ()}
+_STREAM = {"page_request": (), "received_bitmap": (), "abort": (), "send": ()}
+
+
+def _table(rows: dict[P, dict[str, tuple[P, ...]]]) -> Mapping[P, Mapping[str, frozenset[P]]]:
+    return {
+        phase: {trigger: frozenset(leads) for trigger, leads in row.items()} for phase, row in rows.items()
     }
-)
-DEST_EXPECTS: Mapping[DestPhase, frozenset[str]] = {
-    _D.RECEIVING: _RECEIVING,
-    _D.POSTCOPY: frozenset({"postcopy_pages", "verify_request", "abort", "link_timeouts"}),
-    _D.AWAIT_COMMIT: frozenset({"commit", "abort", "link_timeouts"}),
-}
+
+
+SOURCE_TRIGGERS = _table(
+    {
+        _S.SETUP: {
+            **_SETUP_LINK, "hello_ack": (_S.ACTIVE, _S.POSTCOPY), "abort": (),
+            "setup-timeout": (), "ask-hello-answer": (),
+        },
+        _S.ACTIVE: {
+            **_LINK, **_TIMED, "abort": (), "convergence": (),
+            "send": (_S.SWITCHOVER, _S.VERIFYING, _S.POSTCOPY),
+            "round-end": (_S.SWITCHOVER, _S.VERIFYING, _S.POSTCOPY),
+        },
+        _S.SWITCHOVER: {**_LINK, **_TIMED, "abort": (), "send": (_S.VERIFYING,)},
+        _S.VERIFYING: {**_LINK, **_TIMED, "abort": (), "verify_result": (_S.COMMITTING, _S.SWITCHOVER)},
+        _S.COMMITTING: {
+            **_LINK, **_TIMED, "abort": (), "started": (_S.COMPLETED,),
+            "ack": (_S.COMPLETED,), "resume_ack": (_S.COMPLETED,),
+        },
+        _S.UNSETTLED: {"started": (_S.COMPLETED,), "ack": (_S.COMPLETED,), "resume_ack": (), "refusal": ()},
+        _S.POSTCOPY: {
+            **_LINK, **_TIMED, **_STREAM, "received_bitmap": (_S.POSTCOPY_VERIFYING,),
+            "link-broken": (_S.POSTCOPY_PAUSED,),
+        },
+        _S.POSTCOPY_PAUSED: {
+            **_LINK, **_TIMED, **_STREAM, "resume_ack": (_S.POSTCOPY, _S.POSTCOPY_VERIFYING),
+        },
+        _S.POSTCOPY_VERIFYING: {
+            **_LINK, **_TIMED, **_STREAM, "verify_result": (_S.COMPLETED,),
+            "link-broken": (_S.POSTCOPY_PAUSED,),
+        },
+    }
+)  # fmt: skip
+# Where any trigger may end a source: failing (the guest resumes here before the commit), or
+# unsettled (after it, or in postcopy: the guest is kept as it was, for the destination or an
+# operator to settle).
+SOURCE_FAILURES = frozenset({_S.FAILING, _S.FAILED, _S.CANCELLED, _S.UNSETTLED})
+
+_DEST_LINK = {"ack": (), "resume": (), "retransmit": (), "send-heartbeat": (), "reorder-gap": ()}
+_BEFORE_RUNNING = {**_DEST_LINK, "abort": (), "link_timeouts": (), "source-silent": (), "taken-back": ()}
+DEST_TRIGGERS = _table(
+    {
+        _D.WAITING: {"hello": (_D.RECEIVING,)},
+        _D.RECEIVING: {
+            **_BEFORE_RUNNING, "ram_pages": (), "tag_sections": (), "end_of_round": (),
+            "device_state": (), "page_manifest": (), "verify_request": (_D.AWAIT_COMMIT,),
+            "postcopy_start": (_D.POSTCOPY,),
+        },
+        _D.AWAIT_COMMIT: {**_BEFORE_RUNNING, "commit": (_D.RUNNING,)},
+        # a postcopy guest runs here: the source's silence is a broken link, never a failure
+        _D.POSTCOPY: {
+            **_DEST_LINK, "abort": (), "link_timeouts": (), "postcopy_pages": (),
+            "verify_request": (_D.RUNNING,), "taken-back": (), "late-tags": (), "ask-again": (),
+            "bitmap-again": (), "postcopy-stalled": (),
+        },
+        # the handover is done: Started is sent again until the source has it, and the source's
+        # operator may still take the guest back
+        _D.RUNNING: {"ack": (), "resume": (), "retransmit": (), "taken-back": ()},
+    }
+)  # fmt: skip
+DEST_FAILURES = frozenset({_D.FAILING, _D.FAILED})
 
 P = TypeVar("P", SourcePhase, DestPhase)
 
@@ -138,19 +187,43 @@ class ProtocolError(RuntimeError):
 
 class PhaseMachine(Generic[P]):
     def __init__(
-        self, initial: P, moves: Mapping[P, frozenset[P]], expects: Mapping[P, frozenset[str]]
+        self,
+        initial: P,
+        moves: Mapping[P, frozenset[P]],
+        triggers: Mapping[P, Mapping[str, frozenset[P]]],
+        failures: frozenset[P],
     ) -> None:
         self.phase = initial
         self._moves = moves
-        self._expects = expects
+        self._triggers = triggers
+        self._failures = failures
+        self._firing: tuple[P, str, frozenset[P]] | None = None  # the trigger being acted on
+
+    def handles(self, trigger: str) -> bool:
+        return trigger in self._triggers.get(self.phase, {})
+
+    def fire(self, trigger: str, act: Callable[[], None]) -> None:
+        """Act on a trigger the current phase handles; its moves are held to what the table
+        says it leads to (or to failing)."""
+        leads = self._triggers.get(self.phase, {}).get(trigger)
+        if leads is None:
+            raise ProtocolError(f"{trigger} is not handled in phase {self.phase.value}")
+        outer, self._firing = self._firing, (self.phase, trigger, leads)
+        try:
+            act()
+        finally:
+            self._firing = outer
 
     def move(self, to: P) -> None:
         if to not in self._moves[self.phase]:
             raise ProtocolError(f"no move from {self.phase.value} to {to.value}")
+        if self._firing is not None and to not in self._firing[2] and to not in self._failures:
+            origin, trigger, _ = self._firing
+            raise ProtocolError(f"{trigger} in phase {origin.value} may not lead to {to.value}")
         self.phase = to
 
     def expects(self, kind: str) -> bool:
-        return kind in self._expects.get(self.phase, frozenset())
+        return self.handles(kind)
 
 
 @dataclass(frozen=True)

@@ -38,7 +38,14 @@ from common.protocol import events as ev
 from common.protocol.handshake import link_timeouts, source_hello
 from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
-from common.protocol.phases import SOURCE_EXPECTS, SOURCE_MOVES, Failure, PhaseMachine, SourcePhase
+from common.protocol.phases import (
+    SOURCE_FAILURES,
+    SOURCE_MOVES,
+    SOURCE_TRIGGERS,
+    Failure,
+    PhaseMachine,
+    SourcePhase,
+)
 from common.protocol.postcopy import BACKGROUND_PER_TURN, BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import PerSecond, TokenBucket
@@ -57,7 +64,6 @@ from common.wire.codec import (
 from common.wire.framing import Buffer, WireError
 
 _S = SourcePhase
-_SENDING = (_S.ACTIVE, _S.SWITCHOVER, _S.POSTCOPY, _S.POSTCOPY_VERIFYING)
 
 
 class SourceHost(Protocol):
@@ -106,7 +112,7 @@ class SourceSession:
         self.params = params.check()
         self.session_id = session_id or os.urandom(SESSION_ID_BYTES)
         self.node_name = node_name
-        self.machine = PhaseMachine(_S.IDLE, SOURCE_MOVES, SOURCE_EXPECTS)
+        self.machine = PhaseMachine(_S.IDLE, SOURCE_MOVES, SOURCE_TRIGGERS, SOURCE_FAILURES)
         self.failure: Failure | None = None
         self.stats = TransferStats()
         self.meter = BandwidthMeter()
@@ -234,7 +240,8 @@ class SourceSession:
             and message.kind in ("hello_ack", "abort")
             and env.session_id in (self.session_id, b"")
         ):
-            self._refused(message, now)
+            if self.machine.handles("refusal"):
+                self._fire("refusal", partial(self._refused, message, now), now)
             return
         if env.session_id != self.session_id:
             self._fail(pb.ERROR_WRONG_SESSION, "destination answered for another session", now)
@@ -259,20 +266,15 @@ class SourceSession:
             self.link.stats.out_of_order += 1
             self._ask_resend(now)
             return
-        if not self.machine.expects(message.kind):
+        if message.kind in UNSEQUENCED or not self.machine.handles(message.kind):
             self._fail(
                 pb.ERROR_BAD_MESSAGE,
                 f"unexpected {message.kind} from the destination in phase {self.phase.value}",
                 now,
             )
             return
-        try:
-            getattr(self, f"_on_{message.kind}")(getattr(env, message.kind), now)
-        except WireError as exc:
-            self._fail(exc.code, exc.reason, now)
-            return
-        except Exception as exc:  # a host error or a bug: the session fails, the guest stays
-            self._fail(pb.ERROR_INTERNAL, f"the source failed handling {message.kind}: {exc!r}", now)
+        handler = getattr(self, f"_on_{message.kind}")
+        if not self._fire(message.kind, partial(handler, getattr(env, message.kind), now), now):
             return
         if not self.phase.terminal or message.kind == "started":
             # (Started too, though nothing follows it: its destination waits for this ack
@@ -317,51 +319,48 @@ class SourceSession:
 
     def timers(self, now: float) -> list[Timer]:
         """Every armed timer, in the order poll acts on them: the one list both poll and
-        next_deadline read."""
+        next_deadline read. Which phase runs which timer is the phase table's to say; this
+        says when each is due."""
         if self.phase.ended or self.phase is _S.IDLE:
             return []
         link, params = self.link, self.params
-        timers: list[Timer] = []
-        if self.phase is _S.SETUP:
-            timers.append(
-                Timer("setup-timeout", link.t_last_heard + params.peer_timeout_s, self._setup_timed_out)
-            )
-        else:
-            timers.append(Timer("give-up", link.t_last_heard + self._give_up_after(), self._give_up))
-            if self.connected:
-                timers.append(
-                    Timer("link-broken", link.t_last_heard + params.peer_timeout_s, self._link_broken)
-                )
+        timers = [
+            Timer("setup-timeout", link.t_last_heard + params.peer_timeout_s, self._setup_timed_out),
+            Timer("give-up", link.t_last_heard + self._give_up_after(), self._give_up),
+        ]
+        if self.connected:
+            timers.append(Timer("link-broken", link.t_last_heard + params.peer_timeout_s, self._link_broken))
         if not self.connected:
-            timers.append(Timer("resume", self.reconnector.next_at, self._send_resume))
+            timers.append(Timer("send-resume", self.reconnector.next_at, self._send_resume))
         elif link.unacked:
             timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
-        elif self.phase is _S.SETUP:
+        else:
             # The destination acknowledged our hello but its answer was lost: ask for it, as after
             # any loss, rather than wait for its own retransmission, which may come after our
             # setup timeout (a hello resent after the loss is acknowledged, not answered again).
             timers.append(Timer("ask-hello-answer", link.t_progress + link.rto_s, self._ask_hello_answer))
-        if self.phase is _S.ACTIVE and not params.postcopy and self.t_setup_done is not None:
+        if not params.postcopy and self.t_setup_done is not None:
             # postcopy is the answer to a guest that does not converge; the check runs on time,
             # not only when a round ends: a long round must not overrun it
             at = self.t_setup_done + params.convergence_timeout_s
             timers.append(Timer("convergence", at, self._not_converging))
-        if self.connected and self.phase in _SENDING:
-            send_at = self._send_at(now)
-            if send_at is not None:
-                timers.append(Timer("send", send_at, self._pump, work=True))
-        if self.phase is _S.ACTIVE and self._catching_up:
+        send_at = self._send_at(now) if self.connected else None
+        if send_at is not None:
+            timers.append(Timer("send", send_at, self._pump, work=True))
+        if self._catching_up:
             # the round's end waits for its batches to be placed there (or for time to run out)
-            at = (
-                now
-                if self.in_flight == 0 or self.t_setup_done is None
-                else (self.t_setup_done + params.convergence_timeout_s)
+            done = self.in_flight == 0 or self.t_setup_done is None
+            at = now if done else self.t_setup_done + params.convergence_timeout_s  # type: ignore[operator]
+            timers.append(Timer("round-end", at, self._end_of_pass, work=done))
+        if self.connected:
+            timers.append(
+                Timer("send-heartbeat", link.t_last_sent + params.heartbeat_interval_s, self._heartbeat)
             )
-            timers.append(Timer("round-end", at, self._end_of_pass, work=self.in_flight == 0))
-        if self.connected and self.phase is not _S.SETUP:  # in setup, the hello is the heartbeat
-            at = link.t_last_sent + params.heartbeat_interval_s
-            timers.append(Timer("heartbeat", at, self._heartbeat))
-        return timers
+        return [self._armed(timer) for timer in timers if self.machine.handles(timer.name)]
+
+    def _armed(self, timer: Timer) -> Timer:
+        """The timer as poll acts on it: through the phase table, as any trigger."""
+        return replace(timer, act=lambda now: self._fire(timer.name, partial(timer.act, now), now))
 
     def _send_at(self, now: float) -> float | None:
         """When there is something to send and room for it: at once, when the cap allows, or
@@ -518,26 +517,39 @@ class SourceSession:
         )
 
     def _on_unsequenced(self, message: framing.Message, now: float) -> None:
-        env = message.envelope
         kind = message.kind
+        if kind == "resume":
+            self._fail(pb.ERROR_BAD_MESSAGE, "the destination sent a resume: only a source resumes", now)
+            return
         if kind not in UNSEQUENCED:
             self._fail(pb.ERROR_BAD_MESSAGE, f"the destination sent {kind} without a sequence number", now)
             return
-        if kind == "ack":
-            ack = env.ack
-            if ack.resend_from:
-                if ack.resend_from > self.link.next_seq:
-                    self._fail(
-                        pb.ERROR_BAD_MESSAGE,
-                        f"destination asked for message {ack.resend_from}, never sent",
-                        now,
-                    )
-                    return
-                self._resend(self.link.to_resend(ack.resend_from - 1), now)
-        elif kind == "resume_ack":
-            self._on_resume_ack(env.resume_ack, now)
-        elif kind == "resume":
-            self._fail(pb.ERROR_BAD_MESSAGE, "the destination sent a resume: only a source resumes", now)
+        if kind != "heartbeat" and self.machine.handles(kind):  # (the rest: no use in this phase)
+            handler = getattr(self, f"_on_{kind}")
+            self._fire(kind, partial(handler, getattr(message.envelope, kind), now), now)
+
+    def _on_ack(self, ack: pb.Ack, now: float) -> None:
+        if not ack.resend_from:
+            return
+        if ack.resend_from > self.link.next_seq:
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE, f"destination asked for message {ack.resend_from}, never sent"
+            )
+        self._resend(self.link.to_resend(ack.resend_from - 1), now)
+
+    def _fire(self, trigger: str, act: Callable[[], None], now: float) -> bool:
+        """Act on a trigger through the phase table (which also holds its moves to what the
+        table lists). An error inside ends the session with its reason (before the commit the
+        guest runs here again), never the daemon. False when it ended so."""
+        try:
+            self.machine.fire(trigger, act)
+        except WireError as exc:
+            self._fail(exc.code, exc.reason, now)
+            return False
+        except Exception as exc:  # a host error or a bug
+            self._fail(pb.ERROR_INTERNAL, f"the source failed handling {trigger}: {exc!r}", now)
+            return False
+        return True
 
     def _on_resume_ack(self, ack: pb.ResumeAck, now: float) -> None:
         if ack.epoch != self.link.epoch or self.connected:
@@ -572,7 +584,7 @@ class SourceSession:
         """After the message that carried it was handled: a Started in the same message says
         more than the ack of the commit does."""
         if self._commit_acked and self.phase in (_S.COMMITTING, _S.UNSETTLED):
-            self._complete(now, "destination acknowledged the commit")
+            self._fire("ack", partial(self._complete, now, "destination acknowledged the commit"), now)
 
     def _ask_resend(self, now: float) -> None:
         if self.phase is not _S.SETUP and self.connected and self.link.should_ask_resend(now):
