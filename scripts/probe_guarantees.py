@@ -53,7 +53,7 @@ PROBES = [
         "channels: the destination handles a batch that overtook another at once",
         "common/protocol/dest.py",
         "            if self.channels > 1 and self.reorder.hold(\n"
-        "                env.seq, (message, self._arrived_bytes), now, batch=batch\n"
+        "                env.seq, (message, self._arrived_bytes), now, batch=batch, size=self._arrived_bytes\n"
         "            ):\n"
         "                self.link.stats.reordered += 1\n",
         "            if self.channels > 1:\n                self._deliver(message, now)\n",
@@ -236,8 +236,8 @@ PROBES = [
     Probe(
         "link: nothing is retransmitted after a timeout",
         "common/protocol/link.py",
-        "return bool(self.unacked) and now - self.t_progress > self.rto_s",
-        "return False",
+        "return self.t_progress + self.rto_s if self.unacked else None",
+        "return None",
         ("tests/test_protocol.py",),
     ),
     Probe(
@@ -274,6 +274,43 @@ PROBES = [
         "        return pages.size if bad < 0 else int(bad)\n",
         "        return pages.size\n",
         ("tests/test_codec.py::test_a_borrowed_page_written_before_it_left_is_caught_as_damaged",),
+    ),
+    Probe(
+        "table: a trigger leads where its row does not say",
+        "common/protocol/phases.py",
+        "        if self._firing is not None and to not in self._firing[2] and to not in self._failures:",
+        "        if False:",
+        (
+            "tests/test_link_parts.py::test_a_trigger_leads_only_where_the_table_says_and_failing_is_always_open",
+        ),
+    ),
+    Probe(
+        "table: a timer runs in a phase whose row does not list it",
+        "common/protocol/source.py",
+        "        return [self._armed(timer) for timer in timers if self.machine.handles(timer.name)]",
+        "        return [self._armed(timer) for timer in timers]",
+        ("tests/test_link_parts.py::test_a_phase_arms_only_the_timers_its_row_lists",),
+    ),
+    Probe(
+        "table: a message its phase does not list is acted on",
+        "common/protocol/source.py",
+        "        if message.kind in UNSEQUENCED or not self.machine.handles(message.kind):",
+        "        if message.kind in UNSEQUENCED:",
+        ("tests/test_protocol_guarantees.py", "tests/test_source_session.py"),
+    ),
+    Probe(
+        "timers: an action leaves its own deadline in the past",
+        "common/protocol/dest.py",
+        "    def _heartbeat(self, now: float) -> None:\n        self._unsequenced(now, heartbeat=pb.Heartbeat())",
+        "    def _heartbeat(self, now: float) -> None:\n        pass",
+        ("tests/test_timers.py",),
+    ),
+    Probe(
+        "timers: poll skips a timer that is due",
+        "common/protocol/timers.py",
+        "        due = next((t for t in timers(now) if t.at <= now and t.name not in acted), None)",
+        "        due = next((t for t in timers(now) if t.at < now - 0.5 and t.name not in acted), None)",
+        ("tests/test_timers.py",),
     ),
     Probe(
         "blocks: the verification in the downtime hashes every block the migration wrote",

@@ -9,6 +9,7 @@ import pytest
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import (
     DEST_MOVES,
+    DEST_TRIGGERS,
     SOURCE_FAILURES,
     SOURCE_MOVES,
     SOURCE_TRIGGERS,
@@ -110,6 +111,41 @@ def test_a_move_the_table_does_not_list_is_refused_and_changes_nothing() -> None
     assert machine.phase is SourcePhase.ACTIVE
     machine.move(SourcePhase.SWITCHOVER)
     assert machine.phase is SourcePhase.SWITCHOVER
+
+
+def test_a_trigger_leads_only_where_the_table_says_and_failing_is_always_open() -> None:
+    machine = PhaseMachine(SourcePhase.ACTIVE, SOURCE_MOVES, SOURCE_TRIGGERS, SOURCE_FAILURES)
+    with pytest.raises(ProtocolError, match="abort in phase active may not lead to switchover"):
+        machine.fire("abort", lambda: machine.move(SourcePhase.SWITCHOVER))
+    assert machine.phase is SourcePhase.ACTIVE
+    with pytest.raises(ProtocolError, match="verify_result is not handled in phase active"):
+        machine.fire("verify_result", lambda: None)
+    machine.fire("send", lambda: machine.move(SourcePhase.SWITCHOVER))
+    assert machine.phase is SourcePhase.SWITCHOVER
+    machine.fire("abort", lambda: machine.move(SourcePhase.FAILING))
+    assert machine.phase is SourcePhase.FAILING, "a failure needs no listing"
+    machine.move(SourcePhase.FAILED)  # outside any trigger: the move table alone
+
+
+def test_a_phase_arms_only_the_timers_its_row_lists() -> None:
+    """SETUP has no heartbeat (the hello, resent, is one) and no convergence clock; a handover
+    done at the destination leaves only Started to resend."""
+    pair = Pair(busy_guest(seed=2), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    in_setup = {timer.name for timer in pair.src.timers(pair.now)}
+    assert in_setup and in_setup <= set(SOURCE_TRIGGERS[SourcePhase.SETUP])
+    assert "send-heartbeat" not in in_setup and "give-up" not in in_setup
+    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE)
+    active = {timer.name for timer in pair.src.timers(pair.now)}
+    assert {"convergence", "send-heartbeat", "give-up"} <= active and "setup-timeout" not in active
+    for phase in SourcePhase:
+        pair.src.machine.phase = phase
+        names = {timer.name for timer in pair.src.timers(pair.now)}
+        assert names <= set(SOURCE_TRIGGERS.get(phase, {})), phase
+    for phase in DestPhase:
+        pair.dst.machine.phase = phase
+        names = {timer.name for timer in pair.dst.timers(pair.now)}
+        assert names <= set(DEST_TRIGGERS.get(phase, {})), phase
 
 
 @pytest.mark.parametrize("prog, source", [("source-node ctl", True), ("dest-node ctl", False)])

@@ -29,13 +29,12 @@ def test_every_message_carries_its_number_the_epoch_and_what_was_received() -> N
 
 def test_the_retransmission_clock_starts_with_the_first_unacknowledged_message() -> None:
     link = Link(b"s", 0.0, rto_s=1.0)
-    assert not link.retransmit_due(50.0), "nothing unacknowledged, nothing to resend"
+    assert link.retransmit_at() is None, "nothing unacknowledged, nothing to resend"
     link.sequenced(5.0, commit=pb.Commit())
     link.sequenced(5.8, commit=pb.Commit())  # a second one does not restart the clock
-    assert not link.retransmit_due(6.0)
-    assert link.retransmit_due(6.01)
+    assert link.retransmit_at() == 6.0
     link.restart_retransmit_clock(6.01)
-    assert not link.retransmit_due(7.0)
+    assert link.retransmit_at() == 7.01
 
 
 def test_an_acknowledgement_releases_what_it_covers_and_restarts_the_clock() -> None:

@@ -40,8 +40,10 @@ from common.guest.presence import PresenceGate
 from common.guest.vcpu import vcpus_digest
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
+from common.protocol import front
+from common.protocol.front import Intake
 from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_channels
-from common.protocol.link import UNSEQUENCED, Arrival, Link, Reorder
+from common.protocol.link import UNSEQUENCED, Link, Reorder, Unacked
 from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
 from common.protocol.ratelimit import PerSecond
@@ -186,9 +188,9 @@ class DestSession:
         # wire bytes, counted as the source counts them: the whole message
         self._arrived_bytes = sum(memoryview(f).nbytes for f in frames)
         try:
-            message = framing.decode(frames)
+            message = front.decode(frames, "destination")
         except WireError as exc:
-            if self._from_source(peer) and self.phase in _LIVE:
+            if exc.code != pb.ERROR_VERSION_MISMATCH and self._from_source(peer) and self.phase in _LIVE:
                 # From our source (any of its channels) but damaged in transit: ask for it again.
                 self.link.stats.corrupt += 1
                 self._ask_resend(now)
@@ -196,14 +198,6 @@ class DestSession:
                 self._refuse(peer, exc.code, exc.reason)
             return
         env = message.envelope
-        if env.protocol_version != PROTOCOL_VERSION:
-            self._refuse(
-                peer,
-                pb.ERROR_VERSION_MISMATCH,
-                f"protocol version {env.protocol_version} is not supported; this destination speaks "
-                f"version {PROTOCOL_VERSION}",
-            )
-            return
         if message.kind == "hello":
             if self.machine.handles("hello"):
                 self._fire("hello", partial(self._on_hello, peer, env, now, peer_key), now)
@@ -250,23 +244,24 @@ class DestSession:
             # that connection's own messages are)
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
             return
-        if self.phase is _D.FAILED or self.link.stale(env):
-            return  # stragglers after the end, or from a connection the source has left
+        if self.phase is _D.FAILED:
+            return  # stragglers after the end
         try:
-            self.link.heard(env, now)
-        except ValueError as exc:
-            self._fail(pb.ERROR_BAD_MESSAGE, f"source {exc}", now)
+            intake, _ = front.admit(self.link, env, now, "source")
+        except WireError as exc:
+            self._fail(exc.code, exc.reason, now)
             return
-        if env.seq == 0:
+        if intake is Intake.STALE:
+            return  # from a connection the source has left
+        if intake is Intake.UNSEQUENCED:
             self._on_unsequenced(message, now)
             return
         if message.kind in framing.BATCH_KINDS:
             self.channel_batches[0 if peer == self.peer else peer[-1]] += 1
-        arrival = self.link.arrive(env.seq)
-        if arrival is Arrival.REPEAT:
+        if intake is Intake.REPEAT:
             self._ack(now)  # our ack may be what was lost
             return
-        if arrival is Arrival.AHEAD:
+        if intake is Intake.AHEAD:
             batch = message.kind in framing.BATCH_KINDS
             if self.channels > 1 and self.reorder.hold(
                 env.seq, (message, self._arrived_bytes), now, batch=batch, size=self._arrived_bytes
@@ -410,8 +405,8 @@ class DestSession:
         if pc is not None and heard and pc.outstanding:
             at = min(pc.outstanding.values()) + link.rto_s
             timers.append(Timer("ask-again", at, self._ask_overdue))
-        if link.unacked:
-            timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
+        if (resend_at := link.retransmit_at()) is not None:
+            timers.append(Timer("retransmit", resend_at, self._retransmit))
         if self.reorder.t_gap is not None:
             timers.append(Timer("reorder-gap", self.reorder.t_gap + REORDER_WAIT_S, self._gap_is_a_loss))
         timers.append(
@@ -594,11 +589,7 @@ class DestSession:
             self._fire("ack", partial(self._on_ack, message.envelope.ack, now), now)
 
     def _on_ack(self, ack: pb.Ack, now: float) -> None:
-        if not ack.resend_from:
-            return
-        if ack.resend_from > self.link.next_seq:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"source asked for message {ack.resend_from}, never sent")
-        self._resend_from(ack.resend_from - 1, now)
+        self._resend(front.resend_after(self.link, ack, "source"), now)
 
     # -- data ---------------------------------------------------------------------------
     def _on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
@@ -850,18 +841,17 @@ class DestSession:
     # -- sending and failure -------------------------------------------------------------------
     def _ask_resend(self, now: float) -> None:
         if self.link.should_ask_resend(now):
-            received = self.link.received
-            self._unsequenced(now, ack=self._ack_body(resend_from=received + 1))
-
-    def _ack_body(self, resend_from: int = 0) -> pb.Ack:
-        return pb.Ack(resend_from=resend_from)
+            self._to_source(front.ack(self.link, now, resend=True))
 
     def _ack(self, now: float) -> None:
-        self._unsequenced(now, ack=self._ack_body())
+        self._to_source(front.ack(self.link, now))
 
     def _resend_from(self, after: int, now: float) -> None:
+        self._resend(self.link.to_resend(after), now)
+
+    def _resend(self, entries: list[Unacked], now: float) -> None:
         assert self.peer is not None
-        for entry in self.link.to_resend(after):
+        for entry in entries:
             self._outgoing.append((self.peer, self.link.again(entry)))
             self.link.t_last_sent = now
 
@@ -872,8 +862,10 @@ class DestSession:
         self._outgoing.append((self.peer, frames))
 
     def _unsequenced(self, now: float, **body: Any) -> None:
+        self._to_source(self.link.unsequenced(now, **body))
+
+    def _to_source(self, frames: list[Buffer]) -> None:
         assert self.peer is not None
-        frames = self.link.unsequenced(now, **body)
         self.stats.other_bytes += sum(len(f) for f in frames)
         self._outgoing.append((self.peer, frames))
 

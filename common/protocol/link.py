@@ -161,8 +161,9 @@ class Link:
         self.stats.resent += len(entries)
         return entries
 
-    def retransmit_due(self, now: float) -> bool:
-        return bool(self.unacked) and now - self.t_progress > self.rto_s
+    def retransmit_at(self) -> float | None:
+        """When what is unacknowledged is due to be sent again (None: nothing is)."""
+        return self.t_progress + self.rto_s if self.unacked else None
 
     def restart_retransmit_clock(self, now: float) -> None:
         self.t_progress = now

@@ -26,7 +26,6 @@ import numpy as np
 
 from common.constants import (
     MAX_PAGES_PER_MESSAGE,
-    PROTOCOL_VERSION,
     RECONNECT_BACKOFF_S,
     REFUSAL_ANSWERS_PER_S,
     SESSION_ID_BYTES,
@@ -35,8 +34,10 @@ from common.guest.digest import DigestCache
 from common.guest.guest import Guest
 from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
+from common.protocol import front
+from common.protocol.front import Intake
 from common.protocol.handshake import link_timeouts, source_hello
-from common.protocol.link import UNSEQUENCED, Arrival, Link, Reconnector, Unacked
+from common.protocol.link import UNSEQUENCED, Link, Reconnector, Unacked
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import (
     SOURCE_FAILURES,
@@ -220,21 +221,16 @@ class SourceSession:
         if self.phase.terminal or self.phase is _S.IDLE:
             return
         try:
-            message = framing.decode(frames)
-        except WireError:
+            message = front.decode(frames, "source")
+        except WireError as exc:
+            if exc.code == pb.ERROR_VERSION_MISMATCH:
+                self._fail(exc.code, f"the destination sent {exc.reason}", now)
+                return
             # Corrupted in transit: whatever it was, it is sent again when we ask.
             self.link.stats.corrupt += 1
             self._ask_resend(now)
             return
         env = message.envelope
-        if env.protocol_version != PROTOCOL_VERSION:
-            self._fail(
-                pb.ERROR_VERSION_MISMATCH,
-                f"the destination sent protocol version {env.protocol_version}; this source speaks "
-                f"version {PROTOCOL_VERSION}",
-                now,
-            )
-            return
         if (
             env.seq == 0
             and message.kind in ("hello_ack", "abort")
@@ -246,23 +242,23 @@ class SourceSession:
         if env.session_id != self.session_id:
             self._fail(pb.ERROR_WRONG_SESSION, "destination answered for another session", now)
             return
-        if self.link.stale(env):
-            return  # from a connection this session has left behind
         try:
-            for entry in self.link.heard(env, now):
-                self._acknowledged(entry, now)
-        except ValueError as exc:
-            self._fail(pb.ERROR_BAD_MESSAGE, f"destination {exc}", now)
+            intake, released = front.admit(self.link, env, now, "destination")
+        except WireError as exc:
+            self._fail(exc.code, exc.reason, now)
             return
-        if env.seq == 0:
+        for entry in released:
+            self._acknowledged(entry, now)
+        if intake is Intake.STALE:
+            return  # from a connection this session has left behind
+        if intake is Intake.UNSEQUENCED:
             self._on_unsequenced(message, now)
             self._settle_by_ack(now)
             return
-        arrival = self.link.arrive(env.seq)
-        if arrival is Arrival.REPEAT:
+        if intake is Intake.REPEAT:
             self._ack(now)  # our ack may be what was lost
             return
-        if arrival is Arrival.AHEAD:
+        if intake is Intake.AHEAD:
             self.link.stats.out_of_order += 1
             self._ask_resend(now)
             return
@@ -332,8 +328,8 @@ class SourceSession:
             timers.append(Timer("link-broken", link.t_last_heard + params.peer_timeout_s, self._link_broken))
         if not self.connected:
             timers.append(Timer("send-resume", self.reconnector.next_at, self._send_resume))
-        elif link.unacked:
-            timers.append(Timer("retransmit", link.t_progress + link.rto_s, self._retransmit))
+        elif (resend_at := link.retransmit_at()) is not None:
+            timers.append(Timer("retransmit", resend_at, self._retransmit))
         else:
             # The destination acknowledged our hello but its answer was lost: ask for it, as after
             # any loss, rather than wait for its own retransmission, which may come after our
@@ -529,13 +525,7 @@ class SourceSession:
             self._fire(kind, partial(handler, getattr(message.envelope, kind), now), now)
 
     def _on_ack(self, ack: pb.Ack, now: float) -> None:
-        if not ack.resend_from:
-            return
-        if ack.resend_from > self.link.next_seq:
-            raise WireError(
-                pb.ERROR_BAD_MESSAGE, f"destination asked for message {ack.resend_from}, never sent"
-            )
-        self._resend(self.link.to_resend(ack.resend_from - 1), now)
+        self._resend(front.resend_after(self.link, ack, "destination"), now)
 
     def _fire(self, trigger: str, act: Callable[[], None], now: float) -> bool:
         """Act on a trigger through the phase table (which also holds its moves to what the
@@ -591,9 +581,7 @@ class SourceSession:
             self._ack(now, resend=True)
 
     def _ack(self, now: float, *, resend: bool = False) -> None:
-        """What we received; with `resend`, asking for everything after it again."""
-        received = self.link.received
-        self._unsequenced(now, ack=pb.Ack(resend_from=received + 1 if resend else 0))
+        self._count_control(front.ack(self.link, now, resend=resend))
 
     def _resend(self, entries: list[Unacked], now: float) -> None:
         for entry in entries:
