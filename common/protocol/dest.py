@@ -24,7 +24,6 @@ import numpy as np
 from common.constants import (
     HEARTBEAT_INTERVAL_S,
     INITIAL_CREDIT,
-    MAX_PAGES_PER_MESSAGE,
     MAX_RAM_BYTES,
     MAX_SOURCE_WAIT_S,
     PAGE_SIZE,
@@ -37,7 +36,6 @@ from common.constants import (
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
 from common.guest.presence import PresenceGate
-from common.guest.vcpu import vcpus_digest
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
 from common.protocol import front
@@ -46,6 +44,7 @@ from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_ch
 from common.protocol.link import UNSEQUENCED, Link, Reorder, Unacked
 from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
+from common.protocol.postcopy_sides import DestPostcopySide
 from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
@@ -54,8 +53,7 @@ from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
 from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.bitmap import decode_bitmap, encode_bitmap
-from common.wire.codec import batch_pages, decode_postcopy_pages
+from common.wire.bitmap import decode_bitmap
 from common.wire.framing import Buffer, WireError
 
 _D = DestPhase
@@ -166,6 +164,21 @@ class DestSession:
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self._arrived_bytes = 0  # the size of the message being handled
         self.postcopy: DestPostcopy | None = None
+        self.postcopy_side = DestPostcopySide(self)
+        # What acts on each message the phase table lets in (timers carry their own actions).
+        self._handlers: dict[str, Callable[[Any, Buffer, float], None]] = {
+            "ram_pages": self._on_ram_pages,
+            "tag_sections": self._on_tag_sections,
+            "end_of_round": self._on_end_of_round,
+            "device_state": self._on_device_state,
+            "link_timeouts": self._on_link_timeouts,
+            "verify_request": self._on_verify_request,
+            "commit": self._on_commit,
+            "abort": self._on_abort,
+            "page_manifest": self.postcopy_side.on_page_manifest,
+            "postcopy_start": self.postcopy_side.on_postcopy_start,
+            "postcopy_pages": self.postcopy_side.on_postcopy_pages,
+        }
 
     @property
     def phase(self) -> DestPhase:
@@ -234,9 +247,8 @@ class DestSession:
             # an answer on the source's urgent connection: checked against the manifest like
             # any page, so from wherever it came it can only place the source's own version
             if env.epoch >= self.link.epoch and self.machine.handles("postcopy_pages"):
-                urgent = partial(
-                    self._on_postcopy_pages, env.postcopy_pages, message.payload, now, urgent=True
-                )
+                pages, payload = env.postcopy_pages, message.payload
+                urgent = partial(self.postcopy_side.on_postcopy_pages, pages, payload, now, urgent=True)
                 self._fire("postcopy_pages", urgent, now)
             return
         if not self._from_source(peer):
@@ -338,9 +350,7 @@ class DestSession:
                 now,
             )
             return
-        handler = partial(
-            getattr(self, f"_on_{message.kind}"), getattr(env, message.kind), message.payload, now
-        )
+        handler = partial(self._handlers[message.kind], getattr(env, message.kind), message.payload, now)
         if not self._fire(message.kind, handler, now, damaged=message):
             return
         if message.kind not in framing.BATCH_KINDS and self.phase is not _D.FAILED:
@@ -377,7 +387,7 @@ class DestSession:
         """Advance on time: take what the guest found missing (postcopy), then act on every
         timer that is due."""
         if self.phase is _D.POSTCOPY:
-            self._take_misses(now)
+            self.postcopy_side.take_misses(now)
         run_due(self.timers, now)
 
     def next_deadline(self, now: float) -> float:
@@ -388,23 +398,9 @@ class DestSession:
         next_deadline read. Which phase runs which timer is the phase table's to say (a
         postcopy guest runs here, so the source's silence never discards it; after the
         handover only Started is sent again); this says when each is due."""
-        link, pc = self.link, self.postcopy
+        link = self.link
         timers = [Timer("source-silent", link.t_last_heard + self.keep_for_s, self._source_silent)]
-        if pc is not None and pc.late_tags:
-            timers.append(Timer("late-tags", now, self._place_late_tags, work=True))
-        # while the source is silent nothing piles up or stalls: the resume carries on
-        heard = link.silence(now) < self.params.peer_timeout_s
-        if pc is not None and heard and not pc.complete:
-            at = max(self.t_last_placed, self.t_running or now) + self.params.max_source_wait_s
-            timers.append(Timer("postcopy-stalled", at, self._postcopy_stalled))
-            if not any(e.kind == "received_bitmap" for e in link.unacked):
-                # quiet while pages are missing (a batch refused as malformed, a source that
-                # lost track): say again what we hold, and the source sends the rest
-                at = max(pc.t_last_data, pc.t_last_bitmap) + link.rto_s
-                timers.append(Timer("bitmap-again", at, self._send_bitmap))
-        if pc is not None and heard and pc.outstanding:
-            at = min(pc.outstanding.values()) + link.rto_s
-            timers.append(Timer("ask-again", at, self._ask_overdue))
+        timers += self.postcopy_side.timers(now)
         if (resend_at := link.retransmit_at()) is not None:
             timers.append(Timer("retransmit", resend_at, self._retransmit))
         if self.reorder.t_gap is not None:
@@ -436,29 +432,6 @@ class DestSession:
 
     def _heartbeat(self, now: float) -> None:
         self._unsequenced(now, heartbeat=pb.Heartbeat())
-
-    def _take_misses(self, now: float) -> None:
-        """The pages the guest found missing: asked for at once (the source may be silent: the
-        guest runs on the pages it holds and waits only on missing ones)."""
-        assert self.postcopy is not None
-        self._request(self.postcopy.to_request(self.host.take_page_misses(), now, miss=True), now)
-
-    def _place_late_tags(self, now: float) -> None:
-        pc = self.postcopy
-        assert pc is not None and self.guest is not None
-        pc.place_late_tags(self.guest.memory, now)
-        if pc.complete and not pc.late_tags:
-            self._all_present(now)
-
-    def _ask_overdue(self, now: float) -> None:
-        assert self.postcopy is not None
-        self._request(sorted(self.postcopy.overdue(now, self.link.rto_s)), now)
-
-    def _request(self, pages: list[int], now: float) -> None:
-        for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
-            self._send(
-                now, page_request=pb.PageRequest(page_index=pages[first : first + MAX_PAGES_PER_MESSAGE])
-            )
 
     def cancel(self, now: float, reason: str = "cancelled by the destination's operator") -> None:
         if self.phase is _D.POSTCOPY:
@@ -578,7 +551,7 @@ class DestSession:
         self._resend_from(resume.last_received, now)
         self.link.restart_retransmit_clock(now)
         if fresh and self.phase is _D.POSTCOPY and self.postcopy is not None and not self.postcopy.complete:
-            self._send_bitmap(now)  # what arrived before the break: the source sends the rest
+            self.postcopy_side.send_bitmap(now)  # what arrived before the break: the source sends the rest
 
     def _on_unsequenced(self, message: framing.Message, now: float) -> None:
         kind = message.kind
@@ -665,19 +638,6 @@ class DestSession:
             pb.ERROR_GUEST_TAKEN_BACK, f"the source took the guest back: {reason}", now, notify=False
         )
 
-    def _postcopy_stalled(self, now: float) -> None:
-        """A source that is heard but sends none of the pages this guest lacks holds this node
-        for good (a postcopy guest is otherwise never discarded): past the operator's bound the
-        copy here stops, and the source, which keeps the guest as at the switchover, is told."""
-        assert self.postcopy is not None
-        waited = now - max(self.t_last_placed, self.t_running or now)
-        why = (
-            f"postcopy stalled: no page arrived for {waited:.1f} s while {self.postcopy.missing()} pages "
-            "were missing and the source was heard; the guest here is stopped (the source keeps it "
-            "as at the switchover)"
-        )
-        self._stop_copy(pb.ERROR_TIMEOUT, why, now, notify=True)
-
     def _stop_copy(self, code: int, why: str, now: float, *, notify: bool) -> None:
         """End the session whatever ran here: the guest is stopped and discarded."""
         if self.phase is _D.FAILED:
@@ -694,123 +654,9 @@ class DestSession:
 
     # -- verification and handover -------------------------------------------------------------
     # -- postcopy -------------------------------------------------------------------------------
-    def _on_page_manifest(self, msg: pb.PageDigests, _: Buffer, now: float) -> None:
-        assert self.guest is not None
-        if not self.postcopy_mode:
-            raise WireError(pb.ERROR_BAD_MESSAGE, "page manifest in a precopy migration")
-        if self.postcopy is None:
-            self.postcopy = DestPostcopy(self.guest.memory.page_count)
-            self.postcopy.split_placement = self.params.split_placement
-        self.postcopy.add_manifest(msg)
-
-    def _on_postcopy_start(self, msg: pb.PostcopyStart, _: Buffer, now: float) -> None:
-        assert self.guest is not None
-        pc = self.postcopy
-        if pc is None or not self.source_stopped:
-            raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy start before the switchover and its manifest")
-        if msg.page_count != self.guest.memory.page_count:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"postcopy start for {msg.page_count} pages")
-        mem = self.guest.memory
-        pc.start(mem)
-        pc.vcpu_digest = vcpus_digest(self.guest.vcpus)
-        self.digests = None  # pages are checked one by one against the manifest from here
-        # every page already here (a guest that converged): no access needs checking
-        gate = None if pc.complete else PresenceGate(mem, pc.present)
-        mem.gate = gate
-        self.host.start_guest(self.guest, gate)
-        self._move(_D.POSTCOPY)
-        self.t_running = now
-        self._events.append(ev.PostcopyStarted(pc.missing()))
-        self._send_bitmap(now)
-
-    def _on_postcopy_pages(
-        self, msg: pb.PostcopyPages, payload: Buffer, now: float, *, urgent: bool = False
-    ) -> None:
-        assert self.guest is not None and self.postcopy is not None
-        pc = self.postcopy
-        pc.t_last_data = now
-        try:
-            batch = decode_postcopy_pages(msg, payload, self.guest.memory.page_count)
-        except WireError as exc:
-            # Refused, never placed. From the stream, its pages are asked for again; an urgent
-            # one is dropped (anyone may send those): a page the guest waits for is asked again
-            # when overdue.
-            self.refused_messages += 1
-            self.last_refusal = exc.reason
-            if urgent:
-                return
-            named = [p for p in batch_pages(msg.data)[:MAX_PAGES_PER_MESSAGE].tolist() if p < pc.page_count]
-            for page in named:
-                pc.outstanding.pop(page, None)
-            self._ack(now)
-            self._request(pc.to_request(named, now), now)
-            return
-        placed = pc.place(self.guest.memory, batch, msg.requested, now)
-        if placed.pages.size:
-            self.t_last_placed = now  # progress, which a stream of refused or repeated pages is not
-        self.stats.pages += int(batch.indices.size)
-        self.stats.ram_bytes += self._arrived_bytes
-        self.stats.postcopy_bytes += self._arrived_bytes
-        if not urgent:
-            self._ack(now)
-        if placed.rejected.size:
-            # a copy that does not match the manifest is never shown to the guest: ask again
-            self._request(pc.to_request(placed.rejected.tolist(), now), now)
-        if pc.complete and not pc.late_tags:
-            self._all_present(now)
-
-    def _all_present(self, now: float) -> None:
-        assert self.guest is not None
-        if self.guest.memory.gate is not None:
-            self.guest.memory.gate = None  # no more journaling: every access is to a present page
-            self._send_bitmap(now)
-
-    def _send_bitmap(self, now: float) -> None:
-        assert self.postcopy is not None
-        pc = self.postcopy
-        pc.t_last_bitmap = now
-        self._send(
-            now,
-            received_bitmap=pb.ReceivedBitmap(
-                page_count=pc.page_count,
-                bitmap_lz4=b"" if pc.complete else encode_bitmap(pc.present),
-                complete=pc.complete,
-            ),
-        )
-
-    def _postcopy_verdict(self, msg: pb.VerifyRequest, now: float) -> None:
-        pc = self.postcopy
-        assert pc is not None and self.guest is not None
-        if not pc.complete:
-            raise WireError(
-                pb.ERROR_BAD_MESSAGE, f"verify_request while {pc.missing()} pages are still missing"
-            )
-        ours = pc.digest()
-        ok = pc.complete and msg.source.ram_digest == ours and msg.source.vcpu_digest == pc.vcpu_digest
-        self.verified = ok
-        self.my_digests = {"ram": ours.hex(), "tags": "", "vcpu": pc.vcpu_digest.hex()}
-        self._send(
-            now,
-            verify_result=pb.VerifyResult(
-                ok=ok,
-                attempt=msg.attempt,
-                vcpu_mismatch=msg.source.vcpu_digest != pc.vcpu_digest,
-                destination=pb.GuestDigests(ram_digest=ours, vcpu_digest=pc.vcpu_digest),
-            ),
-        )
-        if not ok and self.failure is None:
-            self.failure = Failure(
-                pb.ERROR_VERIFICATION_FAILED,
-                "postcopy verification failed: the manifest or the vCPU state differs from the source's",
-                self.phase.value,
-            )
-        self._move(_D.RUNNING)
-        self.t_end = now
-        self._events.append(ev.Finished("completed" if ok else "failed", None if ok else self.failure.reason))  # type: ignore[union-attr]
-
     def _on_verify_request(self, msg: pb.VerifyRequest, _: Buffer, now: float) -> None:
         if self.phase is _D.POSTCOPY:
-            self._postcopy_verdict(msg, now)
+            self.postcopy_side.verdict(msg, now)
             return
         assert self.guest is not None and self.digests is not None
         if not self.source_stopped:

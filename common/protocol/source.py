@@ -22,17 +22,13 @@ from dataclasses import replace
 from functools import partial
 from typing import Any, NamedTuple, Protocol
 
-import numpy as np
-
 from common.constants import (
-    MAX_PAGES_PER_MESSAGE,
     RECONNECT_BACKOFF_S,
     REFUSAL_ANSWERS_PER_S,
     SESSION_ID_BYTES,
 )
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
-from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
 from common.protocol import front
 from common.protocol.front import Intake
@@ -47,7 +43,8 @@ from common.protocol.phases import (
     PhaseMachine,
     SourcePhase,
 )
-from common.protocol.postcopy import BACKGROUND_PER_TURN, BACKGROUND_WINDOW, SourcePostcopy, manifest_messages
+from common.protocol.postcopy import SourcePostcopy
+from common.protocol.postcopy_sides import SourcePostcopySide
 from common.protocol.precopy import Precopy, Verdict
 from common.protocol.ratelimit import PerSecond, TokenBucket
 from common.protocol.reports import source_report
@@ -57,10 +54,8 @@ from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch, device_state, encode_batch
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.bitmap import decode_bitmap
 from common.wire.codec import (
     BatchStats,
-    encode_postcopy_pages,
 )
 from common.wire.framing import Buffer, WireError
 
@@ -137,9 +132,19 @@ class SourceSession:
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # postcopy: set at the switchover; from then on the guest is the destination's
         self.postcopy: SourcePostcopy | None = None
+        self.postcopy_side = SourcePostcopySide(self)
+        # What acts on each trigger the phase table lets in (timers carry their own actions).
+        self._handlers: dict[str, Callable[[Any, float], None]] = {
+            "hello_ack": self._on_hello_ack,
+            "abort": self._on_abort,
+            "verify_result": self._on_verify_result,
+            "started": self._on_started,
+            "page_request": self.postcopy_side.on_page_request,
+            "received_bitmap": self.postcopy_side.on_received_bitmap,
+            "ack": self._on_ack,
+            "resume_ack": self._on_resume_ack,
+        }
         self._postcopy_now = False  # an operator's postcopy-start
-        self._manifest_digest = b""
-        self._switchover_vcpus = b""
         self._paused_from: SourcePhase | None = None
         self.refused_pages = 0  # pages named in page requests that were out of range or too many
         self.dest_missing: int | None = None  # pages the destination said it lacks, last we heard
@@ -269,7 +274,7 @@ class SourceSession:
                 now,
             )
             return
-        handler = getattr(self, f"_on_{message.kind}")
+        handler = self._handlers[message.kind]
         if not self._fire(message.kind, partial(handler, getattr(env, message.kind), now), now):
             return
         if not self.phase.terminal or message.kind == "started":
@@ -361,11 +366,8 @@ class SourceSession:
     def _send_at(self, now: float) -> float | None:
         """When there is something to send and room for it: at once, when the cap allows, or
         never (None) until an ack or a request makes room or work."""
-        pc = self.postcopy
-        if pc is not None:
-            # requests that waited out a broken link go at once; background pages need room
-            room = self.in_flight < min(BACKGROUND_WINDOW, self.params.window)
-            return now if pc.urgent or (pc.background_left and room) else None
+        if self.postcopy is not None:
+            return self.postcopy_side.send_at(now)
         if self.precopy.pass_ is None or self.in_flight >= self.params.window:
             return None
         if self._capped():
@@ -432,7 +434,7 @@ class SourceSession:
             raise RuntimeError(f"postcopy cannot start in phase {self.phase.value}")
         self._postcopy_now = True
         if self.phase is _S.ACTIVE:
-            self._postcopy_switchover(now)
+            self.postcopy_side.switchover(now)
 
     def recover(self, now: float) -> None:
         """After postcopy broke the link: reconnect now (and keep trying for the timeout again)."""
@@ -521,7 +523,7 @@ class SourceSession:
             self._fail(pb.ERROR_BAD_MESSAGE, f"the destination sent {kind} without a sequence number", now)
             return
         if kind != "heartbeat" and self.machine.handles(kind):  # (the rest: no use in this phase)
-            handler = getattr(self, f"_on_{kind}")
+            handler = self._handlers[kind]
             self._fire(kind, partial(handler, getattr(message.envelope, kind), now), now)
 
     def _on_ack(self, ack: pb.Ack, now: float) -> None:
@@ -589,7 +591,7 @@ class SourceSession:
                 self._outgoing.append(Outbound(self.link.again(entry)))
             elif entry.kind == "postcopy_pages":
                 chunk, requested = entry.data
-                body, payload, _ = self._encode_postcopy(chunk, requested=requested)
+                body, payload, _ = self.postcopy_side.encode(chunk, requested=requested)
                 self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
@@ -622,7 +624,7 @@ class SourceSession:
         self.t_setup_done = now
         self._mark_time("setup done", now)
         if self.params.postcopy and (self.params.postcopy_after_rounds == 0 or self._postcopy_now):
-            self._postcopy_switchover(now)
+            self.postcopy_side.switchover(now)
             return
         zero, untagged = self.precopy.first_round(now)
         self.stats.skipped_pages += zero
@@ -639,33 +641,7 @@ class SourceSession:
             )
         self._mark_time(f"verify result {result.attempt}: {'ok' if result.ok else 'mismatch'}", now)
         if self.phase is _S.POSTCOPY_VERIFYING:
-            self.verifier.verified = result.ok
-            self.verifier.dest_digests = {
-                "ram": result.destination.ram_digest.hex(),
-                "tags": result.destination.tag_digest.hex(),
-                "vcpu": result.destination.vcpu_digest.hex(),
-            }
-            # the manifest digest covers every page's data and tags as the source sent them, so
-            # comparing it and the vCPU digest is the whole check
-            ours = self.verifier.source_digests or {}
-            theirs = self.verifier.dest_digests
-            agrees = theirs["ram"] == ours.get("ram") and theirs["vcpu"] == ours.get("vcpu")
-            if result.ok and not agrees:
-                self.verifier.verified = False
-                self._unsettled(
-                    now,
-                    "postcopy verification: the destination reports a match but its manifest or vCPU "
-                    "digest differs from ours",
-                    postcopy=True,
-                )
-            elif result.ok:
-                self._complete(now, "postcopy completed: every page placed and verified")
-            else:
-                self._unsettled(
-                    now,
-                    "postcopy verification failed: the destination's manifest or vCPU state differs from ours",
-                    postcopy=True,
-                )
+            self.postcopy_side.on_verify_result(result, now)
             return
         fault = self.verifier.judge(result)
         if fault is None:
@@ -679,49 +655,6 @@ class SourceSession:
     def _on_started(self, started: pb.Started, now: float) -> None:
         self._complete(now, None)
 
-    def _on_page_request(self, msg: pb.PageRequest, now: float) -> None:
-        assert self.postcopy is not None
-        pages = [p for p in msg.page_index[:MAX_PAGES_PER_MESSAGE] if p < self.mem.page_count]
-        # a request naming pages out of range, or too many, is cut down, never fatal: the
-        # destination's guest needs this side's pages whatever else it says
-        self.refused_pages += len(msg.page_index) - len(pages)
-        self.postcopy.request(pages)
-        if self.connected:
-            self._answer_requests(now)  # at once, before any background page is encoded
-
-    def _on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
-        assert self.postcopy is not None
-        if msg.page_count != self.mem.page_count:
-            raise WireError(pb.ERROR_BAD_MESSAGE, f"received bitmap for {msg.page_count} pages")
-        if self.t_dest_running is None:
-            self.t_dest_running = now
-            self._mark_time("destination running", now)
-        if msg.complete:
-            self.dest_missing = 0
-            if self.phase is _S.POSTCOPY:
-                self._move(_S.POSTCOPY_VERIFYING)
-                self._send(
-                    now,
-                    verify_request=pb.VerifyRequest(
-                        attempt=1,
-                        source=pb.GuestDigests(
-                            ram_digest=self._manifest_digest, vcpu_digest=self._switchover_vcpus
-                        ),
-                    ),
-                )
-                self.verifier.attempt = 1
-                self.verifier.source_digests = {
-                    "ram": self._manifest_digest.hex(),
-                    "tags": "",
-                    "vcpu": self._switchover_vcpus.hex(),
-                }
-                self._mark_time("verify request 1 sent", now)
-            return
-        present = decode_bitmap(msg.bitmap_lz4, self.mem.page_count, "received bitmap")
-        self.dest_missing = int(present.size - np.count_nonzero(present))
-        self.postcopy.holds(present)
-        self._pump(now)
-
     # -- the data path ----------------------------------------------------------------------
     def _active_for(self, now: float) -> float:
         return 0.0 if self.t_setup_done is None else now - self.t_setup_done
@@ -730,7 +663,7 @@ class SourceSession:
         if not self.connected:
             return
         if self.postcopy is not None:
-            self._pump_postcopy(now)
+            self.postcopy_side.pump(now)
             return
         while self.precopy.pass_ is not None and self.in_flight < self.params.window:
             if self._capped() and self.bucket.ready_at(now) is not None:
@@ -747,71 +680,6 @@ class SourceSession:
 
     def _encode(self, chunk: tuple[str, Any], *, round_no: int, borrow: bool) -> OutgoingBatch:
         return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=round_no, borrow=borrow)
-
-    def _pump_postcopy(self, now: float) -> None:
-        """Strict priority: every requested page goes before any background page, and little
-        background is in flight, so an answer never queues behind much."""
-        pc = self.postcopy
-        assert pc is not None
-        self._answer_requests(now)
-        for _ in range(BACKGROUND_PER_TURN):
-            if self.in_flight >= min(BACKGROUND_WINDOW, self.params.window):
-                return
-            pages = pc.next_background()
-            if pages is None:
-                return
-            self._send_background(pages, now)
-
-    def _answer_requests(self, now: float) -> None:
-        assert self.postcopy is not None
-        urgent = self.postcopy.next_urgent()
-        if urgent is not None:
-            for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
-                self._answer(urgent[first : first + MAX_PAGES_PER_MESSAGE], now)
-
-    def _answer(self, pages: np.ndarray, now: float) -> None:
-        body, payload, count = self._encode_postcopy(pages, requested=True)
-        frames = framing.encode(self.link.envelope(0, postcopy_pages=body), payload)
-        self._urgent.append(frames)
-        self._count_postcopy(frames, count)
-
-    def _send_background(self, pages: np.ndarray, now: float) -> None:
-        body, payload, count = self._encode_postcopy(pages, requested=False)
-        frames = self.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
-        self._outgoing.append(Outbound(frames, True, self.link.next_seq - 1))
-        self._count_postcopy(frames, count)
-
-    def _encode_postcopy(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
-        return encode_postcopy_pages(
-            self.mem.pages, self.mem.page_tags, pages, use_lz4=self._use_lz4, requested=requested
-        )
-
-    def _count_postcopy(self, frames: list[Buffer], pages: int) -> None:
-        size = sum(len(f) for f in frames)
-        self.stats.postcopy_bytes += size
-        self.stats.ram_bytes += size
-        self.stats.pages += pages
-
-    def _postcopy_switchover(self, now: float) -> None:
-        """Stop here, send the vCPU state and the manifest, and let the destination run."""
-        self.host.stop_guest()
-        self.guest_stopped = True
-        self.t_stop = now
-        self._mark_time("guest stopped", now)
-        self.precopy.pass_ = None
-        self._catching_up = False
-        if self.throttle:
-            self.host.set_throttle(0.0)
-        self._send(now, end_of_round=pb.EndOfRound(round=self.round + 1, final=True))
-        self._send(now, device_state=device_state(self.guest))
-        messages, self._manifest_digest = manifest_messages(self.mem)
-        for message in messages:
-            self._send(now, page_manifest=message)
-        self._switchover_vcpus = vcpus_digest(self.guest.vcpus)
-        self._send(now, postcopy_start=pb.PostcopyStart(page_count=self.mem.page_count))
-        self.postcopy = SourcePostcopy(self.mem.page_count)
-        self._move(_S.POSTCOPY)
-        self._mark_time("postcopy started", now)
 
     def _capped(self) -> bool:
         """The cap paces precopy; inside the downtime every byte is downtime, so none waits."""
@@ -850,7 +718,7 @@ class SourceSession:
             self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
         ):
             self._round_sent(finished_round, now)
-            self._postcopy_switchover(now)
+            self.postcopy_side.switchover(now)
             return
         end = self.precopy.end_of_round(
             now,
@@ -866,7 +734,7 @@ class SourceSession:
         self._round_sent(finished_round, now)
         if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
             # converged before its rounds were up: postcopy starts now, with little left to pull
-            self._postcopy_switchover(now)
+            self.postcopy_side.switchover(now)
         elif end.verdict is Verdict.SWITCHOVER:
             self._switchover(now, end.sync)
         elif end.verdict is Verdict.GIVE_UP:
@@ -948,7 +816,7 @@ class SourceSession:
         if message.kind == "abort" and body.code == pb.ERROR_WRONG_SESSION and self.phase is _S.SETUP:
             return  # something of ours overtook a lost hello; the hello is resent
         if message.kind == "abort" and self.postcopy is not None:
-            self._refused_in_postcopy(body, now)
+            self.postcopy_side.refused(body, now)
             return
         if message.kind == "abort":
             if self.phase in (_S.COMMITTING, _S.UNSETTLED):
@@ -969,24 +837,6 @@ class SourceSession:
                 now,
                 notify=False,
             )
-
-    def _refused_in_postcopy(self, body: pb.Abort, now: float) -> None:
-        if self.t_dest_running is None and self.phase is _S.POSTCOPY_PAUSED:
-            # Our resume was answered by a node that holds no session of ours and never said
-            # it runs the guest; a postcopy destination never discards a guest it started, so
-            # whatever ran there went with the process. (On a live connection a refusal is no
-            # such proof: the guest may run there with its word of it still on the way.)
-            self._fail(
-                body.code,
-                f"destination refused before it ran the guest: {body.reason}; the guest runs here again",
-                now,
-                notify=False,
-                after_commit_ok=True,
-            )
-            return
-        # It ran the guest (or may have): whatever refuses us now, never resume here.
-        if self.phase is not _S.UNSETTLED:
-            self._unsettled(now, f"postcopy: the destination refused us ({body.reason})", postcopy=True)
 
     def _past_trouble(self, now: float) -> None:
         """The trouble that made this migration unsettled is over: it belongs to the timeline,

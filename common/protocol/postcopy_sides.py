@@ -1,0 +1,385 @@
+"""Postcopy as each session carries it out, both sides in one place: the source hands the guest
+over and then serves pages (requests first, then the background stream) until the destination
+proves it holds them all; the destination runs the guest at once, asks for what it misses,
+places each page with its tags in one step, and gives the verdict.
+
+Each side is a part of its session (a SourceSession or a DestSession): it sends, moves and
+ends through the session, whose phase table dispatches to it. The decisions themselves (what
+to send next, what to accept) are `postcopy`'s.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from common.constants import MAX_PAGES_PER_MESSAGE
+from common.guest.presence import PresenceGate
+from common.guest.vcpu import vcpus_digest
+from common.protocol import events as ev
+from common.protocol.phases import DestPhase, Failure, SourcePhase
+from common.protocol.postcopy import (
+    BACKGROUND_PER_TURN,
+    BACKGROUND_WINDOW,
+    DestPostcopy,
+    SourcePostcopy,
+    manifest_messages,
+)
+from common.protocol.timers import Timer
+from common.transfer import device_state
+from common.wire import framing
+from common.wire import mte_migration_pb2 as pb
+from common.wire.bitmap import decode_bitmap, encode_bitmap
+from common.wire.codec import batch_pages, decode_postcopy_pages, encode_postcopy_pages
+from common.wire.framing import Buffer, WireError
+
+if TYPE_CHECKING:
+    from common.protocol.dest import DestSession
+    from common.protocol.source import SourceSession
+
+_S = SourcePhase
+_D = DestPhase
+
+
+class SourcePostcopySide:
+    def __init__(self, session: SourceSession) -> None:
+        self.s = session
+        self.manifest_digest = b""  # of every page's data and tags at the switchover
+        self.switchover_vcpus = b""  # the vCPU digest at the switchover
+
+    def switchover(self, now: float) -> None:
+        """Stop here, send the vCPU state and the manifest, and let the destination run."""
+        s = self.s
+        s.host.stop_guest()
+        s.guest_stopped = True
+        s.t_stop = now
+        s._mark_time("guest stopped", now)
+        s.precopy.pass_ = None
+        s._catching_up = False
+        if s.throttle:
+            s.host.set_throttle(0.0)
+        s._send(now, end_of_round=pb.EndOfRound(round=s.round + 1, final=True))
+        s._send(now, device_state=device_state(s.guest))
+        messages, self.manifest_digest = manifest_messages(s.mem)
+        for message in messages:
+            s._send(now, page_manifest=message)
+        self.switchover_vcpus = vcpus_digest(s.guest.vcpus)
+        s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
+        s.postcopy = SourcePostcopy(s.mem.page_count)
+        s._move(_S.POSTCOPY)
+        s._mark_time("postcopy started", now)
+
+    # -- what the destination says ---------------------------------------------------------
+    def on_page_request(self, msg: pb.PageRequest, now: float) -> None:
+        s = self.s
+        assert s.postcopy is not None
+        pages = [p for p in msg.page_index[:MAX_PAGES_PER_MESSAGE] if p < s.mem.page_count]
+        # a request naming pages out of range, or too many, is cut down, never fatal: the
+        # destination's guest needs this side's pages whatever else it says
+        s.refused_pages += len(msg.page_index) - len(pages)
+        s.postcopy.request(pages)
+        if s.connected:
+            self.answer_requests(now)  # at once, before any background page is encoded
+
+    def on_received_bitmap(self, msg: pb.ReceivedBitmap, now: float) -> None:
+        s = self.s
+        assert s.postcopy is not None
+        if msg.page_count != s.mem.page_count:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"received bitmap for {msg.page_count} pages")
+        if s.t_dest_running is None:
+            s.t_dest_running = now
+            s._mark_time("destination running", now)
+        if msg.complete:
+            s.dest_missing = 0
+            if s.phase is _S.POSTCOPY:
+                self._ask_verdict(now)
+            return
+        present = decode_bitmap(msg.bitmap_lz4, s.mem.page_count, "received bitmap")
+        s.dest_missing = int(present.size - np.count_nonzero(present))
+        s.postcopy.holds(present)
+        s._pump(now)
+
+    def _ask_verdict(self, now: float) -> None:
+        s = self.s
+        s._move(_S.POSTCOPY_VERIFYING)
+        digests = pb.GuestDigests(ram_digest=self.manifest_digest, vcpu_digest=self.switchover_vcpus)
+        s._send(now, verify_request=pb.VerifyRequest(attempt=1, source=digests))
+        s.verifier.attempt = 1
+        s.verifier.source_digests = {
+            "ram": self.manifest_digest.hex(),
+            "tags": "",
+            "vcpu": self.switchover_vcpus.hex(),
+        }
+        s._mark_time("verify request 1 sent", now)
+
+    def on_verify_result(self, result: pb.VerifyResult, now: float) -> None:
+        s = self.s
+        verifier = s.verifier
+        verifier.verified = result.ok
+        verifier.dest_digests = {
+            "ram": result.destination.ram_digest.hex(),
+            "tags": result.destination.tag_digest.hex(),
+            "vcpu": result.destination.vcpu_digest.hex(),
+        }
+        # the manifest digest covers every page's data and tags as the source sent them, so
+        # comparing it and the vCPU digest is the whole check
+        ours = verifier.source_digests or {}
+        theirs = verifier.dest_digests
+        agrees = theirs["ram"] == ours.get("ram") and theirs["vcpu"] == ours.get("vcpu")
+        if result.ok and not agrees:
+            verifier.verified = False
+            why = "postcopy verification: the destination reports a match but its manifest or vCPU digest differs from ours"
+            s._unsettled(now, why, postcopy=True)
+        elif result.ok:
+            s._complete(now, "postcopy completed: every page placed and verified")
+        else:
+            why = "postcopy verification failed: the destination's manifest or vCPU state differs from ours"
+            s._unsettled(now, why, postcopy=True)
+
+    def refused(self, body: pb.Abort, now: float) -> None:
+        s = self.s
+        if s.t_dest_running is None and s.phase is _S.POSTCOPY_PAUSED:
+            # Our resume was answered by a node that holds no session of ours and never said
+            # it runs the guest; a postcopy destination never discards a guest it started, so
+            # whatever ran there went with the process. (On a live connection a refusal is no
+            # such proof: the guest may run there with its word of it still on the way.)
+            reason = f"destination refused before it ran the guest: {body.reason}; the guest runs here again"
+            s._fail(body.code, reason, now, notify=False, after_commit_ok=True)
+            return
+        # It ran the guest (or may have): whatever refuses us now, never resume here.
+        if s.phase is not _S.UNSETTLED:
+            s._unsettled(now, f"postcopy: the destination refused us ({body.reason})", postcopy=True)
+
+    # -- what goes out ---------------------------------------------------------------------
+    def send_at(self, now: float) -> float | None:
+        """Requests that waited out a broken link go at once; background pages need room."""
+        s = self.s
+        assert s.postcopy is not None
+        room = s.in_flight < min(BACKGROUND_WINDOW, s.params.window)
+        return now if s.postcopy.urgent or (s.postcopy.background_left and room) else None
+
+    def pump(self, now: float) -> None:
+        """Strict priority: every requested page goes before any background page, and little
+        background is in flight, so an answer never queues behind much."""
+        s = self.s
+        assert s.postcopy is not None
+        self.answer_requests(now)
+        for _ in range(BACKGROUND_PER_TURN):
+            if s.in_flight >= min(BACKGROUND_WINDOW, s.params.window):
+                return
+            pages = s.postcopy.next_background()
+            if pages is None:
+                return
+            self._send_background(pages, now)
+
+    def answer_requests(self, now: float) -> None:
+        """Answers go unsequenced on the urgent connection (QEMU's preempt channel); a lost one
+        is asked for again."""
+        s = self.s
+        assert s.postcopy is not None
+        urgent = s.postcopy.next_urgent()
+        if urgent is None:
+            return
+        for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
+            body, payload, count = self.encode(urgent[first : first + MAX_PAGES_PER_MESSAGE], requested=True)
+            frames = framing.encode(s.link.envelope(0, postcopy_pages=body), payload)
+            s._urgent.append(frames)
+            self._count(frames, count)
+
+    def _send_background(self, pages: np.ndarray, now: float) -> None:
+        from common.protocol.source import Outbound
+
+        s = self.s
+        body, payload, count = self.encode(pages, requested=False)
+        frames = s.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
+        s._outgoing.append(Outbound(frames, True, s.link.next_seq - 1))
+        self._count(frames, count)
+
+    def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
+        mem = self.s.mem
+        return encode_postcopy_pages(
+            mem.pages, mem.page_tags, pages, use_lz4=self.s._use_lz4, requested=requested
+        )
+
+    def _count(self, frames: list[Buffer], pages: int) -> None:
+        stats = self.s.stats
+        size = sum(len(f) for f in frames)
+        stats.postcopy_bytes += size
+        stats.ram_bytes += size
+        stats.pages += pages
+
+
+class DestPostcopySide:
+    def __init__(self, session: DestSession) -> None:
+        self.s = session
+
+    # -- what the source sends -------------------------------------------------------------
+    def on_page_manifest(self, msg: pb.PageDigests, _: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None
+        if not s.postcopy_mode:
+            raise WireError(pb.ERROR_BAD_MESSAGE, "page manifest in a precopy migration")
+        if s.postcopy is None:
+            s.postcopy = DestPostcopy(s.guest.memory.page_count)
+            s.postcopy.split_placement = s.params.split_placement
+        s.postcopy.add_manifest(msg)
+
+    def on_postcopy_start(self, msg: pb.PostcopyStart, _: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None
+        pc = s.postcopy
+        if pc is None or not s.source_stopped:
+            raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy start before the switchover and its manifest")
+        if msg.page_count != s.guest.memory.page_count:
+            raise WireError(pb.ERROR_BAD_MESSAGE, f"postcopy start for {msg.page_count} pages")
+        mem = s.guest.memory
+        pc.start(mem)
+        pc.vcpu_digest = vcpus_digest(s.guest.vcpus)
+        s.digests = None  # pages are checked one by one against the manifest from here
+        # every page already here (a guest that converged): no access needs checking
+        gate = None if pc.complete else PresenceGate(mem, pc.present)
+        mem.gate = gate
+        s.host.start_guest(s.guest, gate)
+        s._move(_D.POSTCOPY)
+        s.t_running = now
+        s._events.append(ev.PostcopyStarted(pc.missing()))
+        self.send_bitmap(now)
+
+    def on_postcopy_pages(
+        self, msg: pb.PostcopyPages, payload: Buffer, now: float, *, urgent: bool = False
+    ) -> None:
+        s = self.s
+        assert s.guest is not None and s.postcopy is not None
+        pc = s.postcopy
+        pc.t_last_data = now
+        try:
+            batch = decode_postcopy_pages(msg, payload, s.guest.memory.page_count)
+        except WireError as exc:
+            # Refused, never placed. From the stream, its pages are asked for again; an urgent
+            # one is dropped (anyone may send those): a page the guest waits for is asked again
+            # when overdue.
+            s.refused_messages += 1
+            s.last_refusal = exc.reason
+            if urgent:
+                return
+            named = [p for p in batch_pages(msg.data)[:MAX_PAGES_PER_MESSAGE].tolist() if p < pc.page_count]
+            for page in named:
+                pc.outstanding.pop(page, None)
+            s._ack(now)
+            self.request(pc.to_request(named, now), now)
+            return
+        placed = pc.place(s.guest.memory, batch, msg.requested, now)
+        if placed.pages.size:
+            s.t_last_placed = now  # progress, which a stream of refused or repeated pages is not
+        s.stats.pages += int(batch.indices.size)
+        s.stats.ram_bytes += s._arrived_bytes
+        s.stats.postcopy_bytes += s._arrived_bytes
+        if not urgent:
+            s._ack(now)
+        if placed.rejected.size:
+            # a copy that does not match the manifest is never shown to the guest: ask again
+            self.request(pc.to_request(placed.rejected.tolist(), now), now)
+        if pc.complete and not pc.late_tags:
+            self._all_present(now)
+
+    def verdict(self, msg: pb.VerifyRequest, now: float) -> None:
+        s = self.s
+        pc = s.postcopy
+        assert pc is not None and s.guest is not None
+        if not pc.complete:
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE, f"verify_request while {pc.missing()} pages are still missing"
+            )
+        ours = pc.digest()
+        ok = msg.source.ram_digest == ours and msg.source.vcpu_digest == pc.vcpu_digest
+        s.verified = ok
+        s.my_digests = {"ram": ours.hex(), "tags": "", "vcpu": pc.vcpu_digest.hex()}
+        result = pb.VerifyResult(
+            ok=ok,
+            attempt=msg.attempt,
+            vcpu_mismatch=msg.source.vcpu_digest != pc.vcpu_digest,
+            destination=pb.GuestDigests(ram_digest=ours, vcpu_digest=pc.vcpu_digest),
+        )
+        s._send(now, verify_result=result)
+        why = "postcopy verification failed: the manifest or the vCPU state differs from the source's"
+        if not ok and s.failure is None:
+            s.failure = Failure(pb.ERROR_VERIFICATION_FAILED, why, s.phase.value)
+        s._move(_D.RUNNING)
+        s.t_end = now
+        s._events.append(ev.Finished("completed" if ok else "failed", None if ok else why))
+
+    # -- on time ---------------------------------------------------------------------------
+    def timers(self, now: float) -> list[Timer]:
+        """While the source is silent nothing piles up or stalls: the resume carries on."""
+        s, pc = self.s, self.s.postcopy
+        if pc is None:
+            return []
+        timers = [Timer("late-tags", now, self._place_late_tags, work=True)] if pc.late_tags else []
+        if s.link.silence(now) >= s.params.peer_timeout_s:
+            return timers
+        if not pc.complete:
+            at = max(s.t_last_placed, s.t_running or now) + s.params.max_source_wait_s
+            timers.append(Timer("postcopy-stalled", at, self._stalled))
+            if not any(e.kind == "received_bitmap" for e in s.link.unacked):
+                # quiet while pages are missing (a batch refused as malformed, a source that
+                # lost track): say again what we hold, and the source sends the rest
+                at = max(pc.t_last_data, pc.t_last_bitmap) + s.link.rto_s
+                timers.append(Timer("bitmap-again", at, self.send_bitmap))
+        if pc.outstanding:
+            at = min(pc.outstanding.values()) + s.link.rto_s
+            timers.append(Timer("ask-again", at, self._ask_overdue))
+        return timers
+
+    def take_misses(self, now: float) -> None:
+        """The pages the guest found missing: asked for at once (the source may be silent: the
+        guest runs on the pages it holds and waits only on missing ones)."""
+        assert self.s.postcopy is not None
+        self.request(self.s.postcopy.to_request(self.s.host.take_page_misses(), now, miss=True), now)
+
+    def _place_late_tags(self, now: float) -> None:
+        s = self.s
+        pc = s.postcopy
+        assert pc is not None and s.guest is not None
+        pc.place_late_tags(s.guest.memory, now)
+        if pc.complete and not pc.late_tags:
+            self._all_present(now)
+
+    def _ask_overdue(self, now: float) -> None:
+        assert self.s.postcopy is not None
+        self.request(sorted(self.s.postcopy.overdue(now, self.s.link.rto_s)), now)
+
+    def _stalled(self, now: float) -> None:
+        """A source that is heard but sends none of the pages this guest lacks holds this node
+        for good (a postcopy guest is otherwise never discarded): past the operator's bound the
+        copy here stops, and the source, which keeps the guest as at the switchover, is told."""
+        s = self.s
+        assert s.postcopy is not None
+        waited = now - max(s.t_last_placed, s.t_running or now)
+        why = (
+            f"postcopy stalled: no page arrived for {waited:.1f} s while {s.postcopy.missing()} pages "
+            "were missing and the source was heard; the guest here is stopped (the source keeps it "
+            "as at the switchover)"
+        )
+        s._stop_copy(pb.ERROR_TIMEOUT, why, now, notify=True)
+
+    # -- what goes out ---------------------------------------------------------------------
+    def request(self, pages: list[int], now: float) -> None:
+        for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
+            chunk = pages[first : first + MAX_PAGES_PER_MESSAGE]
+            self.s._send(now, page_request=pb.PageRequest(page_index=chunk))
+
+    def _all_present(self, now: float) -> None:
+        s = self.s
+        assert s.guest is not None
+        if s.guest.memory.gate is not None:
+            s.guest.memory.gate = None  # no more journaling: every access is to a present page
+            self.send_bitmap(now)
+
+    def send_bitmap(self, now: float) -> None:
+        pc = self.s.postcopy
+        assert pc is not None
+        pc.t_last_bitmap = now
+        bitmap = b"" if pc.complete else encode_bitmap(pc.present)
+        received = pb.ReceivedBitmap(page_count=pc.page_count, bitmap_lz4=bitmap, complete=pc.complete)
+        self.s._send(now, received_bitmap=received)
