@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from common.guest.guest import Guest
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
-from common.protocol import source as source_module
+from common.protocol import precopy_side
 from common.protocol.dest import DestParameters
 from common.protocol.events import LinkRestored
 from common.protocol.link import Arrival, Link
@@ -121,7 +121,7 @@ def test_guest_memory_is_borrowed_only_while_the_guest_is_stopped(monkeypatch: p
         calls.append((borrow, pair.src_host.running))
         return encode_batch(*args, borrow=borrow, **kwargs)
 
-    monkeypatch.setattr(source_module, "encode_batch", spy)
+    monkeypatch.setattr(precopy_side, "encode_batch", spy)
     pair.run()
     assert_handed_over(pair)
     assert (False, True) in calls, "batches of the rounds the guest ran through"

@@ -45,18 +45,16 @@ from common.protocol.phases import (
 )
 from common.protocol.postcopy import SourcePostcopy
 from common.protocol.postcopy_sides import SourcePostcopySide
-from common.protocol.precopy import Precopy, Verdict
+from common.protocol.precopy import Precopy
+from common.protocol.precopy_side import SourcePrecopySide
 from common.protocol.ratelimit import PerSecond, TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import SourceVerifier
-from common.transfer import OutgoingBatch, device_state, encode_batch
+from common.transfer import OutgoingBatch
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.codec import (
-    BatchStats,
-)
 from common.wire.framing import Buffer, WireError
 
 _S = SourcePhase
@@ -125,13 +123,13 @@ class SourceSession:
         self._use_lz4 = False
         self.guest_stopped = False
         self._catching_up = False
-        self._resend_vcpus = True
         self._commit_acked = False
         self._taken_back = False  # an operator's 'settle here': the destination must stop its copy
         self._reminders = PerSecond(REFUSAL_ANSWERS_PER_S)
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # postcopy: set at the switchover; from then on the guest is the destination's
         self.postcopy: SourcePostcopy | None = None
+        self.precopy_side = SourcePrecopySide(self)
         self.postcopy_side = SourcePostcopySide(self)
         # What acts on each trigger the phase table lets in (timers carry their own actions).
         self._handlers: dict[str, Callable[[Any, float], None]] = {
@@ -352,7 +350,7 @@ class SourceSession:
             # the round's end waits for its batches to be placed there (or for time to run out)
             done = self.in_flight == 0 or self.t_setup_done is None
             at = now if done else self.t_setup_done + params.convergence_timeout_s  # type: ignore[operator]
-            timers.append(Timer("round-end", at, self._end_of_pass, work=done))
+            timers.append(Timer("round-end", at, self.precopy_side.end_of_pass, work=done))
         if self.connected:
             timers.append(
                 Timer("send-heartbeat", link.t_last_sent + params.heartbeat_interval_s, self._heartbeat)
@@ -368,11 +366,7 @@ class SourceSession:
         never (None) until an ack or a request makes room or work."""
         if self.postcopy is not None:
             return self.postcopy_side.send_at(now)
-        if self.precopy.pass_ is None or self.in_flight >= self.params.window:
-            return None
-        if self._capped():
-            return self.bucket.ready_at(now) or now
-        return now
+        return self.precopy_side.send_at(now)
 
     def _setup_timed_out(self, now: float) -> None:
         timeout = self.params.peer_timeout_s
@@ -595,8 +589,9 @@ class SourceSession:
                 self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
             else:
                 chunk, round_no = entry.data
-                batch = self._encode((entry.kind, chunk), round_no=round_no, borrow=self.host.guest_quiet())
-                self._record_sent(entry.kind, batch.stats)
+                borrow = self.host.guest_quiet()
+                batch = self.precopy_side.encode((entry.kind, chunk), round_no=round_no, borrow=borrow)
+                self.precopy_side.record_sent(entry.kind, batch.stats)
                 self._outgoing.append(
                     Outbound(self.link.again(entry, batch.payload, batch.body), True, entry.seq)
                 )
@@ -626,10 +621,7 @@ class SourceSession:
         if self.params.postcopy and (self.params.postcopy_after_rounds == 0 or self._postcopy_now):
             self.postcopy_side.switchover(now)
             return
-        zero, untagged = self.precopy.first_round(now)
-        self.stats.skipped_pages += zero
-        self.stats.skipped_tag_pages += untagged
-        self._round_started(now)
+        self.precopy_side.start(now)
 
     def _on_abort(self, abort: pb.Abort, now: float) -> None:
         self._fail(abort.code, f"destination aborted: {abort.reason}", now, notify=False)
@@ -643,138 +635,22 @@ class SourceSession:
         if self.phase is _S.POSTCOPY_VERIFYING:
             self.postcopy_side.on_verify_result(result, now)
             return
-        fault = self.verifier.judge(result)
-        if fault is None:
-            self._move(_S.COMMITTING)
-            self._send(now, commit=pb.Commit())
-            return
-        self._move(_S.SWITCHOVER)
-        self.precopy.repair_pass(*fault)
-        self._resend_vcpus = result.vcpu_mismatch
+        self.precopy_side.on_verify_result(result, now)
 
     def _on_started(self, started: pb.Started, now: float) -> None:
         self._complete(now, None)
 
     # -- the data path ----------------------------------------------------------------------
-    def _active_for(self, now: float) -> float:
-        return 0.0 if self.t_setup_done is None else now - self.t_setup_done
-
     def _pump(self, now: float) -> None:
         if not self.connected:
             return
         if self.postcopy is not None:
             self.postcopy_side.pump(now)
-            return
-        while self.precopy.pass_ is not None and self.in_flight < self.params.window:
-            if self._capped() and self.bucket.ready_at(now) is not None:
-                return
-            p = self.precopy.pass_
-            chunks = p.next_chunks(min(self.channels, self.params.window - self.in_flight))
-            encode_map = self._encode_map if self.channels > 1 else map  # as granted
-            encode = partial(self._encode, round_no=self.round, borrow=self.host.guest_quiet())
-            for batch in encode_map(encode, chunks):
-                self._send_batch(batch, now)
-            if p.done:
-                self.precopy.pass_ = None
-                self._end_of_pass(now)
-
-    def _encode(self, chunk: tuple[str, Any], *, round_no: int, borrow: bool) -> OutgoingBatch:
-        return encode_batch(self.mem, *chunk, use_lz4=self._use_lz4, round_no=round_no, borrow=borrow)
-
-    def _capped(self) -> bool:
-        """The cap paces precopy; inside the downtime every byte is downtime, so none waits."""
-        return not self.guest_stopped
-
-    def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
-        frames = self.link.sequenced(
-            now, batch.payload, data=(batch.pages, self.round), **{batch.kind: batch.body}
-        )
-        size = sum(len(f) for f in frames)
-        self._outgoing.append(Outbound(frames, True, self.link.next_seq - 1))
-        self._record_sent(batch.kind, batch.stats)
-        self._account(size)
-        if self._capped():
-            self.bucket.spend(size, now)
-        if batch.kind == "ram_pages":
-            self.stats.ram_bytes += size
-            self.stats.pages += batch.stats.pages
-            self.stats.zero_pages += batch.stats.zero
         else:
-            self.stats.tag_bytes += size
-            self.stats.tag_sections += batch.stats.pages
-            self.stats.untagged_pages += batch.stats.zero
+            self.precopy_side.pump(now)
 
-    def _record_sent(self, kind: str, stats: BatchStats) -> None:
-        """The digests a batch carries are this side's verification leaves: what was sent."""
-        record = self.digests.record_ram if kind == "ram_pages" else self.digests.record_tags
-        record(stats.content, stats.digests, stats.empty)
-
-    def _end_of_pass(self, now: float) -> None:
-        if self.phase is _S.SWITCHOVER:
-            self._finish_switchover(now)
-            return
-        finished_round = self.round
-        if self.params.postcopy and (
-            self._postcopy_now or finished_round >= self.params.postcopy_after_rounds
-        ):
-            self._round_sent(finished_round, now)
-            self.postcopy_side.switchover(now)
-            return
-        end = self.precopy.end_of_round(
-            now,
-            in_flight=self.in_flight,
-            active_for=self._active_for(now),
-            meter=self.meter,
-            params=self.params,
-        )
-        self._catching_up = end.verdict is Verdict.WAIT
-        if end.sync is None:
-            return
-        self.digests.update_blocks()  # before any stop: the verification then hashes less
-        self._round_sent(finished_round, now)
-        if end.verdict is Verdict.SWITCHOVER and self.params.postcopy:
-            # converged before its rounds were up: postcopy starts now, with little left to pull
-            self.postcopy_side.switchover(now)
-        elif end.verdict is Verdict.SWITCHOVER:
-            self._switchover(now, end.sync)
-        elif end.verdict is Verdict.GIVE_UP:
-            self._fail(pb.ERROR_NOT_CONVERGING, end.reason, now)
-        else:
-            if self.throttle:
-                self.host.set_throttle(self.throttle)
-            self._round_started(now)
-
-    def _round_sent(self, round_no: int, now: float) -> None:
-        self._mark_time(f"round {round_no} sent", now)
-        record = self.round_records[-1]
-        record.t_end, record.end = now, replace(self.stats)
-        record.dirty_pages_rate = self.precopy.dirty_pages_rate
-        record.expected_downtime_s = self.precopy.expected_downtime_s
-        self._send(now, end_of_round=pb.EndOfRound(round=round_no))
-
-    def _round_started(self, now: float) -> None:
-        p = self.precopy.pass_
-        data, tags = (0, 0) if p is None else (int(p.data.size), int(p.tags.size))
-        self.round_records.append(RoundRecord(self.round, now, replace(self.stats), self.throttle))
-        self._events.append(ev.RoundStarted(self.round, data, tags))
-
-    def _switchover(self, now: float, sync: Any) -> None:
-        self.host.stop_guest()
-        self.guest_stopped = True
-        self.t_stop = now
-        self._mark_time("guest stopped", now)
-        self._move(_S.SWITCHOVER)
-        self._send(now, end_of_round=pb.EndOfRound(round=self.round + 1, final=True))
-        self.precopy.final_pass(sync)
-        self._resend_vcpus = True
-
-    def _finish_switchover(self, now: float) -> None:
-        if self._resend_vcpus:
-            self._send(now, device_state=device_state(self.guest))
-        request = self.verifier.request()
-        self._send(now, verify_request=request)
-        self._mark_time(f"verify request {request.attempt} sent", now)
-        self._move(_S.VERIFYING)
+    def _active_for(self, now: float) -> float:
+        return 0.0 if self.t_setup_done is None else now - self.t_setup_done
 
     # -- sending ---------------------------------------------------------------------------
     def _account(self, size: int) -> None:
