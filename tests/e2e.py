@@ -82,7 +82,12 @@ class Dest:
         return f"tcp://127.0.0.1:{free_port()}"
 
     def finish(self, timeout: float = 60) -> Finished:
-        out, err = self.proc.communicate(timeout=timeout)
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"dest-node did not exit within {timeout:g} s; its log ends:\n{err[-6000:]}") from None
         report = json.loads(self.report_path.read_text()) if self.report_path.exists() else {}
         return Finished(self.proc.returncode, report, out, err)
 

@@ -26,7 +26,6 @@ from common.constants import (
     INITIAL_CREDIT,
     MAX_RAM_BYTES,
     MAX_SOURCE_WAIT_S,
-    PAGE_SIZE,
     PEER_DEAD_AFTER_S,
     PROTOCOL_VERSION,
     REFUSAL_ANSWERS_PER_S,
@@ -39,8 +38,8 @@ from common.guest.presence import PresenceGate
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
 from common.protocol import front
+from common.protocol.dest_admission import DestAdmission, HandedOver
 from common.protocol.front import Intake
-from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_channels
 from common.protocol.link import UNSEQUENCED, Link, Reorder, Unacked
 from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
@@ -53,7 +52,6 @@ from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
 from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.bitmap import decode_bitmap
 from common.wire.framing import Buffer, WireError
 
 _D = DestPhase
@@ -95,20 +93,6 @@ class DestParameters:
     # Test builds only: place postcopy data and tags apart (a turn between), to prove that the
     # atomicity test can fail.
     split_placement: bool = False
-
-
-@dataclass(frozen=True)
-class HandedOver:
-    """A session whose guest ran here, kept after it ended (the guest may have moved on since):
-    its source may still be reconnecting, unsure whether the commit took, and must hear that it
-    did, never a "wrong session" that it would read as "the guest is yours again"."""
-
-    key: bytes  # the key that opened it: only that source hears about it
-    received: int  # what had arrived from it in order
-
-
-# Sessions remembered that way: a source reconnects for seconds, not for many migrations.
-REMEMBERED_HANDOVERS = 64
 
 
 class DestSession:
@@ -164,6 +148,7 @@ class DestSession:
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self._arrived_bytes = 0  # the size of the message being handled
         self.postcopy: DestPostcopy | None = None
+        self.admission = DestAdmission(self)
         self.postcopy_side = DestPostcopySide(self)
         # What acts on each message the phase table lets in (timers carry their own actions).
         self._handlers: dict[str, Callable[[Any, Buffer, float], None]] = {
@@ -171,7 +156,7 @@ class DestSession:
             "tag_sections": self._on_tag_sections,
             "end_of_round": self._on_end_of_round,
             "device_state": self._on_device_state,
-            "link_timeouts": self._on_link_timeouts,
+            "link_timeouts": self.admission.on_link_timeouts,
             "verify_request": self._on_verify_request,
             "commit": self._on_commit,
             "abort": self._on_abort,
@@ -183,6 +168,10 @@ class DestSession:
     @property
     def phase(self) -> DestPhase:
         return self.machine.phase
+
+    def handed_over_sessions(self) -> dict[bytes, HandedOver]:
+        """What the next session on this node must remember: this one too, if its guest ran here."""
+        return self.admission.handed_over_sessions()
 
     # -- verbs ------------------------------------------------------------------------------
     def take_outgoing(self) -> list[tuple[bytes, list[Buffer]]]:
@@ -203,7 +192,11 @@ class DestSession:
         try:
             message = front.decode(frames, "destination")
         except WireError as exc:
-            if exc.code != pb.ERROR_VERSION_MISMATCH and self._from_source(peer) and self.phase in _LIVE:
+            if (
+                exc.code != pb.ERROR_VERSION_MISMATCH
+                and self.admission.from_source(peer)
+                and self.phase in _LIVE
+            ):
                 # From our source (any of its channels) but damaged in transit: ask for it again.
                 self.link.stats.corrupt += 1
                 self._ask_resend(now)
@@ -213,12 +206,12 @@ class DestSession:
         env = message.envelope
         if message.kind == "hello":
             if self.machine.handles("hello"):
-                self._fire("hello", partial(self._on_hello, peer, env, now, peer_key), now)
+                self._fire("hello", partial(self.admission.on_hello, peer, env, now, peer_key), now)
             else:
-                self._hello_while_busy(peer, env, now, peer_key)
+                self.admission.hello_while_busy(peer, env, now, peer_key)
             return
         if env.session_id in self.handed_over and env.session_id != self.session_id:
-            self._answer_handed_over(peer, env, message.kind, peer_key)
+            self.admission.answer_handed_over(peer, env, message.kind, peer_key)
             return
         if env.session_id != self.session_id or self.phase is _D.WAITING:
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
@@ -228,7 +221,7 @@ class DestSession:
             return
         if message.kind == "resume":
             if self.machine.handles("resume"):
-                self._fire("resume", partial(self._on_resume, peer, env, now), now)
+                self._fire("resume", partial(self.admission.on_resume, peer, env, now), now)
             else:
                 self._refuse(
                     peer,
@@ -251,7 +244,7 @@ class DestSession:
                 urgent = partial(self.postcopy_side.on_postcopy_pages, pages, payload, now, urgent=True)
                 self._fire("postcopy_pages", urgent, now)
             return
-        if not self._from_source(peer):
+        if not self.admission.from_source(peer):
             # (a channel of a connection the source has left, too: refused, rate-limited, as
             # that connection's own messages are)
             self._refuse(peer, pb.ERROR_WRONG_SESSION, "no migration session of yours is open here")
@@ -292,49 +285,6 @@ class DestSession:
             message, self._arrived_bytes = held
             self.link.arrive(message.envelope.seq)
             self._deliver(message, now)
-
-    def _answer_handed_over(self, peer: bytes, env: pb.Envelope, kind: str, peer_key: bytes) -> None:
-        """A message of a session whose guest ran here: a resume hears that the guest runs here
-        (whatever became of it since, it is no longer the source's); anything else is ignored.
-        Never refused: a refusal tells a source that the commit did not take."""
-        record = self.handed_over[env.session_id]
-        if peer_key != record.key:
-            self._refuse(peer, pb.ERROR_UNAUTHORIZED, "this session belongs to another source's key")
-            return
-        if kind != "resume":
-            return
-        answer = framing.envelope(
-            env.session_id,
-            0,
-            resume_ack=pb.ResumeAck(
-                epoch=env.resume.epoch, last_received=record.received, guest_running=True
-            ),
-        )
-        answer.epoch = env.resume.epoch
-        answer.received = record.received
-        self._outgoing.append((peer, framing.encode(answer)))
-
-    def handed_over_sessions(self) -> dict[bytes, HandedOver]:
-        """What the next session on this node must remember: this one too, if its guest ran here."""
-        past = dict(self.handed_over)
-        if self.t_running is not None and self.session_id:
-            past[self.session_id] = HandedOver(self.peer_key, self.link.received)
-        while len(past) > REMEMBERED_HANDOVERS:
-            del past[next(iter(past))]
-        return past
-
-    def _from_source(self, peer: bytes) -> bool:
-        """The session's own connection, or one of its parallel channels (the same routing id
-        with b"D" and the channel's number after it)."""
-        if peer == self.peer:
-            return True
-        return (
-            self.channels > 1
-            and self.peer is not None
-            and len(peer) == len(self.peer) + 2
-            and peer.startswith(self.peer + b"D")
-            and 1 <= peer[-1] < self.channels
-        )
 
     def _deliver(self, message: framing.Message, now: float) -> None:
         """Handle the next message in sequence order."""
@@ -443,116 +393,6 @@ class DestSession:
         self._fail(pb.ERROR_CANCELLED, reason, now)
 
     # -- hello and resume -----------------------------------------------------------------------
-    def _hello_while_busy(self, peer: bytes, env: pb.Envelope, now: float, peer_key: bytes) -> None:
-        if peer == self.peer and env.session_id == self.session_id and peer_key == self.peer_key:
-            # our source's hello again: our answer was lost, so send it again now
-            self._resend_from(self.link.peer_received, now)
-            return
-        reason = f"destination busy with another migration (phase {self.phase.value})"
-        self._refuse_hello(peer, env.session_id, pb.ERROR_BUSY, reason)
-
-    def _on_hello(self, peer: bytes, env: pb.Envelope, now: float, peer_key: bytes) -> None:
-        hello = env.hello
-        problem = check_hello(hello, self.params.auth_token, self.params.max_ram_bytes)
-        hint = None
-        if problem is None and env.seq != 1:
-            problem = (pb.ERROR_BAD_MESSAGE, f"a hello must be message 1 of its session, not {env.seq}")
-        if problem is None and hello.populated_hint_lz4:
-            try:
-                hint = decode_bitmap(
-                    hello.populated_hint_lz4, hello.ram_bytes // PAGE_SIZE, "populated-pages hint"
-                )
-            except WireError as exc:
-                problem = (exc.code, exc.reason)
-        if problem is not None:
-            self._refuse_hello(peer, env.session_id, *problem)
-            return
-        try:
-            guest = self.host.create_guest(hello.ram_bytes, hello.vcpu_count)
-        except Exception as exc:  # any host error refuses this source, never the node
-            # nothing of the session was set yet: the next hello finds this node as it was
-            reason = f"the destination cannot hold a guest of {hello.ram_bytes} bytes: {exc}"
-            self._refuse_hello(peer, env.session_id, pb.ERROR_INTERNAL, reason)
-            return
-        self.peer = peer
-        self.peer_key = peer_key
-        self.session_id = env.session_id
-        self.link = Link(env.session_id, now, rto_s=self.params.retransmit_after_s)
-        self.link.epoch = env.epoch or 1
-        self.link.arrive(env.seq)
-        self._keep_for(hello.reconnect_timeout_ms, hello.postcopy_recover_timeout_ms)
-        self.t_hello = now
-        self.guest = guest
-        self.digests = DigestCache(self.guest.memory)
-        self.use_lz4 = pb.FEATURE_LZ4 in hello.features
-        self.postcopy_mode = hello.mode == pb.MODE_POSTCOPY
-        features = sorted(REQUIRED_FEATURES) + ([pb.FEATURE_LZ4] if self.use_lz4 else [])
-        if self.postcopy_mode:
-            features.append(pb.FEATURE_POSTCOPY)
-        self.channels = granted_channels(hello)
-        self.channel_batches = [0] * self.channels
-        if self.channels > 1:
-            features.append(pb.FEATURE_MULTI_CHANNEL)
-        self._move(_D.RECEIVING)
-        if hint is not None:
-            self.host.prefault(self.guest, np.flatnonzero(hint))
-        self._send(
-            now,
-            hello_ack=pb.HelloAck(
-                accepted=True,
-                protocol_version=PROTOCOL_VERSION,
-                features=features,
-                initial_credit=self.params.window,
-                channels=self.channels if self.channels > 1 else 0,
-            ),
-        )
-
-    def _keep_for(self, reconnect_ms: int, postcopy_recover_ms: int) -> None:
-        self.keep_for_s = self._bounded_wait(reconnect_ms)
-        self.postcopy_keep_s = self._bounded_wait(postcopy_recover_ms)
-        if self.postcopy_mode and self.source_stopped:
-            # the source's guest is stopped for good: it reconnects as long as postcopy allows
-            self.keep_for_s = max(self.keep_for_s, self.postcopy_keep_s)
-
-    def _on_link_timeouts(self, msg: pb.LinkTimeouts, _: Buffer, now: float) -> None:
-        self._keep_for(msg.reconnect_timeout_ms, msg.postcopy_recover_timeout_ms)
-
-    def _bounded_wait(self, asked_ms: int) -> float:
-        """How long a silent source is waited for: what its hello asks, at least this node's
-        peer timeout and at most its operator's bound (a uint32 of milliseconds is 49 days)."""
-        asked = max(self.params.peer_timeout_s, asked_ms / 1000.0)
-        return min(asked, max(self.params.max_source_wait_s, self.params.peer_timeout_s))
-
-    def _on_resume(self, peer: bytes, env: pb.Envelope, now: float) -> None:
-        resume = env.resume
-        if resume.epoch < self.link.epoch or (resume.epoch == self.link.epoch and peer != self.peer):
-            return  # an old attempt, or a stranger replaying one
-        # both acknowledgements it carries are checked before anything changes (the envelope's
-        # too: a resume is where a connection's state is rebuilt from what the peer claims)
-        claimed = max(resume.last_received, env.received)
-        if claimed >= self.link.next_seq:
-            self._refuse(peer, pb.ERROR_BAD_MESSAGE, f"resume claims message {claimed}, never sent")
-            return
-        self.peer = peer
-        fresh = resume.epoch > self.link.epoch
-        self.link.epoch = resume.epoch
-        self.link.heard(env, now)
-        self.link.acknowledged(resume.last_received, now)
-        if fresh:
-            self.reorder.clear()  # the source sends all of it again, encoded afresh
-            self.link.stats.resumes += 1
-            self._events.append(ev.LinkRestored(resume.epoch, len(self.link.unacked)))
-        self._unsequenced(
-            now,
-            resume_ack=pb.ResumeAck(
-                epoch=resume.epoch, last_received=self.link.received, guest_running=self.phase is _D.RUNNING
-            ),
-        )
-        self._resend_from(resume.last_received, now)
-        self.link.restart_retransmit_clock(now)
-        if fresh and self.phase is _D.POSTCOPY and self.postcopy is not None and not self.postcopy.complete:
-            self.postcopy_side.send_bitmap(now)  # what arrived before the break: the source sends the rest
-
     def _on_unsequenced(self, message: framing.Message, now: float) -> None:
         kind = message.kind
         if kind not in UNSEQUENCED or kind == "resume_ack":
@@ -728,7 +568,7 @@ class DestSession:
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
         self.refused_messages += 1
         self._events.append(ev.Refused(peer, reason, hello=False))
-        if self._from_source(peer) and self.phase in _LIVE:
+        if self.admission.from_source(peer) and self.phase in _LIVE:
             # Refused under our source's connection name: a correct source never sends this, so
             # it came from a connection that took the name over (ROUTER_HANDOVER) or a source
             # past talking to. An answer would reach the impostor at best, and at worst our
