@@ -413,7 +413,7 @@ def test_hostile_requests_and_an_early_verify_change_nothing() -> None:
     src.receive(framing.encode(bogus), pair.now)
     assert src.phase is SourcePhase.POSTCOPY and src.refused_pages == 1
     with pytest.raises(WireError, match="pages are still missing"):
-        dst._on_verify_request(pb.VerifyRequest(attempt=1), b"", pair.now)
+        dst.precopy_side.on_verify_request(pb.VerifyRequest(attempt=1), b"", pair.now)
     dst._fail(pb.ERROR_BAD_MESSAGE, "something odd", pair.now)  # what receive does with it
     assert dst.phase is DestPhase.POSTCOPY and "something odd" in (dst.last_refusal or "")
     assert dst.failure is None and pair.dst_host.discarded == 0

@@ -35,7 +35,6 @@ from common.constants import (
 from common.guest.digest import DigestCache
 from common.guest.guest import Guest
 from common.guest.presence import PresenceGate
-from common.guest.workload import REG_STEP
 from common.protocol import events as ev
 from common.protocol import front
 from common.protocol.dest_admission import DestAdmission, HandedOver
@@ -44,12 +43,11 @@ from common.protocol.link import UNSEQUENCED, Link, Reorder, Unacked
 from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, DestPhase, Failure, PhaseMachine
 from common.protocol.postcopy import DestPostcopy
 from common.protocol.postcopy_sides import DestPostcopySide
+from common.protocol.precopy_side import DestPrecopySide
 from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
-from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
-from common.transfer import DamagedBatch, apply_device_state, apply_ram_pages, apply_tag_sections
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import Buffer, WireError
@@ -130,7 +128,6 @@ class DestSession:
         self.source_stopped = False
         self.verified: bool | None = None
         self.mismatched_pages: list[int] = []
-        self.verify_requests = 0
         self.my_digests: dict[str, str] | None = None
         self.rounds = 0
         self.keep_for_s = params.peer_timeout_s  # the source's reconnect timeout, once known
@@ -141,24 +138,23 @@ class DestSession:
         self.t_running: float | None = None
         self.t_last_placed = 0.0  # postcopy: when a page last became present here
         self.t_end: float | None = None
-        self._corrupted = False
-        self._repairing = False
         self.postcopy_mode = False
         self.postcopy_keep_s = 0.0  # how long the source reconnects once it stopped, in postcopy
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self._arrived_bytes = 0  # the size of the message being handled
         self.postcopy: DestPostcopy | None = None
         self.admission = DestAdmission(self)
+        self.precopy_side = DestPrecopySide(self)
         self.postcopy_side = DestPostcopySide(self)
         # What acts on each message the phase table lets in (timers carry their own actions).
         self._handlers: dict[str, Callable[[Any, Buffer, float], None]] = {
-            "ram_pages": self._on_ram_pages,
-            "tag_sections": self._on_tag_sections,
-            "end_of_round": self._on_end_of_round,
-            "device_state": self._on_device_state,
+            "ram_pages": self.precopy_side.on_ram_pages,
+            "tag_sections": self.precopy_side.on_tag_sections,
+            "end_of_round": self.precopy_side.on_end_of_round,
+            "device_state": self.precopy_side.on_device_state,
             "link_timeouts": self.admission.on_link_timeouts,
-            "verify_request": self._on_verify_request,
-            "commit": self._on_commit,
+            "verify_request": self.precopy_side.on_verify_request,
+            "commit": self.precopy_side.on_commit,
             "abort": self._on_abort,
             "page_manifest": self.postcopy_side.on_page_manifest,
             "postcopy_start": self.postcopy_side.on_postcopy_start,
@@ -405,69 +401,6 @@ class DestSession:
         self._resend(front.resend_after(self.link, ack, "source"), now)
 
     # -- data ---------------------------------------------------------------------------
-    def _on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
-        assert self.guest is not None and self.digests is not None
-        try:
-            decoded = apply_ram_pages(self.guest.memory, msg, payload)
-        except DamagedBatch as exc:
-            # what landed as expected has its leaves; the rest is hashed again unless the
-            # resend (asked for below) places it first
-            self.digests.record_ram(exc.placed_pages, exc.placed_digests, exc.placed_pages[:0])
-            self.digests.mark(exc.unknown_pages, [])
-            raise
-        if self.t_first_data is None:
-            self.t_first_data = now
-        self.digests.record_ram(decoded.indices, decoded.digests, decoded.zero)
-        self._note_repair(decoded.indices, decoded.zero)
-        self.stats.pages += int(decoded.indices.size + decoded.zero.size)
-        self.stats.zero_pages += int(decoded.zero.size)
-        self.stats.ram_bytes += self._arrived_bytes
-        self._maybe_corrupt(decoded.indices)
-        self._ack(now)
-
-    def _on_tag_sections(self, msg: pb.TagSections, payload: Buffer, now: float) -> None:
-        assert self.guest is not None and self.digests is not None
-        decoded = apply_tag_sections(self.guest.memory, msg, payload)
-        self.digests.record_tags(decoded.indices, decoded.digests, decoded.zero)
-        self._note_repair(decoded.indices, decoded.zero)
-        self.stats.tag_sections += int(decoded.indices.size + decoded.zero.size)
-        self.stats.untagged_pages += int(decoded.zero.size)
-        self.stats.tag_bytes += self._arrived_bytes
-        self._ack(now)
-
-    def _note_repair(self, *placed: np.ndarray) -> None:
-        if self._repairing:
-            pages = set(self.mismatched_pages)
-            for part in placed:
-                pages.update(part.tolist())
-            self.mismatched_pages = sorted(pages)
-
-    def _maybe_corrupt(self, placed: np.ndarray) -> None:
-        target = self.params.corrupt_page
-        if target is None or self._corrupted or self.guest is None or not (placed == target).any():
-            return
-        # Only once, so a resend repairs it: this proves the handshake names and fixes pages.
-        self._corrupted = True
-        self.guest.memory.pages[target, 100] ^= 0xFF
-        # as the in-place check of a faulty placement would: the page is hashed again
-        assert self.digests is not None
-        self.digests.mark([target], [])
-
-    def _on_end_of_round(self, msg: pb.EndOfRound, _: Buffer, now: float) -> None:
-        self.rounds = msg.round
-        if not msg.final and self.digests is not None:
-            self.digests.update_blocks()  # the source's guest runs: the verification then hashes less
-        if msg.final and not self.source_stopped:
-            self.source_stopped = True
-            self.t_stop_seen = now
-            if self.postcopy_mode:
-                # the source's guest is stopped for good: it reconnects as long as postcopy allows
-                self.keep_for_s = max(self.keep_for_s, self.postcopy_keep_s)
-
-    def _on_device_state(self, msg: pb.DeviceState, _: Buffer, now: float) -> None:
-        assert self.guest is not None
-        apply_device_state(self.guest, msg)
-
     def _on_abort(self, msg: pb.Abort, _: Buffer, now: float) -> None:
         self._fail(msg.code, f"source aborted: {msg.reason}", now, notify=False)
 
@@ -494,36 +427,6 @@ class DestSession:
 
     # -- verification and handover -------------------------------------------------------------
     # -- postcopy -------------------------------------------------------------------------------
-    def _on_verify_request(self, msg: pb.VerifyRequest, _: Buffer, now: float) -> None:
-        if self.phase is _D.POSTCOPY:
-            self.postcopy_side.verdict(msg, now)
-            return
-        assert self.guest is not None and self.digests is not None
-        if not self.source_stopped:
-            raise WireError(pb.ERROR_BAD_MESSAGE, "verify_request before the source stopped its guest")
-        self.verify_requests += 1
-        if self.verify_requests > MAX_VERIFY_ATTEMPTS:
-            # a source gives up after its last repair; one that asks on holds this node for nothing
-            raise WireError(
-                pb.ERROR_BAD_MESSAGE,
-                f"verification asked for {self.verify_requests} times; a source asks at most {MAX_VERIFY_ATTEMPTS}",
-            )
-        result, self.my_digests = destination_verdict(msg, self.guest, self.digests)
-        self.verified = result.ok
-        if result.ok:
-            self._move(_D.AWAIT_COMMIT)
-        else:
-            self._repairing = True  # what arrives before the next request is the repair
-        self._send(now, verify_result=result)
-
-    def _on_commit(self, _: pb.Commit, __: Buffer, now: float) -> None:
-        assert self.guest is not None
-        self.host.start_guest(self.guest)
-        self._move(_D.RUNNING)
-        self.t_running = self.t_end = now
-        self._send(now, started=pb.Started(step=self.guest.vcpus[0].x[REG_STEP]))
-        self._events.append(ev.Finished("completed", None))
-
     # -- sending and failure -------------------------------------------------------------------
     def _ask_resend(self, now: float) -> None:
         if self.link.should_ask_resend(now):

@@ -10,18 +10,33 @@ from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from common.guest.workload import REG_STEP
 from common.protocol import events as ev
-from common.protocol.phases import SourcePhase
+from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.precopy import Verdict
 from common.protocol.stats import RoundRecord
-from common.transfer import OutgoingBatch, device_state, encode_batch
+from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
+from common.transfer import (
+    DamagedBatch,
+    OutgoingBatch,
+    apply_device_state,
+    apply_ram_pages,
+    apply_tag_sections,
+    device_state,
+    encode_batch,
+)
 from common.wire import mte_migration_pb2 as pb
 from common.wire.codec import BatchStats
+from common.wire.framing import Buffer, WireError
 
 if TYPE_CHECKING:
+    from common.protocol.dest import DestSession
     from common.protocol.source import SourceSession
 
 _S = SourcePhase
+_D = DestPhase
 
 
 class SourcePrecopySide:
@@ -175,3 +190,116 @@ class SourcePrecopySide:
         s._move(_S.SWITCHOVER)
         s.precopy.repair_pass(*fault)
         self.resend_vcpus = result.vcpu_mismatch
+
+
+class DestPrecopySide:
+    """Precopy as the destination carries it out: batches placed and checked as they arrive,
+    the rounds and the stop, the vCPU state, the verification (and the repair it may ask for)
+    and the commit that starts the guest here. A part of its DestSession."""
+
+    def __init__(self, session: DestSession) -> None:
+        self.s = session
+        self.repairing = False  # what arrives between a mismatch and the next request repairs it
+        self.corrupted = False  # test builds: the one page flipped after placing it
+        self.verify_requests = 0
+
+    def on_ram_pages(self, msg: pb.RamPages, payload: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None and s.digests is not None
+        try:
+            decoded = apply_ram_pages(s.guest.memory, msg, payload)
+        except DamagedBatch as exc:
+            # what landed as expected has its leaves; the rest is hashed again unless the
+            # resend (asked for below) places it first
+            s.digests.record_ram(exc.placed_pages, exc.placed_digests, exc.placed_pages[:0])
+            s.digests.mark(exc.unknown_pages, [])
+            raise
+        if s.t_first_data is None:
+            s.t_first_data = now
+        s.digests.record_ram(decoded.indices, decoded.digests, decoded.zero)
+        self._note_repair(decoded.indices, decoded.zero)
+        s.stats.pages += int(decoded.indices.size + decoded.zero.size)
+        s.stats.zero_pages += int(decoded.zero.size)
+        s.stats.ram_bytes += s._arrived_bytes
+        self._maybe_corrupt(decoded.indices)
+        s._ack(now)
+
+    def on_tag_sections(self, msg: pb.TagSections, payload: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None and s.digests is not None
+        decoded = apply_tag_sections(s.guest.memory, msg, payload)
+        s.digests.record_tags(decoded.indices, decoded.digests, decoded.zero)
+        self._note_repair(decoded.indices, decoded.zero)
+        s.stats.tag_sections += int(decoded.indices.size + decoded.zero.size)
+        s.stats.untagged_pages += int(decoded.zero.size)
+        s.stats.tag_bytes += s._arrived_bytes
+        s._ack(now)
+
+    def _note_repair(self, *placed: np.ndarray) -> None:
+        s = self.s
+        if self.repairing:
+            pages = set(s.mismatched_pages)
+            for part in placed:
+                pages.update(part.tolist())
+            s.mismatched_pages = sorted(pages)
+
+    def _maybe_corrupt(self, placed: np.ndarray) -> None:
+        s = self.s
+        target = s.params.corrupt_page
+        if target is None or self.corrupted or s.guest is None or not (placed == target).any():
+            return
+        # Only once, so a resend repairs it: this proves the handshake names and fixes pages.
+        self.corrupted = True
+        s.guest.memory.pages[target, 100] ^= 0xFF
+        # as the in-place check of a faulty placement would: the page is hashed again
+        assert s.digests is not None
+        s.digests.mark([target], [])
+
+    def on_end_of_round(self, msg: pb.EndOfRound, _: Buffer, now: float) -> None:
+        s = self.s
+        s.rounds = msg.round
+        if not msg.final and s.digests is not None:
+            s.digests.update_blocks()  # the source's guest runs: the verification then hashes less
+        if msg.final and not s.source_stopped:
+            s.source_stopped = True
+            s.t_stop_seen = now
+            if s.postcopy_mode:
+                # the source's guest is stopped for good: it reconnects as long as postcopy allows
+                s.keep_for_s = max(s.keep_for_s, s.postcopy_keep_s)
+
+    def on_device_state(self, msg: pb.DeviceState, _: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None
+        apply_device_state(s.guest, msg)
+
+    def on_verify_request(self, msg: pb.VerifyRequest, _: Buffer, now: float) -> None:
+        s = self.s
+        if s.phase is _D.POSTCOPY:
+            s.postcopy_side.verdict(msg, now)
+            return
+        assert s.guest is not None and s.digests is not None
+        if not s.source_stopped:
+            raise WireError(pb.ERROR_BAD_MESSAGE, "verify_request before the source stopped its guest")
+        self.verify_requests += 1
+        if self.verify_requests > MAX_VERIFY_ATTEMPTS:
+            # a source gives up after its last repair; one that asks on holds this node for nothing
+            raise WireError(
+                pb.ERROR_BAD_MESSAGE,
+                f"verification asked for {self.verify_requests} times; a source asks at most {MAX_VERIFY_ATTEMPTS}",
+            )
+        result, s.my_digests = destination_verdict(msg, s.guest, s.digests)
+        s.verified = result.ok
+        if result.ok:
+            s._move(_D.AWAIT_COMMIT)
+        else:
+            self.repairing = True  # what arrives before the next request is the repair
+        s._send(now, verify_result=result)
+
+    def on_commit(self, _: pb.Commit, __: Buffer, now: float) -> None:
+        s = self.s
+        assert s.guest is not None
+        s.host.start_guest(s.guest)
+        s._move(_D.RUNNING)
+        s.t_running = s.t_end = now
+        s._send(now, started=pb.Started(step=s.guest.vcpus[0].x[REG_STEP]))
+        s._events.append(ev.Finished("completed", None))
