@@ -27,8 +27,6 @@ from common.constants import (
     MAX_RAM_BYTES,
     MAX_SOURCE_WAIT_S,
     PEER_DEAD_AFTER_S,
-    PROTOCOL_VERSION,
-    REFUSAL_ANSWERS_PER_S,
     REORDER_WAIT_S,
     RETRANSMIT_AFTER_S,
 )
@@ -44,7 +42,6 @@ from common.protocol.phases import DEST_FAILURES, DEST_MOVES, DEST_TRIGGERS, Des
 from common.protocol.postcopy import DestPostcopy
 from common.protocol.postcopy_sides import DestPostcopySide
 from common.protocol.precopy_side import DestPrecopySide
-from common.protocol.ratelimit import PerSecond
 from common.protocol.reports import dest_report
 from common.protocol.stats import TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
@@ -110,11 +107,7 @@ class DestSession:
         self.digests: DigestCache | None = None
         self.peer: bytes | None = None
         self.peer_key = b""  # the CURVE key of the source that opened the session
-        # A flood of bad messages gets this many answers a second, not one each: refusing
-        # must not cost more than sending garbage does.
-        self._refusal_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
-        self._hello_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
-        self._t_received = now
+        self._t_received = now  # refusals are rate-limited by the time of what they answer
         self.session_id = b""
         self.link = Link(b"", now, rto_s=params.retransmit_after_s)
         self.use_lz4 = False
@@ -458,10 +451,6 @@ class DestSession:
         self.stats.other_bytes += sum(len(f) for f in frames)
         self._outgoing.append((self.peer, frames))
 
-    def _reply(self, peer: bytes, session_id: bytes, **body: Any) -> None:
-        """Answer a peer outside the session: no sequence number of ours is spent."""
-        self._outgoing.append((peer, framing.encode(framing.envelope(session_id, 0, **body))))
-
     def refuse(self, peer: bytes, code: int, reason: str, now: float) -> None:
         """A message the daemon refused unread (too many frames, say): counted and answered
         as any refusal."""
@@ -469,25 +458,10 @@ class DestSession:
         self._refuse(peer, code, reason)
 
     def _refuse(self, peer: bytes, code: int, reason: str) -> None:
-        self.refused_messages += 1
-        self._events.append(ev.Refused(peer, reason, hello=False))
-        if self.admission.from_source(peer) and self.phase in _LIVE:
-            # Refused under our source's connection name: a correct source never sends this, so
-            # it came from a connection that took the name over (ROUTER_HANDOVER) or a source
-            # past talking to. An answer would reach the impostor at best, and at worst our
-            # source, as this side's verdict on its migration: counted, not answered.
-            return
-        if self._refusal_answers.take(self._t_received):
-            self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
+        self.admission.refuse(peer, code, reason)
 
     def _refuse_hello(self, peer: bytes, session_id: bytes, code: int, reason: str) -> None:
-        self.refused_messages += 1
-        self._events.append(ev.Refused(peer, reason, hello=True))
-        # a budget of their own: a flood of bad messages must not silence the answer a real
-        # (if refused) source needs to hear, such as busy or too large
-        if self._hello_answers.take(self._t_received):
-            ack = pb.HelloAck(accepted=False, code=code, reason=reason, protocol_version=PROTOCOL_VERSION)
-            self._reply(peer, session_id, hello_ack=ack)
+        self.admission.refuse_hello(peer, session_id, code, reason)
 
     def _move(self, to: DestPhase) -> None:
         self.machine.move(to)

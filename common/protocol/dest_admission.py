@@ -7,16 +7,17 @@ is waited for. A part of its DestSession.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from common.constants import PAGE_SIZE, PROTOCOL_VERSION
+from common.constants import PAGE_SIZE, PROTOCOL_VERSION, REFUSAL_ANSWERS_PER_S
 from common.guest.digest import DigestCache
 from common.protocol import events as ev
 from common.protocol.handshake import REQUIRED_FEATURES, check_hello, granted_channels
 from common.protocol.link import Link
 from common.protocol.phases import DestPhase
+from common.protocol.ratelimit import PerSecond
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import decode_bitmap
@@ -45,6 +46,10 @@ REMEMBERED_HANDOVERS = 64
 class DestAdmission:
     def __init__(self, session: DestSession) -> None:
         self.s = session
+        # A flood of bad messages gets this many answers a second, not one each: refusing
+        # must not cost more than sending garbage does. Hellos have a budget of their own.
+        self._refusal_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
+        self._hello_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
 
     def answer_handed_over(self, peer: bytes, env: pb.Envelope, kind: str, peer_key: bytes) -> None:
         """A message of a session whose guest ran here: a resume hears that the guest runs here
@@ -206,3 +211,31 @@ class DestAdmission:
         s.link.restart_retransmit_clock(now)
         if fresh and s.phase is _D.POSTCOPY and s.postcopy is not None and not s.postcopy.complete:
             s.postcopy_side.send_bitmap(now)  # what arrived before the break: the source sends the rest
+
+    # -- refusals ----------------------------------------------------------------------------
+    def refuse(self, peer: bytes, code: int, reason: str) -> None:
+        s = self.s
+        s.refused_messages += 1
+        s._events.append(ev.Refused(peer, reason, hello=False))
+        if self.from_source(peer) and s.phase in (_D.RECEIVING, _D.AWAIT_COMMIT, _D.POSTCOPY):
+            # Refused under our source's connection name: a correct source never sends this, so
+            # it came from a connection that took the name over (ROUTER_HANDOVER) or a source
+            # past talking to. An answer would reach the impostor at best, and at worst our
+            # source, as this side's verdict on its migration: counted, not answered.
+            return
+        if self._refusal_answers.take(s._t_received):
+            self._reply(peer, b"", abort=pb.Abort(code=code, reason=reason))
+
+    def refuse_hello(self, peer: bytes, session_id: bytes, code: int, reason: str) -> None:
+        s = self.s
+        s.refused_messages += 1
+        s._events.append(ev.Refused(peer, reason, hello=True))
+        # a budget of their own: a flood of bad messages must not silence the answer a real
+        # (if refused) source needs to hear, such as busy or too large
+        if self._hello_answers.take(s._t_received):
+            ack = pb.HelloAck(accepted=False, code=code, reason=reason, protocol_version=PROTOCOL_VERSION)
+            self._reply(peer, session_id, hello_ack=ack)
+
+    def _reply(self, peer: bytes, session_id: bytes, **body: Any) -> None:
+        """Answer a peer outside the session: no sequence number of ours is spent."""
+        self.s._outgoing.append((peer, framing.encode(framing.envelope(session_id, 0, **body))))
