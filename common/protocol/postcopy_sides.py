@@ -18,6 +18,7 @@ from common.constants import MAX_PAGES_PER_MESSAGE
 from common.guest.presence import PresenceGate
 from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
+from common.protocol.outbound import Outbound
 from common.protocol.phases import DestPhase, Failure, SourcePhase
 from common.protocol.postcopy import (
     BACKGROUND_PER_TURN,
@@ -188,8 +189,6 @@ class SourcePostcopySide:
             self._count(frames, count)
 
     def _send_background(self, pages: np.ndarray, now: float) -> None:
-        from common.protocol.source import Outbound
-
         s = self.s
         body, payload, count = self.encode(pages, requested=False)
         frames = s.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)

@@ -14,6 +14,7 @@ import numpy as np
 
 from common.guest.workload import REG_STEP
 from common.protocol import events as ev
+from common.protocol.outbound import Outbound
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.precopy import Verdict
 from common.protocol.stats import RoundRecord
@@ -84,8 +85,6 @@ class SourcePrecopySide:
         return encode_batch(self.s.mem, *chunk, use_lz4=self.s._use_lz4, round_no=round_no, borrow=borrow)
 
     def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
-        from common.protocol.source import Outbound
-
         s = self.s
         frames = s.link.sequenced(now, batch.payload, data=(batch.pages, s.round), **{batch.kind: batch.body})
         size = sum(len(f) for f in frames)

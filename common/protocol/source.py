@@ -20,11 +20,10 @@ import os
 from collections.abc import Callable, Iterable
 from dataclasses import replace
 from functools import partial
-from typing import Any, NamedTuple, Protocol
+from typing import Any, Protocol
 
 from common.constants import (
     RECONNECT_BACKOFF_S,
-    REFUSAL_ANSWERS_PER_S,
     SESSION_ID_BYTES,
 )
 from common.guest.digest import DigestCache
@@ -33,7 +32,8 @@ from common.protocol import events as ev
 from common.protocol import front
 from common.protocol.front import Intake
 from common.protocol.handshake import link_timeouts, source_hello
-from common.protocol.link import UNSEQUENCED, Link, Reconnector, Unacked
+from common.protocol.link import UNSEQUENCED, Link, Reconnector
+from common.protocol.outbound import Outbound
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import (
     SOURCE_FAILURES,
@@ -47,8 +47,9 @@ from common.protocol.postcopy import SourcePostcopy
 from common.protocol.postcopy_sides import SourcePostcopySide
 from common.protocol.precopy import Precopy
 from common.protocol.precopy_side import SourcePrecopySide
-from common.protocol.ratelimit import PerSecond, TokenBucket
+from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
+from common.protocol.source_link import SourceLinkSide
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import SourceVerifier
@@ -69,16 +70,6 @@ class SourceHost(Protocol):
         """Nothing writes guest memory until the session resumes the guest (it is stopped, or
         has run its last step): page batches may be sent from guest memory without a copy."""
         ...
-
-
-class Outbound(NamedTuple):
-    """A message to send, and whether it is a bulk one (a page or tag batch): bulk messages may
-    take any of the parallel channels, the rest keep to the first. The destination delivers in
-    sequence order whatever the channel, so an end of round still follows its round's batches."""
-
-    frames: list[Buffer]
-    bulk: bool = False
-    seq: int = 0  # a batch's sequence number: the edge counts what each channel has in flight
 
 
 # How a session encodes several batches at once: `map` in order, or a thread pool's `map`
@@ -123,12 +114,11 @@ class SourceSession:
         self._use_lz4 = False
         self.guest_stopped = False
         self._catching_up = False
-        self._commit_acked = False
         self._taken_back = False  # an operator's 'settle here': the destination must stop its copy
-        self._reminders = PerSecond(REFUSAL_ANSWERS_PER_S)
         self.reconnector = Reconnector(*RECONNECT_BACKOFF_S)
         # postcopy: set at the switchover; from then on the guest is the destination's
         self.postcopy: SourcePostcopy | None = None
+        self.link_side = SourceLinkSide(self)
         self.precopy_side = SourcePrecopySide(self)
         self.postcopy_side = SourcePostcopySide(self)
         # What acts on each trigger the phase table lets in (timers carry their own actions).
@@ -139,8 +129,8 @@ class SourceSession:
             "started": self._on_started,
             "page_request": self.postcopy_side.on_page_request,
             "received_bitmap": self.postcopy_side.on_received_bitmap,
-            "ack": self._on_ack,
-            "resume_ack": self._on_resume_ack,
+            "ack": self.link_side.on_ack,
+            "resume_ack": self.link_side.on_resume_ack,
         }
         self._postcopy_now = False  # an operator's postcopy-start
         self._paused_from: SourcePhase | None = None
@@ -216,10 +206,10 @@ class SourceSession:
 
     def receive(self, frames: list[Buffer], now: float) -> None:
         if self.phase is _S.COMPLETED:
-            self._ack_repeat(frames, now)
+            self.link_side.ack_repeat(frames, now)
             return
         if self._taken_back:
-            self._remind_taken_back(frames, now)
+            self.link_side.remind_taken_back(frames, now)
             return
         if self.phase.terminal or self.phase is _S.IDLE:
             return
@@ -231,7 +221,7 @@ class SourceSession:
                 return
             # Corrupted in transit: whatever it was, it is sent again when we ask.
             self.link.stats.corrupt += 1
-            self._ask_resend(now)
+            self.link_side.ask_resend(now)
             return
         env = message.envelope
         if (
@@ -251,19 +241,19 @@ class SourceSession:
             self._fail(exc.code, exc.reason, now)
             return
         for entry in released:
-            self._acknowledged(entry, now)
+            self.link_side.acknowledged(entry, now)
         if intake is Intake.STALE:
             return  # from a connection this session has left behind
         if intake is Intake.UNSEQUENCED:
             self._on_unsequenced(message, now)
-            self._settle_by_ack(now)
+            self.link_side.settle_by_ack(now)
             return
         if intake is Intake.REPEAT:
-            self._ack(now)  # our ack may be what was lost
+            self.link_side.ack(now)  # our ack may be what was lost
             return
         if intake is Intake.AHEAD:
             self.link.stats.out_of_order += 1
-            self._ask_resend(now)
+            self.link_side.ask_resend(now)
             return
         if message.kind in UNSEQUENCED or not self.machine.handles(message.kind):
             self._fail(
@@ -278,106 +268,25 @@ class SourceSession:
         if not self.phase.terminal or message.kind == "started":
             # (Started too, though nothing follows it: its destination waits for this ack
             # before a --once exit, so that a lost Started is sent again, not lost for good)
-            self._ack(now)
-        self._settle_by_ack(now)
-
-    def _remind_taken_back(self, frames: list[Buffer], now: float) -> None:
-        """The destination speaks after the operator took the guest back here: whatever it
-        says, it is told again to stop its copy (a bounded number of times a second)."""
-        try:
-            env = framing.decode(frames).envelope
-        except WireError:
-            return
-        if env.session_id == self.session_id and self._reminders.take(now):
-            self._tell_taken_back(now)
-
-    def _ack_repeat(self, frames: list[Buffer], now: float) -> None:
-        """Done here, yet a destination whose ack was lost (its Started's, say) sends a message
-        again and waits: a repeat is acknowledged, as in every other phase; nothing else is
-        handled any more."""
-        try:
-            message = framing.decode(frames)
-        except WireError:
-            return
-        env = message.envelope
-        if (
-            env.session_id == self.session_id
-            and not self.link.stale(env)
-            and 0 < env.seq <= self.link.received
-        ):
-            self._ack(now)
+            self.link_side.ack(now)
+        self.link_side.settle_by_ack(now)
 
     def poll(self, now: float) -> None:
         """Advance on time: act on every timer that is due (sending what the window and the
         bandwidth allow is one of them)."""
-        run_due(self.timers, now)
+        run_due(self.link_side.timers, now)
 
     def next_deadline(self, now: float) -> float:
         """When poll next has something to do even if no message arrives."""
-        return next_deadline(self.timers(now), now)
+        return next_deadline(self.link_side.timers(now), now)
 
     def timers(self, now: float) -> list[Timer]:
-        """Every armed timer, in the order poll acts on them: the one list both poll and
-        next_deadline read. Which phase runs which timer is the phase table's to say; this
-        says when each is due."""
-        if self.phase.ended or self.phase is _S.IDLE:
-            return []
-        link, params = self.link, self.params
-        timers = [
-            Timer("setup-timeout", link.t_last_heard + params.peer_timeout_s, self._setup_timed_out),
-            Timer("give-up", link.t_last_heard + self._give_up_after(), self._give_up),
-        ]
-        if self.connected:
-            timers.append(Timer("link-broken", link.t_last_heard + params.peer_timeout_s, self._link_broken))
-        if not self.connected:
-            timers.append(Timer("send-resume", self.reconnector.next_at, self._send_resume))
-        elif (resend_at := link.retransmit_at()) is not None:
-            timers.append(Timer("retransmit", resend_at, self._retransmit))
-        else:
-            # The destination acknowledged our hello but its answer was lost: ask for it, as after
-            # any loss, rather than wait for its own retransmission, which may come after our
-            # setup timeout (a hello resent after the loss is acknowledged, not answered again).
-            timers.append(Timer("ask-hello-answer", link.t_progress + link.rto_s, self._ask_hello_answer))
-        if not params.postcopy and self.t_setup_done is not None:
-            # postcopy is the answer to a guest that does not converge; the check runs on time,
-            # not only when a round ends: a long round must not overrun it
-            at = self.t_setup_done + params.convergence_timeout_s
-            timers.append(Timer("convergence", at, self._not_converging))
-        send_at = self._send_at(now) if self.connected else None
-        if send_at is not None:
-            timers.append(Timer("send", send_at, self._pump, work=True))
-        if self._catching_up:
-            # the round's end waits for its batches to be placed there (or for time to run out)
-            done = self.in_flight == 0 or self.t_setup_done is None
-            at = now if done else self.t_setup_done + params.convergence_timeout_s  # type: ignore[operator]
-            timers.append(Timer("round-end", at, self.precopy_side.end_of_pass, work=done))
-        if self.connected:
-            timers.append(
-                Timer("send-heartbeat", link.t_last_sent + params.heartbeat_interval_s, self._heartbeat)
-            )
-        return [self._armed(timer) for timer in timers if self.machine.handles(timer.name)]
-
-    def _armed(self, timer: Timer) -> Timer:
-        """The timer as poll acts on it: through the phase table, as any trigger."""
-        return replace(timer, act=lambda now: self._fire(timer.name, partial(timer.act, now), now))
-
-    def _send_at(self, now: float) -> float | None:
-        """When there is something to send and room for it: at once, when the cap allows, or
-        never (None) until an ack or a request makes room or work."""
-        if self.postcopy is not None:
-            return self.postcopy_side.send_at(now)
-        return self.precopy_side.send_at(now)
-
-    def _setup_timed_out(self, now: float) -> None:
-        timeout = self.params.peer_timeout_s
-        reason = f"no answer from the destination within {timeout:.1f} s (is dest-node listening there?)"
-        self._fail(pb.ERROR_TIMEOUT, reason, now)
+        """Every armed timer, in the order poll acts on them (the phase table says which phase
+        runs which; the link side, when each is due)."""
+        return self.link_side.timers(now)
 
     def _not_converging(self, now: float) -> None:
         self._fail(pb.ERROR_NOT_CONVERGING, self.precopy.give_up_reason(self.params), now)
-
-    def _heartbeat(self, now: float) -> None:
-        self._unsequenced(now, heartbeat=pb.Heartbeat())
 
     def cancel(self, now: float, reason: str = "cancelled by the operator") -> None:
         if self.phase.terminal:
@@ -401,7 +310,7 @@ class SourceSession:
             # The destination may still run a copy (it started it, or it may come back): it hears
             # that the guest was taken back now, and again in answer to anything it sends later.
             self._taken_back = True
-            self._tell_taken_back(now)
+            self.link_side.tell_taken_back(now)
             return
         if self.postcopy is not None and not self.verified:
             # Only verification proves that the destination holds the whole guest; before it,
@@ -415,10 +324,6 @@ class SourceSession:
                 "destination is gone for good"
             )
         self._complete(now, "settled by the operator: the guest runs on the destination")
-
-    def _tell_taken_back(self, now: float) -> None:
-        reason = "the source's operator took the guest back ('ctl settle here'): stop this copy"
-        self._unsequenced(now, abort=pb.Abort(code=pb.ERROR_GUEST_TAKEN_BACK, reason=reason))
 
     def start_postcopy(self, now: float) -> None:
         """An operator's postcopy-start: switch a running precopy over now."""
@@ -460,54 +365,6 @@ class SourceSession:
             self._send(now, link_timeouts=link_timeouts(self.params))
 
     # -- link ----------------------------------------------------------------------------------
-    def _link_broken(self, now: float) -> None:
-        silent = self.link.silence(now)
-        self.reconnector.broken(now)
-        epoch = self.link.new_epoch()
-        self._events.append(ev.Reconnect(epoch, silent))
-        self._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
-        if self.phase in (_S.POSTCOPY, _S.POSTCOPY_VERIFYING):
-            self._paused_from = self.phase
-            self._move(_S.POSTCOPY_PAUSED)
-
-    def _send_resume(self, now: float) -> None:
-        if self.reconnector.resume_due(now):
-            self._unsequenced(now, resume=pb.Resume(epoch=self.link.epoch, last_received=self.link.received))
-
-    def _retransmit(self, now: float) -> None:
-        self._resend(self.link.to_resend(self.link.peer_received), now)
-        self.link.restart_retransmit_clock(now)
-
-    def _ask_hello_answer(self, now: float) -> None:
-        self._ack(now, resend=True)
-        self.link.restart_retransmit_clock(now)
-
-    def _give_up_after(self) -> float:
-        if self.phase.postcopy:
-            return self.params.postcopy_recover_timeout_s
-        return self.params.reconnect_timeout_s
-
-    def _give_up(self, now: float) -> None:
-        silent = self.link.silence(now)
-        if self.phase.postcopy:
-            lacks = "an unknown number of" if self.dest_missing is None else f"{self.dest_missing}"
-            self._unsettled(
-                now,
-                f"postcopy paused: no answer from the destination for {silent:.1f} s; it runs the guest "
-                f"and last said it lacked {lacks} pages, held only here. 'ctl recover' tries again",
-                postcopy=True,
-            )
-            return
-        if self.phase is _S.COMMITTING:
-            self._unsettled(now, f"no answer from the destination for {silent:.1f} s after the commit")
-            return
-        self._fail(
-            pb.ERROR_TIMEOUT,
-            f"destination unreachable: silent for {silent:.1f} s, reconnecting for "
-            f"{self.params.reconnect_timeout_s:.1f} s did not bring it back",
-            now,
-        )
-
     def _on_unsequenced(self, message: framing.Message, now: float) -> None:
         kind = message.kind
         if kind == "resume":
@@ -519,9 +376,6 @@ class SourceSession:
         if kind != "heartbeat" and self.machine.handles(kind):  # (the rest: no use in this phase)
             handler = self._handlers[kind]
             self._fire(kind, partial(handler, getattr(message.envelope, kind), now), now)
-
-    def _on_ack(self, ack: pb.Ack, now: float) -> None:
-        self._resend(front.resend_after(self.link, ack, "destination"), now)
 
     def _fire(self, trigger: str, act: Callable[[], None], now: float) -> bool:
         """Act on a trigger through the phase table (which also holds its moves to what the
@@ -536,67 +390,6 @@ class SourceSession:
             self._fail(pb.ERROR_INTERNAL, f"the source failed handling {trigger}: {exc!r}", now)
             return False
         return True
-
-    def _on_resume_ack(self, ack: pb.ResumeAck, now: float) -> None:
-        if ack.epoch != self.link.epoch or self.connected:
-            return  # an answer to an earlier attempt
-        self.reconnector.restored()
-        if self.phase is _S.POSTCOPY_PAUSED:
-            self._move(self._paused_from or _S.POSTCOPY)
-            if self.postcopy is not None:
-                self.postcopy.recoveries += 1
-        entries = self.link.to_resend(ack.last_received)
-        self._events.append(ev.LinkRestored(self.link.epoch, len(entries)))
-        self._mark_time(f"link restored (epoch {self.link.epoch})", now)
-        if self.phase is _S.COMMITTING and ack.guest_running:
-            self._complete(now, None)
-            return
-        self._resend(entries, now)
-        self.link.restart_retransmit_clock(now)
-
-    def _acknowledged(self, entry: Unacked, now: float) -> None:
-        if entry.data is None and entry.kind != "hello":  # (a hello's answer waits for an allocation)
-            # a control message is acknowledged as soon as the destination has handled it: the
-            # fastest such round trip is what each handshake inside the downtime costs at least
-            self.precopy.round_trip_s = min(self.precopy.round_trip_s, now - entry.t_sent)
-        if entry.data is not None:
-            self.meter.add(now, entry.size)
-        elif entry.kind == "commit":
-            # The destination acknowledges a message only after handling it, and handling the
-            # commit starts the guest there: this ack says where it runs, even if Started is lost.
-            self._commit_acked = True
-
-    def _settle_by_ack(self, now: float) -> None:
-        """After the message that carried it was handled: a Started in the same message says
-        more than the ack of the commit does."""
-        if self._commit_acked and self.phase in (_S.COMMITTING, _S.UNSETTLED):
-            self._fire("ack", partial(self._complete, now, "destination acknowledged the commit"), now)
-
-    def _ask_resend(self, now: float) -> None:
-        if self.phase is not _S.SETUP and self.connected and self.link.should_ask_resend(now):
-            self._ack(now, resend=True)
-
-    def _ack(self, now: float, *, resend: bool = False) -> None:
-        self._count_control(front.ack(self.link, now, resend=resend))
-
-    def _resend(self, entries: list[Unacked], now: float) -> None:
-        for entry in entries:
-            if entry.data is None:
-                self._outgoing.append(Outbound(self.link.again(entry)))
-            elif entry.kind == "postcopy_pages":
-                chunk, requested = entry.data
-                body, payload, _ = self.postcopy_side.encode(chunk, requested=requested)
-                self._outgoing.append(Outbound(self.link.again(entry, payload, body), True, entry.seq))
-            else:
-                chunk, round_no = entry.data
-                borrow = self.host.guest_quiet()
-                batch = self.precopy_side.encode((entry.kind, chunk), round_no=round_no, borrow=borrow)
-                self.precopy_side.record_sent(entry.kind, batch.stats)
-                self._outgoing.append(
-                    Outbound(self.link.again(entry, batch.payload, batch.body), True, entry.seq)
-                )
-        if entries:
-            self.link.t_last_sent = now
 
     # -- handlers of sequenced messages -------------------------------------------------------
     def _on_hello_ack(self, ack: pb.HelloAck, now: float) -> None:
@@ -687,7 +480,7 @@ class SourceSession:
             # Our message arrived damaged before the destination knew us (a hello, or a resume,
             # which is tried again anyway): send it again rather than give up.
             if self.phase is _S.SETUP:
-                self._resend(self.link.to_resend(0), now)
+                self.link_side.resend(self.link.to_resend(0), now)
             return
         if message.kind == "abort" and body.code == pb.ERROR_WRONG_SESSION and self.phase is _S.SETUP:
             return  # something of ours overtook a lost hello; the hello is resent
