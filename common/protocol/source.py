@@ -50,6 +50,7 @@ from common.protocol.precopy_side import SourcePrecopySide
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.source_link import SourceLinkSide
+from common.protocol.source_outcome import SourceOutcome
 from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import SourceVerifier
@@ -119,6 +120,7 @@ class SourceSession:
         # postcopy: set at the switchover; from then on the guest is the destination's
         self.postcopy: SourcePostcopy | None = None
         self.link_side = SourceLinkSide(self)
+        self.outcome = SourceOutcome(self)
         self.precopy_side = SourcePrecopySide(self)
         self.postcopy_side = SourcePostcopySide(self)
         # What acts on each trigger the phase table lets in (timers carry their own actions).
@@ -230,7 +232,7 @@ class SourceSession:
             and env.session_id in (self.session_id, b"")
         ):
             if self.machine.handles("refusal"):
-                self._fire("refusal", partial(self._refused, message, now), now)
+                self._fire("refusal", partial(self.outcome.refused, message, now), now)
             return
         if env.session_id != self.session_id:
             self._fail(pb.ERROR_WRONG_SESSION, "destination answered for another session", now)
@@ -300,31 +302,6 @@ class SourceSession:
         can reach it, so there is nobody to tell; before the commit the guest stays here."""
         self._fail(pb.ERROR_UNAUTHORIZED, reason, now, notify=False)
 
-    def settle(self, runs_here: bool, now: float) -> None:
-        """An operator's word on an unsettled handover: where the guest runs from now on."""
-        if self.phase is not _S.UNSETTLED:
-            raise RuntimeError(f"nothing to settle (phase {self.phase.value})")
-        if runs_here:
-            reason = "settled by the operator: the guest runs here again"
-            self._fail(pb.ERROR_CANCELLED, reason, now, notify=False, cancelled=True, after_commit_ok=True)
-            # The destination may still run a copy (it started it, or it may come back): it hears
-            # that the guest was taken back now, and again in answer to anything it sends later.
-            self._taken_back = True
-            self.link_side.tell_taken_back(now)
-            return
-        if self.postcopy is not None and not self.verified:
-            # Only verification proves that the destination holds the whole guest; before it,
-            # pages may exist only here, and calling it done would drop them unseen.
-            lacks = (
-                "an unknown number of pages" if self.dest_missing is None else f"{self.dest_missing} pages"
-            )
-            raise RuntimeError(
-                f"postcopy is not verified: the destination last said it lacked {lacks}, held only "
-                "here. 'ctl recover' reconnects and finishes it; 'ctl settle here' only if the "
-                "destination is gone for good"
-            )
-        self._complete(now, "settled by the operator: the guest runs on the destination")
-
     def start_postcopy(self, now: float) -> None:
         """An operator's postcopy-start: switch a running precopy over now."""
         if not self.params.postcopy:
@@ -340,7 +317,7 @@ class SourceSession:
         if self.postcopy is None or not (self.phase is _S.UNSETTLED or self.phase is _S.POSTCOPY_PAUSED):
             raise RuntimeError(f"nothing to recover (phase {self.phase.value})")
         if self.phase is _S.UNSETTLED:
-            self._past_trouble(now)
+            self.outcome.past_trouble(now)
             self._paused_from = self._paused_from or _S.POSTCOPY
             self._move(_S.POSTCOPY_PAUSED)
             self.t_end = None
@@ -472,111 +449,19 @@ class SourceSession:
         self.machine.move(to)
         self._events.append(ev.PhaseChanged(to.value))
 
-    def _refused(self, message: framing.Message, now: float) -> None:
-        """Sent outside any session: the destination refuses us (our hello or resume, or a
-        message it could not place in a session). Its reason is the one worth reporting."""
-        body = getattr(message.envelope, message.kind)
-        if message.kind == "abort" and body.code == pb.ERROR_CHECKSUM:
-            # Our message arrived damaged before the destination knew us (a hello, or a resume,
-            # which is tried again anyway): send it again rather than give up.
-            if self.phase is _S.SETUP:
-                self.link_side.resend(self.link.to_resend(0), now)
-            return
-        if message.kind == "abort" and body.code == pb.ERROR_WRONG_SESSION and self.phase is _S.SETUP:
-            return  # something of ours overtook a lost hello; the hello is resent
-        if message.kind == "abort" and self.postcopy is not None:
-            self.postcopy_side.refused(body, now)
-            return
-        if message.kind == "abort":
-            if self.phase in (_S.COMMITTING, _S.UNSETTLED):
-                # It holds no session of ours, so it does not run our guest.
-                self._fail(
-                    body.code,
-                    f"destination refused after the commit: {body.reason}; it does not run the guest, so it runs here again",
-                    now,
-                    notify=False,
-                    after_commit_ok=True,
-                )
-            else:
-                self._fail(body.code, f"destination refused: {body.reason}", now, notify=False)
-        elif not body.accepted and self.phase is _S.SETUP:
-            self._fail(
-                body.code or pb.ERROR_FEATURE_MISMATCH,
-                f"destination refused the migration: {body.reason}",
-                now,
-                notify=False,
-            )
+    # -- endings: the rules are the outcome's; these are what every part of the session calls
+    def settle(self, runs_here: bool, now: float) -> None:
+        """An operator's word on an unsettled handover: where the guest runs from now on."""
+        self.outcome.settle(runs_here, now)
 
-    def _past_trouble(self, now: float) -> None:
-        """The trouble that made this migration unsettled is over: it belongs to the timeline,
-        not to `error`, which an orchestrator reads as this migration's outcome."""
-        if self.failure is not None:
-            self._mark_time(f"earlier trouble, since overcome: {self.failure.reason}", now)
-            self.failure = None
-
-    def _complete(self, now: float, note: str | None) -> None:
-        self._past_trouble(now)
-        self._move(_S.COMPLETED)
-        self.t_end = now
-        self._mark_time(note or "destination running", now)
-        if self.throttle:
-            self.host.set_throttle(0.0)  # the report keeps how far it went
-        self._events.append(ev.Finished("completed", note))
+    def _fail(self, code: int, reason: str, now: float, **how: bool) -> None:
+        self.outcome.fail(code, reason, now, **how)
 
     def _unsettled(self, now: float, why: str, *, postcopy: bool = False) -> None:
-        reason = (
-            f"{why}: the guest is not resumed here because it may be running there (its state is kept "
-            "intact here); settle it with 'ctl settle here' or 'ctl settle there'"
-        )
-        if postcopy:
-            reason = (
-                f"{why}; this side keeps the guest as it was at the switchover. 'ctl settle there' if "
-                "the destination lives on, 'ctl settle here' only if it is gone for good"
-            )
-        if self.failure is None:
-            self.failure = Failure(pb.ERROR_TIMEOUT, reason, self.phase.value)
-        self._move(_S.UNSETTLED)
-        self.t_end = now
-        self._events.append(ev.Finished("unsettled", reason))
+        self.outcome.unsettled(now, why, postcopy=postcopy)
 
-    def _fail(
-        self,
-        code: int,
-        reason: str,
-        now: float,
-        *,
-        notify: bool = True,
-        cancelled: bool = False,
-        after_commit_ok: bool = False,
-    ) -> None:
-        if self.phase.terminal:
-            return
-        if self.failure is None or after_commit_ok:
-            self.failure = Failure(code, reason, self.phase.value)
-        if self.phase.postcopy and not after_commit_ok:
-            # Neither side alone holds the guest: never resumed here, never given up.
-            self._unsettled(now, f"postcopy stopped: {reason}", postcopy=True)
-            return
-        committed = self.phase in (_S.COMMITTING, _S.UNSETTLED) and not after_commit_ok
-        if committed:
-            # After the commit the destination may already run the guest: resuming here could
-            # run it twice. Only an answer from there, or an operator, settles it.
-            if self.phase is _S.COMMITTING:
-                self._unsettled(now, reason)
-            return
-        self._move(_S.FAILING)
-        if notify:
-            self._send(now, abort=pb.Abort(code=code, reason=reason))
-        self.precopy.pass_ = None
-        if self.throttle:
-            self.host.set_throttle(0.0)
-        if self.guest_stopped:
-            self.host.resume_guest()
-            self.guest_stopped = False
-        self.t_end = now
-        final = _S.CANCELLED if cancelled else _S.FAILED
-        self._move(final)
-        self._events.append(ev.Finished(final.value, reason))
+    def _complete(self, now: float, note: str | None) -> None:
+        self.outcome.complete(now, note)
 
     def _mark_time(self, event: str, now: float) -> None:
         self.timeline.append((event, now - self.t_start))
