@@ -100,7 +100,6 @@ class DestSession:
     ) -> None:
         self.host = host
         self.params = params
-        self.handed_over = dict(handed_over or {})
         self.machine = PhaseMachine(_D.WAITING, DEST_MOVES, DEST_TRIGGERS, DEST_FAILURES)
         self.failure: Failure | None = None
         self.guest: Guest | None = None
@@ -136,7 +135,7 @@ class DestSession:
         self.last_refusal: str | None = None  # postcopy: the last message refused (never a failure)
         self._arrived_bytes = 0  # the size of the message being handled
         self.postcopy: DestPostcopy | None = None
-        self.admission = DestAdmission(self)
+        self.admission = DestAdmission(self, handed_over or {})
         self.precopy_side = DestPrecopySide(self)
         self.postcopy_side = DestPostcopySide(self)
         # What acts on each message the phase table lets in (timers carry their own actions).
@@ -199,7 +198,7 @@ class DestSession:
             else:
                 self.admission.hello_while_busy(peer, env, now, peer_key)
             return
-        if env.session_id in self.handed_over and env.session_id != self.session_id:
+        if env.session_id in self.admission.handed_over and env.session_id != self.session_id:
             self.admission.answer_handed_over(peer, env, message.kind, peer_key)
             return
         if env.session_id != self.session_id or self.phase is _D.WAITING:
@@ -223,7 +222,7 @@ class DestSession:
             # whose operator took the guest back says so on the connection it has now, which
             # may be one whose Resume never got here (a partition), and no older one is left.
             if env.epoch >= self.link.epoch and self.machine.handles("taken-back"):
-                self._fire("taken-back", partial(self._taken_back, env.abort.reason, now), now)
+                self._fire("taken-back", partial(self.admission.taken_back, env.abort.reason, now), now)
             return
         if message.kind == "postcopy_pages" and env.seq == 0:
             # an answer on the source's urgent connection: checked against the manifest like
@@ -396,13 +395,6 @@ class DestSession:
     # -- data ---------------------------------------------------------------------------
     def _on_abort(self, msg: pb.Abort, _: Buffer, now: float) -> None:
         self._fail(msg.code, f"source aborted: {msg.reason}", now, notify=False)
-
-    def _taken_back(self, reason: str, now: float) -> None:
-        """The source runs the guest again, by its operator's word: whatever ran here stops,
-        even a postcopy guest or one handed over, or the guest would run twice."""
-        self._stop_copy(
-            pb.ERROR_GUEST_TAKEN_BACK, f"the source took the guest back: {reason}", now, notify=False
-        )
 
     def _stop_copy(self, code: int, why: str, now: float, *, notify: bool) -> None:
         """End the session whatever ran here: the guest is stopped and discarded."""

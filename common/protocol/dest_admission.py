@@ -44,8 +44,9 @@ REMEMBERED_HANDOVERS = 64
 
 
 class DestAdmission:
-    def __init__(self, session: DestSession) -> None:
+    def __init__(self, session: DestSession, handed_over: dict[bytes, HandedOver]) -> None:
         self.s = session
+        self.handed_over = dict(handed_over)  # by session id: sessions whose guest ran here
         # A flood of bad messages gets this many answers a second, not one each: refusing
         # must not cost more than sending garbage does. Hellos have a budget of their own.
         self._refusal_answers = PerSecond(REFUSAL_ANSWERS_PER_S)
@@ -56,7 +57,7 @@ class DestAdmission:
         (whatever became of it since, it is no longer the source's); anything else is ignored.
         Never refused: a refusal tells a source that the commit did not take."""
         s = self.s
-        record = s.handed_over[env.session_id]
+        record = self.handed_over[env.session_id]
         if peer_key != record.key:
             s._refuse(peer, pb.ERROR_UNAUTHORIZED, "this session belongs to another source's key")
             return
@@ -76,7 +77,7 @@ class DestAdmission:
     def handed_over_sessions(self) -> dict[bytes, HandedOver]:
         """What the next session on this node must remember: this one too, if its guest ran here."""
         s = self.s
-        past = dict(s.handed_over)
+        past = dict(self.handed_over)
         if s.t_running is not None and s.session_id:
             past[s.session_id] = HandedOver(s.peer_key, s.link.received)
         while len(past) > REMEMBERED_HANDOVERS:
@@ -211,6 +212,13 @@ class DestAdmission:
         s.link.restart_retransmit_clock(now)
         if fresh and s.phase is _D.POSTCOPY and s.postcopy is not None and not s.postcopy.complete:
             s.postcopy_side.send_bitmap(now)  # what arrived before the break: the source sends the rest
+
+    def taken_back(self, reason: str, now: float) -> None:
+        """The source runs the guest again, by its operator's word: whatever ran here stops,
+        even a postcopy guest or one handed over, or the guest would run twice."""
+        self.s._stop_copy(
+            pb.ERROR_GUEST_TAKEN_BACK, f"the source took the guest back: {reason}", now, notify=False
+        )
 
     # -- refusals ----------------------------------------------------------------------------
     def refuse(self, peer: bytes, code: int, reason: str) -> None:
