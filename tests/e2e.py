@@ -87,7 +87,9 @@ class Dest:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             _, err = self.proc.communicate(timeout=10)
-            raise AssertionError(f"dest-node did not exit within {timeout:g} s; its log ends:\n{err[-6000:]}") from None
+            raise AssertionError(
+                f"dest-node did not exit within {timeout:g} s; its log ends:\n{err[-6000:]}"
+            ) from None
         report = json.loads(self.report_path.read_text()) if self.report_path.exists() else {}
         return Finished(self.proc.returncode, report, out, err)
 

@@ -406,3 +406,21 @@ def hello_of_version(version: int) -> pb.Envelope:
 def busy_guest(seed: int = 1, ram: int = 8 << 20, **knobs: object) -> Guest:
     config = WorkloadConfig(seed=seed, working_set_bytes=knobs.pop("working_set", 1 << 20), **knobs)  # type: ignore[arg-type]
     return boot(ram, config)
+
+
+def running_postcopy(
+    seed: int = 21,
+    to_dest: Faults | None = None,
+    dest_params: DestParameters | None = None,
+    **params: Any,
+) -> Pair:
+    """A postcopy pair that hands the guest over at once, with short link timeouts (a broken
+    link is noticed in 0.4 s), and a destination guest that runs on for good: for the tests of
+    what the two sides do once the guest runs there."""
+    timeouts: dict[str, Any] = {
+        "peer_timeout_s": 0.4,
+        "heartbeat_interval_s": 0.1,
+        "reconnect_timeout_s": 1.0,
+    }
+    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, **{**timeouts, **params})
+    return Pair(busy_guest(seed=seed), migration, dest_params, to_dest, guest_speed=2000, dest_steps=100_000)

@@ -6,11 +6,10 @@ from __future__ import annotations
 import pytest
 
 from common.protocol.dest import DestSession
-from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import FakeDestHost, Pair, busy_guest
+from tests.protocol_harness import FakeDestHost, Pair, busy_guest, running_postcopy
 
 
 def test_a_source_whose_guest_moved_on_from_its_destination_hears_that_it_ran_there() -> None:
@@ -67,15 +66,7 @@ def test_only_the_key_that_opened_a_handed_over_session_hears_about_it() -> None
 def paused_postcopy() -> tuple[Pair, list[bool]]:
     """A postcopy whose link broke for good while the destination still lacked pages: the
     source gave up reconnecting and is unsettled, its guest stopped as at the switchover."""
-    params = MigrationParameters(
-        postcopy=True,
-        postcopy_after_rounds=0,
-        peer_timeout_s=0.4,
-        heartbeat_interval_s=0.1,
-        reconnect_timeout_s=1.0,
-        postcopy_recover_timeout_s=2.0,
-    )
-    pair = Pair(busy_guest(seed=21), params, guest_speed=2000, dest_steps=100_000)
+    pair = running_postcopy(postcopy_recover_timeout_s=2.0)
     gone: list[bool] = []
 
     def cut() -> bool:

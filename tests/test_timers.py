@@ -14,7 +14,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.source import SourceSession
 from common.protocol.timers import Timer, next_deadline, run_due
-from tests.protocol_harness import Faults, Pair, busy_guest
+from tests.protocol_harness import Faults, Pair, busy_guest, running_postcopy
 
 Session = SourceSession | DestSession
 
@@ -113,17 +113,7 @@ def test_a_work_timer_gets_one_turn_per_poll() -> None:
 def test_a_postcopy_destination_whose_source_is_silent_sleeps() -> None:
     """Bug: past keep_for_s the destination's next deadline stood in the past for good (it never
     fails in postcopy), and its loop spun at 100 % CPU."""
-    params = MigrationParameters(
-        postcopy=True,
-        postcopy_after_rounds=0,
-        peer_timeout_s=0.4,
-        heartbeat_interval_s=0.1,
-        reconnect_timeout_s=1.0,
-        postcopy_recover_timeout_s=2.0,
-    )
-    pair = Pair(
-        busy_guest(seed=21), params, to_dest=Faults(bandwidth=5e6), guest_speed=2000, dest_steps=100_000
-    )
+    pair = running_postcopy(to_dest=Faults(bandwidth=5e6), postcopy_recover_timeout_s=2.0)
     silent: list[float] = []
 
     def cut() -> bool:
@@ -146,17 +136,8 @@ def test_a_postcopy_destination_whose_source_is_silent_sleeps() -> None:
 def test_a_paused_postcopy_source_sleeps_between_its_reconnect_and_recover_timeouts() -> None:
     """Bug: paused, a source waited on its 10 s reconnect limit while it gave up at 60 s: in
     between, its next deadline stood in the past and it spun."""
-    params = MigrationParameters(
-        postcopy=True,
-        postcopy_after_rounds=0,
-        peer_timeout_s=0.4,
-        heartbeat_interval_s=0.1,
-        reconnect_timeout_s=1.0,
-        postcopy_recover_timeout_s=6.0,
-    )
-    pair = Pair(
-        busy_guest(seed=21), params, to_dest=Faults(bandwidth=5e6), guest_speed=2000, dest_steps=100_000
-    )
+    pair = running_postcopy(to_dest=Faults(bandwidth=5e6), postcopy_recover_timeout_s=6.0)
+    params = pair.src.params
     pair.up.cut_when = lambda: pair.dst.phase is DestPhase.POSTCOPY
     pair.down.cut_when = pair.up.cut_when
     pair.src.start(pair.now)

@@ -125,14 +125,6 @@ class Preallocation:
         if self._thread.is_alive():
             self._thread.join(timeout=5.0)
 
-    def _within_lead(self, pages: int) -> bool:
-        """Wait until committing `pages` more stays within the lead; False once stopped."""
-        while self.faulted_pages + pages > self.arrived() + self.lead_pages:
-            self.held_back = True
-            if self._stop.wait(0.01):
-                return False
-        return not self._stop.is_set()
-
     def _run(self) -> None:
         madvise = _madvise()
         backing = self.backing
