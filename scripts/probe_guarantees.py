@@ -86,7 +86,7 @@ PROBES = [
         "vCPU: the source never sends the vCPU state again after a mismatch",
         "common/protocol/precopy_side.py",
         "self.resend_vcpus = result.vcpu_mismatch",
-        "self._resend_vcpus = False",
+        "self.resend_vcpus = False",
         (f"{PROTO}::test_a_vcpu_state_damaged_in_flight_is_named_and_sent_again",),
     ),
     Probe(
@@ -230,7 +230,7 @@ PROBES = [
         "link: a lost message is never sent again",
         "common/protocol/source_link.py",
         '        self.resend(front.resend_after(s.link, ack, "destination"), now)',
-        "                pass",
+        "        pass",
         ("tests/test_protocol.py::test_lost_messages_are_sent_again",),
     ),
     Probe(
@@ -292,11 +292,11 @@ PROBES = [
         ("tests/test_link_parts.py::test_a_phase_arms_only_the_timers_its_row_lists",),
     ),
     Probe(
-        "table: a message its phase does not list is acted on",
-        "common/protocol/source.py",
-        "        if message.kind in UNSEQUENCED or not self.machine.handles(message.kind):",
-        "        if message.kind in UNSEQUENCED:",
-        ("tests/test_protocol_guarantees.py", "tests/test_source_session.py"),
+        "table: a trigger its phase does not list is acted on",
+        "common/protocol/phases.py",
+        "        if leads is None:\n",
+        "        if leads is None and False:\n",
+        ("tests/test_link_parts.py::test_a_trigger_leads_only_where_the_table_says_and_failing_is_always_open",),
     ),
     Probe(
         "timers: an action leaves its own deadline in the past",
