@@ -296,7 +296,9 @@ PROBES = [
         "common/protocol/phases.py",
         "        if leads is None:\n",
         "        if leads is None and False:\n",
-        ("tests/test_link_parts.py::test_a_trigger_leads_only_where_the_table_says_and_failing_is_always_open",),
+        (
+            "tests/test_link_parts.py::test_a_trigger_leads_only_where_the_table_says_and_failing_is_always_open",
+        ),
     ),
     Probe(
         "timers: an action leaves its own deadline in the past",
