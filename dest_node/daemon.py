@@ -230,9 +230,17 @@ class DestDaemon:
 
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()
-        if guest is self.running_guest and self.runner is not None:
-            # it ran here (postcopy, or handed over) until the source took it back: it stops now
-            self.runner.pause()
+        if guest is self.running_guest:
+            # it ran here (postcopy, or handed over) until the source took it back: it stops now,
+            # and so does any copy this node was sending on
+            outgoing = self.outgoing
+            if outgoing is not None and not outgoing.session.phase.terminal:
+                outgoing.session.withdraw(
+                    time.monotonic(), "the guest was taken back by the node it came from"
+                )
+                outgoing.after_call()
+            if self.runner is not None:
+                self.runner.pause()
             self.runner = None
             self.vcpu = None
             self.running_guest = None
@@ -332,7 +340,7 @@ class DestDaemon:
             )
         if self.session.phase is not DestPhase.RUNNING or self.running_guest is None:
             raise ControlError(f"no guest runs here to migrate (phase {self.session.phase.value})")
-        if self.runner is None or self.runner.finished:
+        if self.runner is None or self.runner.stopped_for_good:
             raise ControlError(
                 "the guest here has stopped (--stop-at-step): there is nothing live to migrate"
             )
@@ -364,9 +372,14 @@ class DestDaemon:
     def _outgoing_done(self) -> None:
         """The guest left for good: this node is free for the next incoming migration."""
         outgoing = self.outgoing
-        if outgoing is None or outgoing.finished is None or outgoing.finished.status != "completed":
+        if outgoing is None or outgoing.finished is None:
             return
-        if self.running_guest is None:
+        if outgoing.finished.status != "completed" or self.running_guest is None:
+            if self.running_guest is None and outgoing.session.phase.terminal:
+                # the guest was taken back while it was on its way on: nothing here to send
+                self.last_outgoing = outgoing.session.report(time.monotonic())
+                outgoing.close()
+                self.outgoing = None
             return
         self.log.info("guest migrated away; waiting for the next incoming migration")
         self.last_outgoing = outgoing.session.report(time.monotonic())

@@ -107,3 +107,28 @@ def test_the_destination_daemon_lives_and_reports_a_guest_that_stopped_itself(tm
     finally:
         dest.sock.close(linger=0)
         dest.ctx.term()
+
+
+def test_a_destination_whose_guest_is_taken_back_withdraws_the_copy_it_sends_on(tmp_path: Path) -> None:
+    """The node's incoming guest is discarded (taken back upstream) while it sends that guest on:
+    the onward migration is withdrawn too, or the next node would run it beside the source."""
+    from types import SimpleNamespace
+
+    from common.protocol.phases import SourcePhase
+
+    dest = DestDaemon(DestOptions(listen=f"ipc://{tmp_path}/dest.sock", params=DestParameters()))
+    withdrawn: list[str] = []
+    try:
+        guest = boot(1 << 20, WorkloadConfig(seed=3, working_set_bytes=64 << 10))
+        dest.start_guest(guest)
+        session = SimpleNamespace(
+            phase=SourcePhase.ACTIVE, withdraw=lambda now, reason: withdrawn.append(reason)
+        )
+        dest.outgoing = SimpleNamespace(session=session, after_call=lambda: None)  # type: ignore[assignment]
+        dest.discard_guest(guest)
+        assert withdrawn == ["the guest was taken back by the node it came from"]
+        assert dest.runner is None and dest.running_guest is None
+    finally:
+        dest.outgoing = None
+        dest.sock.close(linger=0)
+        dest.ctx.term()

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 
-from common.protocol.dest import DestSession
+from common.protocol.dest import DestParameters, DestSession
+from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import FakeDestHost, Pair, busy_guest, running_postcopy
+from tests.protocol_harness import FakeDestHost, Faults, Pair, busy_guest, running_postcopy
 
 
 def test_a_source_whose_guest_moved_on_from_its_destination_hears_that_it_ran_there() -> None:
@@ -63,10 +64,10 @@ def test_only_the_key_that_opened_a_handed_over_session_hears_about_it() -> None
     assert not fresh.take_outgoing(), "never refused: a refusal would say the commit did not take"
 
 
-def paused_postcopy() -> tuple[Pair, list[bool]]:
+def paused_postcopy(dest_params: DestParameters | None = None) -> tuple[Pair, list[bool]]:
     """A postcopy whose link broke for good while the destination still lacked pages: the
     source gave up reconnecting and is unsettled, its guest stopped as at the switchover."""
-    pair = running_postcopy(postcopy_recover_timeout_s=2.0)
+    pair = running_postcopy(dest_params=dest_params, postcopy_recover_timeout_s=2.0)
     gone: list[bool] = []
 
     def cut() -> bool:
@@ -118,3 +119,64 @@ def test_settling_here_stops_the_destinations_copy_when_the_link_returns() -> No
     pair.src.receive(framing.encode(heartbeat), pair.now)
     [again] = pair.src.take_outgoing()
     assert framing.decode(again.frames).envelope.abort.code == pb.ERROR_GUEST_TAKEN_BACK
+
+
+def test_a_postcopy_source_back_from_a_long_outage_finds_its_guest_still_running_there() -> None:
+    """The stall bound counted the outage: on the source's return, past --max-source-wait since
+    the last page, the destination stopped the guest it ran, just as the pages came."""
+    pair, gone = paused_postcopy(DestParameters(max_source_wait_s=5.0))  # unsettled: it gave up
+    dst = pair.dst
+    outage_ends = pair.now + 3 * dst.params.max_source_wait_s
+    while pair.now < outage_ends:  # both sides wait, the destination's guest on what it holds
+        pair.turn()
+    gone.clear()
+    pair.up.cut_when = pair.down.cut_when = None
+    pair.src.recover(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 60.0)
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.dst.verified is True
+    assert pair.dst_host.discarded == 0, "the copy there ran on and was never stopped"
+
+
+def test_a_verdict_lost_with_the_link_is_learnt_from_the_resume_answer() -> None:
+    """The destination's verdict matched and its guest runs (perhaps moved on since), but the
+    verdict never reached the source: the answer to its resume says so, instead of a loop of
+    resends that nobody handles and that keeps the source from an operator's settle."""
+    pair, _ = paused_postcopy()
+    src = pair.src
+    src.recover(pair.now)
+    src.poll(pair.now)
+    src.take_outgoing()
+    answer = framing.envelope(
+        src.session_id, 0, resume_ack=pb.ResumeAck(epoch=src.link.epoch, guest_running=True)
+    )
+    answer.epoch = src.link.epoch
+    src.receive(framing.encode(answer), pair.now)
+    assert src.phase is SourcePhase.COMPLETED and src.verified is True
+    assert pair.src_host.resumes == 0
+
+
+def test_only_a_session_whose_guest_runs_there_unbroken_is_remembered_as_handed_over() -> None:
+    pair, _ = paused_postcopy()
+    dst = pair.dst
+    dst.admission.taken_back("the operator settled here", pair.now)
+    assert dst.phase is DestPhase.FAILED
+    assert pair.src.session_id not in dst.handed_over_sessions(), "its copy stopped: never 'runs there'"
+
+
+@pytest.mark.parametrize("mode", ["precopy", "postcopy"])
+def test_a_guest_taken_back_upstream_is_stopped_on_the_node_it_was_sent_on_to(mode: str) -> None:
+    """B sends on to C the guest it got from A; A's operator takes it back: B stops its copy and
+    withdraws the onward migration, and C stops (or never starts) its copy too."""
+    if mode == "postcopy":
+        pair = running_postcopy(to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})))
+        pair.src.start(pair.now)
+        pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
+    else:
+        pair = Pair(busy_guest(seed=4), MigrationParameters(max_bandwidth=1 << 20))
+        pair.src.start(pair.now)
+        pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING and pair.src.phase is SourcePhase.ACTIVE)
+    pair.src.withdraw(pair.now, "the guest was taken back by the node it came from")
+    assert pair.src.phase is SourcePhase.CANCELLED
+    pair.run_until(lambda: pair.dst.phase is DestPhase.FAILED, 5.0)
+    assert pair.dst.phase is DestPhase.FAILED and pair.dst_host.discarded == 1
+    assert pair.dst.failure is not None and "the source took the guest back" in pair.dst.failure.reason

@@ -323,7 +323,7 @@ def test_a_destination_that_never_returns_leaves_the_guest_there_and_a_reason_he
     pair.run_until(lambda: pair.src.phase is SourcePhase.UNSETTLED, 30.0)
     assert pair.src.phase is SourcePhase.UNSETTLED
     reason = pair.src.failure.reason  # type: ignore[union-attr]
-    assert "postcopy paused" in reason and "ctl recover" in reason and "settle there" in reason
+    assert "postcopy paused" in reason and "ctl recover" in reason and "settle here" in reason
     assert pair.src_host.resumes == 0, "never resumed here on its own"
     assert pair.dst.phase is DestPhase.POSTCOPY and pair.dst_host.discarded == 0
     assert pair.dst_host.runner is not None and pair.dst_host.runner.running, "it runs there"

@@ -78,7 +78,9 @@ class DestAdmission:
         """What the next session on this node must remember: this one too, if its guest ran here."""
         s = self.s
         past = dict(self.handed_over)
-        if s.t_running is not None and s.session_id:
+        if s.phase is _D.RUNNING and s.failure is None and s.session_id:
+            # (not one whose copy stopped, taken back or stalled, nor a failed verdict: its
+            # source must not read "the guest runs there")
             past[s.session_id] = HandedOver(s.peer_key, s.link.received)
         while len(past) > REMEMBERED_HANDOVERS:
             del past[next(iter(past))]
@@ -202,11 +204,15 @@ class DestAdmission:
             s.reorder.clear()  # the source sends all of it again, encoded afresh
             s.link.stats.resumes += 1
             s._events.append(ev.LinkRestored(resume.epoch, len(s.link.unacked)))
+            # a postcopy stall is measured over time the source was heard: a source back from a
+            # long outage gets the whole bound again to send what is missing
+            s.t_last_placed = max(s.t_last_placed, now)
+        # (the guest runs here as the handover meant it to: a postcopy whose verdict failed
+        # runs too, but says no; the source then stays unsettled for an operator)
+        running = s.phase is _D.RUNNING and s.failure is None
         s._unsequenced(
             now,
-            resume_ack=pb.ResumeAck(
-                epoch=resume.epoch, last_received=s.link.received, guest_running=s.phase is _D.RUNNING
-            ),
+            resume_ack=pb.ResumeAck(epoch=resume.epoch, last_received=s.link.received, guest_running=running),
         )
         s._resend_from(resume.last_received, now)
         s.link.restart_retransmit_clock(now)

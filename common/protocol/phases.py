@@ -71,8 +71,12 @@ SOURCE_MOVES: Mapping[SourcePhase, frozenset[SourcePhase]] = {
     # FAILING: only when the destination proves it never started the guest (it refused us
     # before it ever said it runs): then the guest runs here again
     _S.POSTCOPY: frozenset({_S.POSTCOPY_PAUSED, _S.POSTCOPY_VERIFYING, _S.UNSETTLED, _S.FAILING}),
-    _S.POSTCOPY_PAUSED: frozenset({_S.POSTCOPY, _S.UNSETTLED, _S.FAILING}),
-    _S.POSTCOPY_VERIFYING: frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED, _S.UNSETTLED}),
+    # COMPLETED: the destination says, on reconnecting, that its verdict matched
+    _S.POSTCOPY_PAUSED: frozenset(
+        {_S.POSTCOPY, _S.POSTCOPY_VERIFYING, _S.COMPLETED, _S.UNSETTLED, _S.FAILING}
+    ),
+    # FAILING: only when the guest was taken back upstream (withdraw)
+    _S.POSTCOPY_VERIFYING: frozenset({_S.POSTCOPY_PAUSED, _S.COMPLETED, _S.UNSETTLED, _S.FAILING}),
     _S.SWITCHOVER: frozenset({_S.VERIFYING, _S.FAILING}),
     _S.VERIFYING: frozenset({_S.SWITCHOVER, _S.COMMITTING, _S.FAILING}),  # back: a repair pass
     _S.COMMITTING: frozenset({_S.COMPLETED, _S.UNSETTLED, _S.FAILING}),
@@ -141,7 +145,7 @@ SOURCE_TRIGGERS = _table(
             "link-broken": (_S.POSTCOPY_PAUSED,),
         },
         _S.POSTCOPY_PAUSED: {
-            **_LINK, **_TIMED, **_STREAM, "resume_ack": (_S.POSTCOPY, _S.POSTCOPY_VERIFYING),
+            **_LINK, **_TIMED, **_STREAM, "resume_ack": (_S.POSTCOPY, _S.POSTCOPY_VERIFYING, _S.COMPLETED),
         },
         _S.POSTCOPY_VERIFYING: {
             **_LINK, **_TIMED, **_STREAM, "verify_result": (_S.COMPLETED,),

@@ -454,6 +454,10 @@ class SourceSession:
         """An operator's word on an unsettled handover: where the guest runs from now on."""
         self.outcome.settle(runs_here, now)
 
+    def withdraw(self, now: float, reason: str) -> None:
+        """The guest was taken back upstream: this migration ends, and the next node is told."""
+        self.outcome.withdraw(now, reason)
+
     def _fail(self, code: int, reason: str, now: float, **how: bool) -> None:
         self.outcome.fail(code, reason, now, **how)
 

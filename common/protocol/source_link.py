@@ -193,6 +193,13 @@ class SourceLinkSide:
         if ack.epoch != s.link.epoch or s.connected:
             return  # an answer to an earlier attempt
         s.reconnector.restored()
+        if ack.guest_running and s.postcopy is not None:
+            # A destination says the guest runs there, after postcopy, only once its verdict
+            # matched (a live session, or one it remembers after the guest moved on): the
+            # verdict itself was lost with the link.
+            s.verifier.verified = True
+            s._complete(now, "the destination verified the guest and runs it (said on reconnecting)")
+            return
         if s.phase is _S.POSTCOPY_PAUSED:
             s._move(s._paused_from or _S.POSTCOPY)
             if s.postcopy is not None:

@@ -24,6 +24,17 @@ class SourceOutcome:
     def __init__(self, session: SourceSession) -> None:
         self.s = session
 
+    def withdraw(self, now: float, reason: str) -> None:
+        """The guest this node was sending on was taken back by the node it came from: the next
+        node must not run it either. Before the commit it is cancelled; after it (or in postcopy)
+        the next node is told, as an operator's 'settle here' tells it."""
+        s = self.s
+        if s.phase.terminal:
+            return
+        s._fail(pb.ERROR_GUEST_TAKEN_BACK, reason, now, notify=False, cancelled=True, after_commit_ok=True)
+        s._taken_back = True
+        s.link_side.tell_taken_back(now)
+
     def settle(self, runs_here: bool, now: float) -> None:
         """An operator's word on an unsettled handover: where the guest runs from now on."""
         s = self.s
@@ -110,8 +121,9 @@ class SourceOutcome:
         )
         if postcopy:
             reason = (
-                f"{why}; this side keeps the guest as it was at the switchover. 'ctl settle there' if "
-                "the destination lives on, 'ctl settle here' only if it is gone for good"
+                f"{why}; this side keeps the guest as it was at the switchover. 'ctl recover' if the "
+                "destination lives on (it finishes the migration; 'ctl settle there' waits for its "
+                "verdict), 'ctl settle here' only if it is gone for good"
             )
         if s.failure is None:
             s.failure = Failure(pb.ERROR_TIMEOUT, reason, s.phase.value)
