@@ -180,3 +180,22 @@ def test_a_guest_taken_back_upstream_is_stopped_on_the_node_it_was_sent_on_to(mo
     pair.run_until(lambda: pair.dst.phase is DestPhase.FAILED, 5.0)
     assert pair.dst.phase is DestPhase.FAILED and pair.dst_host.discarded == 1
     assert pair.dst.failure is not None and "the source took the guest back" in pair.dst.failure.reason
+
+
+def test_an_answer_that_comes_after_the_source_gave_up_still_settles_the_handover() -> None:
+    """Committed, then unsettled (nothing came back in its reconnect window); the destination's
+    answer to its last resume, that the guest runs there, arrives late: it settles the handover
+    instead of leaving it to an operator."""
+    params = MigrationParameters(peer_timeout_s=0.4, heartbeat_interval_s=0.1, reconnect_timeout_s=1.0)
+    pair = Pair(busy_guest(seed=4), params)
+    pair.up.cut_when = lambda: pair.dst.phase is DestPhase.RUNNING
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.UNSETTLED, 30.0)
+    src = pair.src
+    assert src.phase is SourcePhase.UNSETTLED and pair.dst.phase is DestPhase.RUNNING
+    late = framing.envelope(
+        src.session_id, 0, resume_ack=pb.ResumeAck(epoch=src.link.epoch, guest_running=True)
+    )
+    late.epoch = src.link.epoch
+    src.receive(framing.encode(late), pair.now)
+    assert src.phase is SourcePhase.COMPLETED and pair.src_host.resumes == 0

@@ -139,7 +139,9 @@ SOURCE_TRIGGERS = _table(
             **_LINK, **_TIMED, "abort": (), "started": (_S.COMPLETED,),
             "ack": (_S.COMPLETED,), "resume_ack": (_S.COMPLETED,),
         },
-        _S.UNSETTLED: {"started": (_S.COMPLETED,), "ack": (_S.COMPLETED,), "resume_ack": (), "refusal": ()},
+        _S.UNSETTLED: {
+            "started": (_S.COMPLETED,), "ack": (_S.COMPLETED,), "resume_ack": (_S.COMPLETED,), "refusal": (),
+        },
         _S.POSTCOPY: {
             **_LINK, **_TIMED, **_STREAM, "received_bitmap": (_S.POSTCOPY_VERIFYING,),
             "link-broken": (_S.POSTCOPY_PAUSED,),

@@ -207,7 +207,8 @@ class SourceLinkSide:
         entries = s.link.to_resend(ack.last_received)
         s._events.append(ev.LinkRestored(s.link.epoch, len(entries)))
         s._mark_time(f"link restored (epoch {s.link.epoch})", now)
-        if s.phase is _S.COMMITTING and ack.guest_running:
+        if s.phase in (_S.COMMITTING, _S.UNSETTLED) and ack.guest_running:
+            # (unsettled too: an answer that came after the source gave up still settles it)
             s._complete(now, None)
             return
         self.resend(entries, now)
