@@ -424,3 +424,14 @@ def running_postcopy(
     }
     migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, **{**timeouts, **params})
     return Pair(busy_guest(seed=seed), migration, dest_params, to_dest, guest_speed=2000, dest_steps=100_000)
+
+
+def pageless_postcopy(seed: int = 21, dest_params: DestParameters | None = None, **params: Any) -> Pair:
+    """A running_postcopy pair whose destination runs the guest and is sent no page at all (every
+    one dropped on the way): what the sides do while pages are missing, for as long as a test
+    wants."""
+    pair = running_postcopy(seed, Faults(drop_kinds=frozenset({"postcopy_pages"})), dest_params, **params)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase.value == "postcopy", 10.0)
+    assert pair.dst.phase.value == "postcopy"
+    return pair

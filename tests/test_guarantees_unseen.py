@@ -17,7 +17,7 @@ from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from common.wire.bitmap import encode_bitmap
 from common.wire.codec import PostcopyBatch, encode_postcopy_pages
-from tests.protocol_harness import Faults, Pair, busy_guest
+from tests.protocol_harness import Faults, Pair, busy_guest, pageless_postcopy
 from tests.test_dest_session import PEER, frames, receiving, replies
 from tests.test_postcopy_unit import guest_with_content, started
 from tests.test_protocol import assert_handed_over
@@ -40,16 +40,8 @@ def test_a_postcopy_page_with_the_right_data_and_the_wrong_tags_is_never_shown()
 
 def postcopy_destination() -> tuple[Pair, GuestMemory]:
     """A destination in postcopy with nothing of the source's pages yet (all dropped)."""
-    pair = Pair(
-        busy_guest(seed=5),
-        MigrationParameters(postcopy=True, postcopy_after_rounds=0),
-        to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})),
-        guest_speed=2000,
-        dest_steps=100_000,
-    )
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
-    assert pair.dst.phase is DestPhase.POSTCOPY
+    # (the parameters' own link timeouts: these tests act at once, on a link that is up)
+    pair = pageless_postcopy(5, peer_timeout_s=3.0, heartbeat_interval_s=0.5, reconnect_timeout_s=10.0)
     return pair, pair.guest.memory
 
 

@@ -15,7 +15,7 @@ from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.verify import MAX_VERIFY_ATTEMPTS
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import FakeDestHost, Faults, Pair, busy_guest, good_hello, running_postcopy
+from tests.protocol_harness import FakeDestHost, Pair, busy_guest, good_hello, pageless_postcopy
 from tests.test_dest_session import PEER, frames, receiving, replies
 
 
@@ -118,15 +118,9 @@ def test_a_changed_reconnect_timeout_reaches_the_destination_within_its_bound() 
 def test_a_source_that_starts_postcopy_and_sends_no_page_cannot_hold_the_destination() -> None:
     """Manifest and PostcopyStart, then heartbeats and nothing else: a postcopy guest is never
     discarded, so the destination was held for good and could not be cancelled."""
-    pair = running_postcopy(
-        seed=5,
-        dest_params=DestParameters(max_source_wait_s=5.0),
-        to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})),  # no page ever arrives
-        peer_timeout_s=3.0,
-        reconnect_timeout_s=10.0,
+    pair = pageless_postcopy(
+        5, DestParameters(max_source_wait_s=5.0), peer_timeout_s=3.0, reconnect_timeout_s=10.0
     )
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
     dst = pair.dst
     assert dst.phase is DestPhase.POSTCOPY and dst.postcopy is not None and dst.postcopy.missing() > 0
     now, started = pair.now, pair.now
@@ -147,15 +141,9 @@ def test_a_source_that_starts_postcopy_and_sends_no_page_cannot_hold_the_destina
 def test_a_silent_postcopy_source_is_still_waited_for_past_that_bound() -> None:
     """Silence is a broken link, which a source recovers from: only a source that is heard and
     sends nothing is a stall."""
-    pair = running_postcopy(
-        seed=5,
-        dest_params=DestParameters(max_source_wait_s=5.0),
-        to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})),  # no page ever arrives
-        peer_timeout_s=3.0,
-        reconnect_timeout_s=10.0,
+    pair = pageless_postcopy(
+        5, DestParameters(max_source_wait_s=5.0), peer_timeout_s=3.0, reconnect_timeout_s=10.0
     )
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
     for later in range(1, 40):
         pair.dst.poll(pair.now + later * 0.5)
     assert pair.dst.phase is DestPhase.POSTCOPY and pair.dst_host.discarded == 0

@@ -10,7 +10,7 @@ from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import FakeDestHost, Faults, Pair, busy_guest, running_postcopy
+from tests.protocol_harness import FakeDestHost, Pair, busy_guest, pageless_postcopy, running_postcopy
 
 
 def test_a_source_whose_guest_moved_on_from_its_destination_hears_that_it_ran_there() -> None:
@@ -168,9 +168,7 @@ def test_a_guest_taken_back_upstream_is_stopped_on_the_node_it_was_sent_on_to(mo
     """B sends on to C the guest it got from A; A's operator takes it back: B stops its copy and
     withdraws the onward migration, and C stops (or never starts) its copy too."""
     if mode == "postcopy":
-        pair = running_postcopy(to_dest=Faults(drop_kinds=frozenset({"postcopy_pages"})))
-        pair.src.start(pair.now)
-        pair.run_until(lambda: pair.dst.phase is DestPhase.POSTCOPY, 10.0)
+        pair = pageless_postcopy()
     else:
         pair = Pair(busy_guest(seed=4), MigrationParameters(max_bandwidth=1 << 20))
         pair.src.start(pair.now)

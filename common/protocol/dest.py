@@ -122,7 +122,7 @@ class DestSession:
         self.mismatched_pages: list[int] = []
         self.my_digests: dict[str, str] | None = None
         self.rounds = 0
-        self.keep_for_s = params.peer_timeout_s  # the source's reconnect timeout, once known
+        self.reconnect_wait_s = params.peer_timeout_s  # the source's reconnect timeout, once known
         self.t_start = now
         self.t_hello: float | None = None
         self.t_stop_seen: float | None = None
@@ -156,6 +156,14 @@ class DestSession:
     @property
     def phase(self) -> DestPhase:
         return self.machine.phase
+
+    @property
+    def keep_for_s(self) -> float:
+        """How long a silent source is waited for: its reconnect timeout, and once it stopped
+        its guest for good in postcopy, as long as it goes on recovering if that is longer."""
+        if self.postcopy_mode and self.source_stopped:
+            return max(self.reconnect_wait_s, self.postcopy_keep_s)
+        return self.reconnect_wait_s
 
     def handed_over_sessions(self) -> dict[bytes, HandedOver]:
         """What the next session on this node must remember: this one too, if its guest ran here."""
@@ -397,18 +405,12 @@ class DestSession:
         self._fail(msg.code, f"source aborted: {msg.reason}", now, notify=False)
 
     def _stop_copy(self, code: int, why: str, now: float, *, notify: bool) -> None:
-        """End the session whatever ran here: the guest is stopped and discarded."""
+        """End the session whatever ran here, even a guest that runs: it is stopped and discarded
+        (its reason replaces any earlier one: this is what became of the guest)."""
         if self.phase is _D.FAILED:
             return
         self.failure = Failure(code, why, self.phase.value)
-        self._move(_D.FAILING)
-        if notify and self.peer is not None:
-            self._send(now, abort=pb.Abort(code=code, reason=why))
-        if self.guest is not None:
-            self.host.discard_guest(self.guest)
-        self.t_end = now
-        self._move(_D.FAILED)
-        self._events.append(ev.Finished("failed", why))
+        self._discard(code, why, now, notify=notify)
 
     # -- verification and handover -------------------------------------------------------------
     # -- postcopy -------------------------------------------------------------------------------
@@ -470,6 +472,9 @@ class DestSession:
             return
         if self.failure is None:
             self.failure = Failure(code, reason, self.phase.value)
+        self._discard(code, reason, now, notify=notify)
+
+    def _discard(self, code: int, reason: str, now: float, *, notify: bool) -> None:
         self._move(_D.FAILING)
         if notify and self.peer is not None:
             self._send(now, abort=pb.Abort(code=code, reason=reason))

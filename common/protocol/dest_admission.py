@@ -168,11 +168,8 @@ class DestAdmission:
 
     def keep_for(self, reconnect_ms: int, postcopy_recover_ms: int) -> None:
         s = self.s
-        s.keep_for_s = self._bounded_wait(reconnect_ms)
+        s.reconnect_wait_s = self._bounded_wait(reconnect_ms)
         s.postcopy_keep_s = self._bounded_wait(postcopy_recover_ms)
-        if s.postcopy_mode and s.source_stopped:
-            # the source's guest is stopped for good: it reconnects as long as postcopy allows
-            s.keep_for_s = max(s.keep_for_s, s.postcopy_keep_s)
 
     def on_link_timeouts(self, msg: pb.LinkTimeouts, _: Buffer, now: float) -> None:
         self.keep_for(msg.reconnect_timeout_ms, msg.postcopy_recover_timeout_ms)

@@ -228,9 +228,6 @@ class PhaseMachine(Generic[P]):
             raise ProtocolError(f"{trigger} in phase {origin.value} may not lead to {to.value}")
         self.phase = to
 
-    def expects(self, kind: str) -> bool:
-        return self.handles(kind)
-
 
 @dataclass(frozen=True)
 class Failure:

@@ -260,11 +260,8 @@ class DestPrecopySide:
         if not msg.final and s.digests is not None:
             s.digests.update_blocks()  # the source's guest runs: the verification then hashes less
         if msg.final and not s.source_stopped:
-            s.source_stopped = True
+            s.source_stopped = True  # (in postcopy, the source is waited for longer from here)
             s.t_stop_seen = now
-            if s.postcopy_mode:
-                # the source's guest is stopped for good: it reconnects as long as postcopy allows
-                s.keep_for_s = max(s.keep_for_s, s.postcopy_keep_s)
 
     def on_device_state(self, msg: pb.DeviceState, _: Buffer, now: float) -> None:
         s = self.s
