@@ -22,6 +22,8 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import hashlib
+import json
 import os
 import random
 import signal
@@ -51,6 +53,30 @@ FAST_TESTS = ["tests", "-m", "not slow and not faults"]
 
 # Every source read once at start: editing the tree while a run goes on cannot mix versions.
 _SOURCES: dict[str, str] = {}
+
+
+def source_digest(path: str) -> str:
+    return hashlib.blake2b(source_of(path).encode(), digest_size=8).hexdigest()
+
+
+def killed_before(journal: Path) -> dict[tuple[str, int], str]:
+    """What a journal says was killed, keyed by file and mutant index, for the files whose source
+    is unchanged since. Tests only ever kill more as they are added, so a mutant killed at the
+    same source stays killed; a survivor is judged again."""
+    found: dict[tuple[str, int], str] = {}
+    if not journal.exists():
+        return found
+    for line in journal.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a stopped run
+        if not str(entry.get("result", "")).startswith("killed"):
+            continue
+        path = entry["path"]
+        if (ROOT / path).exists() and entry["source"] == source_digest(path):
+            found[(path, entry["index"])] = entry["result"]
+    return found
 
 
 def source_of(path: str) -> str:
@@ -277,7 +303,10 @@ class MutationSession:
     the mutated code in and runs only the tests that ran its lines, stopping at the first
     failure. Collection and start-up happen once, not once per mutant."""
 
-    def __init__(self, files: list[str], mutants: list[Mutant], workers: int) -> None:
+    def __init__(
+        self, files: list[str], mutants: list[Mutant], workers: int, journal: Path | None = None
+    ) -> None:
+        self.journal = journal
         self.files = {str(ROOT / f) for f in files}
         self.mutants = mutants
         self.workers = workers
@@ -341,6 +370,7 @@ class MutationSession:
                 tests = self.tests_for(mutant)
                 if not tests:
                     self.results[mutant] = "no test reaches it"
+                    self._record(mutant)
                     continue
                 bound = 10.0 + 3.0 * sum(self.durations.get(t, 0.0) for t in tests)
                 pid = os.fork()
@@ -371,9 +401,26 @@ class MutationSession:
                     say(f"  survived: {mutant.path}:{mutant.line}  {mutant.description}")
                 if rc >= 10 and rc - 10 < len(tests):
                     self.kills[tests[rc - 10]] += 1
+            self._record(mutant)
             if len(self.results) % 25 == 0:
                 killed = sum(r.startswith("killed") for r in self.results.values())
                 say(f"  {len(self.results)}/{len(self.mutants)} mutants, {killed} killed")
+
+    def _record(self, mutant: Mutant) -> None:
+        # one line per judged mutant, flushed at once: a run stopped at any point leaves what
+        # it judged, and --resume judges again only what was not killed at the same source
+        if self.journal is None:
+            return
+        entry = {
+            "path": mutant.path,
+            "index": mutant.index,
+            "source": source_digest(mutant.path),
+            "line": mutant.line,
+            "description": mutant.description,
+            "result": self.results[mutant],
+        }
+        with self.journal.open("a") as out:
+            out.write(json.dumps(entry) + "\n")
 
     def tests_for(self, mutant: Mutant) -> list[str]:
         filename = str(ROOT / mutant.path)
@@ -416,6 +463,17 @@ def main() -> int:
     parser.add_argument(
         "--sample", type=int, default=0, help="a seeded random sample of this many mutants (0: all)"
     )
+    parser.add_argument(
+        "--journal",
+        type=Path,
+        help="append each judged mutant to this file (JSON lines) as soon as it is judged",
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="with --journal: count as killed what the journal says was killed at the same "
+        "source, and run only the rest",
+    )
     args = parser.parse_args()
 
     os.chdir(ROOT)
@@ -431,9 +489,16 @@ def main() -> int:
     if args.sample and args.sample < total:
         mutants = sorted(random.Random(0).sample(mutants, args.sample), key=lambda m: (m.path, m.index))
 
+    earlier: dict[Mutant, str] = {}
+    if args.resume and args.journal:
+        known = killed_before(args.journal)
+        earlier = {m: known[(m.path, m.index)] for m in mutants if (m.path, m.index) in known}
+        mutants = [m for m in mutants if m not in earlier]
+        say(f"{len(earlier)} mutants killed before at the same source (journal); {len(mutants)} to run")
+
     import pytest
 
-    plugin = MutationSession(files, mutants, args.workers)
+    plugin = MutationSession(files, mutants, args.workers, args.journal)
     plugin.verbose = args.show_survivors
 
     def stop(*_: Any) -> None:
@@ -448,14 +513,16 @@ def main() -> int:
     if plugin.failed:
         print(f"the fast tests do not pass unmutated ({plugin.failed}); fix them first", file=sys.stderr)
         return 2
-    results = plugin.results
+    results = {**earlier, **plugin.results}
     placeable = {m: r for m, r in results.items() if r != "not placeable"}
     per_file: dict[str, list[str]] = defaultdict(list)
     for m, r in placeable.items():
         per_file[m.path].append(r)
     judged = len(results)
-    sampled = f" (a seeded sample of {len(mutants)} of {total})" if len(mutants) < total else ""
-    if judged < len(mutants):
+    sampled = (
+        f" (a seeded sample of {len(mutants)} of {total})" if args.sample and len(mutants) < total else ""
+    )
+    if judged < len(mutants) + len(earlier):
         sampled = f" (stopped early: a random sample of {judged} of {total})"
     print(f"\n{'module':40} {'mutants':>8} {'killed':>8} {'score':>7}{sampled}")
     all_total = killed = 0
@@ -467,7 +534,12 @@ def main() -> int:
         print(f"{path:40} {len(rs):8} {k:8} {k / len(rs) if rs else 1:7.1%}")
     print(f"{'all':40} {all_total:8} {killed:8} {killed / max(all_total, 1):7.1%}")
     print(
-        f"({len(results) - len(placeable)} mutants could not be placed; {time.monotonic() - started:.0f} s)"
+        f"({len(results) - len(placeable)} mutants could not be placed; {time.monotonic() - started:.0f} s"
+        + (
+            f"; {len(earlier)} counted killed from the journal, {len(plugin.results)} run now)"
+            if earlier
+            else ")"
+        )
     )
     if args.show_survivors:
         print("\nsurvivors:")
