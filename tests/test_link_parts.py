@@ -232,6 +232,9 @@ def test_the_bucket_holds_one_window_of_the_rate_and_at_least_one_message() -> N
     assert bucket.burst == 100_000 and bucket.tokens == pytest.approx(-0.5)
     bucket.set_rate(1_000_000, 30.0)
     assert bucket.tokens == 50_000, "a lowered cap drops the tokens saved at the higher one"
+    bucket.spend(50_000, 30.0)
+    bucket.spend(50_001, 40.0)  # after a long idle: the refill is capped before the cost is taken
+    assert bucket.tokens == -1.0 and bucket.ready_at(40.0) == pytest.approx(40.000001), "a whole byte waits"
     unlimited = TokenBucket(0, 0.0, min_burst=1000)
     unlimited.spend(10**9, 0.0)
     assert unlimited.ready_at(0.0) is None and unlimited.tokens == 1000

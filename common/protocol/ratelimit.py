@@ -24,9 +24,9 @@ class TokenBucket:
         self.tokens = min(self.tokens, float(self.burst))
 
     def _refill(self, now: float) -> None:
-        if now > self.t:
-            self.tokens = min(float(self.burst), self.tokens + (now - self.t) * self.rate)
-        self.t = max(self.t, now)
+        elapsed = max(0.0, now - self.t)  # a clock read late never refills backwards
+        self.tokens = min(float(self.burst), self.tokens + elapsed * self.rate)
+        self.t += elapsed
 
     def ready_at(self, now: float) -> float | None:
         """None: send now. Otherwise when the bucket holds enough for a message again."""
