@@ -94,16 +94,15 @@ def test_a_postcopy_vcpu_that_cannot_finish_a_step_leaves_no_trace_of_it() -> No
 def test_the_destination_daemon_lives_and_reports_a_guest_that_stopped_itself(tmp_path: Path) -> None:
     dest = DestDaemon(DestOptions(listen=f"ipc://{tmp_path}/dest.sock", params=DestParameters()))
     try:
-        dest.start_guest(guest_with_wild_pointers())
-        assert dest.runner is not None
-        dest.runner.run_slice()
-        dest._note_guest_error()
+        dest.host.start_guest(guest_with_wild_pointers())
+        assert dest.host.runner is not None
+        dest.host.run_slice()
         guest = dest.status()["guest"]
         assert guest["running"] is False and "the guest stopped at step 0" in guest["error"]
         # a control block it cannot run: idle, with the reason logged, never a dead loop
-        dest.runner = None
-        dest.start_guest(guest_with_control(4, 2**63))
-        assert dest.runner is None
+        dest.host.runner = None
+        dest.host.start_guest(guest_with_control(4, 2**63))
+        assert dest.host.runner is None
     finally:
         dest.sock.close(linger=0)
         dest.ctx.term()
@@ -120,14 +119,14 @@ def test_a_destination_whose_guest_is_taken_back_withdraws_the_copy_it_sends_on(
     withdrawn: list[str] = []
     try:
         guest = boot(1 << 20, WorkloadConfig(seed=3, working_set_bytes=64 << 10))
-        dest.start_guest(guest)
+        dest.host.start_guest(guest)
         session = SimpleNamespace(
             phase=SourcePhase.ACTIVE, withdraw=lambda now, reason: withdrawn.append(reason)
         )
         dest.outgoing = SimpleNamespace(session=session, after_call=lambda: None)  # type: ignore[assignment]
-        dest.discard_guest(guest)
+        dest.host.discard_guest(guest)
         assert withdrawn == ["the guest was taken back by the node it came from"]
-        assert dest.runner is None and dest.running_guest is None
+        assert dest.host.runner is None and dest.host.running_guest is None
     finally:
         dest.outgoing = None
         dest.sock.close(linger=0)

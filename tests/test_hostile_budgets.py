@@ -28,6 +28,7 @@ from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from dest_node.daemon import DestDaemon, DestOptions
+from dest_node.reading import drain, receive_one
 from tests.e2e import SMALL_GUEST, Dest, run_source
 from tests.protocol_harness import Faults, Pair, busy_guest, good_hello
 
@@ -97,6 +98,10 @@ def daemon(tmp_path: Path) -> DestDaemon:
     return DestDaemon(DestOptions(listen=f"ipc://{tmp_path}/dest.sock", params=DestParameters()))
 
 
+def drain_once(dest: DestDaemon) -> None:
+    drain(dest.sock, dest.session, dest.refusals, keyed=dest.zap is not None)
+
+
 def queued(dest: DestDaemon, count: int) -> None:
     deadline = time.monotonic() + 5
     while not dest.sock.poll(10) and time.monotonic() < deadline:
@@ -116,7 +121,7 @@ def test_a_turn_reads_its_sources_message_first_and_only_a_few_of_strangers(tmp_
             for i in range(10):
                 sock.send(b"garbage %d" % i)
         queued(dest, 30)
-        dest._drain()
+        drain_once(dest)
         assert dest.session.refused_messages == 30
         # with a session, a turn reads a few of the strangers' messages and drops the rest unread
         dest.session.session_id = b"sess0001"
@@ -125,9 +130,9 @@ def test_a_turn_reads_its_sources_message_first_and_only_a_few_of_strangers(tmp_
                 sock.send(b"garbage %d" % i)
         queued(dest, 90)
         before = dest.session.refused_messages
-        dest._drain()
+        drain_once(dest)
         assert dest.session.refused_messages - before == STRANGER_MESSAGES_PER_TURN
-        assert dest._dropped_unlogged == READS_PER_TURN - STRANGER_MESSAGES_PER_TURN
+        assert dest.refusals.dropped_unlogged == READS_PER_TURN - STRANGER_MESSAGES_PER_TURN
         # and the source's own message is read in the next turn, behind whatever strangers queue
         source.setsockopt(zmq.ROUTING_ID, b"sess0001" + (1).to_bytes(4, "big"))
         source.connect(dest.address)
@@ -135,7 +140,7 @@ def test_a_turn_reads_its_sources_message_first_and_only_a_few_of_strangers(tmp_
         time.sleep(0.3)
         dest.session.take_events()
         before = dest.session.refused_messages
-        dest._drain()
+        drain_once(dest)
         refused = [e.peer for e in dest.session.take_events() if isinstance(e, ev.Refused)]
         assert refused and refused[-1].startswith(b"sess0001"), "the source's message was read this turn"
         assert dest.session.refused_messages - before <= STRANGER_MESSAGES_PER_TURN + 1
@@ -155,13 +160,13 @@ def test_a_message_of_too_many_frames_is_refused_unread(tmp_path: Path) -> None:
         stranger.connect(dest.address)
         stranger.send_multipart([b"x"] * 10_000)
         dest.sock.poll(5000)
-        _, frames = dest._receive_one() or (b"", [])
+        _, frames = receive_one(dest.sock) or (b"", [])
         assert len(frames) == MAX_FRAMES_PER_MESSAGE + 1, (
             "frames past the limit are read and dropped, not kept"
         )
         stranger.send_multipart([b"x"] * 10_000)
         dest.sock.poll(5000)
-        dest._drain()
+        drain_once(dest)
         assert dest.session.refused_messages == 1
         events = dest.session.take_events()
         assert any(f"more than {MAX_FRAMES_PER_MESSAGE} frames" in getattr(e, "reason", "") for e in events)
@@ -210,8 +215,8 @@ def test_refused_hellos_are_logged_a_few_a_second_then_counted(tmp_path: Path) -
     try:
         with capture_logs() as logs:
             for i in range(30):
-                dest._log_refusal(ev.Refused(b"p%d" % i, f"bad hello {i}", hello=True))
-            dest._flush_refusals(final=True)
+                dest.refusals.refused(ev.Refused(b"p%d" % i, f"bad hello {i}", hello=True))
+            dest.refusals.flush(final=True)
     finally:
         dest.sock.close(linger=0)
         dest.ctx.term()
@@ -231,11 +236,11 @@ def test_a_message_past_the_sockets_size_limit_never_reaches_the_daemon(tmp_path
         big.connect(dest.address)
         big.send(bytes(MAX_FRAME_BYTES + 1))
         time.sleep(0.5)
-        assert dest._receive_one() is None, "the oversized frame was never delivered"
+        assert receive_one(dest.sock) is None, "the oversized frame was never delivered"
         small.connect(dest.address)
         small.send(b"x" * 100)
         assert dest.sock.poll(5000)
-        received = dest._receive_one()
+        received = receive_one(dest.sock)
         assert received is not None and bytes(received[1][0].buffer) == b"x" * 100
     finally:
         big.close(linger=0)
