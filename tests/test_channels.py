@@ -62,7 +62,7 @@ def test_control_messages_behind_a_full_window_of_batches_are_held_too() -> None
     assert hold.hold(2, "batch", 0.0, batch=True) and hold.hold(3, "batch", 0.0, batch=True)
     for seq in range(4, 4 + hold.control_limit):
         assert hold.hold(seq, "control", 0.0, batch=False)
-    assert not hold.hold(4 + hold.control_limit, "one too many", 0.0, batch=False)
+    assert hold.hold(4 + hold.control_limit, "one too many", 0.0, batch=False) is False
     assert not hold.hold(99, "a third batch", 0.0, batch=True)
 
 
@@ -83,7 +83,7 @@ def test_one_number_sent_as_a_control_message_then_as_a_batch_changes_no_count()
 def test_the_hold_is_bounded_in_bytes_whatever_the_kinds() -> None:
     hold = Reorder(limit=16, max_bytes=1000)
     assert hold.hold(2, "a", 0.0, batch=True, size=600)
-    assert not hold.hold(3, "b", 0.0, batch=False, size=500), "past the byte bound: a loss"
+    assert hold.hold(3, "b", 0.0, batch=False, size=500) is False, "past the byte bound: a loss"
     assert hold.hold(2, "a again, smaller", 0.0, batch=True, size=100), "the replaced copy's bytes are freed"
     assert hold.hold(3, "b", 0.0, batch=False, size=500) and hold.bytes == 600
 
@@ -91,7 +91,7 @@ def test_the_hold_is_bounded_in_bytes_whatever_the_kinds() -> None:
 @given(
     st.lists(
         st.tuples(
-            st.sampled_from(["hold", "take", "drop"]),
+            st.sampled_from(["hold", "take", "drop", "clear"]),
             st.integers(1, 24),
             st.booleans(),
             st.integers(0, 400),
@@ -106,6 +106,9 @@ def test_the_holds_counts_always_match_what_it_holds(ops: list[tuple[str, int, b
             hold.hold(seq, seq, 0.0, batch=batch, size=size)
         elif op == "take":
             hold.take(seq, 0.0)
+        elif op == "clear":
+            hold.clear()
+            assert hold.take(seq, 0.0) is None and hold.waited(5.0) == 0.0
         else:
             hold.drop_upto(seq)
         assert hold.batches == sum(1 for _, b, _ in hold.held.values() if b) <= hold.limit

@@ -71,6 +71,7 @@ def test_postcopy_ends_as_the_unmigrated_run(seed: int, after_rounds: int) -> No
     assert report["mode"] == "postcopy" and min(1, after_rounds) <= report["rounds"] <= after_rounds
     dst = pair.dst.report(pair.now)
     assert dst["postcopy"]["pages_missing"] == 0
+    assert dst["status"] == "completed" and dst["error"] is None and pair.dst.failure is None
     assert report["postcopy"]["pages_missing_at_destination"] == 0
     assert report["verification"]["ok"] is True
     assert report["verification"]["ram_digest"] == dst["verification"]["ram_digest"], "the manifest digest"

@@ -166,6 +166,7 @@ def test_placement_checks_each_page_and_never_overwrites_a_present_one() -> None
     assert dest.latencies_s == [1.25], "from the first time the guest missed it"
     assert dest.background_pages == 1 and dest.complete and dest.missing() == 0
     assert dest.latency_ms() == {"p50": 1250.0, "p99": 1250.0, "max": 1250.0}
+    assert not dest.outstanding and dest.overdue(100.0, 1.0) == [], "a placed page is not asked for again"
 
 
 def test_an_unanswered_request_is_made_again_after_a_while() -> None:

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from common.guest.guest import Guest
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
+from common.protocol import events as ev
 from common.protocol import precopy_side
 from common.protocol.dest import DestParameters
 from common.protocol.events import LinkRestored
@@ -194,6 +195,9 @@ def test_version_mismatch_is_refused_with_reason() -> None:
     assert peer == PEER and not ack.accepted and ack.code == pb.ERROR_VERSION_MISMATCH
     assert "protocol version 99 is not supported" in ack.reason
     assert pair.dst.phase is DestPhase.WAITING and pair.dst.guest is None
+    # the daemon logs a refused hello line by line (an operator must see a misconfigured source)
+    [refused] = [e for e in pair.dst.take_events() if isinstance(e, ev.Refused)]
+    assert refused.hello and refused.peer == PEER and "protocol version 99" in refused.reason
 
 
 def test_wrong_token_is_refused_and_source_keeps_running() -> None:
