@@ -208,6 +208,8 @@ def test_a_postcopy_destination_claiming_a_match_it_lacks_is_never_called_comple
     assert pair.src.phase is SourcePhase.UNSETTLED, pair.src.phase
     assert pair.src.failure is not None and "differs from ours" in pair.src.failure.reason
     assert pair.src_host.resumes == 0, "postcopy never resumes the source's guest"
+    assert pair.src.report(pair.now)["verification"]["ok"] is False, "its word is not taken for a match"
+    assert "'ctl recover' if the destination lives on" in pair.src.failure.reason, "a postcopy's advice"
 
 
 def test_refused_hellos_are_logged_a_few_a_second_then_counted(tmp_path: Path) -> None:

@@ -58,6 +58,7 @@ def test_only_the_key_that_opened_a_handed_over_session_hears_about_it() -> None
     [(peer, frames)] = fresh.take_outgoing()
     answer = framing.decode(frames)
     assert answer.kind == "resume_ack" and answer.envelope.resume_ack.guest_running
+    assert answer.envelope.received == record.received, "what it holds of that session, for the resend"
     assert answer.envelope.epoch == 2 and answer.envelope.session_id == pair.src.session_id
     heartbeat = framing.encode(framing.envelope(pair.src.session_id, 0, heartbeat=pb.Heartbeat()))
     fresh.receive(b"the source", heartbeat, pair.now)
@@ -191,6 +192,13 @@ def test_an_answer_that_comes_after_the_source_gave_up_still_settles_the_handove
     pair.run_until(lambda: pair.src.phase is SourcePhase.UNSETTLED, 30.0)
     src = pair.src
     assert src.phase is SourcePhase.UNSETTLED and pair.dst.phase is DestPhase.RUNNING
+    assert (
+        src.failure is not None
+        and src.failure.code == pb.ERROR_TIMEOUT
+        and "ctl settle" in src.failure.reason
+    )
+    total = src.report(pair.now)["total_time_ms"]
+    assert src.report(pair.now + 60.0)["total_time_ms"] == total, "the clock stopped when it gave up"
     late = framing.envelope(
         src.session_id, 0, resume_ack=pb.ResumeAck(epoch=src.link.epoch, guest_running=True)
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 
 from common.protocol.params import MigrationParameters
@@ -108,3 +109,90 @@ def test_a_withdrawal_the_destination_missed_is_said_again_when_it_speaks() -> N
     cut[0] = False
     pair.run_until(lambda: pair.dst.phase is DestPhase.FAILED, 5.0)
     assert pair.dst.phase is DestPhase.FAILED and pair.dst_host.discarded == 1
+
+
+def test_both_sides_count_the_same_tag_traffic() -> None:
+    guest = busy_guest(seed=3)
+    guest.memory.write_tags_packed(2000, np.zeros((16, 128), np.uint8))  # tagged once, now untagged
+    pair = Pair(guest).run()
+    src, dst = pair.src.report(pair.now)["tags"], pair.dst.report(pair.now)["tags"]
+    assert src["untagged_pages"] == dst["untagged_pages"] >= 16
+    assert src["sections"] == dst["sections"] and src["wire_bytes"] == dst["wire_bytes"]
+
+
+def test_the_control_round_trip_is_measured_for_the_downtime_estimate() -> None:
+    """The switchover's handshakes cost at least a round trip each: the estimate needs one."""
+    pair = Pair(
+        busy_guest(seed=3), to_dest=Faults(latency_s=0.004), to_source=Faults(latency_s=0.004, seed=1)
+    )
+    pair.run()
+    assert 0.008 <= pair.src.precopy.round_trip_s < 0.05
+
+
+def test_zero_channels_is_refused() -> None:
+    with pytest.raises(ValueError, match="channels 0 is outside 1"):
+        MigrationParameters(channels=0).check()
+    assert MigrationParameters(channels=1).check().channels == 1
+
+
+def test_a_source_refused_mid_migration_sends_no_abort_back() -> None:
+    """A refusal ends the migration here; answering it with an abort would start a ping-pong
+    with a node that already said it holds no session of ours."""
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE and pair.dst.phase is DestPhase.RECEIVING)
+    pair.src.take_outgoing()
+    refusal = framing.envelope(b"", 0, abort=pb.Abort(code=pb.ERROR_INTERNAL, reason="out of memory"))
+    pair.src.receive(framing.encode(refusal), pair.now)
+    assert pair.src.phase is SourcePhase.FAILED and "destination refused: out of memory" in str(
+        pair.src.failure
+    )
+    assert [m for m in pair.src.take_outgoing() if framing.decode(m.frames).kind == "abort"] == []
+    assert pair.src_host.running
+
+
+def test_one_channel_asks_again_for_a_gap_instead_of_holding_what_is_ahead() -> None:
+    """Reordering is expected only across parallel channels; on one connection a message ahead
+    means one was lost: ask for it at once."""
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    dst = pair.dst
+    ahead = framing.envelope(dst.session_id, dst.link.received + 2, heartbeat=pb.Heartbeat())
+    ahead.epoch = dst.link.epoch
+    dst.take_outgoing()
+    dst.receive(pair.peer, framing.encode(ahead), pair.now)
+    assert not dst.reorder.held
+    [(_, frames)] = dst.take_outgoing()
+    answer = framing.decode(frames)
+    assert answer.kind == "ack" and answer.envelope.ack.resend_from == dst.link.received + 1
+
+
+def wrong_source_digest(message: framing.Message) -> framing.Message | None:
+    """The verify request arrives saying the source holds other content than it sent."""
+    if message.kind != "verify_request":
+        return None
+    env = pb.Envelope()
+    env.CopyFrom(message.envelope)
+    env.verify_request.source.ram_digest = bytes(len(env.verify_request.source.ram_digest or b"x" * 16))
+    return framing.Message(env, message.payload)
+
+
+def test_a_postcopy_that_fails_verification_says_so_on_both_sides_and_nobody_calls_it_done() -> None:
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
+    pair = Pair(busy_guest(seed=3), params, to_dest=Faults(tamper=wrong_source_digest), guest_speed=2000)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.ended, max_seconds=20)
+    dst = pair.dst.report(pair.now)
+    assert dst["status"] == "failed" and "postcopy verification failed" in dst["error"]
+    assert pair.dst.phase is DestPhase.RUNNING, "the guest runs on there: it is the only copy that runs"
+    assert pair.src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
+    assert "the destination's manifest or vCPU state differs" in str(pair.src.failure)
+
+
+def test_a_postcopy_destination_asks_again_for_pages_that_never_come() -> None:
+    """Every page is lost on the way: the pages the guest waits on are asked for again after a
+    retransmission time, not waited on for good."""
+    pair = pageless_postcopy()
+    pair.run_until(lambda: False, 3.0)
+    assert pair.dst.postcopy is not None and pair.dst.postcopy.retried_requests > 0
