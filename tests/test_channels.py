@@ -9,7 +9,7 @@ from collections import deque
 from hypothesis import given
 from hypothesis import strategies as st
 
-from common.constants import MAX_CHANNELS, REORDER_WAIT_S
+from common.constants import MAX_CHANNELS, MAX_FRAME_BYTES, REORDER_WAIT_S
 from common.guest.guest import Guest
 from common.guest.workload import Fill
 from common.outgoing import least_loaded, unacknowledged
@@ -78,6 +78,14 @@ def test_one_number_sent_as_a_control_message_then_as_a_batch_changes_no_count()
     for seq in range(1000, 1100):
         hold.hold(seq, "batch", 0.0, batch=True)
     assert hold.batches == 16 == len(hold.held), "no more than the window of batches"
+
+
+def test_the_byte_bound_admits_a_window_of_the_largest_batches_and_a_control_message() -> None:
+    hold = Reorder(limit=2)
+    assert hold.hold(2, "batch", 0.0, batch=True, size=MAX_FRAME_BYTES)
+    assert hold.hold(3, "batch", 0.0, batch=True, size=MAX_FRAME_BYTES)
+    assert hold.hold(4, "device state", 0.0, batch=False, size=MAX_FRAME_BYTES)
+    assert hold.hold(5, "one more", 0.0, batch=False, size=1) is False
 
 
 def test_the_hold_is_bounded_in_bytes_whatever_the_kinds() -> None:

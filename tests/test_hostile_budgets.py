@@ -194,6 +194,7 @@ def test_the_source_checks_the_digests_itself_before_committing() -> None:
     pair = Pair(busy_guest(seed=3), to_source=Faults(tamper=lying_ok)).run(max_seconds=20)
     assert pair.src.phase is SourcePhase.FAILED
     assert pair.src.failure is not None and "its digests differ from ours" in pair.src.failure.reason
+    assert pair.src.report(pair.now)["verification"]["ok"] is False
     assert pair.src_host.resumes >= 1 and pair.dst.phase is not DestPhase.RUNNING, "the guest stays here"
 
 

@@ -10,6 +10,7 @@ import pytest
 from common.guest.guest import Guest
 from common.guest.pagehash import row_digests
 from common.guest.workload import Fill, Workload
+from common.protocol.events import Finished
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
@@ -72,6 +73,8 @@ def test_postcopy_ends_as_the_unmigrated_run(seed: int, after_rounds: int) -> No
     dst = pair.dst.report(pair.now)
     assert dst["postcopy"]["pages_missing"] == 0
     assert dst["status"] == "completed" and dst["error"] is None and pair.dst.failure is None
+    finished = [e for e in pair.dst.take_events() if isinstance(e, Finished)]
+    assert [(e.status, e.reason) for e in finished] == [("completed", None)]
     assert report["postcopy"]["pages_missing_at_destination"] == 0
     assert report["verification"]["ok"] is True
     assert report["verification"]["ram_digest"] == dst["verification"]["ram_digest"], "the manifest digest"
@@ -398,8 +401,10 @@ def test_a_resume_refused_by_a_node_without_the_session_resumes_the_guest_here()
     pair.down.faults = Faults(cut_after=0)
     pair.up.faults = Faults(cut_after=0)
     pair.run_until(lambda: pair.src.phase is SourcePhase.POSTCOPY_PAUSED, max_seconds=20)
+    pair.src.take_outgoing()
     pair.src.receive(refusal(), pair.now)
     assert pair.src.phase is SourcePhase.FAILED and pair.src_host.resumes == 1
+    assert pair.src.take_outgoing() == [], "a node that said it holds no session is not answered"
     assert "before it ran the guest" in pair.src.failure.reason  # type: ignore[union-attr]
 
 

@@ -9,6 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from common.protocol.events import Reconnect
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
@@ -114,10 +115,14 @@ def test_a_withdrawal_the_destination_missed_is_said_again_when_it_speaks() -> N
 def test_both_sides_count_the_same_tag_traffic() -> None:
     guest = busy_guest(seed=3)
     guest.memory.write_tags_packed(2000, np.zeros((16, 128), np.uint8))  # tagged once, now untagged
+    guest.memory.write(2040 * 4096, bytes(8 * 4096))  # written, and zero
     pair = Pair(guest).run()
     src, dst = pair.src.report(pair.now)["tags"], pair.dst.report(pair.now)["tags"]
     assert src["untagged_pages"] == dst["untagged_pages"] >= 16
     assert src["sections"] == dst["sections"] and src["wire_bytes"] == dst["wire_bytes"]
+    ram_src, ram_dst = pair.src.report(pair.now)["ram"], pair.dst.report(pair.now)["ram"]
+    assert ram_src["wire_bytes"] == ram_dst["wire_bytes"] > 0 and ram_src["pages"] == ram_dst["pages"]
+    assert ram_src["zero_pages"] == ram_dst["zero_pages"] >= 8
 
 
 def test_the_control_round_trip_is_measured_for_the_downtime_estimate() -> None:
@@ -196,3 +201,56 @@ def test_a_postcopy_destination_asks_again_for_pages_that_never_come() -> None:
     pair = pageless_postcopy()
     pair.run_until(lambda: False, 3.0)
     assert pair.dst.postcopy is not None and pair.dst.postcopy.retried_requests > 0
+
+
+def test_recovering_an_unsettled_postcopy_starts_a_new_connection() -> None:
+    pair = pageless_postcopy()
+    src = pair.src
+    epoch = src.link.epoch
+    src.machine.phase = SourcePhase.UNSETTLED  # it gave up while its link still looked alive
+    src.take_events()
+    src.recover(pair.now)
+    assert src.phase is SourcePhase.POSTCOPY_PAUSED and not src.connected
+    assert src.link.epoch == epoch + 1
+    reconnects = [(e.epoch, e.silent_for_s) for e in src.take_events() if isinstance(e, Reconnect)]
+    assert reconnects == [(epoch + 1, 0.0)], "an operator's word, not a silence"
+
+
+def test_a_withdrawal_is_said_at_once() -> None:
+    pair = pageless_postcopy()
+    pair.src.take_outgoing()
+    pair.src.withdraw(pair.now, "the guest was taken back by the node it came from")
+    told = [framing.decode(m.frames) for m in pair.src.take_outgoing()]
+    assert [m.envelope.abort.code for m in told if m.kind == "abort"] == [pb.ERROR_GUEST_TAKEN_BACK]
+
+
+def test_a_verified_postcopy_left_unsettled_may_be_settled_there() -> None:
+    """Verification proved the destination holds the whole guest: 'settle there' is safe."""
+    pair = pageless_postcopy()
+    pair.src.machine.phase = SourcePhase.UNSETTLED
+    pair.src.verifier.verified = True
+    pair.src.settle(False, pair.now)
+    assert pair.src.phase is SourcePhase.COMPLETED
+
+
+@pytest.mark.parametrize("seq", [1, 2, -1])
+def test_a_finished_source_acknowledges_a_repeat_from_the_very_first_message_on(seq: int) -> None:
+    """Its ack lost, the destination sends a message again and waits; the source, done, still
+    answers every repeat (the first numbered message included) and nothing else."""
+    pair = Pair(busy_guest(seed=3)).run()
+    src = pair.src
+    assert src.phase is SourcePhase.COMPLETED and src.link.received >= 2
+    src.take_outgoing()
+    seq = src.link.received if seq == -1 else seq  # -1: the last one it received
+    repeat = framing.envelope(src.session_id, seq, heartbeat=pb.Heartbeat())
+    repeat.epoch = src.link.epoch
+    src.receive(framing.encode(repeat), pair.now)
+    assert [framing.decode(m.frames).kind for m in src.take_outgoing()] == ["ack"]
+    ahead = framing.envelope(src.session_id, src.link.received + 1, heartbeat=pb.Heartbeat())
+    ahead.epoch = src.link.epoch
+    src.receive(framing.encode(ahead), pair.now)
+    assert src.take_outgoing() == [], "not a repeat: nothing to answer"
+    unnumbered = framing.envelope(src.session_id, 0, heartbeat=pb.Heartbeat())
+    unnumbered.epoch = src.link.epoch
+    src.receive(framing.encode(unnumbered), pair.now)
+    assert src.take_outgoing() == [], "an unnumbered message is never acknowledged"
