@@ -80,6 +80,11 @@ def test_one_number_sent_as_a_control_message_then_as_a_batch_changes_no_count()
     assert hold.batches == 16 == len(hold.held), "no more than the window of batches"
 
 
+def test_the_control_bound_is_four_windows_and_room_for_a_switchover() -> None:
+    """An end of round per round in flight, plus the few messages of a switchover."""
+    assert Reorder(limit=2).control_limit == 72 and Reorder(limit=16).control_limit == 128
+
+
 def test_the_byte_bound_admits_a_window_of_the_largest_batches_and_a_control_message() -> None:
     hold = Reorder(limit=2)
     assert hold.hold(2, "batch", 0.0, batch=True, size=MAX_FRAME_BYTES)

@@ -205,3 +205,5 @@ def test_an_answer_that_comes_after_the_source_gave_up_still_settles_the_handove
     late.epoch = src.link.epoch
     src.receive(framing.encode(late), pair.now)
     assert src.phase is SourcePhase.COMPLETED and pair.src_host.resumes == 0
+    report = src.report(pair.now)
+    assert report["status"] == "completed" and report["error"] is None, "the trouble is history now"

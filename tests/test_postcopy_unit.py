@@ -195,6 +195,12 @@ def test_split_placement_shows_data_before_tags_until_the_next_turn() -> None:
     assert (dst.page_tags[7] == src.page_tags[7]).all() and not dest.late_tags
 
 
+def test_fault_latencies_are_reported_in_milliseconds_to_the_microsecond() -> None:
+    dest = DestPostcopy(16)
+    dest.latencies_s = [0.00123456]
+    assert dest.latency_ms() == {"p50": 1.235, "p99": 1.235, "max": 1.235}
+
+
 def test_only_pages_the_guest_waits_for_count_as_faults() -> None:
     dest = DestPostcopy(16)
     dest.started = True

@@ -9,9 +9,12 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from common.constants import REFUSAL_ANSWERS_PER_S
+from common.protocol import phases
 from common.protocol.events import Reconnect
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
+from common.protocol.postcopy import BACKGROUND_WINDOW
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from tests.protocol_harness import Faults, Pair, busy_guest, pageless_postcopy
@@ -171,6 +174,7 @@ def test_one_channel_asks_again_for_a_gap_instead_of_holding_what_is_ahead() -> 
     [(_, frames)] = dst.take_outgoing()
     answer = framing.decode(frames)
     assert answer.kind == "ack" and answer.envelope.ack.resend_from == dst.link.received + 1
+    assert dst.link.stats.out_of_order == 1
 
 
 def wrong_source_digest(message: framing.Message) -> framing.Message | None:
@@ -254,3 +258,74 @@ def test_a_finished_source_acknowledges_a_repeat_from_the_very_first_message_on(
     unnumbered.epoch = src.link.epoch
     src.receive(framing.encode(unnumbered), pair.now)
     assert src.take_outgoing() == [], "an unnumbered message is never acknowledged"
+
+
+def test_the_phase_table_builder_lists_each_trigger_with_its_next_phases() -> None:
+    table = phases._table({SourcePhase.IDLE: {"start": (SourcePhase.SETUP, SourcePhase.FAILED)}})
+    assert table == {SourcePhase.IDLE: {"start": frozenset({SourcePhase.SETUP, SourcePhase.FAILED})}}
+
+
+def test_parallel_channels_never_put_more_than_the_window_in_flight() -> None:
+    slow = {"latency_s": 0.05}  # acks come late: the window is what holds the sender back
+    guest = busy_guest(seed=3, ram=64 << 20)
+    guest.memory.write(16 << 20, np.random.default_rng(3).integers(0, 256, 32 << 20, dtype=np.uint8))
+    pair = Pair(
+        guest,
+        MigrationParameters(channels=4, window=6),
+        to_dest=Faults(**slow),
+        lanes=[Faults(seed=s, **slow) for s in (2, 3, 4)],
+    )
+    pair.src.start(pair.now)
+    most = 0
+    while not pair.settled() and pair.elapsed < 30:
+        pair.turn()
+        most = max(most, pair.src.in_flight)
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.src.channels == 4
+    assert most == pair.src.params.window, "the window filled, never more"
+
+
+def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> None:
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
+    guest = busy_guest(seed=5, ram=64 << 20)
+    guest.memory.write(16 << 20, np.random.default_rng(5).integers(0, 256, 32 << 20, dtype=np.uint8))
+    pair = Pair(guest, params, to_dest=Faults(latency_s=0.05), guest_speed=2000, dest_steps=100_000)
+    pair.src.start(pair.now)
+    most = 0
+    while pair.src.phase is not SourcePhase.COMPLETED and pair.elapsed < 30:
+        pair.turn()
+        most = max(most, pair.src.in_flight)
+    assert pair.src.phase is SourcePhase.COMPLETED
+    assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
+
+
+def test_a_taken_back_guest_is_recalled_a_few_times_a_second_and_only_to_its_session() -> None:
+    pair = pageless_postcopy()
+    src = pair.src
+    src.machine.phase = SourcePhase.UNSETTLED
+    src.settle(True, pair.now)
+    src.take_outgoing()
+    heartbeat = framing.envelope(src.session_id, 0, heartbeat=pb.Heartbeat())
+    heartbeat.epoch = src.link.epoch
+    stranger = framing.envelope(b"other-session", 0, heartbeat=pb.Heartbeat())
+    for _ in range(3 * REFUSAL_ANSWERS_PER_S):
+        src.receive(framing.encode(stranger), pair.now + 0.5)
+    assert src.take_outgoing() == [], "another session's messages are not ours to answer"
+    for _ in range(3 * REFUSAL_ANSWERS_PER_S):
+        src.receive(framing.encode(heartbeat), pair.now + 0.5)
+    told = [framing.decode(m.frames) for m in src.take_outgoing()]
+    assert len(told) == REFUSAL_ANSWERS_PER_S
+    assert {m.envelope.abort.code for m in told} == {pb.ERROR_GUEST_TAKEN_BACK}
+
+
+def test_a_resent_batch_goes_out_as_bulk() -> None:
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), to_dest=Faults(latency_s=0.05))
+    pair.src.start(pair.now)
+    while not pair.src.in_flight and pair.elapsed < 5:
+        pair.turn()
+    src = pair.src
+    src.take_outgoing()
+    unacked = [e for e in src.link.unacked if e.data is not None]
+    assert unacked
+    src.link_side.resend(unacked, pair.now)
+    again = src.take_outgoing()
+    assert len(again) == len(unacked) and all(m.bulk for m in again), "resent batches may take any channel"
