@@ -155,6 +155,7 @@ def test_a_page_whose_tags_alone_differ_at_verification_is_repaired() -> None:
     assert hit, "the tags were damaged before the verification"
     assert_handed_over(pair)
     assert pair.src.verify_attempt == 2 and hit[0] in pair.src.mismatched_pages
+    assert hit[0] in pair.dst.mismatched_pages, "the destination lists what it repaired, tags included"
 
 
 def test_the_postcopy_verdict_compares_the_vcpu_state() -> None:

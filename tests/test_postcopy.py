@@ -73,6 +73,8 @@ def test_postcopy_ends_as_the_unmigrated_run(seed: int, after_rounds: int) -> No
     dst = pair.dst.report(pair.now)
     assert dst["postcopy"]["pages_missing"] == 0
     assert dst["status"] == "completed" and dst["error"] is None and pair.dst.failure is None
+    latencies = pair.dst.postcopy.latencies_s  # type: ignore[union-attr]
+    assert dst["postcopy"]["blocktime_ms"] == round(sum(latencies) * 1000.0, 3), "the guest's total wait"
     finished = [e for e in pair.dst.take_events() if isinstance(e, Finished)]
     assert [(e.status, e.reason) for e in finished] == [("completed", None)]
     assert report["postcopy"]["pages_missing_at_destination"] == 0

@@ -12,12 +12,12 @@ import pytest
 from common.constants import REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
 from common.protocol.events import Reconnect
-from common.protocol.params import MigrationParameters
+from common.protocol.params import SETTABLE, MigrationParameters, describe_parameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.postcopy import BACKGROUND_WINDOW
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import Faults, Pair, busy_guest, pageless_postcopy
+from tests.protocol_harness import Faults, Pair, busy_guest, pageless_postcopy, running_postcopy
 
 
 def test_only_a_finished_or_operator_bound_source_phase_has_ended() -> None:
@@ -265,13 +265,14 @@ def test_the_phase_table_builder_lists_each_trigger_with_its_next_phases() -> No
     assert table == {SourcePhase.IDLE: {"start": frozenset({SourcePhase.SETUP, SourcePhase.FAILED})}}
 
 
-def test_parallel_channels_never_put_more_than_the_window_in_flight() -> None:
+@pytest.mark.parametrize("channels", [1, 4])
+def test_the_window_is_filled_and_never_passed(channels: int) -> None:
     slow = {"latency_s": 0.05}  # acks come late: the window is what holds the sender back
     guest = busy_guest(seed=3, ram=64 << 20)
     guest.memory.write(16 << 20, np.random.default_rng(3).integers(0, 256, 32 << 20, dtype=np.uint8))
     pair = Pair(
         guest,
-        MigrationParameters(channels=4, window=6),
+        MigrationParameters(channels=channels, window=6),
         to_dest=Faults(**slow),
         lanes=[Faults(seed=s, **slow) for s in (2, 3, 4)],
     )
@@ -280,7 +281,7 @@ def test_parallel_channels_never_put_more_than_the_window_in_flight() -> None:
     while not pair.settled() and pair.elapsed < 30:
         pair.turn()
         most = max(most, pair.src.in_flight)
-    assert pair.src.phase is SourcePhase.COMPLETED and pair.src.channels == 4
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.src.channels == channels
     assert most == pair.src.params.window, "the window filled, never more"
 
 
@@ -294,6 +295,8 @@ def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> 
     while pair.src.phase is not SourcePhase.COMPLETED and pair.elapsed < 30:
         pair.turn()
         most = max(most, pair.src.in_flight)
+        if pair.src.phase is SourcePhase.POSTCOPY:
+            assert pair.src.precopy.pass_ is None, "no precopy batch goes out once the guest left"
     assert pair.src.phase is SourcePhase.COMPLETED
     assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
 
@@ -329,3 +332,31 @@ def test_a_resent_batch_goes_out_as_bulk() -> None:
     src.link_side.resend(unacked, pair.now)
     again = src.take_outgoing()
     assert len(again) == len(unacked) and all(m.bulk for m in again), "resent batches may take any channel"
+
+
+def test_the_settable_parameters_are_described_with_their_units() -> None:
+    text = describe_parameters()
+    assert "downtime_limit_ms in milliseconds" in text and "reconnect_timeout_s in seconds" in text
+    assert text.count(" in ") == len(SETTABLE)
+
+
+def test_a_postcopy_page_on_the_urgent_connection_during_precopy_is_ignored() -> None:
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    dst = pair.dst
+    stray = framing.envelope(dst.session_id, 0, postcopy_pages=pb.PostcopyPages())
+    stray.epoch = dst.link.epoch
+    dst.receive(pair.peer + b"-urgent", framing.encode(stray), pair.now)
+    assert dst.phase is DestPhase.RECEIVING and dst.failure is None
+    pair.run_until(pair.settled)
+    assert pair.src.phase is SourcePhase.COMPLETED
+
+
+def test_the_blocktime_is_the_sum_of_the_guests_waits_in_milliseconds() -> None:
+    pair = running_postcopy(seed=5, to_dest=Faults(latency_s=0.01))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
+    waits = pair.dst.postcopy.latencies_s  # type: ignore[union-attr]
+    assert waits and max(waits) >= 0.01, "a wait for a page on its way covers the link's latency"
+    assert pair.dst.report(pair.now)["postcopy"]["blocktime_ms"] == round(sum(waits) * 1000.0, 3)
