@@ -11,13 +11,21 @@ import pytest
 
 from common.constants import REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
+from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import Reconnect
 from common.protocol.params import SETTABLE, MigrationParameters, describe_parameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.postcopy import BACKGROUND_WINDOW
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from tests.protocol_harness import Faults, Pair, busy_guest, pageless_postcopy, running_postcopy
+from tests.protocol_harness import (
+    FakeDestHost,
+    Faults,
+    Pair,
+    busy_guest,
+    pageless_postcopy,
+    running_postcopy,
+)
 
 
 def test_only_a_finished_or_operator_bound_source_phase_has_ended() -> None:
@@ -197,6 +205,7 @@ def test_a_postcopy_that_fails_verification_says_so_on_both_sides_and_nobody_cal
     assert pair.dst.phase is DestPhase.RUNNING, "the guest runs on there: it is the only copy that runs"
     assert pair.src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
     assert "the destination's manifest or vCPU state differs" in str(pair.src.failure)
+    assert "'ctl recover' if the destination lives on" in str(pair.src.failure), "a postcopy's advice"
 
 
 def test_a_postcopy_destination_asks_again_for_pages_that_never_come() -> None:
@@ -360,3 +369,46 @@ def test_the_blocktime_is_the_sum_of_the_guests_waits_in_milliseconds() -> None:
     waits = pair.dst.postcopy.latencies_s  # type: ignore[union-attr]
     assert waits and max(waits) >= 0.01, "a wait for a page on its way covers the link's latency"
     assert pair.dst.report(pair.now)["postcopy"]["blocktime_ms"] == round(sum(waits) * 1000.0, 3)
+
+
+def test_a_postcopy_destination_that_hears_its_source_but_gets_no_page_says_again_what_it_holds() -> None:
+    """A source that lost track of what the destination holds sends nothing useful; the
+    destination repeats its bitmap every retransmission time, and the source sends the rest."""
+    pair = pageless_postcopy(dest_params=DestParameters(heartbeat_interval_s=0.1))
+    pair.up.faults = Faults(tamper=lambda message: None, seed=1)  # the link reads each kind
+    pair.run_until(lambda: False, 5.0)
+    assert pair.up.kinds.count("resume_ack") == 0, "the link stayed up: no reconnect explains them"
+    assert 4 <= pair.up.kinds.count("received_bitmap") <= 6, "one per retransmission time (1 s)"
+
+
+def test_refusals_are_answered_again_in_the_next_second() -> None:
+    dst = DestSession(FakeDestHost(), DestParameters(), 0.0)
+    for _ in range(REFUSAL_ANSWERS_PER_S + 5):
+        dst.refuse(b"stranger", pb.ERROR_BAD_MESSAGE, "a message of too many frames", 10.0)
+    assert len(dst.take_outgoing()) == REFUSAL_ANSWERS_PER_S
+    dst.refuse(b"stranger", pb.ERROR_BAD_MESSAGE, "a message of too many frames", 11.5)
+    assert len(dst.take_outgoing()) == 1, "a new second, a new budget"
+
+
+def test_every_finished_round_reports_the_downtime_it_expected() -> None:
+    pair = Pair(
+        busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=8 << 20), guest_speed=500
+    )
+    pair.run()
+    rounds = pair.src.report(pair.now)["rounds_detail"]
+    assert len(rounds) >= 2
+    assert all(
+        r["expected_downtime_ms"] is not None and r["dirty_pages_rate"] is not None for r in rounds[:-1]
+    )
+
+
+def test_a_protocol_error_in_postcopy_leaves_the_guest_unsettled_never_resumed_here() -> None:
+    """The destination runs the guest and only this side holds the pages it lacks: an error
+    is no reason to run a second copy here, nor to give up the pages."""
+    pair = pageless_postcopy()
+    src = pair.src
+    wrong = framing.envelope(src.session_id, src.link.received + 1, verify_request=pb.VerifyRequest())
+    wrong.epoch = src.link.epoch
+    src.receive(framing.encode(wrong), pair.now)
+    assert src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
+    assert src.failure is not None and "unexpected verify_request" in src.failure.reason
