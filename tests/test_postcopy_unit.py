@@ -42,6 +42,18 @@ def test_the_background_stream_goes_in_order_and_wraps_around() -> None:
     assert pc.next_background() is None and not pc.background_left and pc.missing() == 0
 
 
+def test_a_batch_that_reaches_the_end_fills_up_from_the_start() -> None:
+    pc = SourcePostcopy(1000)
+    present = np.zeros(1000, dtype=bool)
+    present[10:20] = True
+    pc.holds(present)
+    pc.request([994])
+    pc.next_urgent()
+    batch = pc.next_background()
+    assert batch is not None and batch.tolist()[:5] == [995, 996, 997, 998, 999]
+    assert batch.tolist()[5:8] == [0, 1, 2] and batch.size == BACKGROUND_BATCH_PAGES
+
+
 def test_a_request_goes_first_and_the_stream_carries_on_after_it() -> None:
     pc = SourcePostcopy(1000)
     pc.holds(np.zeros(1000, dtype=bool))
