@@ -442,3 +442,17 @@ def test_a_postcopy_destination_that_receives_pages_does_not_repeat_its_bitmap()
     assert pair.src.phase is SourcePhase.COMPLETED and pair.elapsed > 3.0
     assert pair.up.kinds.count("received_bitmap") <= 3
     assert outbound_seqs_match and all(outbound_seqs_match), "each batch names its own number to the edge"
+
+
+def test_a_source_whose_hello_answer_is_lost_asks_for_it_once_per_retransmission_time() -> None:
+    """Acknowledged but unanswered (the answer lost, every time): the source asks again on the
+    retransmission clock, never in a loop."""
+    pair = Pair(
+        busy_guest(seed=3),
+        to_dest=Faults(tamper=lambda message: None),  # the link reads each kind
+        to_source=Faults(drop_kinds=frozenset({"hello_ack"}), seed=1),
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: False, 3.0)
+    assert pair.src.phase is SourcePhase.SETUP
+    assert 1 <= pair.down.kinds.count("ack") <= 3 and pair.turns < 500
