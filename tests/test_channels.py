@@ -51,6 +51,7 @@ def test_a_full_hold_refuses_and_a_gap_is_timed_from_its_first_message() -> None
     assert hold.waited(12.0) == 0.5, "asked for again: the wait starts afresh"
     hold.drop_upto(5)
     assert list(hold.held) == [6] and hold.batches == 1
+    assert hold.waited(12.0) == 0.5, "a message still waits: its gap goes on"
     hold.drop_upto(6)
     assert hold.waited(12.0) == 0.0 and hold.batches == 0
 
