@@ -330,6 +330,7 @@ def test_a_destination_that_never_returns_leaves_the_guest_there_and_a_reason_he
     assert pair.src.phase is SourcePhase.UNSETTLED
     reason = pair.src.failure.reason  # type: ignore[union-attr]
     assert "postcopy paused" in reason and "ctl recover" in reason and "settle here" in reason
+    assert "'ctl settle here' only if it is gone for good" in reason, "a postcopy's advice"
     lacked = pair.src.dest_missing
     assert lacked is not None and f"last said it lacked {lacked} pages, held only here" in reason
     assert pair.src_host.resumes == 0, "never resumed here on its own"

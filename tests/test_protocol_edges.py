@@ -13,6 +13,7 @@ from common.constants import REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import Reconnect
+from common.protocol.handshake import link_timeouts, source_hello
 from common.protocol.params import SETTABLE, MigrationParameters, describe_parameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.postcopy import BACKGROUND_WINDOW
@@ -131,6 +132,9 @@ def test_both_sides_count_the_same_tag_traffic() -> None:
     src, dst = pair.src.report(pair.now)["tags"], pair.dst.report(pair.now)["tags"]
     assert src["untagged_pages"] == dst["untagged_pages"] >= 16
     assert src["sections"] == dst["sections"] and src["wire_bytes"] == dst["wire_bytes"]
+    assert pair.src.stats.other_bytes > 0 and pair.dst.stats.other_bytes > 0, (
+        "control messages cost bytes too"
+    )
     ram_src, ram_dst = pair.src.report(pair.now)["ram"], pair.dst.report(pair.now)["ram"]
     assert ram_src["wire_bytes"] == ram_dst["wire_bytes"] > 0 and ram_src["pages"] == ram_dst["pages"]
     assert ram_src["zero_pages"] == ram_dst["zero_pages"] >= 8
@@ -220,10 +224,12 @@ def test_recovering_an_unsettled_postcopy_starts_a_new_connection() -> None:
     pair = pageless_postcopy()
     src = pair.src
     epoch = src.link.epoch
-    src.machine.phase = SourcePhase.UNSETTLED  # it gave up while its link still looked alive
+    src._unsettled(pair.now, "no answer for a while", postcopy=True)  # its link still looks alive
+    assert src.report(pair.now)["error"] is not None
     src.take_events()
     src.recover(pair.now)
     assert src.phase is SourcePhase.POSTCOPY_PAUSED and not src.connected
+    assert src.report(pair.now)["error"] is None, "the trouble is history once recovering"
     assert src.link.epoch == epoch + 1
     reconnects = [(e.epoch, e.silent_for_s) for e in src.take_events() if isinstance(e, Reconnect)]
     assert reconnects == [(epoch + 1, 0.0)], "an operator's word, not a silence"
@@ -456,3 +462,80 @@ def test_a_source_whose_hello_answer_is_lost_asks_for_it_once_per_retransmission
     pair.run_until(lambda: False, 3.0)
     assert pair.src.phase is SourcePhase.SETUP
     assert 1 <= pair.down.kinds.count("ack") <= 3 and pair.turns < 500
+
+
+def test_between_the_last_pass_and_the_end_nothing_remains_to_send() -> None:
+    pair = Pair(busy_guest(seed=3), to_dest=Faults(latency_s=0.01), to_source=Faults(latency_s=0.01, seed=1))
+    pair.src.start(pair.now)
+    seen = []
+    while not pair.settled() and pair.elapsed < 30:
+        pair.turn()
+        if pair.src.precopy.pass_ is None and pair.src.phase in (
+            SourcePhase.SWITCHOVER,
+            SourcePhase.COMMITTING,
+        ):
+            seen.append(pair.src.report(pair.now)["remaining_bytes"])
+    assert seen and set(seen) == {0}
+
+
+def test_the_hello_asks_for_parallel_channels_only_when_there_are_several() -> None:
+    assert source_hello(busy_guest(), MigrationParameters(channels=1), "n").channels == 0
+    assert source_hello(busy_guest(), MigrationParameters(channels=2), "n").channels == 2
+
+
+def test_timeouts_beyond_what_the_wire_holds_are_sent_as_its_largest_value() -> None:
+    huge = MigrationParameters(postcopy=True, reconnect_timeout_s=1e9, postcopy_recover_timeout_s=1e9)
+    timeouts = link_timeouts(huge)
+    assert timeouts.reconnect_timeout_ms == timeouts.postcopy_recover_timeout_ms == 2**32 - 1
+    usual = link_timeouts(MigrationParameters(postcopy=True, postcopy_recover_timeout_s=60.0))
+    assert usual.postcopy_recover_timeout_ms == 60_000
+    assert (
+        link_timeouts(MigrationParameters(postcopy_recover_timeout_s=60.0)).postcopy_recover_timeout_ms == 0
+    )
+
+
+def test_an_unsequenced_resume_ack_at_the_destination_ends_the_session() -> None:
+    """Only a destination answers a resume: one arriving there is a broken or hostile source."""
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    dst = pair.dst
+    odd = framing.envelope(dst.session_id, 0, resume_ack=pb.ResumeAck(epoch=dst.link.epoch))
+    odd.epoch = dst.link.epoch
+    dst.receive(pair.peer, framing.encode(odd), pair.now)
+    assert dst.phase is DestPhase.FAILED and "the source sent resume_ack without a sequence number" in str(
+        dst.failure
+    )
+
+
+def test_the_commit_acknowledged_completes_the_handover_even_if_started_is_lost() -> None:
+    pair = Pair(busy_guest(seed=3), to_source=Faults(drop_kinds=frozenset({"started"}), seed=1))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.ended, 30.0)
+    assert pair.src.phase is SourcePhase.COMPLETED
+    events = [e["event"] for e in pair.src.report(pair.now)["timeline"]]
+    assert any("destination acknowledged the commit" in e for e in events), events
+
+
+def test_a_resent_postcopy_batch_goes_out_again_as_bulk() -> None:
+    pair = running_postcopy(seed=5, to_dest=Faults(latency_s=0.05))
+    pair.src.start(pair.now)
+    while not any(e.kind == "postcopy_pages" for e in pair.src.link.unacked) and pair.elapsed < 10:
+        pair.turn()
+    src = pair.src
+    src.take_outgoing()
+    pending = [e for e in src.link.unacked if e.kind == "postcopy_pages"]
+    assert pending
+    src.link_side.resend(pending, pair.now)
+    again = [m for m in src.take_outgoing() if framing.decode(m.frames).kind == "postcopy_pages"]
+    assert len(again) == len(pending) and all(m.bulk for m in again)
+
+
+def test_a_round_report_carries_its_rate_and_throttle_rounded_for_reading() -> None:
+    from common.protocol.stats import RoundRecord, TransferStats
+
+    start, end = TransferStats(), TransferStats(ram_bytes=1000, tag_bytes=24)
+    record = RoundRecord(2, 10.0, start, throttle=0.123456, t_end=10.5, end=end, dirty_pages_rate=12.345)
+    section = record.section(9.0, 11.0, end)
+    assert section["throughput_bytes_per_s"] == 2048, "a round shorter than a second has a rate too"
+    assert section["throttle"] == 0.123 and section["dirty_pages_rate"] == 12.3
