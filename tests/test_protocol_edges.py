@@ -12,6 +12,7 @@ import pytest
 from common.constants import REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
 from common.protocol.dest import DestParameters, DestSession
+from common.protocol.dest_admission import REMEMBERED_HANDOVERS, HandedOver
 from common.protocol.events import Reconnect
 from common.protocol.handshake import link_timeouts, source_hello
 from common.protocol.params import SETTABLE, MigrationParameters, describe_parameters
@@ -539,3 +540,28 @@ def test_a_round_report_carries_its_rate_and_throttle_rounded_for_reading() -> N
     section = record.section(9.0, 11.0, end)
     assert section["throughput_bytes_per_s"] == 2048, "a round shorter than a second has a rate too"
     assert section["throttle"] == 0.123 and section["dirty_pages_rate"] == 12.3
+
+
+def test_a_node_remembers_its_latest_handovers_and_forgets_the_oldest() -> None:
+    older = {bytes([i]) * 8: HandedOver(b"", 1) for i in range(REMEMBERED_HANDOVERS)}
+    pair = Pair(busy_guest(seed=3))
+    pair.dst = DestSession(pair.dst_host, pair.dst.params, pair.now, older)
+    pair.run()
+    remembered = pair.dst.handed_over_sessions()
+    assert len(remembered) == REMEMBERED_HANDOVERS and pair.src.session_id in remembered
+    assert bytes([0]) * 8 not in remembered and bytes([1]) * 8 in remembered, "the oldest goes first"
+
+
+def test_a_throttled_guest_runs_at_full_speed_once_postcopy_takes_over() -> None:
+    params = MigrationParameters(
+        max_bandwidth=2 << 20, downtime_limit_ms=20, postcopy=True, postcopy_after_rounds=4
+    )
+    guest = busy_guest(seed=8, ram=8 << 20, working_set=2 << 20, dirty_pages_per_step=16)
+    pair = Pair(guest, params, guest_speed=2000, dest_steps=100)
+    pair.src.start(pair.now)
+    throttled = []
+    while pair.src.phase is not SourcePhase.POSTCOPY and pair.elapsed < 60:
+        pair.turn()
+        throttled.append(pair.src_host.throttle)
+    assert pair.src.phase is SourcePhase.POSTCOPY and max(throttled) > 0
+    assert pair.src_host.throttle == 0.0, "the source's guest is stopped: nothing left to hold back"
