@@ -163,8 +163,10 @@ def test_a_verdict_lost_with_the_link_is_learnt_from_the_resume_answer() -> None
 def test_only_a_session_whose_guest_runs_there_unbroken_is_remembered_as_handed_over() -> None:
     pair, _ = paused_postcopy()
     dst = pair.dst
+    dst.take_outgoing()
     dst.admission.taken_back("the operator settled here", pair.now)
     assert dst.phase is DestPhase.FAILED
+    assert dst.take_outgoing() == [], "the source said it runs the guest: nothing to tell it back"
     assert pair.src.session_id not in dst.handed_over_sessions(), "its copy stopped: never 'runs there'"
 
 

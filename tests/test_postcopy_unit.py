@@ -204,7 +204,7 @@ def test_split_placement_shows_data_before_tags_until_the_next_turn() -> None:
     dest.place_late_tags(dst, now=3.0)
     assert not dst.page_tags[7].any(), "not in the same turn"
     dest.place_late_tags(dst, now=3.001)
-    assert (dst.page_tags[7] == src.page_tags[7]).all() and not dest.late_tags
+    assert (dst.page_tags[7] == src.page_tags[7]).all() and not dest.late_tags and dst.tags_populated[7]
 
 
 def test_fault_latencies_are_reported_in_milliseconds_to_the_microsecond() -> None:

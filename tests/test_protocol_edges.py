@@ -311,8 +311,12 @@ def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> 
     while pair.src.phase is not SourcePhase.COMPLETED and pair.elapsed < 30:
         pair.turn()
         most = max(most, pair.src.in_flight)
-        if pair.src.phase is SourcePhase.POSTCOPY:
-            assert pair.src.precopy.pass_ is None, "no precopy batch goes out once the guest left"
+        src = pair.src
+        if src.phase is SourcePhase.POSTCOPY:
+            assert src.precopy.pass_ is None, "no precopy batch goes out once the guest left"
+            pc = src.postcopy
+            if pc is not None and pc.background_left and src.in_flight < BACKGROUND_WINDOW:
+                assert src.next_deadline(pair.now) <= pair.now, "room and pages to send: due at once"
     assert pair.src.phase is SourcePhase.COMPLETED
     assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
 
@@ -565,3 +569,17 @@ def test_a_throttled_guest_runs_at_full_speed_once_postcopy_takes_over() -> None
         throttled.append(pair.src_host.throttle)
     assert pair.src.phase is SourcePhase.POSTCOPY and max(throttled) > 0
     assert pair.src_host.throttle == 0.0, "the source's guest is stopped: nothing left to hold back"
+
+
+def test_a_source_asks_again_for_what_the_destination_sent_before_a_message_ahead() -> None:
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING and pair.src.link.received >= 1)
+    src = pair.src
+    src.take_outgoing()
+    ahead = framing.envelope(src.session_id, src.link.received + 2, heartbeat=pb.Heartbeat())
+    ahead.epoch = src.link.epoch
+    src.receive(framing.encode(ahead), pair.now + 1.0)
+    assert src.link.stats.out_of_order == 1
+    asked = [framing.decode(m.frames) for m in src.take_outgoing()]
+    assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [src.link.received + 1]
