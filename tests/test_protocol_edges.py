@@ -583,3 +583,16 @@ def test_a_source_asks_again_for_what_the_destination_sent_before_a_message_ahea
     assert src.link.stats.out_of_order == 1
     asked = [framing.decode(m.frames) for m in src.take_outgoing()]
     assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [src.link.received + 1]
+
+
+def test_a_stray_refusal_of_a_hello_after_the_setup_changes_nothing() -> None:
+    """A hello refusal answers a hello: once the migration runs, one arriving (a duplicate of an
+    old answer, or forged) is no word on this migration."""
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE)
+    stray = framing.envelope(pair.src.session_id, 0, hello_ack=pb.HelloAck(accepted=False, reason="busy"))
+    pair.src.receive(framing.encode(stray), pair.now)
+    assert pair.src.phase is SourcePhase.ACTIVE and pair.src.failure is None
+    pair.run_until(pair.settled)
+    assert pair.src.phase is SourcePhase.COMPLETED
