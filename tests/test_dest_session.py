@@ -533,3 +533,18 @@ def test_the_postcopy_verdict_ends_the_session_at_that_moment() -> None:
     dst.receive(PEER, frames(seq, received=1, verify_request=request), 0.75)
     assert dst.phase is DestPhase.RUNNING and dst.verified is True and dst.t_end == 0.75
     assert dst.report(9.0)["total_time_ms"] == 750.0, "from the hello to the verdict, not to now"
+
+
+@pytest.mark.parametrize("where", ["resume", "envelope"])
+def test_a_resume_releases_what_it_acknowledges_and_counts_as_hearing_the_source(where: str) -> None:
+    """Either acknowledgement a resume carries releases the hello's answer; the resume itself
+    is the source heard (its silence ends)."""
+    dst, _ = receiving()
+    assert [e.seq for e in dst.link.unacked] == [1]
+    resume = pb.Resume(epoch=2, last_received=1 if where == "resume" else 0)
+    env = framing.envelope(dst.session_id, 0, resume=resume)
+    env.epoch = 2
+    env.received = 1 if where == "envelope" else 0
+    dst.receive(PEER + b"-2", framing.encode(env), 5.0)
+    assert dst.link.epoch == 2 and not dst.link.unacked, "nothing left to resend"
+    assert dst.link.silence(5.0) == 0.0

@@ -126,6 +126,9 @@ def test_reconnect_attempts_back_off_to_a_cap() -> None:
     assert r.connected and not r.resume_due(100.0)
     r.broken(200.0)
     assert r.resume_due(200.0) and r.attempts == 1, "a new break starts the backoff again"
+    r.restored()
+    r.broken(200.01)  # broken again before the old backoff's next attempt was due
+    assert r.resume_due(200.01), "a new break resumes at once"
 
 
 def test_the_hello_carries_the_reconnect_timeout_in_milliseconds() -> None:

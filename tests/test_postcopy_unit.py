@@ -142,7 +142,7 @@ def test_at_the_start_what_matches_is_present_and_half_a_page_is_not() -> None:
     dst.pages[7] = src.pages[7]  # data there (zero), tags not: not present
     dst.data_populated[5] = True
     dest = DestPostcopy(512)
-    assert dest.vcpu_digest == b"", "no vCPU state yet: nothing can match it"
+    assert dest.vcpu_digest == b"" and not dest.started, "no vCPU state yet: nothing can match it"
     with pytest.raises(WireError, match="postcopy start before the manifest"):
         dest.start(dst)
     dest = started(src, dst)

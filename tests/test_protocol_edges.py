@@ -596,3 +596,37 @@ def test_a_stray_refusal_of_a_hello_after_the_setup_changes_nothing() -> None:
     assert pair.src.phase is SourcePhase.ACTIVE and pair.src.failure is None
     pair.run_until(pair.settled)
     assert pair.src.phase is SourcePhase.COMPLETED
+
+
+def test_a_connection_refused_by_the_key_check_fails_here_and_tells_nobody() -> None:
+    pair = Pair(busy_guest(seed=3))
+    pair.src.start(pair.now)
+    pair.src.take_outgoing()
+    pair.src.refused_by_peer("the destination refused our key", pair.now)
+    failure = pair.src.failure
+    assert pair.src.phase is SourcePhase.FAILED and failure is not None
+    assert failure.code == pb.ERROR_UNAUTHORIZED and failure.reason == "the destination refused our key"
+    assert pair.src.take_outgoing() == [] and pair.src_host.running
+
+
+def test_a_link_lost_while_verifying_a_postcopy_resumes_the_verification() -> None:
+    pair = pageless_postcopy()
+    src = pair.src
+    src.machine.phase = SourcePhase.POSTCOPY_VERIFYING
+    src.link_side._link_broken(pair.now)
+    assert src.phase is SourcePhase.POSTCOPY_PAUSED
+    pair.run_until(lambda: src.connected, 5.0)
+    assert src.connected and src.phase is SourcePhase.POSTCOPY_VERIFYING
+
+
+def test_a_postcopy_start_before_the_switchover_ends_the_incoming_migration() -> None:
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=3, max_bandwidth=1 << 20)
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), params)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING and pair.dst.link.received >= 2)
+    dst = pair.dst
+    early = framing.envelope(dst.session_id, dst.link.received + 1, postcopy_start=pb.PostcopyStart())
+    early.epoch = dst.link.epoch
+    dst.receive(pair.peer, framing.encode(early), pair.now)
+    assert dst.phase is DestPhase.FAILED
+    assert "postcopy start before the switchover and its manifest" in str(dst.failure)
