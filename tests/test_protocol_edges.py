@@ -319,6 +319,8 @@ def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> 
                 assert src.next_deadline(pair.now) <= pair.now, "room and pages to send: due at once"
     assert pair.src.phase is SourcePhase.COMPLETED
     assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
+    placed = pair.dst.postcopy
+    assert placed is not None and placed.background_pages > placed.requested_pages, "the stream, not asked for"
 
 
 def test_a_taken_back_guest_is_recalled_a_few_times_a_second_and_only_to_its_session() -> None:
