@@ -548,3 +548,37 @@ def test_a_resume_releases_what_it_acknowledges_and_counts_as_hearing_the_source
     dst.receive(PEER + b"-2", framing.encode(env), 5.0)
     assert dst.link.epoch == 2 and not dst.link.unacked, "nothing left to resend"
     assert dst.link.silence(5.0) == 0.0
+
+
+def test_a_fresh_resume_forgets_what_was_held_for_the_old_connection() -> None:
+    dst, _ = receiving()
+    dst.reorder.hold(5, "a batch ahead, from the old connection", 0.0, batch=True, size=10)
+    env = framing.envelope(dst.session_id, 0, resume=pb.Resume(epoch=2, last_received=1))
+    env.epoch = 2
+    dst.receive(PEER + b"-2", framing.encode(env), 1.0)
+    assert dst.link.epoch == 2 and not dst.reorder.held, "the source sends all of it again"
+
+
+def test_the_first_failure_stands() -> None:
+    dst, host = receiving()
+    dst.cancel(1.0, "first reason")
+    assert dst.phase is DestPhase.FAILED and host.discarded == 1
+    dst._fail(pb.ERROR_TIMEOUT, "a later reason", 2.0)
+    assert dst.failure is not None and dst.failure.reason == "first reason" and host.discarded == 1
+
+
+def test_a_page_manifest_in_a_precopy_migration_ends_it() -> None:
+    dst, _ = receiving()
+    dst.receive(PEER, frames(2, page_manifest=pb.PageDigests()), 1.0)
+    assert dst.phase is DestPhase.FAILED and "page manifest in a precopy migration" in str(dst.failure)
+
+
+def test_a_taken_back_word_from_an_older_connection_is_ignored() -> None:
+    dst, host = receiving()
+    env = framing.envelope(dst.session_id, 0, resume=pb.Resume(epoch=3, last_received=1))
+    env.epoch = 3
+    dst.receive(PEER + b"-3", framing.encode(env), 1.0)
+    old = framing.envelope(dst.session_id, 0, abort=pb.Abort(code=pb.ERROR_GUEST_TAKEN_BACK, reason="old"))
+    old.epoch = 2
+    dst.receive(PEER + b"-2", framing.encode(old), 1.5)
+    assert dst.phase is DestPhase.RECEIVING and host.discarded == 0

@@ -320,7 +320,9 @@ def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> 
     assert pair.src.phase is SourcePhase.COMPLETED
     assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
     placed = pair.dst.postcopy
-    assert placed is not None and placed.background_pages > placed.requested_pages, "the stream, not asked for"
+    assert placed is not None and placed.background_pages > placed.requested_pages, (
+        "the stream, not asked for"
+    )
 
 
 def test_a_taken_back_guest_is_recalled_a_few_times_a_second_and_only_to_its_session() -> None:
@@ -632,3 +634,43 @@ def test_a_postcopy_start_before_the_switchover_ends_the_incoming_migration() ->
     dst.receive(pair.peer, framing.encode(early), pair.now)
     assert dst.phase is DestPhase.FAILED
     assert "postcopy start before the switchover and its manifest" in str(dst.failure)
+
+
+def wrong_page_count(message: framing.Message) -> framing.Message | None:
+    if message.kind != "postcopy_start":
+        return None
+    env = pb.Envelope()
+    env.CopyFrom(message.envelope)
+    env.postcopy_start.page_count += 1
+    return framing.Message(env, message.payload)
+
+
+def test_a_postcopy_start_for_another_guest_size_ends_the_incoming_migration() -> None:
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
+    pair = Pair(busy_guest(seed=3), params, to_dest=Faults(tamper=wrong_page_count))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.FAILED, 10.0)
+    pages = pair.dst.guest.memory.page_count if pair.dst.guest is not None else 2048
+    assert f"postcopy start for {pages + 1} pages" in str(pair.dst.failure)
+
+
+def test_a_source_counts_the_damaged_messages_it_asked_again_for() -> None:
+    pair = Pair(busy_guest(seed=3), to_source=Faults(corrupt=0.2, seed=4)).run()
+    assert pair.src.phase is SourcePhase.COMPLETED
+    assert pair.src.report(pair.now)["link"]["corrupt_received"] == pair.src.link.stats.corrupt > 0
+
+
+def test_a_source_asks_at_once_for_a_message_that_arrived_damaged() -> None:
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE and pair.src.link.received >= 1)
+    src = pair.src
+    src.take_outgoing()
+    env = framing.envelope(src.session_id, src.link.received + 1, heartbeat=pb.Heartbeat())
+    env.epoch = src.link.epoch
+    frames = [bytearray(f) for f in framing.encode(env, b"payload")]
+    frames[-1][0] ^= 0xFF  # the body's bytes no longer match its checksum
+    src.receive([bytes(f) for f in frames], pair.now + 0.5)
+    assert src.link.stats.corrupt == 1
+    asked = [framing.decode(m.frames) for m in src.take_outgoing()]
+    assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [src.link.received + 1]
