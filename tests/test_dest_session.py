@@ -582,3 +582,14 @@ def test_a_taken_back_word_from_an_older_connection_is_ignored() -> None:
     old.epoch = 2
     dst.receive(PEER + b"-2", framing.encode(old), 1.5)
     assert dst.phase is DestPhase.RECEIVING and host.discarded == 0
+
+
+@pytest.mark.parametrize("mode", [pb.MODE_PRECOPY, pb.MODE_POSTCOPY])
+def test_the_hello_answer_grants_postcopy_only_to_a_postcopy_migration(mode: int) -> None:
+    host = FakeDestHost()
+    dst = DestSession(host, DestParameters(), 0.0)
+    features = [pb.FEATURE_MTE, pb.FEATURE_VERIFY, pb.FEATURE_POSTCOPY]
+    dst.receive(PEER, frames(1, hello=good_hello(mode=mode, features=features)), 0.0)
+    [(_, answer)] = replies(dst)
+    granted = pb.FEATURE_POSTCOPY in answer.envelope.hello_ack.features
+    assert answer.envelope.hello_ack.accepted and granted == (mode == pb.MODE_POSTCOPY)

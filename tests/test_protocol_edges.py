@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from common.constants import REFUSAL_ANSWERS_PER_S
+from common.constants import PAGE_STATE_BYTES, REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.dest_admission import REMEMBERED_HANDOVERS, HandedOver
@@ -383,7 +383,10 @@ def test_the_blocktime_is_the_sum_of_the_guests_waits_in_milliseconds() -> None:
     pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
     waits = pair.dst.postcopy.latencies_s  # type: ignore[union-attr]
     assert waits and max(waits) >= 0.01, "a wait for a page on its way covers the link's latency"
-    assert pair.dst.report(pair.now)["postcopy"]["blocktime_ms"] == round(sum(waits) * 1000.0, 3)
+    report = pair.dst.report(pair.now)["postcopy"]
+    assert report["blocktime_ms"] == round(sum(waits) * 1000.0, 3)
+    assert report["fault_latencies_ms"] == [round(t * 1000.0, 3) for t in waits]
+    assert pair.dst.postcopy.requested_pages > 0, "answers to the guest's misses count as asked for"  # type: ignore[union-attr]
 
 
 def test_a_postcopy_destination_that_hears_its_source_but_gets_no_page_says_again_what_it_holds() -> None:
@@ -674,3 +677,25 @@ def test_a_source_asks_at_once_for_a_message_that_arrived_damaged() -> None:
     assert src.link.stats.corrupt == 1
     asked = [framing.decode(m.frames) for m in src.take_outgoing()]
     assert [m.envelope.ack.resend_from for m in asked if m.kind == "ack"] == [src.link.received + 1]
+
+
+def test_a_postcopy_destination_reports_what_it_still_lacks() -> None:
+    pair = pageless_postcopy()
+    pc = pair.dst.postcopy
+    assert pc is not None and pc.missing() > 0
+    assert pair.dst.report(pair.now)["remaining_bytes"] == pc.missing() * PAGE_STATE_BYTES
+
+
+def test_a_refusal_after_the_commit_is_not_answered() -> None:
+    pair = Pair(busy_guest(seed=3))
+    pair.up.cut_when = lambda: pair.dst.phase is DestPhase.RUNNING
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMMITTING, 30.0)
+    src = pair.src
+    src.take_outgoing()
+    refusal = framing.envelope(
+        b"", 0, abort=pb.Abort(code=pb.ERROR_WRONG_SESSION, reason="no session of yours")
+    )
+    src.receive(framing.encode(refusal), pair.now)
+    assert src.phase is SourcePhase.FAILED and "destination refused after the commit" in str(src.failure)
+    assert [m for m in src.take_outgoing() if framing.decode(m.frames).kind == "abort"] == []
