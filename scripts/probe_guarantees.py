@@ -221,9 +221,9 @@ PROBES = [
     ),
     Probe(
         "demo: the guest does not advance on the destination",
-        "dest_node/daemon.py",
-        "        self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)\n        self.runner.start()\n",
-        "        self.runner = GuestRunner(workload, stop_at_step=self.options.stop_at_step)\n",
+        "dest_node/guest_host.py",
+        "        self.runner = GuestRunner(workload, stop_at_step=self.stop_at_step)\n        self.runner.start()\n",
+        "        self.runner = GuestRunner(workload, stop_at_step=self.stop_at_step)\n",
         ("tests/test_e2e_precopy.py::test_demo_runs_a_watchable_migration",),
     ),
     Probe(
