@@ -593,3 +593,4 @@ def test_the_hello_answer_grants_postcopy_only_to_a_postcopy_migration(mode: int
     [(_, answer)] = replies(dst)
     granted = pb.FEATURE_POSTCOPY in answer.envelope.hello_ack.features
     assert answer.envelope.hello_ack.accepted and granted == (mode == pb.MODE_POSTCOPY)
+    assert answer.envelope.hello_ack.channels == 0, "one connection: no parallel channels granted"

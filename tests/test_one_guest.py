@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from common.protocol.dest import DestParameters, DestSession
+from common.protocol.events import Finished
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
@@ -203,6 +204,7 @@ def test_an_answer_that_comes_after_the_source_gave_up_still_settles_the_handove
         and src.failure.code == pb.ERROR_TIMEOUT
         and "ctl settle" in src.failure.reason
     )
+    assert [e.status for e in pair.events if isinstance(e, Finished)] == ["unsettled"], "the daemon hears it"
     total = src.report(pair.now)["total_time_ms"]
     assert src.report(pair.now + 60.0)["total_time_ms"] == total, "the clock stopped when it gave up"
     late = framing.envelope(

@@ -699,3 +699,21 @@ def test_a_refusal_after_the_commit_is_not_answered() -> None:
     src.receive(framing.encode(refusal), pair.now)
     assert src.phase is SourcePhase.FAILED and "destination refused after the commit" in str(src.failure)
     assert [m for m in src.take_outgoing() if framing.decode(m.frames).kind == "abort"] == []
+
+
+def test_postcopy_after_a_negative_number_of_rounds_is_refused() -> None:
+    with pytest.raises(ValueError, match="postcopy after -1 rounds: must be 0 or more"):
+        MigrationParameters(postcopy=True, postcopy_after_rounds=-1).check()
+
+
+def test_a_refused_hello_is_not_answered_with_an_abort() -> None:
+    pair = Pair(
+        busy_guest(seed=3),
+        MigrationParameters(auth_token=b"wrong"),
+        DestParameters(auth_token=b"right"),
+        to_dest=Faults(tamper=lambda message: None),
+    ).run(max_seconds=10)
+    assert pair.src.phase is SourcePhase.FAILED and "destination refused the migration" in str(
+        pair.src.failure
+    )
+    assert "abort" not in pair.down.kinds
