@@ -594,3 +594,13 @@ def test_the_hello_answer_grants_postcopy_only_to_a_postcopy_migration(mode: int
     granted = pb.FEATURE_POSTCOPY in answer.envelope.hello_ack.features
     assert answer.envelope.hello_ack.accepted and granted == (mode == pb.MODE_POSTCOPY)
     assert answer.envelope.hello_ack.channels == 0, "one connection: no parallel channels granted"
+
+
+def test_a_resume_claiming_a_message_never_sent_is_refused_and_changes_nothing() -> None:
+    dst, host = receiving()
+    env = framing.envelope(dst.session_id, 0, resume=pb.Resume(epoch=2, last_received=dst.link.next_seq))
+    env.epoch = 2
+    dst.receive(PEER + b"-2", framing.encode(env), 1.0)
+    [(_, answer)] = replies(dst)
+    assert answer.kind == "abort" and "never sent" in answer.envelope.abort.reason
+    assert dst.phase is DestPhase.RECEIVING and dst.link.epoch == 1 and host.discarded == 0

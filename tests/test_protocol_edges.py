@@ -14,7 +14,7 @@ from common.protocol import phases
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.dest_admission import REMEMBERED_HANDOVERS, HandedOver
 from common.protocol.events import Reconnect
-from common.protocol.handshake import link_timeouts, source_hello
+from common.protocol.handshake import check_hello, link_timeouts, source_hello
 from common.protocol.params import SETTABLE, MigrationParameters, describe_parameters
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.postcopy import BACKGROUND_WINDOW
@@ -717,3 +717,44 @@ def test_a_refused_hello_is_not_answered_with_an_abort() -> None:
         pair.src.failure
     )
     assert "abort" not in pair.down.kinds
+
+
+def test_a_recover_long_after_the_last_word_gets_its_full_recover_time() -> None:
+    pair = pageless_postcopy()
+    src = pair.src
+    src._unsettled(pair.now, "no answer for a while", postcopy=True)
+    later = pair.now + 100.0
+    src.recover(later)
+    src.poll(later + 0.5)
+    assert src.phase is SourcePhase.POSTCOPY_PAUSED, "not given up at once for the old silence"
+
+
+def test_a_hello_without_the_token_the_destination_requires_is_refused() -> None:
+    hello = source_hello(busy_guest(), MigrationParameters(), "n")
+    refused = check_hello(hello, b"secret")
+    assert (
+        refused is not None and refused[0] == pb.ERROR_UNAUTHORIZED and "the source gave none" in refused[1]
+    )
+
+
+def test_a_recover_timeout_shorter_than_the_peer_timeout_is_refused() -> None:
+    with pytest.raises(ValueError, match="postcopy"):
+        MigrationParameters(postcopy_recover_timeout_s=1.0, peer_timeout_s=2.0).check()
+    assert MigrationParameters(postcopy_recover_timeout_s=2.0, peer_timeout_s=2.0).check()
+
+
+def test_a_slow_postcopy_that_keeps_placing_pages_is_not_a_stall() -> None:
+    """The stall bound is for a source that is heard and sends nothing; pages that trickle in
+    are progress, however long the whole takes."""
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
+    pair = Pair(
+        busy_guest(seed=3),
+        params,
+        DestParameters(max_source_wait_s=1.0),
+        to_dest=Faults(bandwidth=1e6),  # about 4 s for the guest's pages
+        guest_speed=100,
+        dest_steps=100_000,
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.ended, 30.0)
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.dst.failure is None and pair.elapsed > 2.0
