@@ -293,11 +293,21 @@ def test_the_window_is_filled_and_never_passed(channels: int) -> None:
         lanes=[Faults(seed=s, **slow) for s in (2, 3, 4)],
     )
     pair.src.start(pair.now)
+    take = pair.src.take_outgoing
+    numbered = []
+
+    def checked_take() -> list:
+        sent = take()
+        numbered.extend(m.seq == framing.decode(m.frames).envelope.seq for m in sent if m.bulk)
+        return sent
+
+    pair.src.take_outgoing = checked_take  # type: ignore[method-assign]
     most = 0
     while not pair.settled() and pair.elapsed < 30:
         pair.turn()
         most = max(most, pair.src.in_flight)
     assert pair.src.phase is SourcePhase.COMPLETED and pair.src.channels == channels
+    assert numbered and all(numbered), "each batch names its own number to the edge"
     assert most == pair.src.params.window, "the window filled, never more"
 
 
@@ -541,6 +551,8 @@ def test_a_resent_postcopy_batch_goes_out_again_as_bulk() -> None:
     src.link_side.resend(pending, pair.now)
     again = [m for m in src.take_outgoing() if framing.decode(m.frames).kind == "postcopy_pages"]
     assert len(again) == len(pending) and all(m.bulk for m in again)
+    asked_for = [framing.decode(m.frames).envelope.postcopy_pages.requested for m in again]
+    assert not any(asked_for), "background pages stay background when sent again"
 
 
 def test_a_round_report_carries_its_rate_and_throttle_rounded_for_reading() -> None:
