@@ -72,6 +72,7 @@ def test_postcopy_ends_as_the_unmigrated_run(seed: int, after_rounds: int) -> No
     assert report["mode"] == "postcopy" and min(1, after_rounds) <= report["rounds"] <= after_rounds
     dst = pair.dst.report(pair.now)
     assert dst["postcopy"]["pages_missing"] == 0
+    assert dst["rounds"] == report["rounds"] + 1, "the switchover's pass is the destination's last round"
     assert dst["status"] == "completed" and dst["error"] is None and pair.dst.failure is None
     latencies = pair.dst.postcopy.latencies_s  # type: ignore[union-attr]
     assert dst["postcopy"]["blocktime_ms"] == round(sum(latencies) * 1000.0, 3), "the guest's total wait"
@@ -372,6 +373,7 @@ def test_a_refusal_after_the_destination_ran_the_guest_never_resumes_it_here() -
     pair.src.receive(refusal(), pair.now)  # say, a stale resume answered by a restarted node
     assert pair.src.phase is SourcePhase.UNSETTLED and pair.src_host.resumes == 0
     assert "refused us" in pair.src.failure.reason  # type: ignore[union-attr]
+    assert "'ctl recover' if the destination lives on" in pair.src.failure.reason  # type: ignore[union-attr]
 
 
 def bitmap_never_arrives() -> Pair:

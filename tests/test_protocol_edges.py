@@ -327,6 +327,8 @@ def test_the_postcopy_background_stream_keeps_at_most_its_window_in_flight() -> 
             pc = src.postcopy
             if pc is not None and pc.background_left and src.in_flight < BACKGROUND_WINDOW:
                 assert src.next_deadline(pair.now) <= pair.now, "room and pages to send: due at once"
+            if pc is not None and not pc.urgent and src.in_flight >= BACKGROUND_WINDOW:
+                assert src.next_deadline(pair.now) > pair.now, "a full window: nothing to do at once"
     assert pair.src.phase is SourcePhase.COMPLETED
     assert most == min(BACKGROUND_WINDOW, pair.src.params.window)
     placed = pair.dst.postcopy
@@ -770,3 +772,36 @@ def test_a_slow_postcopy_that_keeps_placing_pages_is_not_a_stall() -> None:
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase.ended, 30.0)
     assert pair.src.phase is SourcePhase.COMPLETED and pair.dst.failure is None and pair.elapsed > 2.0
+
+
+def test_a_postcopy_destination_in_its_recover_time_only_once_the_source_stopped() -> None:
+    """Before the switchover the source can always resume its own guest: the destination keeps
+    the session for the reconnect timeout, not for the longer postcopy recovery."""
+    pair = Pair(
+        busy_guest(seed=3, working_set=4 << 20),
+        MigrationParameters(
+            postcopy=True, postcopy_after_rounds=3, max_bandwidth=1 << 20, postcopy_recover_timeout_s=90.0
+        ),
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    assert pair.dst.keep_for_s == pair.src.params.reconnect_timeout_s
+
+
+def wrong_bitmap_size(message: framing.Message) -> framing.Message | None:
+    if message.kind != "received_bitmap":
+        return None
+    env = pb.Envelope()
+    env.CopyFrom(message.envelope)
+    env.received_bitmap.page_count += 1
+    return framing.Message(env, message.payload)
+
+
+def test_a_received_bitmap_for_another_guest_size_is_an_error_never_a_resume() -> None:
+    params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
+    pair = Pair(
+        busy_guest(seed=3), params, to_source=Faults(tamper=wrong_bitmap_size, seed=1), guest_speed=100
+    )
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.ended, 10.0)
+    assert "received bitmap for" in str(pair.src.failure) and pair.src_host.resumes == 0
