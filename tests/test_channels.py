@@ -44,7 +44,7 @@ def test_held_messages_come_out_in_sequence_order_whatever_order_they_came_in(or
 def test_a_full_hold_refuses_and_a_gap_is_timed_from_its_first_message() -> None:
     hold = Reorder(limit=2)
     assert hold.hold(5, "a", 10.0, batch=True) and hold.hold(6, "b", 10.5, batch=True)
-    assert not hold.hold(7, "c", 11.0, batch=True), "a window of batches waiting means a loss"
+    assert hold.hold(7, "c", 11.0, batch=True) is False, "a window of batches waiting means a loss"
     assert hold.hold(6, "b again", 11.0, batch=True), "a resent copy replaces the held one"
     assert hold.waited(11.0) == 1.0
     hold.restart(11.5)
