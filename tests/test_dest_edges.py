@@ -83,3 +83,23 @@ def test_a_resume_claiming_a_message_never_sent_is_refused_and_changes_nothing()
     [(_, answer)] = replies(dst)
     assert answer.kind == "abort" and "never sent" in answer.envelope.abort.reason
     assert dst.phase is DestPhase.RECEIVING and dst.link.epoch == 1 and host.discarded == 0
+
+
+def parallel_receiving() -> DestSession:
+    dst, _ = receiving(features=[pb.FEATURE_MTE, pb.FEATURE_VERIFY, pb.FEATURE_MULTI_CHANNEL], channels=2)
+    assert dst.channels == 2
+    return dst
+
+
+def test_a_batch_ahead_on_parallel_channels_is_held_and_counted_as_a_batch() -> None:
+    dst = parallel_receiving()
+    dst.receive(PEER + b"D\x01", frames(3, ram_pages=pb.RamPages()), 0.5)
+    dst.receive(PEER, frames(4, end_of_round=pb.EndOfRound(round=1)), 0.5)
+    assert sorted(dst.reorder.held) == [3, 4] and dst.reorder.batches == 1
+
+
+def test_only_the_granted_channels_of_the_source_count_as_its_own() -> None:
+    dst = parallel_receiving()
+    assert dst.admission.from_source(PEER + b"D\x01")
+    assert not dst.admission.from_source(PEER + b"D\x00"), "channel 0 is the connection itself"
+    assert not dst.admission.from_source(PEER + b"D\x02"), "only two were granted"

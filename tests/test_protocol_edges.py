@@ -102,6 +102,9 @@ def test_both_sides_count_the_same_tag_traffic() -> None:
     ram_src, ram_dst = pair.src.report(pair.now)["ram"], pair.dst.report(pair.now)["ram"]
     assert ram_src["wire_bytes"] == ram_dst["wire_bytes"] > 0 and ram_src["pages"] == ram_dst["pages"]
     assert ram_src["zero_pages"] == ram_dst["zero_pages"] >= 8
+    assert pair.elapsed < 1.0 and pair.dst.report(pair.now)["throughput_bytes_per_s"] > 0, (
+        "short, yet measured"
+    )
 
 
 def test_the_control_round_trip_is_measured_for_the_downtime_estimate() -> None:
@@ -422,3 +425,16 @@ def test_a_hello_without_the_token_the_destination_requires_is_refused() -> None
     assert (
         refused is not None and refused[0] == pb.ERROR_UNAUTHORIZED and "the source gave none" in refused[1]
     )
+
+
+def test_a_destination_speaking_another_protocol_version_ends_the_migration_here() -> None:
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE)
+    src = pair.src
+    env = framing.envelope(src.session_id, src.link.received + 1, heartbeat=pb.Heartbeat())
+    env.epoch = src.link.epoch
+    env.protocol_version = 99
+    src.receive(framing.encode(env), pair.now)
+    assert src.phase is SourcePhase.FAILED and "the destination sent protocol version 99" in str(src.failure)
+    assert pair.src_host.running
