@@ -94,6 +94,7 @@ def parallel_receiving() -> DestSession:
 def test_a_batch_ahead_on_parallel_channels_is_held_and_counted_as_a_batch() -> None:
     dst = parallel_receiving()
     dst.receive(PEER + b"D\x01", frames(3, ram_pages=pb.RamPages()), 0.5)
+    assert dst.reorder.batches == 1
     dst.receive(PEER, frames(4, end_of_round=pb.EndOfRound(round=1)), 0.5)
     assert sorted(dst.reorder.held) == [3, 4] and dst.reorder.batches == 1
 
