@@ -59,10 +59,9 @@ def source_digest(path: str) -> str:
     return hashlib.blake2b(source_of(path).encode(), digest_size=8).hexdigest()
 
 
-def killed_before(journal: Path) -> dict[tuple[str, int], str]:
-    """What a journal says was killed, keyed by file and mutant index, for the files whose source
-    is unchanged since. Tests only ever kill more as they are added, so a mutant killed at the
-    same source stays killed; a survivor is judged again."""
+def journal_verdicts(journal: Path) -> dict[tuple[str, int], str]:
+    """The latest verdict a journal holds for each mutant, keyed by file and mutant index, for
+    the files whose source is unchanged since (a verdict on other code says nothing)."""
     found: dict[tuple[str, int], str] = {}
     if not journal.exists():
         return found
@@ -71,12 +70,18 @@ def killed_before(journal: Path) -> dict[tuple[str, int], str]:
             entry = json.loads(line)
         except ValueError:
             continue  # a line cut short by a stopped run
-        if not str(entry.get("result", "")).startswith("killed"):
-            continue
         path = entry["path"]
         if (ROOT / path).exists() and entry["source"] == source_digest(path):
-            found[(path, entry["index"])] = entry["result"]
+            found[(path, entry["index"])] = str(entry["result"])
     return found
+
+
+def killed_before(journal: Path) -> dict[tuple[str, int], str]:
+    """What a journal says was killed at the same source. Tests only ever kill more as they
+    are added, so a mutant killed at the same source stays killed; a survivor is judged again."""
+    return {
+        key: verdict for key, verdict in journal_verdicts(journal).items() if verdict.startswith("killed")
+    }
 
 
 def source_of(path: str) -> str:
@@ -514,6 +519,18 @@ def main() -> int:
         print(f"the fast tests do not pass unmutated ({plugin.failed}); fix them first", file=sys.stderr)
         return 2
     results = {**earlier, **plugin.results}
+    kept: dict[Mutant, str] = {}
+    if args.resume and args.journal:
+        # A resumed run stopped before it judged every survivor again: those keep the verdict
+        # the journal holds (survived), so the table still covers every mutant and can only
+        # understate what the tests kill.
+        latest = journal_verdicts(args.journal)
+        kept = {
+            m: latest[(m.path, m.index)] for m in mutants if m not in results and (m.path, m.index) in latest
+        }
+        if kept:
+            say(f"{len(kept)} mutants not judged again keep the journal's verdict")
+        results.update(kept)
     placeable = {m: r for m, r in results.items() if r != "not placeable"}
     per_file: dict[str, list[str]] = defaultdict(list)
     for m, r in placeable.items():
@@ -536,7 +553,8 @@ def main() -> int:
     print(
         f"({len(results) - len(placeable)} mutants could not be placed; {time.monotonic() - started:.0f} s"
         + (
-            f"; {len(earlier)} counted killed from the journal, {len(plugin.results)} run now)"
+            f"; {len(earlier)} counted killed from the journal, {len(plugin.results)} run now, "
+            f"{len(kept)} not run again kept the journal's verdict)"
             if earlier
             else ")"
         )
