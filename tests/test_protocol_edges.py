@@ -9,7 +9,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from common.constants import REFUSAL_ANSWERS_PER_S
+from common.constants import MAX_CHANNELS, REFUSAL_ANSWERS_PER_S
 from common.protocol import phases
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.dest_admission import REMEMBERED_HANDOVERS, HandedOver
@@ -86,6 +86,9 @@ def test_a_host_error_at_the_switchover_fails_the_migration_and_the_guest_runs_h
     assert failure.code == pb.ERROR_INTERNAL and "the source failed handling" in failure.reason
     assert "the vCPU thread did not stop" in failure.reason
     assert pair.src_host.running, "the guest never left this side"
+    dst_failure = pair.dst.failure
+    assert pair.dst.phase is DestPhase.FAILED and dst_failure is not None
+    assert "the vCPU thread did not stop" in dst_failure.reason, "the destination heard why, not a timeout"
 
 
 def test_both_sides_count_the_same_tag_traffic() -> None:
@@ -120,6 +123,8 @@ def test_zero_channels_is_refused() -> None:
     with pytest.raises(ValueError, match="channels 0 is outside 1"):
         MigrationParameters(channels=0).check()
     assert MigrationParameters(channels=1).check().channels == 1
+    with pytest.raises(ValueError, match=f"channels {MAX_CHANNELS + 1} is outside 1 .. {MAX_CHANNELS}"):
+        MigrationParameters(channels=MAX_CHANNELS + 1).check()
 
 
 def test_a_source_refused_mid_migration_sends_no_abort_back() -> None:
