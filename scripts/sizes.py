@@ -44,8 +44,8 @@ def over_the_limits() -> list[str]:
 
 
 def main() -> int:
-    for title, rows in (("module", modules()), ("class", classes())):
-        print(f"{'lines':>6}  largest {title}s")
+    for title, rows in (("modules", modules()), ("classes", classes())):
+        print(f"{'lines':>6}  largest {title}")
         for n, name in rows[:10]:
             print(f"{n:6}  {name}")
         print()
