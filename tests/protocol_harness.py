@@ -435,3 +435,28 @@ def pageless_postcopy(seed: int = 21, dest_params: DestParameters | None = None,
     pair.run_until(lambda: pair.dst.phase.value == "postcopy", 10.0)
     assert pair.dst.phase.value == "postcopy"
     return pair
+
+
+def capped_precopy(until: Callable[[Pair], bool]) -> Pair:
+    """A precopy of a 4 MiB working set capped at 1 MiB/s, several seconds long, run until
+    `until` holds: for tests that act on a migration in flight."""
+    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: until(pair))
+    return pair
+
+
+def altered(
+    kind: str, change: Callable[[pb.Envelope], None]
+) -> Callable[[framing.Message], framing.Message | None]:
+    """A Faults.tamper that changes every message of one kind in flight, through `change`."""
+
+    def tamper(message: framing.Message) -> framing.Message | None:
+        if message.kind != kind:
+            return None
+        env = pb.Envelope()
+        env.CopyFrom(message.envelope)
+        change(env)
+        return framing.Message(env, message.payload)
+
+    return tamper

@@ -30,7 +30,7 @@ from common.wire import mte_migration_pb2 as pb
 from dest_node.daemon import DestDaemon, DestOptions
 from dest_node.reading import drain, receive_one
 from tests.e2e import SMALL_GUEST, Dest, run_source
-from tests.protocol_harness import Faults, Pair, busy_guest, good_hello
+from tests.protocol_harness import Faults, Pair, altered, busy_guest, good_hello
 
 
 def test_a_flood_of_bad_messages_gets_a_bounded_number_of_answers() -> None:
@@ -177,17 +177,15 @@ def test_a_message_of_too_many_frames_is_refused_unread(tmp_path: Path) -> None:
         dest.ctx.term()
 
 
-def lying_ok(message: framing.Message) -> framing.Message | None:
+def says_ok(env: pb.Envelope) -> None:
     """A destination that answers 'ok' whatever it holds: its digests are not the source's."""
-    if message.kind != "verify_result":
-        return None
-    env = pb.Envelope()
-    env.CopyFrom(message.envelope)
     env.verify_result.ok = True
     env.verify_result.destination.ram_digest = b"\x00" * len(
         env.verify_result.destination.ram_digest or b"x" * 16
     )
-    return framing.Message(env, message.payload)
+
+
+lying_ok = altered("verify_result", says_ok)
 
 
 def test_the_source_checks_the_digests_itself_before_committing() -> None:

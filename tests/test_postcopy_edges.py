@@ -19,29 +19,25 @@ from common.wire import mte_migration_pb2 as pb
 from tests.protocol_harness import (
     Faults,
     Pair,
+    altered,
     busy_guest,
+    capped_precopy,
     pageless_postcopy,
     running_postcopy,
 )
 
 
-def wrong_source_digest(message: framing.Message) -> framing.Message | None:
-    """The verify request arrives saying the source holds other content than it sent."""
-    if message.kind != "verify_request":
-        return None
-    env = pb.Envelope()
-    env.CopyFrom(message.envelope)
+def zero_source_digest(env: pb.Envelope) -> None:
+    """The verify request says the source holds other content than it sent."""
     env.verify_request.source.ram_digest = bytes(len(env.verify_request.source.ram_digest or b"x" * 16))
-    return framing.Message(env, message.payload)
 
 
-def wrong_bitmap_size(message: framing.Message) -> framing.Message | None:
-    if message.kind != "received_bitmap":
-        return None
-    env = pb.Envelope()
-    env.CopyFrom(message.envelope)
+def one_page_more_in_the_bitmap(env: pb.Envelope) -> None:
     env.received_bitmap.page_count += 1
-    return framing.Message(env, message.payload)
+
+
+def one_page_more_to_start(env: pb.Envelope) -> None:
+    env.postcopy_start.page_count += 1
 
 
 @pytest.mark.parametrize("phase", [SourcePhase.COMPLETED, SourcePhase.POSTCOPY, SourcePhase.FAILED])
@@ -79,7 +75,12 @@ def test_a_withdrawal_the_destination_missed_is_said_again_when_it_speaks() -> N
 
 def test_a_postcopy_that_fails_verification_says_so_on_both_sides_and_nobody_calls_it_done() -> None:
     params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
-    pair = Pair(busy_guest(seed=3), params, to_dest=Faults(tamper=wrong_source_digest), guest_speed=2000)
+    pair = Pair(
+        busy_guest(seed=3),
+        params,
+        to_dest=Faults(tamper=altered("verify_request", zero_source_digest)),
+        guest_speed=2000,
+    )
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase.ended, max_seconds=20)
     dst = pair.dst.report(pair.now)
@@ -176,9 +177,7 @@ def test_a_taken_back_guest_is_recalled_a_few_times_a_second_and_only_to_its_ses
 
 
 def test_a_postcopy_page_on_the_urgent_connection_during_precopy_is_ignored() -> None:
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    pair = capped_precopy(lambda pair: pair.dst.phase is DestPhase.RECEIVING)
     dst = pair.dst
     stray = framing.envelope(dst.session_id, 0, postcopy_pages=pb.PostcopyPages())
     stray.epoch = dst.link.epoch
@@ -317,18 +316,11 @@ def test_a_postcopy_start_before_the_switchover_ends_the_incoming_migration() ->
     assert "postcopy start before the switchover and its manifest" in str(dst.failure)
 
 
-def wrong_page_count(message: framing.Message) -> framing.Message | None:
-    if message.kind != "postcopy_start":
-        return None
-    env = pb.Envelope()
-    env.CopyFrom(message.envelope)
-    env.postcopy_start.page_count += 1
-    return framing.Message(env, message.payload)
-
-
 def test_a_postcopy_start_for_another_guest_size_ends_the_incoming_migration() -> None:
     params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
-    pair = Pair(busy_guest(seed=3), params, to_dest=Faults(tamper=wrong_page_count))
+    pair = Pair(
+        busy_guest(seed=3), params, to_dest=Faults(tamper=altered("postcopy_start", one_page_more_to_start))
+    )
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.dst.phase is DestPhase.FAILED, 10.0)
     pages = pair.dst.guest.memory.page_count if pair.dst.guest is not None else 2048
@@ -397,7 +389,10 @@ def test_a_postcopy_destination_in_its_recover_time_only_once_the_source_stopped
 def test_a_received_bitmap_for_another_guest_size_is_an_error_never_a_resume() -> None:
     params = MigrationParameters(postcopy=True, postcopy_after_rounds=0)
     pair = Pair(
-        busy_guest(seed=3), params, to_source=Faults(tamper=wrong_bitmap_size, seed=1), guest_speed=100
+        busy_guest(seed=3),
+        params,
+        to_source=Faults(tamper=altered("received_bitmap", one_page_more_in_the_bitmap), seed=1),
+        guest_speed=100,
     )
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase.ended, 10.0)

@@ -23,6 +23,7 @@ from tests.protocol_harness import (
     Faults,
     Pair,
     busy_guest,
+    capped_precopy,
 )
 
 
@@ -130,9 +131,9 @@ def test_zero_channels_is_refused() -> None:
 def test_a_source_refused_mid_migration_sends_no_abort_back() -> None:
     """A refusal ends the migration here; answering it with an abort would start a ping-pong
     with a node that already said it holds no session of ours."""
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE and pair.dst.phase is DestPhase.RECEIVING)
+    pair = capped_precopy(
+        lambda pair: pair.src.phase is SourcePhase.ACTIVE and pair.dst.phase is DestPhase.RECEIVING
+    )
     pair.src.take_outgoing()
     refusal = framing.envelope(b"", 0, abort=pb.Abort(code=pb.ERROR_INTERNAL, reason="out of memory"))
     pair.src.receive(framing.encode(refusal), pair.now)
@@ -146,9 +147,7 @@ def test_a_source_refused_mid_migration_sends_no_abort_back() -> None:
 def test_one_channel_asks_again_for_a_gap_instead_of_holding_what_is_ahead() -> None:
     """Reordering is expected only across parallel channels; on one connection a message ahead
     means one was lost: ask for it at once."""
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    pair = capped_precopy(lambda pair: pair.dst.phase is DestPhase.RECEIVING)
     dst = pair.dst
     ahead = framing.envelope(dst.session_id, dst.link.received + 2, heartbeat=pb.Heartbeat())
     ahead.epoch = dst.link.epoch
@@ -295,9 +294,7 @@ def test_the_hello_asks_for_parallel_channels_only_when_there_are_several() -> N
 
 def test_an_unsequenced_resume_ack_at_the_destination_ends_the_session() -> None:
     """Only a destination answers a resume: one arriving there is a broken or hostile source."""
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING)
+    pair = capped_precopy(lambda pair: pair.dst.phase is DestPhase.RECEIVING)
     dst = pair.dst
     odd = framing.envelope(dst.session_id, 0, resume_ack=pb.ResumeAck(epoch=dst.link.epoch))
     odd.epoch = dst.link.epoch
@@ -337,9 +334,7 @@ def test_a_node_remembers_its_latest_handovers_and_forgets_the_oldest() -> None:
 
 
 def test_a_source_asks_again_for_what_the_destination_sent_before_a_message_ahead() -> None:
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.dst.phase is DestPhase.RECEIVING and pair.src.link.received >= 1)
+    pair = capped_precopy(lambda pair: pair.dst.phase is DestPhase.RECEIVING and pair.src.link.received >= 1)
     src = pair.src
     src.take_outgoing()
     ahead = framing.envelope(src.session_id, src.link.received + 2, heartbeat=pb.Heartbeat())
@@ -353,9 +348,7 @@ def test_a_source_asks_again_for_what_the_destination_sent_before_a_message_ahea
 def test_a_stray_refusal_of_a_hello_after_the_setup_changes_nothing() -> None:
     """A hello refusal answers a hello: once the migration runs, one arriving (a duplicate of an
     old answer, or forged) is no word on this migration."""
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE)
+    pair = capped_precopy(lambda pair: pair.src.phase is SourcePhase.ACTIVE)
     stray = framing.envelope(pair.src.session_id, 0, hello_ack=pb.HelloAck(accepted=False, reason="busy"))
     pair.src.receive(framing.encode(stray), pair.now)
     assert pair.src.phase is SourcePhase.ACTIVE and pair.src.failure is None
@@ -381,9 +374,7 @@ def test_a_source_counts_the_damaged_messages_it_asked_again_for() -> None:
 
 
 def test_a_source_asks_at_once_for_a_message_that_arrived_damaged() -> None:
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE and pair.src.link.received >= 1)
+    pair = capped_precopy(lambda pair: pair.src.phase is SourcePhase.ACTIVE and pair.src.link.received >= 1)
     src = pair.src
     src.take_outgoing()
     env = framing.envelope(src.session_id, src.link.received + 1, heartbeat=pb.Heartbeat())
@@ -433,9 +424,7 @@ def test_a_hello_without_the_token_the_destination_requires_is_refused() -> None
 
 
 def test_a_destination_speaking_another_protocol_version_ends_the_migration_here() -> None:
-    pair = Pair(busy_guest(seed=3, working_set=4 << 20), MigrationParameters(max_bandwidth=1 << 20))
-    pair.src.start(pair.now)
-    pair.run_until(lambda: pair.src.phase is SourcePhase.ACTIVE)
+    pair = capped_precopy(lambda pair: pair.src.phase is SourcePhase.ACTIVE)
     src = pair.src
     env = framing.envelope(src.session_id, src.link.received + 1, heartbeat=pb.Heartbeat())
     env.epoch = src.link.epoch
