@@ -20,6 +20,7 @@ from common.guest.workload import Workload, WorkloadConfig, boot
 from common.outgoing import least_loaded, unacknowledged
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import Reconnect
+from common.protocol.outbound import Outbound
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceSession
 from common.wire import framing
@@ -460,3 +461,18 @@ def altered(
         return framing.Message(env, message.payload)
 
     return tamper
+
+
+def bulk_numbering(pair: Pair) -> list[bool]:
+    """From now on, for every bulk message the source hands its edge: does the sequence number
+    it names match the one inside its envelope? (The edge picks a channel by that number.)"""
+    seen: list[bool] = []
+    take = pair.src.take_outgoing
+
+    def checked_take() -> list[Outbound]:
+        sent = take()
+        seen.extend(m.seq == framing.decode(m.frames).envelope.seq for m in sent if m.bulk)
+        return sent
+
+    pair.src.take_outgoing = checked_take  # type: ignore[method-assign]
+    return seen

@@ -20,6 +20,7 @@ from tests.protocol_harness import (
     Faults,
     Pair,
     altered,
+    bulk_numbering,
     busy_guest,
     capped_precopy,
     pageless_postcopy,
@@ -235,15 +236,7 @@ def test_a_postcopy_destination_that_receives_pages_does_not_repeat_its_bitmap()
         dest_steps=100_000,
     )
     pair.up.faults = Faults(tamper=lambda message: None, seed=1)
-    outbound_seqs_match = []
-    take = pair.src.take_outgoing
-
-    def checked_take() -> list:
-        sent = take()
-        outbound_seqs_match.extend(m.seq == framing.decode(m.frames).envelope.seq for m in sent if m.bulk)
-        return sent
-
-    pair.src.take_outgoing = checked_take  # type: ignore[method-assign]
+    outbound_seqs_match = bulk_numbering(pair)
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
     assert pair.src.phase is SourcePhase.COMPLETED and pair.elapsed > 3.0

@@ -22,6 +22,7 @@ from tests.protocol_harness import (
     FakeDestHost,
     Faults,
     Pair,
+    bulk_numbering,
     busy_guest,
     capped_precopy,
 )
@@ -200,15 +201,7 @@ def test_the_window_is_filled_and_never_passed(channels: int) -> None:
         lanes=[Faults(seed=s, **slow) for s in (2, 3, 4)],
     )
     pair.src.start(pair.now)
-    take = pair.src.take_outgoing
-    numbered = []
-
-    def checked_take() -> list:
-        sent = take()
-        numbered.extend(m.seq == framing.decode(m.frames).envelope.seq for m in sent if m.bulk)
-        return sent
-
-    pair.src.take_outgoing = checked_take  # type: ignore[method-assign]
+    numbered = bulk_numbering(pair)
     most = 0
     while not pair.settled() and pair.elapsed < 30:
         pair.turn()
