@@ -11,6 +11,9 @@ TAG_MASK = 0xF
 # Two 4-bit tags per byte: the layout the kernel keeps and the one on our wire.
 PACKED_TAG_BYTES_PER_PAGE = GRANULES_PER_PAGE // 2  # 128
 PAGE_STATE_BYTES = PAGE_SIZE + PACKED_TAG_BYTES_PER_PAGE  # a page's data and its tags
+# QEMU TCG keeps tags in a RAM block of their own, dirty-tracked per 4 KiB of it: the tags of
+# this many data pages (4096 bytes / 128 bytes of packed tags per page).
+TCG_TAG_GROUP_PAGES = PAGE_SIZE // PACKED_TAG_BYTES_PER_PAGE
 
 MIN_RAM_BYTES = 1 << 20
 MAX_RAM_BYTES = 16 << 30

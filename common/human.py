@@ -97,6 +97,22 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
             f"tags: {tags['sections']} pages' tags ({tags['untagged_pages']} untagged){skipped}, "
             f"{_size(tags['wire_bytes'])} on the wire"
         )
+    model = report.get("dirty_model")
+    if model:
+        line = f"dirty model: {model['model']}, {model['dirty_pages']} dirty pages in {model['syncs']} syncs"
+        if model["compared_pages"]:
+            line += (
+                f"; compared with what was sent: {model['changed_tags_only']} tags only, "
+                f"{model['changed_data_only']} data only, {model['changed_both']} both, "
+                f"{model['changed_neither']} unchanged, {_ms(model['compare_ms'])}"
+            )
+        lines.append(line)
+    ioctl = report.get("tag_ioctl")
+    if ioctl:
+        lines.append(
+            f"tag copies (KVM_ARM_MTE_COPY_TAGS): {ioctl['calls']} calls, {_size(ioctl['bytes_from_guest'])} "
+            f"from the guest, {_size(ioctl['bytes_to_guest'])} to it"
+        )
     link = report.get("link")
     if link:
         reconnects = link.get("reconnects", link.get("resumes", 0))
@@ -121,5 +137,9 @@ def _transfer_lines(report: dict[str, Any]) -> list[str]:
             if verification.get("tag_digest")
             else f"manifest {verification.get('ram_digest')}"
         )
-        lines.append(f"verification: {verdict} ({what}, vcpu {verification.get('vcpu_digest')})")
+        repaired = verification.get("repaired_pages")
+        lines.append(
+            f"verification: {verdict} ({what}, vcpu {verification.get('vcpu_digest')})"
+            + (f"; {repaired} pages found different and sent again" if repaired else "")
+        )
     return lines

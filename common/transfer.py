@@ -91,7 +91,9 @@ def encode_batch(
             mem.pages, pages, use_lz4=use_lz4, round_no=round_no, borrow=borrow
         )
         return OutgoingBatch(kind, pages, body, payload, stats)
-    tbody, tpayload, tstats = encode_tag_sections(mem.page_tags, pages, use_lz4=use_lz4, round_no=round_no)
+    tbody, tpayload, tstats = encode_tag_sections(
+        None, pages, use_lz4=use_lz4, round_no=round_no, rows=mem.tag_ioctl.read_pages(pages)
+    )
     return OutgoingBatch(kind, pages, tbody, tpayload, tstats)
 
 
@@ -124,9 +126,17 @@ def apply_tag_sections(mem: GuestMemory, msg: pb.TagSections, payload: Buffer) -
     """Check a batch of tag sections from a peer, then place it; returns what was placed."""
     decoded = decode_tag_sections(msg, payload, mem.page_count)
     with mem.lock:
-        mem.place_tags(decoded.indices, decoded.rows)
-        mem.page_tags[decoded.zero] = 0
+        place_tags(mem, decoded.indices, decoded.rows, decoded.zero)
     return decoded
+
+
+def place_tags(mem: GuestMemory, pages: Indices, rows: npt.NDArray[np.uint8], untagged: Indices) -> None:
+    """Tags a peer sent, placed through the KVM_ARM_MTE_COPY_TAGS edge: `rows` into `pages`,
+    zeros into the `untagged` pages that may hold tags (a page never tagged holds zeros)."""
+    mem.tag_ioctl.write_pages(pages, rows)
+    retagged = untagged[mem.tags_populated[untagged]]
+    if retagged.size:
+        mem.tag_ioctl.write_pages(retagged, np.zeros((retagged.size, PACKED_TAG_BYTES_PER_PAGE), np.uint8))
 
 
 def vcpu_to_proto(vcpu: VcpuState) -> pb.VcpuState:

@@ -23,6 +23,7 @@ from common.cli_types import endpoint, non_negative, positive, size, version_tex
 from common.constants import HEARTBEAT_INTERVAL_S, MAX_CHANNELS, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
 from common.control import ControlError
 from common.ctl import ctl_main
+from common.guest.dirtylog import DirtyModel
 from common.guest.memory import check_ram_size
 from common.guest.runner import GuestRunner
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
@@ -78,6 +79,14 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="N",
         help="workload pace in steps per second; 0 = as fast as it can (default 0)",
+    )
+    guest.add_argument(
+        "--device-period",
+        type=non_negative(int),
+        default=8,
+        metavar="N",
+        help="a virtio-like device writes one page of guest RAM from the host side every N steps; "
+        "0 = no device (default 8)",
     )
     guest.add_argument(
         "--stop-at-step",
@@ -140,7 +149,23 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"connections that carry page and tag batches, N batches at a time encoded side by side "
         f"in N threads (QEMU's multifd channels; 1 .. {MAX_CHANNELS}, default 1)",
     )
+    mig.add_argument(
+        "--dirty-model",
+        choices=[m.value for m in DirtyModel],
+        default=DirtyModel.KVM.value,
+        help="what this host shows of dirty pages: kvm = one bit per page for data and tag stores alike, "
+        "the source compares with what it sent; tcg = data per page, tags per 32-page group (QEMU's tag "
+        "block); split = data and tags apart, an ideal no host gives (default kvm)",
+    )
+    mig.add_argument(
+        "--verify-rehash",
+        action="store_true",
+        help="the verification hashes this guest's whole written memory at the stop, catching writes "
+        "no dirty log saw (costs about 70 ms of downtime per GiB written)",
+    )
     mig.add_argument("--no-lz4", action="store_true", help="never compress pages (lz4 is used where it pays)")
+    # test builds: the device forgets to mark its writes dirty (see common/guest/device.py)
+    mig.add_argument("--debug-device-forgets", action="store_true", help=argparse.SUPPRESS)
     mig.add_argument(
         "--auth-token",
         default=os.environ.get("MTE_MIGRATION_TOKEN", ""),
@@ -186,6 +211,7 @@ def workload_config(args: argparse.Namespace) -> WorkloadConfig:
         tag_only_share=args.tag_only_share,
         steps_per_second=args.steps_per_second,
         fill=Fill(args.fill),
+        device_period=args.device_period,
     )
 
 
@@ -203,6 +229,8 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
         postcopy_after_rounds=args.postcopy_after_rounds,
         postcopy_recover_timeout_s=max(args.postcopy_recover_timeout, args.peer_timeout),
         channels=args.channels,
+        dirty_model=DirtyModel(args.dirty_model),
+        verify_rehash=args.verify_rehash,
     )
 
 
@@ -318,7 +346,8 @@ def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         print(f"source-node: {exc}", file=sys.stderr)
         return 2
     guest = boot(args.ram, workload_config(args))
-    runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
+    workload = Workload(guest, device_marks_dirty=not args.debug_device_forgets)
+    runner = GuestRunner(workload, stop_at_step=args.stop_at_step)
     options = SourceOptions(
         params=migration_parameters(args),
         control=args.control,

@@ -20,6 +20,7 @@ from typing import Any
 
 from common.cli_types import non_negative, size
 from common.control import request
+from common.guest.dirtylog import DirtyModel
 from common.human import describe
 from common.units import format_size
 
@@ -84,6 +85,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--seed", type=non_negative(int), default=7, metavar="N", help="workload seed (default 7)"
     )
     parser.add_argument(
+        "--dirty-model",
+        choices=[m.value for m in DirtyModel],
+        default=DirtyModel.KVM.value,
+        help="what the source's host shows of dirty pages: kvm, tcg or split (default kvm; "
+        "`source-node --help` says what each means)",
+    )
+    parser.add_argument(
         "--keep",
         metavar="DIR",
         help="write both reports into DIR and keep them (default: a temporary folder, removed at the end)",
@@ -119,6 +127,7 @@ def _source_arguments(args: argparse.Namespace, listen: str, report: str | None 
     return [
         "--ram", str(args.ram), "--seed", str(args.seed), "--working-set", str(args.working_set),
         "--dirty-pages-per-step", str(args.dirty_pages_per_step), "--downtime-limit", str(args.downtime_limit),
+        "--dirty-model", args.dirty_model,
         "--migrate-to", listen, "--log-level", "warning", *(["--report", report] if report else []),
     ]  # fmt: skip
 

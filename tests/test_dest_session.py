@@ -432,7 +432,7 @@ def postcopy_running(recover_ms: int = 3000) -> tuple[DestSession, GuestMemory, 
 
 def answer(src: GuestMemory, pages: list[int], seq: int, requested: bool) -> list[Any]:
     body, payload, _ = encode_postcopy_pages(
-        src.pages, src.page_tags, np.asarray(pages, dtype=np.int64), use_lz4=False, requested=requested
+        src.pages, src.page_tags[pages], np.asarray(pages, dtype=np.int64), use_lz4=False, requested=requested
     )
     return frames(seq, received=1, payload=payload, postcopy_pages=body)
 
@@ -499,7 +499,7 @@ def test_a_malformed_stream_batch_in_postcopy_is_refused_acknowledged_and_asked_
     dst, src, seq = postcopy_running()
     replies(dst)
     body, payload, _ = encode_postcopy_pages(
-        src.pages, src.page_tags, np.asarray([3], dtype=np.int64), use_lz4=False, requested=False
+        src.pages, src.page_tags[[3]], np.asarray([3], dtype=np.int64), use_lz4=False, requested=False
     )
     dst.receive(PEER, frames(seq, received=1, payload=payload[:-7], postcopy_pages=body), 0.2)
     assert dst.phase is DestPhase.POSTCOPY and dst.refused_messages == 1 and dst.last_refusal

@@ -55,7 +55,7 @@ def test_a_copy_that_fails_the_manifest_is_asked_for_again_at_once() -> None:
     damaged = mem.pages.copy()
     damaged[page] = data[0]
     body, payload, _ = encode_postcopy_pages(
-        damaged, mem.page_tags, np.array([page]), use_lz4=False, requested=True
+        damaged, mem.page_tags[[page]], np.array([page]), use_lz4=False, requested=True
     )
     dst.take_outgoing()
     envelope = framing.envelope(dst.session_id, 0, postcopy_pages=body)

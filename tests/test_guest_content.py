@@ -20,7 +20,7 @@ from common.protocol.dest import DestParameters
 from dest_node.daemon import DestDaemon, DestOptions
 
 # (field index in the control block, value, what the refusal says)
-_CONTROL = struct.Struct("<8sQQQQQdQQQQQQ")
+_CONTROL = struct.Struct("<8sQQQQQdQQQQQQQ")
 
 
 def guest_with_control(index: int, value: float | int) -> Guest:

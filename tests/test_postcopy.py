@@ -181,7 +181,7 @@ def test_a_page_the_destination_wrote_is_never_overwritten_by_a_late_copy() -> N
 @pytest.mark.parametrize("encoding", [pb.PAGE_RAW, pb.PAGE_LZ4])
 def test_a_damaged_copy_is_asked_for_again_never_shown(encoding: int) -> None:
     """A raw page with a flipped byte still decodes: only the manifest catches it. A flipped
-    byte in an lz4 page makes the batch malformed: it is refused and its pages asked again.
+    token in an lz4 page makes the batch malformed: it is refused and its pages asked again.
     Either way the checksum was made valid again, so the link layer cannot tell."""
     flipped: list[int] = []
 
@@ -193,7 +193,9 @@ def test_a_damaged_copy_is_asked_for_again_never_shown(encoding: int) -> None:
         for page, kind, length in zip(*(a.tolist() for a in batch_arrays("", data)), strict=True):
             if kind == encoding:
                 payload = bytearray(bytes(message.payload))
-                payload[offset + length // 2] ^= 0xFF
+                # raw: a byte inside the page; lz4: its first token, so the stream no longer decodes
+                # (a flipped literal byte would decode, and be caught as the raw page is)
+                payload[offset + (length // 2 if encoding == pb.PAGE_RAW else 0)] ^= 0xFF
                 flipped.append(int(page))
                 return framing.Message(message.envelope, bytes(payload))
             offset += length

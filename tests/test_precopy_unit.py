@@ -7,6 +7,7 @@ import pytest
 
 from common.constants import PAGE_SIZE
 from common.guest.digest import DigestCache
+from common.guest.dirtylog import DirtyModel
 from common.guest.memory import GuestMemory
 from common.protocol.params import MigrationParameters
 from common.protocol.precopy import Precopy, Verdict
@@ -65,14 +66,24 @@ def test_before_round_one_nothing_is_claimed() -> None:
     )
 
 
-def test_round_one_sends_every_written_page_and_counts_the_rest_as_free() -> None:
+@pytest.mark.parametrize(
+    ("model", "tag_pages"),
+    [
+        (DirtyModel.SPLIT, [7]),  # the tags ever written
+        (DirtyModel.KVM, [3, 7]),  # the tags of every backed page: which hold tags, only a read says
+        (DirtyModel.TCG, list(range(32))),  # the 4 KiB of QEMU's tag block that holds page 7's
+    ],
+)
+def test_round_one_sends_every_written_page_and_counts_the_rest_as_free(
+    model: DirtyModel, tag_pages: list[int]
+) -> None:
     mem = GuestMemory(1 << 20)  # 256 pages
     mem.write(3 * PAGE_SIZE, b"x")
     mem.set_tags(7 * PAGE_SIZE, 16, 1)
-    pre = Precopy(mem, DigestCache(mem))
-    assert pre.first_round(5.0) == (255, 255)
+    pre = Precopy(mem, DigestCache(mem), model)
+    assert pre.first_round(5.0) == (255, 256 - len(tag_pages))
     assert pre.round == 1 and pre.t_round == 5.0
-    assert pre.pass_ is not None and pre.pass_.data.tolist() == [3] and pre.pass_.tags.tolist() == [7]
+    assert pre.pass_ is not None and pre.pass_.data.tolist() == [3] and pre.pass_.tags.tolist() == tag_pages
     assert pre.digests.stale_pages > 0, "what round 1 sends is marked for hashing"
 
 

@@ -78,7 +78,7 @@ def test_guest_stops_only_when_the_destination_has_caught_up() -> None:
 
 
 def test_tag_only_workload_resends_tag_sections_not_pages() -> None:
-    guest = busy_guest(seed=3, tag_only_share=1.0, dirty_pages_per_step=4)
+    guest = busy_guest(seed=3, tag_only_share=1.0, dirty_pages_per_step=4, device_period=0)
     pair = Pair(guest, guest_speed=2000, params=MigrationParameters(downtime_limit_ms=0.001)).run(
         max_seconds=0.06
     )

@@ -9,6 +9,8 @@ from typing import Any
 import pytest
 
 from common.constants import PAGE_SIZE
+from common.guest.dirtylog import DirtyCounts, DirtyModel
+from common.guest.tag_ioctl import TagCopyCounters
 from common.protocol.link import LinkStats
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.reports import dest_report, source_report
@@ -34,22 +36,29 @@ def source(**overrides: Any) -> Any:
             pass_=SimpleNamespace(remaining_bytes=5 * PAGE_SIZE + 100),
             expected_downtime_s=0.0421234,
             dirty_pages_rate=12.34,
+            log=SimpleNamespace(
+                counts=DirtyCounts(syncs=3, dirty_pages=40, tags_only=30, compare_s=0.0012345)
+            ),
         ),
         meter=SimpleNamespace(rate=lambda: 2048.0),
         round_records=[],
         dest_missing=None,
         link=SimpleNamespace(epoch=3, stats=LinkStats(resent=4, resend_requests=5, corrupt=6, resumes=2)),
         channels=2,
-        params=SimpleNamespace(downtime_limit_ms=300.0, postcopy=False),
+        params=SimpleNamespace(downtime_limit_ms=300.0, postcopy=False, dirty_model=DirtyModel.KVM),
         postcopy=None,
         t_dest_running=None,
         round=7,
         throttle=0.12345,
         stats=stats,
-        mem=SimpleNamespace(ram_bytes=1 << 30),
+        mem=SimpleNamespace(
+            ram_bytes=1 << 30, tag_ioctl=SimpleNamespace(counters=TagCopyCounters(5, 1280, 0))
+        ),
         timeline=[("setup done", 0.25), ("guest stopped", 0.0001234)],
         verified=True,
-        verifier=SimpleNamespace(dest_digests={"ram": "aa"}, source_digests={"ram": "bb"}),
+        verifier=SimpleNamespace(
+            dest_digests={"ram": "aa"}, source_digests={"ram": "bb"}, repaired_pages=2, rehashed_pages=9
+        ),
         mismatched_pages=[],
     )
     for name, value in overrides.items():
@@ -83,6 +92,19 @@ def test_the_source_report_computes_each_field() -> None:
         {"event": "guest stopped", "at_ms": 0.123},
     ], "in the order it happened, as recorded"
     assert report["verification"]["ram_digest"] == "aa", "the destination's digests, once it answered"
+    assert (report["verification"]["repaired_pages"], report["verification"]["rehashed_pages"]) == (2, 9)
+    assert report["dirty_model"] == {
+        "model": "kvm",
+        "syncs": 3,
+        "dirty_pages": 40,
+        "changed_data_only": 0,
+        "changed_tags_only": 30,
+        "changed_both": 0,
+        "changed_neither": 0,
+        "compared_pages": 0,
+        "compare_ms": 1.234,
+    }
+    assert report["tag_ioctl"] == {"calls": 5, "bytes_from_guest": 1280, "bytes_to_guest": 0}
 
 
 def test_the_source_report_while_running_and_after_a_failure() -> None:
@@ -98,7 +120,12 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
     assert running["rate_bytes_per_s"] == 2048
     # a 1 MiB guest is 256 pages x (4096 + 128) bytes = 1081344; 5 pages and 100 bytes left of it
     small = source_report(
-        source(phase=SourcePhase.ACTIVE, t_end=None, mem=SimpleNamespace(ram_bytes=1 << 20)), now=100.5
+        source(
+            phase=SourcePhase.ACTIVE,
+            t_end=None,
+            mem=SimpleNamespace(ram_bytes=1 << 20, tag_ioctl=SimpleNamespace(counters=TagCopyCounters())),
+        ),
+        now=100.5,
     )
     assert small["progress_percent"] == 98.0, "98.09...% rounded down"
     failed = source_report(
@@ -116,10 +143,22 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
         (SourcePhase.SWITCHOVER, "active"),
     ):
         assert source_report(source(phase=phase), now=500.0)["status"] == status
-    asked = source(verifier=SimpleNamespace(dest_digests=None, source_digests={"ram": "bb"}))
+    asked = source(
+        verifier=SimpleNamespace(
+            dest_digests=None, source_digests={"ram": "bb"}, repaired_pages=0, rehashed_pages=0
+        )
+    )
     assert source_report(asked, now=500.0)["verification"]["ram_digest"] == "bb"
     nothing_left = source_report(
-        source(precopy=SimpleNamespace(pass_=None, expected_downtime_s=None, dirty_pages_rate=0.0)), now=500.0
+        source(
+            precopy=SimpleNamespace(
+                pass_=None,
+                expected_downtime_s=None,
+                dirty_pages_rate=0.0,
+                log=SimpleNamespace(counts=DirtyCounts()),
+            )
+        ),
+        now=500.0,
     )
     assert nothing_left["remaining_bytes"] == 0 and nothing_left["expected_downtime_ms"] is None
     instant = source_report(source(t_end=100.0), now=100.0)
@@ -138,7 +177,11 @@ def dest(**overrides: Any) -> Any:
         failure=None,
         rounds=4,
         stats=TransferStats(ram_bytes=EDGE_BYTES - 600, tag_bytes=600, other_bytes=10_000),
-        guest=SimpleNamespace(memory=SimpleNamespace(ram_bytes=1 << 30)),
+        guest=SimpleNamespace(
+            memory=SimpleNamespace(
+                ram_bytes=1 << 30, tag_ioctl=SimpleNamespace(counters=TagCopyCounters(7, 0, 1792))
+            )
+        ),
         refused_messages=2,
         link=SimpleNamespace(
             epoch=2, stats=LinkStats(resent=1, resend_requests=2, corrupt=3, resumes=1, reordered=7)
@@ -184,6 +227,7 @@ def test_the_destination_report_computes_each_field() -> None:
         "vcpu_digest": "ee",
         "mismatched_pages": [],
     }
+    assert report["tag_ioctl"] == {"calls": 7, "bytes_from_guest": 0, "bytes_to_guest": 1792}
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ a lint: a change that grows a god class again fails the suite, not a later read.
 from __future__ import annotations
 
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -47,3 +48,34 @@ def test_every_guarantee_probe_still_finds_the_code_it_breaks() -> None:
         del sys.modules["probes"]
     stale = [p.name for p in probes.PROBES if p.original not in (ROOT / p.path).read_text()]
     assert len(probes.PROBES) >= 39 and stale == []
+
+
+# What the daemons may not touch: the guest's packed tag storage and the per-granule tag
+# instructions are the emulated hardware's. A KVM VMM reaches tags only through
+# KVM_ARM_MTE_COPY_TAGS, so the daemons do too (common/guest/tag_ioctl.py), and every tag they
+# read or write is counted in the report.
+_HARDWARE_TAG_ACCESS = re.compile(
+    r"\.(page_tags|tag_bytes\[|set_tags\(|get_tag\(|granule_tags\(|place_tags\(|read_tags_packed|write_tags_packed)"
+)
+_VMM_SIDE = [
+    "common/protocol",
+    "common/wire",
+    "common/transfer.py",
+    "common/outgoing.py",
+    "common/guest/digest.py",
+    "common/guest/dirtylog.py",
+    "dest_node",
+    "source_node",
+]
+
+
+def test_the_daemons_reach_tags_only_through_the_kvm_interface() -> None:
+    found = []
+    for part in _VMM_SIDE:
+        path = ROOT / part
+        for module in sorted(path.rglob("*.py") if path.is_dir() else [path]):
+            for number, line in enumerate(module.read_text().splitlines(), 1):
+                if _HARDWARE_TAG_ACCESS.search(line) and not line.lstrip().startswith("#"):
+                    found.append(f"{module.relative_to(ROOT)}:{number}: {line.strip()}")
+    assert found == []
+    assert _HARDWARE_TAG_ACCESS.search("rows = mem.page_tags[pages]"), "the rule sees a direct read"

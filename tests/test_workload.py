@@ -54,7 +54,7 @@ def test_faults_are_provoked_in_every_checking_mode() -> None:
 
 
 def test_tag_only_steps_change_tags_but_not_data() -> None:
-    guest = boot(RAM, WorkloadConfig(seed=3, working_set_bytes=1 << 20, tag_only_share=1.0))
+    guest = boot(RAM, WorkloadConfig(seed=3, working_set_bytes=1 << 20, tag_only_share=1.0, device_period=0))
     guest.memory.dirty_sync()
     Workload(guest).run(20)
     sync = guest.memory.dirty_sync()

@@ -14,6 +14,7 @@ digests name the pages at fault after a mismatch.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,10 +55,18 @@ class _Leaves:
     of leaves per table stay unallocated where its pages are. (A page whose real digest is 0,
     one chance in 2^64, counts as empty on both sides alike.)"""
 
-    def __init__(self, table: npt.NDArray[np.uint8], populated: npt.NDArray[np.bool_], empty: int) -> None:
+    def __init__(
+        self,
+        table: npt.NDArray[np.uint8] | Callable[[npt.NDArray[np.int64]], npt.NDArray[np.uint8]],
+        populated: npt.NDArray[np.bool_],
+        empty: int,
+    ) -> None:
+        """`table`: the rows (page_count, width), read in place, or how this side reads the
+        rows of given pages where it may not read them in place (tags: through the
+        KVM_ARM_MTE_COPY_TAGS edge)."""
         self.table = table
         self.empty = np.uint64(empty)
-        pages = table.shape[0]
+        pages = populated.size
         self.leaves = np.zeros(pages, dtype=np.uint64)  # calloc: untouched pages cost nothing
         self.stale = populated.copy()
         self.stale_count = int(np.count_nonzero(self.stale))
@@ -100,8 +109,17 @@ class _Leaves:
         if not self.stale_count:
             return 0
         pending = np.flatnonzero(self.stale)
-        self.record(pending, table_digests(self.table, pending))
+        if callable(self.table):
+            self.record(pending, row_digests(self.table(pending)))
+        else:
+            self.record(pending, table_digests(self.table, pending))
         return int(pending.size)
+
+    def known(self, pages: npt.NDArray[np.int64]) -> tuple[U64Array, npt.NDArray[np.bool_]]:
+        """The leaves of `pages` (the digests of what was last sent or checked) and which of
+        them are stale (to be hashed again: not known)."""
+        leaves = self.leaves[pages]
+        return np.where(leaves == 0, self.empty, leaves), self.stale[pages]
 
     def of(self, first: int, count: int) -> U64Array:
         """The real digests of pages [first, first + count)."""
@@ -142,7 +160,7 @@ class DigestCache:
     def __init__(self, mem: GuestMemory) -> None:
         self.mem = mem
         self.ram = _Leaves(mem.pages, mem.data_populated, ZERO_PAGE_DIGEST)
-        self.tags = _Leaves(mem.page_tags, mem.tags_populated, UNTAGGED_DIGEST)
+        self.tags = _Leaves(mem.tag_ioctl.read_pages, mem.tags_populated, UNTAGGED_DIGEST)
 
     def mark(self, data_pages: npt.ArrayLike, tag_pages: npt.ArrayLike) -> None:
         self.ram.mark(data_pages)
@@ -211,8 +229,9 @@ def page_manifest(mem: GuestMemory) -> tuple[U64Array, U64Array]:
     tags = np.full(mem.page_count, UNTAGGED_DIGEST, dtype=np.uint64)
     written = np.flatnonzero(mem.data_populated)
     ram[written] = table_digests(mem.pages, written)
-    tagged = np.flatnonzero(mem.tags_populated)
-    tags[tagged] = table_digests(mem.page_tags, tagged)
+    # which pages hold tags only a read of them says: every backed page's are read
+    backed = np.flatnonzero(mem.data_populated | mem.tags_populated)
+    tags[backed] = row_digests(mem.tag_ioctl.read_pages(backed))
     return ram, tags
 
 

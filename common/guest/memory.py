@@ -26,6 +26,7 @@ from common.constants import (
     TAG_MASK,
 )
 from common.guest.pagehash import place_checked
+from common.guest.tag_ioctl import MteCopyTags
 from common.indices import contiguous
 from common.units import exact_size, format_size
 
@@ -102,8 +103,14 @@ class GuestMemory:
         self.pages = self.ram.reshape(self.page_count, PAGE_SIZE)
         self.tag_bytes = tag_bytes[: self.page_count * PACKED_TAG_BYTES_PER_PAGE]
         self.page_tags = self.tag_bytes.reshape(self.page_count, PACKED_TAG_BYTES_PER_PAGE)
+        # What the hardware knows: which pages' data, and which pages' tags, vCPU stores changed.
+        # A VMM sees them only through a dirty model (common/guest/dirtylog.py): on KVM the two
+        # are one bit per page.
         self.data_dirty = np.zeros(self.page_count, dtype=np.bool_)
         self.tag_dirty = np.zeros(self.page_count, dtype=np.bool_)
+        # The VMM's own marks for its own writes (devices, DMA), which no vCPU dirty log sees:
+        # QEMU's memory API sets its migration bitmap the same way.
+        self.device_dirty = np.zeros(self.page_count, dtype=np.bool_)
         # Pages ever written: a page never written is known to be zero without reading it,
         # which keeps digests and the first round cheap for large, mostly idle guests.
         self.data_populated = np.zeros(self.page_count, dtype=np.bool_)
@@ -111,6 +118,8 @@ class GuestMemory:
         # Guards the dirty bitmaps against a vCPU thread: a store and its dirty mark happen
         # under it, and a dirty sync takes it, so no write slips between read and clear.
         self.lock = threading.RLock()
+        # How the daemons reach the tags: only as a KVM VMM can (common/guest/tag_ioctl.py).
+        self.tag_ioctl = MteCopyTags(self)
         # Postcopy on the destination: sees every guest access first (presence.PresenceGate).
         self.gate: AccessGate | None = None
 
@@ -143,6 +152,19 @@ class GuestMemory:
             )
             self._mark(self.data_dirty, addr, length)
             self._mark(self.data_populated, addr, length)
+
+    def dma_write(self, addr: int, data: bytes, *, mark_dirty: bool) -> None:
+        """A device's write into guest RAM from the host side: the vCPU's dirty log does not
+        see it; `mark_dirty` is the device doing what QEMU's memory API does for it."""
+        length = len(data)
+        self.check_range(addr, length)
+        if self.gate is not None:
+            self.gate.check(addr, length, True)  # a postcopy destination faults it in first
+        with self.lock:
+            self.ram[addr : addr + length] = np.frombuffer(data, dtype=np.uint8)
+            self._mark(self.data_populated, addr, length)
+            if mark_dirty:
+                self._mark(self.device_dirty, addr, length)
 
     def read_u64(self, addr: int) -> int:
         return int.from_bytes(self.read(addr, 8), "little")
@@ -236,19 +258,24 @@ class GuestMemory:
 
     # -- migration support ----------------------------------------------------------------
     def dirty_sync(self) -> DirtySync:
-        """Take and clear both dirty bitmaps in one step (the migration's 'dirty sync')."""
+        """Take and clear every dirty bitmap in one step (the migration's 'dirty sync'), as the
+        hardware knows it: data (vCPU and marked device writes) and tags apart. What a VMM may
+        learn from it depends on the dirty model (common/guest/dirtylog.py)."""
         with self.lock:
-            data = np.flatnonzero(self.data_dirty)
+            data = np.flatnonzero(self.data_dirty | self.device_dirty)
             tags = np.flatnonzero(self.tag_dirty)
-            self.data_dirty[:] = False
-            self.tag_dirty[:] = False
+            self._clear_dirty()
         return DirtySync(data_pages=data, tag_pages=tags)
+
+    def _clear_dirty(self) -> None:
+        self.data_dirty[:] = False
+        self.tag_dirty[:] = False
+        self.device_dirty[:] = False
 
     def populated_pages(self) -> DirtySync:
         """Every page that may differ from a fresh guest: what a first round must send."""
         with self.lock:
-            self.data_dirty[:] = False
-            self.tag_dirty[:] = False
+            self._clear_dirty()
             return DirtySync(
                 data_pages=np.flatnonzero(self.data_populated),
                 tag_pages=np.flatnonzero(self.tags_populated),

@@ -41,7 +41,7 @@ class PageMissing(Exception):
 class _Saved:
     data: npt.NDArray[np.uint8]
     tags: npt.NDArray[np.uint8]
-    flags: tuple[bool, bool, bool, bool]  # data/tag dirty, data/tags populated
+    flags: tuple[bool, bool, bool, bool, bool]  # data/tag/device dirty, data/tags populated
 
 
 @dataclass
@@ -79,6 +79,7 @@ class PresenceGate:
             (
                 bool(mem.data_dirty[page]),
                 bool(mem.tag_dirty[page]),
+                bool(mem.device_dirty[page]),
                 bool(mem.data_populated[page]),
                 bool(mem.tags_populated[page]),
             ),
@@ -99,9 +100,13 @@ class PresenceGate:
         for page, saved in self._journal.items():
             mem.pages[page] = saved.data
             mem.page_tags[page] = saved.tags
-            mem.data_dirty[page], mem.tag_dirty[page], mem.data_populated[page], mem.tags_populated[page] = (
-                saved.flags
-            )
+            (
+                mem.data_dirty[page],
+                mem.tag_dirty[page],
+                mem.device_dirty[page],
+                mem.data_populated[page],
+                mem.tags_populated[page],
+            ) = saved.flags
         assert self._vcpus is not None
         # in place: the workload holds the live register objects
         for live, saved in zip(guest.vcpus, self._vcpus, strict=True):

@@ -5,11 +5,14 @@ Layout of guest RAM (page numbers):
   1 .. 1+T           pointer table: one tagged pointer per heap slot (0 = free)
   heap               one 4 KiB slot per object; the last granule of a slot is a guard that
                      keeps tag 0, and tag 0 is excluded from IRG, so an overrun always faults
-  arena              pages that tag-only steps retag (as a tagging allocator's pool would)
+  arena              pages that tag-only steps retag (as a tagging allocator's pool would); the
+                     first DEVICE_RING_PAGES of it are also a device's buffer ring, which the
+                     device (common/guest/device.py) writes from the host side every
+                     device_period steps
   the rest           idle memory, shaped by --fill
 
-Registers: X19 step counter, X20 PRNG state, X21 tag-check faults taken, X0 the last
-pointer made, X1 its tag. Because nothing lives outside the guest, two guests with equal RAM,
+Registers: X19 step counter, X20 PRNG state, X21 tag-check faults taken, X22 a sum of the
+device completions the driver consumed, X0 the last pointer made, X1 its tag. Because nothing lives outside the guest, two guests with equal RAM,
 tags and registers that run the same number of further steps end equal: that is what makes
 "migrated equals unmigrated" checkable.
 """
@@ -33,6 +36,7 @@ from common.constants import (
     TCF_NONE,
     TCF_SYNC,
 )
+from common.guest.device import DmaDevice
 from common.guest.guest import Guest
 from common.guest.memory import GuestMemory
 from common.guest.mte import (
@@ -47,14 +51,15 @@ from common.guest.vcpu import VcpuState
 from common.units import exact_size
 
 MAGIC = b"MTEWLOAD"
-LAYOUT_VERSION = 1
-_CONTROL = struct.Struct("<8sQQQQQdQQQQQQ")
+LAYOUT_VERSION = 2
+_CONTROL = struct.Struct("<8sQQQQQdQQQQQQQ")
 
 REG_LAST_POINTER = 0
 REG_LAST_TAG = 1
 REG_STEP = 19
 REG_PRNG = 20
 REG_FAULTS = 21
+REG_DEVICE_SUM = 22
 
 OBJECT_BYTES = PAGE_SIZE - GRANULE_SIZE  # the slot less its guard granule
 STORE_BYTES = 64
@@ -67,6 +72,8 @@ _U64 = 0xFFFF_FFFF_FFFF_FFFF
 _MIXED_STRIPE_PAGES = 64
 _RANDOM_CHUNK_PAGES = 16384  # 64 MiB
 PC_LOOP = 0xFFFF_8000_0010_0000
+DEVICE_RING_PAGES = 16
+MAX_DEVICE_PERIOD = 1 << 20
 
 
 class Fill(Enum):
@@ -83,8 +90,11 @@ class WorkloadConfig:
     tag_only_share: float = 0.25
     steps_per_second: float = 0.0  # 0 = as fast as it can
     fill: Fill = Fill.MIXED
+    device_period: int = 8  # steps between the device's writes; 0 = no device
 
     def check(self, ram_bytes: int) -> None:
+        if not 0 <= self.device_period <= MAX_DEVICE_PERIOD:
+            raise ValueError(f"--device-period {self.device_period} is outside 0 .. {MAX_DEVICE_PERIOD}")
         if not 0 <= self.seed < 1 << 63:
             raise ValueError(f"--seed {self.seed} is outside 0 .. 2^63-1")
         if not 0.0 <= self.tag_only_share <= 1.0:
@@ -149,6 +159,7 @@ def boot(ram_bytes: int, config: WorkloadConfig) -> Guest:
             layout.arena_page,
             layout.arena_pages,
             list(Fill).index(config.fill),
+            config.device_period,
         ),
     )
     vcpu = guest.vcpus[0]
@@ -219,13 +230,15 @@ class Workload:
     """Drives a booted guest one step at a time. Holds no state of its own beyond a parsed
     copy of the (immutable) control block."""
 
-    def __init__(self, guest: Guest) -> None:
+    def __init__(self, guest: Guest, *, device_marks_dirty: bool = True) -> None:
+        """`device_marks_dirty`: the device marks its writes in the VMM's dirty bitmap, as
+        QEMU's memory API does (False only in a test build: see common/guest/device.py)."""
         self.guest = guest
         self.mem = guest.memory
         self.vcpu: VcpuState = guest.vcpus[0]
         fields = _CONTROL.unpack(self.mem.read(0, _CONTROL.size))
         if fields[0] != MAGIC or fields[1] != LAYOUT_VERSION:
-            raise NotAWorkloadGuest("guest RAM holds no workload control block of layout 1")
+            raise NotAWorkloadGuest(f"guest RAM holds no workload control block of layout {LAYOUT_VERSION}")
         (
             _,
             _,
@@ -240,17 +253,28 @@ class Workload:
             self._arena_page,
             self._arena_pages,
             _fill_index,
+            self.device_period,
         ) = fields
         problem = self._check_control_block()
         if problem is not None:
             # guest RAM is the guest's to write: a block no workload of ours wrote runs idle
             raise NotAWorkloadGuest(f"workload control block is unusable: {problem}")
+        self.device = DmaDevice(
+            self.mem,
+            self._arena_page,
+            min(DEVICE_RING_PAGES, self._arena_pages),
+            self.device_period,
+            self.seed,
+            marks_dirty=device_marks_dirty,
+        )
 
     def _check_control_block(self) -> str | None:
         pages = self.mem.page_count
         table_pages = -(-self._heap_slots * 8 // PAGE_SIZE)
         if not 1 <= self.dirty_pages_per_step <= MAX_DIRTY_PAGES_PER_STEP:
             return f"{self.dirty_pages_per_step} pages a step (at most {MAX_DIRTY_PAGES_PER_STEP})"
+        if self.device_period > MAX_DEVICE_PERIOD:
+            return f"a device period of {self.device_period} steps"
         if self._tag_only_q32 > 1 << 32:
             return "a tag-only share above 1"
         if not (math.isfinite(self.steps_per_second) and self.steps_per_second >= 0):
@@ -320,7 +344,20 @@ class Workload:
             else:
                 for _ in range(self.dirty_pages_per_step):
                     self._heap_access(el)
+            self._driver(n)
+            self.device.after_step(n)
             vcpu.x[REG_STEP] = n + 1
+
+    def _driver(self, n: int) -> None:
+        """The guest's driver consumes the device's last completion before the next request:
+        what the device wrote flows into a register, so a page the device wrote and the
+        migration missed shows in the guest's state from then on, as a lost block read would."""
+        device = self.device
+        if not device.period or n % device.period or n < device.period:
+            return
+        page = device.page_of(n // device.period - 1)
+        word = self.mem.read_u64(page * PAGE_SIZE)
+        self.vcpu.x[REG_DEVICE_SUM] = (self.vcpu.x[REG_DEVICE_SUM] * 31 + word) & _U64
 
     def run(self, steps: int) -> None:
         for _ in range(steps):

@@ -15,6 +15,7 @@ from common.constants import (
     RECONNECT_TIMEOUT_S,
     RETRANSMIT_AFTER_S,
 )
+from common.guest.dirtylog import DirtyModel
 from common.units import parse_size
 
 # What set-parameters may change while a migration runs, and the unit each is given in.
@@ -59,6 +60,12 @@ class MigrationParameters:
     # Connections that carry page and tag batches (QEMU's multifd channels); that many batches
     # at a time are encoded side by side in as many threads. 1: everything on one connection.
     channels: int = 1
+    # What the source's host lets it see of dirty pages (common/guest/dirtylog.py).
+    dirty_model: DirtyModel = DirtyModel.KVM
+    # The verification hashes the source's whole memory at the stop instead of trusting what
+    # the dirty log said changed: it catches writes no dirty log saw (a device that forgot to
+    # mark them), at the cost of hashing every written page inside the downtime.
+    verify_rehash: bool = False
 
     def check(self) -> MigrationParameters:
         for f in fields(self):

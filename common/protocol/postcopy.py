@@ -216,8 +216,7 @@ class DestPostcopy:
                     (now, page, row) for page, row in zip(pages.tolist(), tags, strict=True)
                 )
             else:
-                mem.page_tags[pages] = tags
-                mem.tags_populated[pages] = True
+                mem.tag_ioctl.write_pages(pages, tags)
             self.present[pages] = True
         for page in pages.tolist():
             self.outstanding.pop(page, None)
@@ -239,8 +238,7 @@ class DestPostcopy:
         due = [entry for entry in self.late_tags if entry[0] < now]
         with mem.lock:
             for _, page, tags in due:
-                mem.page_tags[page] = tags
-                mem.tags_populated[page] = True
+                mem.tag_ioctl.write_pages(np.array([page], dtype=np.int64), tags)
         self.late_tags = [entry for entry in self.late_tags if entry[0] >= now]
 
     @property

@@ -198,7 +198,7 @@ class SourcePostcopySide:
     def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
         mem = self.s.mem
         return encode_postcopy_pages(
-            mem.pages, mem.page_tags, pages, use_lz4=self.s._use_lz4, requested=requested
+            mem.pages, mem.tag_ioctl.read_pages(pages), pages, use_lz4=self.s._use_lz4, requested=requested
         )
 
     def _count(self, frames: list[Buffer], pages: int) -> None:

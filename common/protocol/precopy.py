@@ -4,13 +4,14 @@ time and what the link measured, and acts on the verdict."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 
 import numpy as np
 
 from common.constants import DOWNTIME_AIM, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, ROUND_WORTH_IT
 from common.guest.digest import DigestCache
+from common.guest.dirtylog import DirtyLog, DirtyModel
 from common.guest.memory import DirtySync, GuestMemory
 from common.indices import union
 from common.protocol.params import MigrationParameters
@@ -37,6 +38,8 @@ class RoundEnd:
 class Precopy:
     mem: GuestMemory
     digests: DigestCache
+    model: DirtyModel = DirtyModel.KVM
+    log: DirtyLog = field(init=False)
     round: int = 0
     pass_: PagePass | None = None
     throttle: float = 0.0
@@ -48,12 +51,15 @@ class Precopy:
     # handshakes (verification, then commit and start) after its last page.
     round_trip_s: float = float("inf")
 
+    def __post_init__(self) -> None:
+        self.log = DirtyLog(self.model, self.mem, self.digests)
+
     def first_round(self, now: float) -> tuple[int, int]:
         """Round 1: every page ever written. Returns the never-written (zero) and never-tagged
         page counts: they are zero on both sides already and cost nothing at all."""
         self.round = 1
         self.t_round = now
-        first = self.mem.populated_pages()
+        first = self.log.first()
         self.digests.mark(first.data_pages, first.tag_pages)
         self.pass_ = PagePass(first.data_pages, first.tag_pages)
         count = self.mem.page_count
@@ -87,7 +93,7 @@ class Precopy:
         # still in flight would otherwise be downtime.
         if in_flight > 0 and active_for <= params.convergence_timeout_s:
             return RoundEnd(Verdict.WAIT)
-        sync = self.mem.dirty_sync()
+        sync = self.log.sync()
         self.digests.mark(sync.data_pages, sync.tag_pages)
         elapsed = max(now - self.t_round, 1e-6)
         self.dirty_pages_rate = (sync.data_pages.size + sync.tag_pages.size) / elapsed
@@ -134,7 +140,7 @@ class Precopy:
         """The switchover pass: what the deciding sync found, plus what the guest dirtied
         between that sync and its stop."""
         self.round += 1
-        last = self.mem.dirty_sync()
+        last = self.log.sync()
         self.digests.mark(last.data_pages, last.tag_pages)
         self.pass_ = PagePass(union(sync.data_pages, last.data_pages), union(sync.tag_pages, last.tag_pages))
 

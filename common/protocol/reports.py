@@ -90,11 +90,20 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             "refused_pages": session.refused_pages,
             "recoveries": pc.recoveries,
         },
-        "verification": verification_section(
-            session.verified,
-            session.verifier.dest_digests or session.verifier.source_digests,
-            session.mismatched_pages,
-        ),
+        "verification": {
+            **verification_section(
+                session.verified,
+                session.verifier.dest_digests or session.verifier.source_digests,
+                session.mismatched_pages,
+            ),
+            "repaired_pages": session.verifier.repaired_pages,
+            "rehashed_pages": session.verifier.rehashed_pages,
+        },
+        "dirty_model": {
+            "model": session.params.dirty_model.value,
+            **session.precopy.log.counts.as_report(),
+        },
+        "tag_ioctl": session.mem.tag_ioctl.counters.as_report(),
     }
 
 
@@ -188,6 +197,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         },
         "verification": verification_section(session.verified, session.my_digests, session.mismatched_pages),
         "postcopy": None if session.postcopy is None else _dest_postcopy(session, end),
+        "tag_ioctl": session.guest.memory.tag_ioctl.counters.as_report() if session.guest else None,
     }
 
 

@@ -104,8 +104,8 @@ class SourceSession:
         self.meter = BandwidthMeter()
         self.digests = DigestCache(self.mem)
         self.link = Link(self.session_id, now, rto_s=self.params.retransmit_after_s)
-        self.precopy = Precopy(self.mem, self.digests)
-        self.verifier = SourceVerifier(guest, self.digests)
+        self.precopy = Precopy(self.mem, self.digests, self.params.dirty_model)
+        self.verifier = SourceVerifier(guest, self.digests, rehash=self.params.verify_rehash)
         self.bucket = TokenBucket(self.params.max_bandwidth, now, min_burst=1 << 20)
         self._outgoing: list[Outbound] = []
         self.channels = 1  # granted by the destination's HelloAck

@@ -25,9 +25,15 @@ def hex_digests(ram: bytes, tags: bytes, vcpu: bytes) -> dict[str, str]:
 
 
 class SourceVerifier:
-    def __init__(self, guest: Guest, digests: DigestCache) -> None:
+    def __init__(self, guest: Guest, digests: DigestCache, *, rehash: bool = False) -> None:
+        """`rehash`: this side's digests come from its memory as it is, every written page
+        hashed again, not from what the dirty log said was sent: a write that bypassed the
+        dirty log then shows as a mismatch, and is repaired."""
         self.guest = guest
         self.digests = digests
+        self.rehash = rehash
+        self.rehashed_pages = 0
+        self.repaired_pages = 0  # resent because the destination's digests differed
         self.attempt = 0
         self.verified: bool | None = None
         self.mismatched_pages: list[int] = []
@@ -35,6 +41,11 @@ class SourceVerifier:
         self.dest_digests: dict[str, str] | None = None
 
     def request(self) -> pb.VerifyRequest:
+        if self.rehash:
+            mem = self.guest.memory
+            backed = np.flatnonzero(mem.data_populated | mem.tags_populated)
+            self.digests.mark(backed, backed)
+            self.rehashed_pages += int(backed.size)
         ours = self.digests.digests()
         vcpu = vcpus_digest(self.guest.vcpus)
         self.attempt += 1
@@ -77,6 +88,7 @@ class SourceVerifier:
                 pb.ERROR_VERIFICATION_FAILED,
                 f"verification failed after resending: pages {shown} still differ",
             )
+        self.repaired_pages += len(self.mismatched_pages)
         return data, tags
 
     def _pages_at_fault(self, result: pb.VerifyResult) -> tuple[Indices, Indices]:

@@ -207,12 +207,21 @@ def encode_ram_pages(
 
 
 def encode_tag_sections(
-    page_tags: U8, indices: Indices, *, use_lz4: bool, round_no: int = 0, digests: bool = True
+    page_tags: U8 | None,
+    indices: Indices,
+    *,
+    use_lz4: bool,
+    round_no: int = 0,
+    digests: bool = True,
+    rows: U8 | None = None,
 ) -> tuple[pb.TagSections, Buffer, BatchStats]:
-    """Encode the packed tags of pages[indices] (page_tags is (page_count, 128)). The digests
-    of the tagged pages' 128 bytes (unless `digests` is False) are the sender's verification
-    leaves; they do not travel (see the schema)."""
-    rows = gather_rows(page_tags, indices)
+    """Encode the packed tags of pages[indices]: gathered from page_tags (page_count, 128), or
+    given as `rows` (one per index) where they were read elsewhere (the daemons read them
+    through the KVM_ARM_MTE_COPY_TAGS edge). The digests of the tagged pages' 128 bytes
+    (unless `digests` is False) are the sender's verification leaves; they do not travel."""
+    if rows is None:
+        assert page_tags is not None
+        rows = gather_rows(page_tags, indices)
     first = rows[:, 0]
     same = first.astype(np.uint64) * np.uint64(0x0101010101010101)  # compared 8 bytes at a time
     uniform = (rows.view(np.uint64) == same[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
@@ -447,11 +456,12 @@ class PostcopyBatch:
 
 
 def encode_postcopy_pages(
-    pages: U8, page_tags: U8, indices: Indices, *, use_lz4: bool, requested: bool
+    pages: U8, tag_rows: U8, indices: Indices, *, use_lz4: bool, requested: bool
 ) -> tuple[pb.PostcopyPages, bytes, int]:
-    """One message for data and tags of the same pages; returns (body, payload, page count)."""
+    """One message for data and tags of the same pages (tag_rows: their packed tags, one row
+    per index); returns (body, payload, page count)."""
     data, data_payload, _ = encode_ram_pages(pages, indices, use_lz4=use_lz4, digests=False)
-    tags, tag_payload, _ = encode_tag_sections(page_tags, indices, use_lz4=use_lz4, digests=False)
+    tags, tag_payload, _ = encode_tag_sections(None, indices, use_lz4=use_lz4, digests=False, rows=tag_rows)
     data_bytes = bytes(data_payload)
     body = pb.PostcopyPages(data=data, tags=tags, data_bytes=len(data_bytes), requested=requested)
     return body, data_bytes + bytes(tag_payload), int(indices.size)
