@@ -1,6 +1,6 @@
 """Migration benchmark: real daemons on loopback, against raw ZeroMQ measured in the same run.
 
-Usage: python3 bench/migration_bench.py [--sizes 1GiB,4GiB] [--repeat 3] [--quick]
+Usage: python3 bench/migration_bench.py [--sizes 1GiB,4GiB] [--repeat 3] [--quick] [--dirty-model kvm]
 
 Table 1: idle guests filled with random data (every granule tagged) migrated by source-node to
 dest-node; throughput is guest RAM over the migration's total time, beside raw ZeroMQ PUSH/PULL
@@ -30,10 +30,12 @@ from raw_zmq import measure as raw_zmq_seconds  # noqa: E402
 
 from common.units import parse_size  # noqa: E402
 
+DIRTY_MODEL = ["--dirty-model", "kvm"]  # set from --dirty-model in main
+
 
 def migrate(tmp: Path, guest: list[str], knobs: list[str], dest_stop: str) -> dict[str, Any]:
     """One migration through the real daemons; the source's report."""
-    return runs.migrate(tmp, [*guest, *knobs], dest_stop=dest_stop).source
+    return runs.migrate(tmp, [*guest, *knobs, *DIRTY_MODEL], dest_stop=dest_stop).source
 
 
 def throughput_table(tmp: Path, sizes: list[int], repeat: int) -> float | None:
@@ -148,7 +150,11 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--quick", action="store_true", help="one limit in table 2")
     parser.add_argument("--skip-downtime", action="store_true")
+    parser.add_argument(
+        "--dirty-model", choices=["kvm", "tcg", "split"], default="kvm", help="the source's (default kvm)"
+    )
     args = parser.parse_args()
+    DIRTY_MODEL[1] = args.dirty_model
     sizes = [parse_size(s) for s in args.sizes.split(",") if s]
     with tempfile.TemporaryDirectory() as tmp:
         ours_1gib = throughput_table(Path(tmp), sizes, args.repeat)

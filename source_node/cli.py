@@ -161,7 +161,7 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         "--verify-rehash",
         action="store_true",
         help="the verification hashes this guest's whole written memory at the stop, catching writes "
-        "no dirty log saw (costs about 70 ms of downtime per GiB written)",
+        "no dirty log saw; the switchover counts its cost (the written memory hashed again) in the downtime",
     )
     mig.add_argument("--no-lz4", action="store_true", help="never compress pages (lz4 is used where it pays)")
     # test builds: the device forgets to mark its writes dirty (see common/guest/device.py)

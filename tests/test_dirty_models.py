@@ -22,7 +22,7 @@ from common.guest.tag_ioctl import (
     run_count,
 )
 from common.protocol.link import Link
-from common.protocol.precopy import Precopy
+from common.protocol.precopy import Precopy, Verdict
 from common.transfer import PagePass, encode_batch
 
 PAGES = 512
@@ -283,3 +283,32 @@ def test_in_kvm_a_tag_only_change_costs_a_tag_section_not_a_page(changes: int) -
     pre.digests.mark(sync.data_pages, sync.tag_pages)
     pre.pass_ = PagePass(sync.data_pages, sync.tag_pages)
     assert send_pass(pre) / changes < 200
+
+
+def test_the_rehash_is_counted_in_the_expected_downtime() -> None:
+    """--verify-rehash hashes every written page inside the downtime: the switchover has to
+    fit it into the limit, at this side's measured hashing speed (a fake clock here: 1 µs a
+    page), and a migration that cannot fit it says so."""
+    from common.guest.guest import Guest
+    from common.protocol.params import MigrationParameters
+    from common.protocol.stats import BandwidthMeter
+    from common.protocol.verify import SourceVerifier
+
+    mem = random_guest()
+    ticks = iter([0.0, 1e-6 * PAGES])
+    verifier = SourceVerifier(Guest(mem), DigestCache(mem), rehash=True, clock=lambda: next(ticks))
+    assert verifier.rehash_estimate_s() == pytest.approx(1e-6 * PAGES)
+    assert SourceVerifier(Guest(mem), DigestCache(mem)).rehash_estimate_s() == 0.0
+    pre = Precopy(mem, verifier.digests, DirtyModel.KVM)
+    pre.verify_cost_s = verifier.rehash_estimate_s
+    pre.first_round(0.0)
+    send_pass(pre)
+    mem.write(0, b"dirty")
+    meter = BandwidthMeter()
+    meter.add(1.0, 0)
+    meter.add(2.0, 10_000_000)  # 10 MB/s: the dirty page alone is 0.4 ms
+    params = MigrationParameters(downtime_limit_ms=0.3, convergence_timeout_s=10)
+    end = pre.end_of_round(2.0, in_flight=0, active_for=20.0, meter=meter, params=params)
+    assert pre.expected_downtime_s == pytest.approx(4096 / 10e6 + 1e-6 * PAGES, rel=0.01)
+    assert end.verdict is Verdict.GIVE_UP
+    assert "1 ms of it hashing the written memory again: --verify-rehash" in end.reason

@@ -4,6 +4,7 @@ time and what the link measured, and acts on the verdict."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -50,6 +51,9 @@ class Precopy:
     # The fastest acknowledgement of a control message so far; the downtime holds two such
     # handshakes (verification, then commit and start) after its last page.
     round_trip_s: float = float("inf")
+    # What the verification will spend inside the downtime beyond the round trips (hashing
+    # the whole written memory again, with --verify-rehash); 0 by default.
+    verify_cost_s: Callable[[], float] = lambda: 0.0
 
     def __post_init__(self) -> None:
         self.log = DirtyLog(self.model, self.mem, self.digests)
@@ -77,8 +81,12 @@ class Precopy:
             f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
             f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
             f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {params.downtime_limit_ms:.0f} ms limit"
-            f" at throttle {self.throttle:.0%}"
+            f" at throttle {self.throttle:.0%}" + self._rehash_part()
         )
+
+    def _rehash_part(self) -> str:
+        cost = self.verify_cost_s()
+        return f" ({cost * 1000:.0f} ms of it hashing the written memory again: --verify-rehash)" if cost else ""
 
     def end_of_round(
         self,
@@ -101,6 +109,7 @@ class Precopy:
         # the acknowledged bandwidth already holds the destination's placing and hashing
         bandwidth = meter.rate() or (meter.total / max(active_for, 1e-6)) or None
         handover_s = 2 * self.round_trip_s if self.round_trip_s != float("inf") else 0.0
+        handover_s += self.verify_cost_s()
         expected = remaining / bandwidth + handover_s if bandwidth else None
         previous, self.expected_downtime_s = self.expected_downtime_s, expected
         limit_s = params.downtime_limit_ms / 1000.0

@@ -106,6 +106,7 @@ class SourceSession:
         self.link = Link(self.session_id, now, rto_s=self.params.retransmit_after_s)
         self.precopy = Precopy(self.mem, self.digests, self.params.dirty_model)
         self.verifier = SourceVerifier(guest, self.digests, rehash=self.params.verify_rehash)
+        self.precopy.verify_cost_s = self.verifier.rehash_estimate_s
         self.bucket = TokenBucket(self.params.max_bandwidth, now, min_burst=1 << 20)
         self._outgoing: list[Outbound] = []
         self.channels = 1  # granted by the destination's HelloAck

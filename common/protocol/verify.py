@@ -4,6 +4,8 @@ block and narrowed down to pages, so a mismatch is resent rather than failing th
 from __future__ import annotations
 
 import hmac
+import time
+from collections.abc import Callable
 
 import numpy as np
 import numpy.typing as npt
@@ -11,6 +13,7 @@ import numpy.typing as npt
 from common.constants import DIGEST_BLOCK_PAGES
 from common.guest.digest import DigestCache, block_pages
 from common.guest.guest import Guest
+from common.guest.pagehash import row_digests, table_digests
 from common.guest.vcpu import vcpus_digest
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import WireError
@@ -18,6 +21,7 @@ from common.wire.framing import WireError
 Indices = npt.NDArray[np.int64]
 # A resent page that still differs fails the migration: the second attempt is the last.
 MAX_VERIFY_ATTEMPTS = 2
+REHASH_SAMPLE_PAGES = 1024
 
 
 def hex_digests(ram: bytes, tags: bytes, vcpu: bytes) -> dict[str, str]:
@@ -25,13 +29,23 @@ def hex_digests(ram: bytes, tags: bytes, vcpu: bytes) -> dict[str, str]:
 
 
 class SourceVerifier:
-    def __init__(self, guest: Guest, digests: DigestCache, *, rehash: bool = False) -> None:
+    def __init__(
+        self,
+        guest: Guest,
+        digests: DigestCache,
+        *,
+        rehash: bool = False,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:
         """`rehash`: this side's digests come from its memory as it is, every written page
         hashed again, not from what the dirty log said was sent: a write that bypassed the
-        dirty log then shows as a mismatch, and is repaired."""
+        dirty log then shows as a mismatch, and is repaired. `clock` times the hashing (its
+        CPU cost, not protocol time)."""
         self.guest = guest
         self.digests = digests
         self.rehash = rehash
+        self._clock = clock
+        self._per_page_s: float | None = None
         self.rehashed_pages = 0
         self.repaired_pages = 0  # resent because the destination's digests differed
         self.attempt = 0
@@ -39,6 +53,22 @@ class SourceVerifier:
         self.mismatched_pages: list[int] = []
         self.source_digests: dict[str, str] | None = None
         self.dest_digests: dict[str, str] | None = None
+
+    def rehash_estimate_s(self) -> float:
+        """What hashing every written page at the stop will add to the downtime (0 without
+        `rehash`), at this side's hashing speed, measured once on a sample of pages: the
+        switchover must fit it into the downtime limit like every other byte."""
+        if not self.rehash:
+            return 0.0
+        mem = self.guest.memory
+        backed = np.flatnonzero(mem.data_populated | mem.tags_populated)
+        if self._per_page_s is None and backed.size:
+            sample = backed[:: max(1, backed.size // REHASH_SAMPLE_PAGES)][:REHASH_SAMPLE_PAGES]
+            began = self._clock()
+            table_digests(mem.pages, sample)
+            row_digests(mem.tag_ioctl.read_pages(sample))
+            self._per_page_s = (self._clock() - began) / sample.size
+        return backed.size * (self._per_page_s or 0.0)
 
     def request(self) -> pb.VerifyRequest:
         if self.rehash:
