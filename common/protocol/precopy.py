@@ -86,7 +86,9 @@ class Precopy:
 
     def _rehash_part(self) -> str:
         cost = self.verify_cost_s()
-        return f" ({cost * 1000:.0f} ms of it hashing the written memory again: --verify-rehash)" if cost else ""
+        return (
+            f" ({cost * 1000:.0f} ms of it hashing the written memory again: --verify-rehash)" if cost else ""
+        )
 
     def end_of_round(
         self,
