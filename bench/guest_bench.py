@@ -75,7 +75,7 @@ def main() -> int:
     scratch = np.empty_like(random_guest.memory.ram)
     baseline = median_seconds(lambda: np.copyto(scratch, random_guest.memory.ram), args.repeat)
     rows.append(("baseline: numpy copy of RAM", baseline, ram))
-    tag_bytes = random_guest.memory.tag_bytes.nbytes
+    tag_bytes = random_guest.memory.tag_storage.nbytes
 
     rows.append(
         (

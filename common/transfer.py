@@ -126,11 +126,11 @@ def apply_tag_sections(mem: GuestMemory, msg: pb.TagSections, payload: Buffer) -
     """Check a batch of tag sections from a peer, then place it; returns what was placed."""
     decoded = decode_tag_sections(msg, payload, mem.page_count)
     with mem.lock:
-        place_tags(mem, decoded.indices, decoded.rows, decoded.zero)
+        place_peer_tags(mem, decoded.indices, decoded.rows, decoded.zero)
     return decoded
 
 
-def place_tags(mem: GuestMemory, pages: Indices, rows: npt.NDArray[np.uint8], untagged: Indices) -> None:
+def place_peer_tags(mem: GuestMemory, pages: Indices, rows: npt.NDArray[np.uint8], untagged: Indices) -> None:
     """Tags a peer sent, placed through the KVM_ARM_MTE_COPY_TAGS edge: `rows` into `pages`,
     zeros into the `untagged` pages that may hold tags (a page never tagged holds zeros)."""
     mem.tag_ioctl.write_pages(pages, rows)

@@ -89,7 +89,7 @@ def test_out_of_range_access_is_refused_and_changes_nothing(access) -> None:  # 
     mem = GuestMemory(RAM)
     with pytest.raises(GuestAddressError, match="outside guest RAM"):
         access(mem)
-    assert not mem.ram.any() and not mem.tag_bytes.any()
+    assert not mem.ram.any() and not mem.tag_storage.any()
     sync = mem.dirty_sync()
     assert sync.data_pages.size == 0 and sync.tag_pages.size == 0
 
@@ -117,7 +117,7 @@ def test_unaligned_tag_store_is_refused(addr: int, length: int) -> None:
     mem = GuestMemory(RAM)
     with pytest.raises(GuestAddressError, match=rf"tag store at {addr:#x}\+{length} is not granule aligned"):
         mem.set_tags(addr, length, 1)
-    assert not mem.tag_bytes.any()
+    assert not mem.tag_storage.any()
 
 
 @pytest.mark.parametrize("granule", [0, 1, 2, 3])
@@ -155,7 +155,7 @@ def test_tag_stores_match_a_reference_model(ops: list[tuple[int, int, int]]) -> 
     assert got == model
     assert [mem.get_tag(g * GRANULE_SIZE + 7) for g in range(len(model))] == model
     # the packed layout the wire and the kernel use: granule 2k in the low nibble of byte k
-    assert mem.tag_bytes[: len(model) // 2].tolist() == [
+    assert mem.tag_storage[: len(model) // 2].tolist() == [
         model[2 * k] | model[2 * k + 1] << 4 for k in range(len(model) // 2)
     ]
     touched = {g * GRANULE_SIZE // PAGE_SIZE for f, c, _ in ops for g in range(f, f + c)}
@@ -277,7 +277,7 @@ def test_closing_a_guest_gives_its_memory_back(what: str) -> None:
     size = touched if what == "ram" else touched * 32  # tags are 1/32 of RAM
     before = rss_bytes()
     mem = GuestMemory(size)
-    (mem.ram if what == "ram" else mem.tag_bytes)[:] = 1
+    (mem.ram if what == "ram" else mem.tag_storage)[:] = 1
     resident = rss_bytes()
     assert resident - before > touched * 3 // 4  # the premise: it is resident now
     mem.close()

@@ -36,8 +36,8 @@ def test_preallocation_commits_then_serves_one_guest_that_fits() -> None:
     assert prealloc.take(4 << 20) is None, "the storage serves one guest only"
     mem = GuestMemory(4 << 20, backing)
     del backing  # the guest's memory holds it now (and closes it)
-    assert mem.page_count == 1024 and mem.tag_bytes.size == 1024 * PACKED_TAG_BYTES_PER_PAGE
-    assert not mem.ram.any() and not mem.tag_bytes.any(), "a preallocated guest starts zeroed"
+    assert mem.page_count == 1024 and mem.tag_storage.size == 1024 * PACKED_TAG_BYTES_PER_PAGE
+    assert not mem.ram.any() and not mem.tag_storage.any(), "a preallocated guest starts zeroed"
     mem.write(4096, b"\x01\x02")
     mem.set_tags(0, 64, 5)
     assert mem.read(4096, 2) == b"\x01\x02" and mem.get_tag(48) == 5

@@ -101,8 +101,8 @@ class GuestMemory:
         self._ram_map, ram, self._tag_map, tag_bytes = backing or fresh_backing(ram_bytes)
         self.ram = ram[:ram_bytes]
         self.pages = self.ram.reshape(self.page_count, PAGE_SIZE)
-        self.tag_bytes = tag_bytes[: self.page_count * PACKED_TAG_BYTES_PER_PAGE]
-        self.page_tags = self.tag_bytes.reshape(self.page_count, PACKED_TAG_BYTES_PER_PAGE)
+        self.tag_storage = tag_bytes[: self.page_count * PACKED_TAG_BYTES_PER_PAGE]
+        self.page_tags = self.tag_storage.reshape(self.page_count, PACKED_TAG_BYTES_PER_PAGE)
         # What the hardware knows: which pages' data, and which pages' tags, vCPU stores changed.
         # A VMM sees them only through a dirty model (common/guest/dirtylog.py): on KVM the two
         # are one bit per page.
@@ -179,7 +179,7 @@ class GuestMemory:
         if self.gate is not None:
             self.gate.check(addr, 1, False)
         granule = addr // GRANULE_SIZE
-        byte = int(self.tag_bytes[granule >> 1])
+        byte = int(self.tag_storage[granule >> 1])
         return (byte >> 4) & TAG_MASK if granule & 1 else byte & TAG_MASK
 
     def granule_tags(self, addr: int, length: int) -> npt.NDArray[np.uint8]:
@@ -189,7 +189,7 @@ class GuestMemory:
             self.gate.check(addr, length, False)
         first = addr // GRANULE_SIZE
         last = (addr + max(length, 1) - 1) // GRANULE_SIZE
-        packed = self.tag_bytes[first >> 1 : (last >> 1) + 1]
+        packed = self.tag_storage[first >> 1 : (last >> 1) + 1]
         unpacked = unpack_tags(packed)
         start = first & 1
         return unpacked[start : start + last - first + 1]
@@ -211,14 +211,14 @@ class GuestMemory:
             # outside the range), every whole byte between them at once.
             self._set_nibble(first, tag)
             self._set_nibble(end - 1, tag)
-            self.tag_bytes[(first + 1) >> 1 : end >> 1] = tag | (tag << 4)
+            self.tag_storage[(first + 1) >> 1 : end >> 1] = tag | (tag << 4)
             self._mark(self.tag_dirty, addr, length)
             self._mark(self.tags_populated, addr, length)
 
     def _set_nibble(self, granule: int, tag: int) -> None:
         i = granule >> 1
-        byte = int(self.tag_bytes[i])
-        self.tag_bytes[i] = (byte & 0x0F) | (tag << 4) if granule & 1 else (byte & 0xF0) | tag
+        byte = int(self.tag_storage[i])
+        self.tag_storage[i] = (byte & 0x0F) | (tag << 4) if granule & 1 else (byte & 0xF0) | tag
 
     # -- bulk per page range -----------------------------------------------------------------
     def read_tags_packed(self, first_page: int, count: int) -> npt.NDArray[np.uint8]:
@@ -283,7 +283,7 @@ class GuestMemory:
 
     def close(self) -> None:
         # numpy views keep the mapping's buffer exported; drop them before closing.
-        del self.pages, self.ram, self.page_tags, self.tag_bytes
+        del self.pages, self.ram, self.page_tags, self.tag_storage
         self._ram_map.close()
         self._tag_map.close()
 

@@ -14,7 +14,8 @@ the daemons to this edge.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -22,9 +23,10 @@ import numpy.typing as npt
 
 from common.constants import GRANULE_SIZE, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, TAG_MASK
 
-# The ioctl's flags: the direction, and nothing else (KVM refuses any other bit).
-KVM_ARM_TAGS_FROM_GUEST = 0
-KVM_ARM_TAGS_TO_GUEST = 1
+# The ioctl's flags, as Linux's arm64 uapi defines them: the direction, and nothing else (KVM
+# refuses any other bit).
+KVM_ARM_TAGS_TO_GUEST = 0
+KVM_ARM_TAGS_FROM_GUEST = 1
 TAGS_PER_PAGE = PAGE_SIZE // GRANULE_SIZE
 
 Indices = npt.NDArray[np.int64]
@@ -46,6 +48,14 @@ class TagCopyCounters:
     calls: int = 0
     bytes_from_guest: int = 0  # one tag per byte, as the ioctl's buffer holds them
     bytes_to_guest: int = 0
+    # parallel channels encode tag batches in threads of their own: no count may be lost
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, calls: int, from_guest: int, to_guest: int) -> None:
+        with self._lock:
+            self.calls += calls
+            self.bytes_from_guest += from_guest
+            self.bytes_to_guest += to_guest
 
     def as_report(self) -> dict[str, int]:
         return {
@@ -61,21 +71,27 @@ class MteCopyTags:
         self.counters = TagCopyCounters()
 
     # -- the ioctl itself ------------------------------------------------------------------------
-    def copy_tags(self, guest_ipa: int, length: int, buffer: U8, flags: int) -> int:
-        """KVM_ARM_MTE_COPY_TAGS: copies `length / 16` tags, one per byte of `buffer`, from the
-        guest (flags 0) or to it (flags 1). Returns the bytes of guest memory covered."""
+    def copy_tags(
+        self, guest_ipa: int, length: int, buffer: U8, flags: int, reserved: tuple[int, int] = (0, 0)
+    ) -> int:
+        """KVM_ARM_MTE_COPY_TAGS: copies `length / 16` tags, one per byte of `buffer`, to the
+        guest (KVM_ARM_TAGS_TO_GUEST) or from it (KVM_ARM_TAGS_FROM_GUEST). Returns the bytes
+        of guest memory covered."""
+        if any(reserved):
+            raise TagCopyError("reserved fields must be zero")
         first, count = self._check(guest_ipa, length, flags)
         if buffer.dtype != np.uint8 or buffer.size != count * TAGS_PER_PAGE:
             raise TagCopyError(f"buffer of {buffer.size} bytes for {count * TAGS_PER_PAGE} tags")
+        if not buffer.flags.c_contiguous:
+            raise TagCopyError("the buffer must be one contiguous block of memory, as a user pointer is")
         rows = self.storage.page_tags[first : first + count]
         if flags == KVM_ARM_TAGS_FROM_GUEST:
             buffer.reshape(count, TAGS_PER_PAGE)[:] = unpack_rows(rows)
-            self.counters.bytes_from_guest += buffer.size
+            self.counters.add(1, buffer.size, 0)
         else:
             rows[:] = pack_rows(buffer.reshape(count, TAGS_PER_PAGE))
             self.storage.tags_populated[first : first + count] = True
-            self.counters.bytes_to_guest += buffer.size
-        self.counters.calls += 1
+            self.counters.add(1, 0, buffer.size)
         return length
 
     def _check(self, guest_ipa: int, length: int, flags: int) -> tuple[int, int]:
@@ -92,12 +108,12 @@ class MteCopyTags:
     def read_pages(self, pages: Indices) -> U8:
         """The packed tags (n, 128) of `pages`, as a VMM gets them: one ioctl per run of
         consecutive pages into a one-tag-per-byte buffer, packed here for the wire. The runs
-        are done together (the same copies, in one pass: see test_tag_ioctl)."""
+        are done together: the same copies in one pass (tests/test_dirty_models.py holds it to
+        the call-by-call result)."""
         pages = np.asarray(pages, dtype=np.int64)
         self._check_pages(pages)
         unpacked = unpack_rows(self.storage.page_tags[pages])  # the ioctls' buffers, end to end
-        self.counters.calls += run_count(pages)
-        self.counters.bytes_from_guest += unpacked.size
+        self.counters.add(run_count(pages), unpacked.size, 0)
         return pack_rows(unpacked)
 
     def write_pages(self, pages: Indices, packed: U8) -> None:
@@ -110,8 +126,7 @@ class MteCopyTags:
             raise TagCopyError(f"{unpacked.shape[0]} pages of tags for {pages.size} pages")
         self.storage.page_tags[pages] = pack_rows(unpacked)
         self.storage.tags_populated[pages] = True
-        self.counters.calls += run_count(pages)
-        self.counters.bytes_to_guest += unpacked.size
+        self.counters.add(run_count(pages), 0, unpacked.size)
 
     def _check_pages(self, pages: Indices) -> None:
         if pages.size and (int(pages.min()) < 0 or int(pages.max()) >= self.storage.page_count):

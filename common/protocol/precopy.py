@@ -81,11 +81,15 @@ class Precopy:
             f"not converging after {params.convergence_timeout_s:.0f} s and {self.round} rounds: "
             f"{self.dirty_pages_rate:.0f} pages/s dirtied, expected downtime "
             f"{(self.expected_downtime_s or 0) * 1000:.0f} ms over the {params.downtime_limit_ms:.0f} ms limit"
-            f" at throttle {self.throttle:.0%}" + self._rehash_part()
+            f" at throttle {self.throttle:.0%}" + self._rehash_part(params)
         )
 
-    def _rehash_part(self) -> str:
-        cost = self.verify_cost_s()
+    def _verify_cost_s(self, params: MigrationParameters) -> float:
+        # a postcopy switchover proves pages by their manifest, with no verification to fit
+        return 0.0 if params.postcopy else self.verify_cost_s()
+
+    def _rehash_part(self, params: MigrationParameters) -> str:
+        cost = self._verify_cost_s(params)
         return (
             f" ({cost * 1000:.0f} ms of it hashing the written memory again: --verify-rehash)" if cost else ""
         )
@@ -111,7 +115,7 @@ class Precopy:
         # the acknowledged bandwidth already holds the destination's placing and hashing
         bandwidth = meter.rate() or (meter.total / max(active_for, 1e-6)) or None
         handover_s = 2 * self.round_trip_s if self.round_trip_s != float("inf") else 0.0
-        handover_s += self.verify_cost_s()
+        handover_s += self._verify_cost_s(params)
         expected = remaining / bandwidth + handover_s if bandwidth else None
         previous, self.expected_downtime_s = self.expected_downtime_s, expected
         limit_s = params.downtime_limit_ms / 1000.0

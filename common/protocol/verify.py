@@ -11,9 +11,9 @@ import numpy as np
 import numpy.typing as npt
 
 from common.constants import DIGEST_BLOCK_PAGES
-from common.guest.digest import DigestCache, block_pages
+from common.guest.digest import DigestCache, block_pages, read_digests
 from common.guest.guest import Guest
-from common.guest.pagehash import row_digests, table_digests
+from common.guest.pagehash import table_digests
 from common.guest.vcpu import vcpus_digest
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import WireError
@@ -21,7 +21,8 @@ from common.wire.framing import WireError
 Indices = npt.NDArray[np.int64]
 # A resent page that still differs fails the migration: the second attempt is the last.
 MAX_VERIFY_ATTEMPTS = 2
-REHASH_SAMPLE_PAGES = 1024
+REHASH_SAMPLE_RUNS = 4
+REHASH_SAMPLE_RUN = 256
 
 
 def hex_digests(ram: bytes, tags: bytes, vcpu: bytes) -> dict[str, str]:
@@ -63,11 +64,16 @@ class SourceVerifier:
         mem = self.guest.memory
         backed = np.flatnonzero(mem.data_populated | mem.tags_populated)
         if self._per_page_s is None and backed.size:
-            sample = backed[:: max(1, backed.size // REHASH_SAMPLE_PAGES)][:REHASH_SAMPLE_PAGES]
+            # a few stretches of written pages, spread over the guest, hashed as the refresh
+            # will hash them (runs of consecutive pages read in place)
+            last = max(0, backed.size - REHASH_SAMPLE_RUN)
+            starts = sorted({int(i) for i in np.linspace(0, last, REHASH_SAMPLE_RUNS)})
+            sample = [backed[i : i + REHASH_SAMPLE_RUN] for i in starts]
             began = self._clock()
-            table_digests(mem.pages, sample)
-            row_digests(mem.tag_ioctl.read_pages(sample))
-            self._per_page_s = (self._clock() - began) / sample.size
+            for pages in sample:
+                table_digests(mem.pages, pages)
+                read_digests(mem.tag_ioctl.read_pages, pages)
+            self._per_page_s = (self._clock() - began) / sum(pages.size for pages in sample)
         return backed.size * (self._per_page_s or 0.0)
 
     def request(self) -> pb.VerifyRequest:

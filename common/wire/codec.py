@@ -207,7 +207,7 @@ def encode_ram_pages(
 
 
 def encode_tag_sections(
-    page_tags: U8 | None,
+    tag_table: U8 | None,
     indices: Indices,
     *,
     use_lz4: bool,
@@ -215,13 +215,13 @@ def encode_tag_sections(
     digests: bool = True,
     rows: U8 | None = None,
 ) -> tuple[pb.TagSections, Buffer, BatchStats]:
-    """Encode the packed tags of pages[indices]: gathered from page_tags (page_count, 128), or
+    """Encode the packed tags of pages[indices]: gathered from tag_table (page_count, 128), or
     given as `rows` (one per index) where they were read elsewhere (the daemons read them
     through the KVM_ARM_MTE_COPY_TAGS edge). The digests of the tagged pages' 128 bytes
     (unless `digests` is False) are the sender's verification leaves; they do not travel."""
     if rows is None:
-        assert page_tags is not None
-        rows = gather_rows(page_tags, indices)
+        assert tag_table is not None
+        rows = gather_rows(tag_table, indices)
     first = rows[:, 0]
     same = first.astype(np.uint64) * np.uint64(0x0101010101010101)  # compared 8 bytes at a time
     uniform = (rows.view(np.uint64) == same[:, None]).all(axis=1) & ((first & TAG_MASK) == (first >> 4))
