@@ -65,7 +65,8 @@ def send_pass(pre: Precopy, link: Link) -> int:
     assert pre.pass_ is not None
     while not pre.pass_.done:
         for kind, chunk in pre.pass_.next_chunks(1):
-            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round)
+            read = pre.log.read_tags(chunk) if kind == "tag_sections" else None  # as the session does
+            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round, tag_rows=read)
             record = pre.digests.record_ram if kind == "ram_pages" else pre.digests.record_tags
             record(batch.stats.content, batch.stats.digests, batch.stats.empty)
             frames = link.sequenced(0.0, batch.payload, data=chunk, **{kind: batch.body})

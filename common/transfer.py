@@ -81,18 +81,30 @@ class PagePass:
 
 
 def encode_batch(
-    mem: GuestMemory, kind: str, pages: Indices, *, use_lz4: bool, round_no: int, borrow: bool = False
+    mem: GuestMemory,
+    kind: str,
+    pages: Indices,
+    *,
+    use_lz4: bool,
+    round_no: int,
+    borrow: bool = False,
+    tag_rows: npt.NDArray[np.uint8] | None = None,
 ) -> OutgoingBatch:
     """One batch of a pass, encoded from guest memory as it is now. Reads memory and builds new
     objects only, so batches encode in parallel threads (the heavy parts release the GIL).
-    `borrow`: nothing writes guest memory before the batch has left (encode_ram_pages)."""
+    `borrow`: nothing writes guest memory before the batch has left (encode_ram_pages).
+    `tag_rows`: the pages' tags as already read (the kvm comparison's), else read here."""
     if kind == "ram_pages":
         body, payload, stats = encode_ram_pages(
             mem.pages, pages, use_lz4=use_lz4, round_no=round_no, borrow=borrow
         )
         return OutgoingBatch(kind, pages, body, payload, stats)
     tbody, tpayload, tstats = encode_tag_sections(
-        None, pages, use_lz4=use_lz4, round_no=round_no, rows=mem.tag_ioctl.read_pages(pages)
+        None,
+        pages,
+        use_lz4=use_lz4,
+        round_no=round_no,
+        rows=mem.tag_ioctl.read_pages(pages) if tag_rows is None else tag_rows,
     )
     return OutgoingBatch(kind, pages, tbody, tpayload, tstats)
 

@@ -278,7 +278,8 @@ def send_pass(pre: Precopy) -> int:
     assert pre.pass_ is not None
     while not pre.pass_.done:
         for kind, chunk in pre.pass_.next_chunks(1):
-            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round)
+            read = pre.log.read_tags(chunk) if kind == "tag_sections" else None  # as the session does
+            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round, tag_rows=read)
             record = pre.digests.record_ram if kind == "ram_pages" else pre.digests.record_tags
             record(batch.stats.content, batch.stats.digests, batch.stats.empty)
             frames = link.sequenced(0.0, batch.payload, data=chunk, **{kind: batch.body})
@@ -299,11 +300,14 @@ def test_in_kvm_a_tag_only_change_costs_a_tag_section_not_a_page(changes: int) -
         granules = rng.integers(1, 16, TAGS_PER_PAGE)
         for granule, tag in enumerate(granules.tolist()):
             mem.set_tags(page * PAGE_SIZE + 16 * granule, 16, tag)
+    calls = mem.tag_ioctl.counters.calls
     sync = pre.log.sync()
     assert sync.data_pages.size == 0 and sync.tag_pages.size == changes
     pre.digests.mark(sync.data_pages, sync.tag_pages)
     pre.pass_ = PagePass(sync.data_pages, sync.tag_pages)
     assert send_pass(pre) / changes < 200
+    runs = run_count(np.sort(sync.tag_pages))
+    assert mem.tag_ioctl.counters.calls - calls == runs, "the comparison's read is what is sent"
 
 
 def test_the_rehash_is_counted_in_the_expected_downtime() -> None:
@@ -375,3 +379,21 @@ def test_the_rehash_names_a_page_a_device_wrote_behind_the_dirty_log() -> None:
     assert fault is not None
     assert (fault[0].tolist(), fault[1].tolist()) == ([9], [])
     assert rehashing.repaired_pages == 1 and rehashing.rehashed_pages == PAGES
+
+
+def test_kvm_sends_the_tags_its_comparison_read_and_only_those() -> None:
+    mem = random_guest()
+    log, _ = sent(mem, DirtyModel.KVM)
+    retag(mem, 10)
+    retag(mem, 12)
+    mem.write(11 * PAGE_SIZE, b"data only")
+    sync = log.sync()
+    assert sync.tag_pages.tolist() == [10, 12]
+    before = mem.page_tags[[10, 12]].copy()
+    retag(mem, 12, 5, 6)  # after the sync: sent as read, and dirty again for the next round
+    rows = log.read_tags(np.array([10, 12]))
+    assert rows is not None and (rows == before).all()
+    assert log.read_tags(np.array([12])) is not None
+    assert log.read_tags(np.array([11, 12])) is None, "page 11's tags were not kept: read them"
+    assert log.read_tags(np.array([13])) is None and log.read_tags(np.array([], dtype=np.int64)) is None
+    assert log.sync().tag_pages.tolist() == [12]

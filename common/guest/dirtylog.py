@@ -29,7 +29,7 @@ from enum import Enum
 import numpy as np
 import numpy.typing as npt
 
-from common.constants import TCG_TAG_GROUP_PAGES
+from common.constants import PACKED_TAG_BYTES_PER_PAGE, TCG_TAG_GROUP_PAGES
 from common.guest.digest import ZERO_PAGE_DIGEST, DigestCache
 from common.guest.memory import DirtySync, GuestMemory
 from common.guest.pagehash import gather_content, row_digests
@@ -80,6 +80,10 @@ class DirtyLog:
         self.mem = mem
         self.digests = digests
         self.counts = DirtyCounts()
+        # kvm: the tags the last comparison read, of the pages whose tags changed, so that
+        # sending them reads nothing again (a VMM keeps what its ioctl returned)
+        self._tag_pages: Indices = np.empty(0, dtype=np.int64)
+        self._tag_rows: npt.NDArray[np.uint8] = np.empty((0, PACKED_TAG_BYTES_PER_PAGE), dtype=np.uint8)
 
     def first(self) -> DirtySync:
         """What round 1 sends: every page that may differ from a fresh guest."""
@@ -116,7 +120,8 @@ class DirtyLog:
             zero, _, content = gather_content(mem.pages, dirty, copy=False)
             data_now = np.full(dirty.size, ZERO_PAGE_DIGEST, dtype=np.uint64)
             data_now[~zero] = content
-            tags_now = row_digests(mem.tag_ioctl.read_pages(dirty))
+            tag_rows = mem.tag_ioctl.read_pages(dirty)
+        tags_now = row_digests(tag_rows)
         data_sent, data_stale = self.digests.ram.known(dirty)
         tags_sent, tags_stale = self.digests.tags.known(dirty)
         data_changed = data_stale | (data_now != data_sent)
@@ -128,7 +133,20 @@ class DirtyLog:
         counts.tags_only += int(np.count_nonzero(tags_changed & ~data_changed))
         counts.neither += int(np.count_nonzero(~(data_changed | tags_changed)))
         counts.compare_s += time.perf_counter() - began
+        self._tag_pages, self._tag_rows = dirty[tags_changed], tag_rows[tags_changed]
         return DirtySync(dirty[data_changed], dirty[tags_changed])
+
+    def read_tags(self, pages: Indices) -> npt.NDArray[np.uint8] | None:
+        """The packed tags of `pages` (ascending) as the last comparison read them, if it read
+        them all; None otherwise (read them through the ioctl). What was read is what is sent:
+        a tag store since then dirtied the page again, and the next sync sends it."""
+        known = self._tag_pages
+        if pages.size == 0 or known.size == 0:
+            return None
+        at = np.searchsorted(known, pages)
+        if int(at[-1]) >= known.size or not (known[np.minimum(at, known.size - 1)] == pages).all():
+            return None
+        return self._tag_rows[at]
 
     def _tag_groups(self, tag_pages: Indices) -> Indices:
         """Every page whose tags share a 4 KiB page of QEMU's tag block with a dirty one."""

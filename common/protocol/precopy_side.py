@@ -82,7 +82,11 @@ class SourcePrecopySide:
                 self.end_of_pass(now)
 
     def encode(self, chunk: tuple[str, Any], *, round_no: int, borrow: bool) -> OutgoingBatch:
-        return encode_batch(self.s.mem, *chunk, use_lz4=self.s._use_lz4, round_no=round_no, borrow=borrow)
+        kind, pages = chunk
+        read = self.s.precopy.log.read_tags(pages) if kind == "tag_sections" else None
+        return encode_batch(
+            self.s.mem, kind, pages, use_lz4=self.s._use_lz4, round_no=round_no, borrow=borrow, tag_rows=read
+        )
 
     def _send_batch(self, batch: OutgoingBatch, now: float) -> None:
         s = self.s
