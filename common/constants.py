@@ -96,6 +96,9 @@ RETRANSMIT_AFTER_S = 1.0
 MAX_PAGES_PER_MESSAGE = 2048
 MAX_TAG_SECTIONS_PER_MESSAGE = 8192  # 1 MiB of packed tags
 MAX_FRAME_BYTES = MAX_PAGES_PER_MESSAGE * (PAGE_SIZE + 64) + (1 << 20)
+# A QEMU guest's state beside its RAM and tags (device sections, firmware and ROM pages): it
+# travels in one device-state message, so it must fit one frame with room to spare.
+MAX_FOREIGN_STATE_BYTES = 4 << 20
 # lz4 is used for a batch only when a sample of its pages shrinks below this share.
 LZ4_SAMPLE_PAGES = 4
 LZ4_WORTH_RATIO = 0.8

@@ -30,6 +30,10 @@ def guest_summary(
         "running": running,
         "error": error,
     }
+    if guest.foreign:
+        summary["imported"] = (
+            "from a QEMU migration stream: RAM, tags and device state travel; it does not execute here"
+        )
     if with_digests:
         digests = guest.digests()
         summary.update(

@@ -11,7 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from common.constants import PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, PAGES_PER_BATCH, TAG_SECTIONS_PER_BATCH
+from common.constants import (
+    MAX_FOREIGN_STATE_BYTES,
+    PACKED_TAG_BYTES_PER_PAGE,
+    PAGE_SIZE,
+    PAGES_PER_BATCH,
+    TAG_SECTIONS_PER_BATCH,
+)
 from common.guest.guest import Guest
 from common.guest.memory import GuestMemory
 from common.guest.vcpu import GENERAL_REGISTERS, SCALARS, VcpuState
@@ -166,10 +172,15 @@ def vcpu_from_proto(msg: pb.VcpuState) -> VcpuState:
 
 
 def device_state(guest: Guest) -> pb.DeviceState:
-    return pb.DeviceState(vcpus=[vcpu_to_proto(v) for v in guest.vcpus])
+    return pb.DeviceState(vcpus=[vcpu_to_proto(v) for v in guest.vcpus], qemu_state=guest.foreign)
 
 
 def apply_device_state(guest: Guest, msg: pb.DeviceState) -> None:
+    if len(msg.qemu_state) > MAX_FOREIGN_STATE_BYTES:
+        raise WireError(
+            pb.ERROR_BAD_MESSAGE,
+            f"device state carries {len(msg.qemu_state)} bytes of QEMU state, more than {MAX_FOREIGN_STATE_BYTES}",
+        )
     if len(msg.vcpus) != len(guest.vcpus):
         raise WireError(
             pb.ERROR_GEOMETRY_MISMATCH,
@@ -179,3 +190,4 @@ def apply_device_state(guest: Guest, msg: pb.DeviceState) -> None:
     if sorted(v.index for v in vcpus) != list(range(len(vcpus))):
         raise WireError(pb.ERROR_BAD_MESSAGE, "device state vCPU indices are not 0..n-1")
     guest.vcpus[:] = sorted(vcpus, key=lambda v: v.index)
+    guest.foreign = msg.qemu_state

@@ -100,6 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-mem-prealloc): the stream then never waits on the kernel. Used by a guest of at most "
         "SIZE; costs SIZE of RAM while waiting (default: commit pages as they arrive)",
     )
+    parser.add_argument(
+        "--to-qemu",
+        type=writable_report,
+        metavar="FILE",
+        help="a guest imported from QEMU (source-node --from-qemu) is handed back: once verified, its "
+        'migration stream is written to FILE for qemu-system-aarch64 -incoming "exec:cat FILE"',
+    )
     add_key_arguments(parser, dest=True)
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     # Test builds: flip a byte of this page once after placing it (proves verification repairs).
@@ -148,6 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 control=args.control,
                 security=security,
                 preallocate_bytes=args.preallocate,
+                to_qemu=args.to_qemu,
             )
         )
     except StartupError as exc:

@@ -27,6 +27,7 @@ from common.protocol.phases import DestPhase
 from common.report import guest_summary, write_report
 from common.zap import ZapHandler
 from dest_node.guest_host import GuestHost
+from dest_node.qemu_handback import QemuHandback
 from dest_node.reading import drain
 from dest_node.refusals import RefusalLog
 
@@ -49,6 +50,7 @@ class DestOptions:
     outgoing_params: MigrationParameters = field(default_factory=MigrationParameters)
     security: Security = field(default_factory=Security)
     preallocate_bytes: int | None = None  # commit this much guest memory before a source arrives
+    to_qemu: str | None = None  # hand a guest from QEMU back to QEMU: its stream goes here
 
 
 class DestDaemon:
@@ -106,6 +108,7 @@ class DestDaemon:
         self.signalled: str | None = None
         self._reported_failure = False
         self.refusals = RefusalLog(self.log)
+        self.handback = QemuHandback(options.to_qemu, self.log) if options.to_qemu else None
         self.control: ControlServer | None = None
         if options.control:
             try:
@@ -155,6 +158,8 @@ class DestDaemon:
         report = self.session.report(time.monotonic())
         report["listen"] = self.address
         report.update(self.host.memory_report())
+        if self.handback is not None:
+            report["qemu_stream"] = self.handback.report()
         if self.outgoing is not None:
             report["outgoing"] = self.outgoing.session.report(time.monotonic())
         elif self.last_outgoing is not None:
@@ -369,6 +374,8 @@ class DestDaemon:
     def _observe(self) -> None:
         self.host.log_preallocation()
         phase = self.session.phase
+        if self.handback is not None and phase is DestPhase.RUNNING and self.session.guest is not None:
+            self.handback.hand_back(self.session.guest)  # verified and committed: the guest is ours
         if phase is DestPhase.FAILED and not self._reported_failure:
             self._reported_failure = True
             self.log.error(
@@ -405,6 +412,8 @@ class DestDaemon:
         if self.outgoing is not None:
             self.outgoing.close()
         completed = self.session.phase is DestPhase.RUNNING or self.last_outgoing is not None
+        if self.handback is not None and self.handback.error is not None:
+            completed = False
         report = self.status(with_digests=True)
         if self.options.report:
             write_report(self.options.report, report)

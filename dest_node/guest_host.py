@@ -13,7 +13,7 @@ import numpy as np
 from common.guest.guest import Guest
 from common.guest.prefault import Preallocation, Prefaulter
 from common.guest.presence import PresenceGate, RestartableVcpu
-from common.guest.runner import GuestRunner
+from common.guest.runner import GuestRunner, Inert
 from common.guest.workload import NotAWorkloadGuest, Workload
 from common.units import format_size
 
@@ -74,6 +74,13 @@ class GuestHost:
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         self._stop_prefault()
         self.running_guest = guest
+        if guest.foreign:
+            # a QEMU guest: its pages are placed and checked here; only QEMU executes it
+            self.runner = GuestRunner(Inert(), stop_at_step=0)
+            self.log.info(
+                "guest from QEMU arrived; it does not execute here (dest-node --to-qemu hands it back)"
+            )
+            return
         if gate is not None:
             # postcopy: steps restart when they touch a page that has not arrived
             self.vcpu = RestartableVcpu(guest, gate, Workload)

@@ -16,16 +16,24 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from common.cli_keys import add_key_arguments, keygen_main, security_from
 from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
-from common.constants import HEARTBEAT_INTERVAL_S, MAX_CHANNELS, PEER_DEAD_AFTER_S, RECONNECT_TIMEOUT_S
+from common.constants import (
+    HEARTBEAT_INTERVAL_S,
+    MAX_CHANNELS,
+    MAX_RAM_BYTES,
+    PEER_DEAD_AFTER_S,
+    RECONNECT_TIMEOUT_S,
+)
 from common.control import ControlError
 from common.ctl import ctl_main
 from common.guest.dirtylog import DirtyModel
+from common.guest.guest import Guest
 from common.guest.memory import check_ram_size
-from common.guest.runner import GuestRunner
+from common.guest.runner import GuestRunner, Inert
 from common.guest.workload import Fill, Workload, WorkloadConfig, boot
 from common.logging import configure, get_logger
 from common.malloc import keep_large_buffers, quiet_collector
@@ -79,6 +87,13 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.0,
         metavar="N",
         help="workload pace in steps per second; 0 = as fast as it can (default 0)",
+    )
+    guest.add_argument(
+        "--from-qemu",
+        metavar="FILE",
+        help="migrate the guest a QEMU migration stream holds (a stopped virt,mte=on guest saved with "
+        'migrate "exec:cat > FILE") instead of booting one: its RAM and tag blocks travel as pages and '
+        "tags, the rest whole; it does not execute here (dest-node --to-qemu hands it back to QEMU)",
     )
     guest.add_argument(
         "--device-period",
@@ -267,10 +282,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def guest_and_runner(args: argparse.Namespace) -> tuple[Guest, GuestRunner]:
+    """The guest this node runs: booted with its workload, or imported from QEMU (inert here)."""
+    if args.from_qemu:
+        guest = load_qemu_guest(args.from_qemu)
+        return guest, GuestRunner(Inert(), stop_at_step=0)
+    guest = boot(args.ram, workload_config(args))
+    workload = Workload(guest, device_marks_dirty=not args.debug_device_forgets)
+    return guest, GuestRunner(workload, stop_at_step=args.stop_at_step)
+
+
+def load_qemu_guest(path: str) -> Guest:
+    from common.qemu.guest_io import import_guest
+    from common.qemu.stream import read_stream
+
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise QemuImportError(f"--from-qemu {path}: {exc.strerror or exc}") from None
+    try:
+        return import_guest(read_stream(data, MAX_RAM_BYTES))
+    except ValueError as exc:  # StreamError: what is wrong with the file, and where
+        raise QemuImportError(f"--from-qemu {path}: {exc}") from None
+
+
+class QemuImportError(Exception):
+    """A stream that cannot be imported: one line, and nothing has started."""
+
+
 def reference_run(args: argparse.Namespace) -> int:
     log = get_logger("source-node")
-    guest = boot(args.ram, workload_config(args))
-    runner = GuestRunner(Workload(guest), stop_at_step=args.stop_at_step)
+    guest, runner = guest_and_runner(args)
     signals: list[str] = []
 
     def interrupt(signum: int, _: Any) -> None:
@@ -278,7 +320,12 @@ def reference_run(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    log.info(
+        "guest imported from QEMU" if args.from_qemu else "guest booted",
+        guest_bytes=guest.memory.ram_bytes,
+        seed=None if args.from_qemu else args.seed,
+        stop_at_step=args.stop_at_step,
+    )
     runner.run_until_finished(lambda: bool(signals))
     completed = runner.finished
     goal = f" of {args.stop_at_step}" if args.stop_at_step is not None else ""
@@ -345,9 +392,16 @@ def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         ctx.term()
         print(f"source-node: {exc}", file=sys.stderr)
         return 2
-    guest = boot(args.ram, workload_config(args))
-    workload = Workload(guest, device_marks_dirty=not args.debug_device_forgets)
-    runner = GuestRunner(workload, stop_at_step=args.stop_at_step)
+    try:
+        guest, runner = guest_and_runner(args)
+    except QemuImportError as exc:
+        if control is not None:
+            control.close()
+        if zap is not None:
+            zap.close()
+        ctx.term()
+        print(f"source-node: {exc}", file=sys.stderr)
+        return 2
     options = SourceOptions(
         params=migration_parameters(args),
         control=args.control,
@@ -356,7 +410,12 @@ def migrate_run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> in
         peer_key=peer_key,
     )
     daemon = SourceDaemon(guest, runner, options, ctx, control, zap)
-    log.info("guest booted", guest_bytes=args.ram, seed=args.seed, stop_at_step=args.stop_at_step)
+    log.info(
+        "guest imported from QEMU" if args.from_qemu else "guest booted",
+        guest_bytes=guest.memory.ram_bytes,
+        seed=None if args.from_qemu else args.seed,
+        stop_at_step=args.stop_at_step,
+    )
     quiet_collector()
     if args.migrate_to:
         try:
@@ -410,7 +469,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(problem)
     if args.migrate_to or args.control:
         return migrate_run(args, parser)
-    return reference_run(args)
+    try:
+        return reference_run(args)
+    except QemuImportError as exc:
+        print(f"source-node: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

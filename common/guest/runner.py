@@ -30,6 +30,18 @@ class Steppable(Protocol):
     def step(self) -> None: ...
 
 
+class Inert:
+    """What the runner drives for a guest that does not execute here (one imported from QEMU,
+    which only QEMU runs): no step ever runs. A runner stopped at step 0 reports it stopped."""
+
+    steps_per_second = 0.0
+    step_count = 0
+    blocked = True
+
+    def step(self) -> None:
+        return None
+
+
 class GuestRunner:
     """`clock` is injectable so that the protocol tests' fake-time harness throttles and paces
     a guest with this very code, not a model of it."""

@@ -16,7 +16,6 @@ import numpy as np
 
 from common.constants import MAX_PAGES_PER_MESSAGE
 from common.guest.presence import PresenceGate
-from common.guest.vcpu import vcpus_digest
 from common.protocol import events as ev
 from common.protocol.outbound import Outbound
 from common.protocol.phases import DestPhase, Failure, SourcePhase
@@ -65,7 +64,7 @@ class SourcePostcopySide:
         messages, self.manifest_digest = manifest_messages(s.mem)
         for message in messages:
             s._send(now, page_manifest=message)
-        self.switchover_vcpus = vcpus_digest(s.guest.vcpus)
+        self.switchover_vcpus = s.guest.state_digest()
         s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
         s.postcopy = SourcePostcopy(s.mem.page_count)
         s._move(_S.POSTCOPY)
@@ -234,7 +233,7 @@ class DestPostcopySide:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"postcopy start for {msg.page_count} pages")
         mem = s.guest.memory
         pc.start(mem)
-        pc.vcpu_digest = vcpus_digest(s.guest.vcpus)
+        pc.vcpu_digest = s.guest.state_digest()
         s.digests = None  # pages are checked one by one against the manifest from here
         # every page already here (a guest that converged): no access needs checking
         gate = None if pc.complete else PresenceGate(mem, pc.present)

@@ -14,7 +14,6 @@ from common.constants import DIGEST_BLOCK_PAGES
 from common.guest.digest import DigestCache, block_pages, read_digests
 from common.guest.guest import Guest
 from common.guest.pagehash import table_digests
-from common.guest.vcpu import vcpus_digest
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import WireError
 
@@ -83,7 +82,7 @@ class SourceVerifier:
             self.digests.mark(backed, backed)
             self.rehashed_pages += int(backed.size)
         ours = self.digests.digests()
-        vcpu = vcpus_digest(self.guest.vcpus)
+        vcpu = self.guest.state_digest()
         self.attempt += 1
         self.source_digests = hex_digests(ours.ram, ours.tags, vcpu)
         return pb.VerifyRequest(
@@ -167,7 +166,7 @@ def destination_verdict(
             pb.ERROR_BAD_MESSAGE,
             f"verify_request carries block digests for a guest of another size (expected {blocks} blocks)",
         )
-    vcpu = vcpus_digest(guest.vcpus)
+    vcpu = guest.state_digest()
     theirs_ram = np.frombuffer(src.ram_block_digests, dtype="<u8")
     theirs_tags = np.frombuffer(src.tag_block_digests, dtype="<u8")
     bad_blocks = np.flatnonzero((theirs_ram != ours.ram_blocks) | (theirs_tags != ours.tag_blocks))

@@ -37,6 +37,12 @@ class TagEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TAG_RAW: _ClassVar[TagEncoding]
     TAG_LZ4: _ClassVar[TagEncoding]
 
+class QemuBlockRole(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    QEMU_BLOCK_OTHER: _ClassVar[QemuBlockRole]
+    QEMU_BLOCK_GUEST_RAM: _ClassVar[QemuBlockRole]
+    QEMU_BLOCK_GUEST_TAGS: _ClassVar[QemuBlockRole]
+
 class ErrorCode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     ERROR_UNSPECIFIED: _ClassVar[ErrorCode]
@@ -73,6 +79,9 @@ TAG_UNTAGGED: TagEncoding
 TAG_UNIFORM: TagEncoding
 TAG_RAW: TagEncoding
 TAG_LZ4: TagEncoding
+QEMU_BLOCK_OTHER: QemuBlockRole
+QEMU_BLOCK_GUEST_RAM: QemuBlockRole
+QEMU_BLOCK_GUEST_TAGS: QemuBlockRole
 ERROR_UNSPECIFIED: ErrorCode
 ERROR_VERSION_MISMATCH: ErrorCode
 ERROR_FEATURE_MISMATCH: ErrorCode
@@ -197,10 +206,42 @@ class VcpuState(_message.Message):
     def __init__(self, index: _Optional[int] = ..., x: _Optional[_Iterable[int]] = ..., sp: _Optional[int] = ..., pc: _Optional[int] = ..., pstate: _Optional[int] = ..., sctlr_el1: _Optional[int] = ..., gcr_el1: _Optional[int] = ..., rgsr_el1: _Optional[int] = ..., tfsr_el1: _Optional[int] = ..., tfsre0_el1: _Optional[int] = ...) -> None: ...
 
 class DeviceState(_message.Message):
-    __slots__ = ("vcpus",)
+    __slots__ = ("vcpus", "qemu_state")
     VCPUS_FIELD_NUMBER: _ClassVar[int]
+    QEMU_STATE_FIELD_NUMBER: _ClassVar[int]
     vcpus: _containers.RepeatedCompositeFieldContainer[VcpuState]
-    def __init__(self, vcpus: _Optional[_Iterable[_Union[VcpuState, _Mapping]]] = ...) -> None: ...
+    qemu_state: bytes
+    def __init__(self, vcpus: _Optional[_Iterable[_Union[VcpuState, _Mapping]]] = ..., qemu_state: _Optional[bytes] = ...) -> None: ...
+
+class QemuState(_message.Message):
+    __slots__ = ("configuration", "ram_section_id", "ram_instance_id", "ram_version_id", "blocks", "device_tail")
+    CONFIGURATION_FIELD_NUMBER: _ClassVar[int]
+    RAM_SECTION_ID_FIELD_NUMBER: _ClassVar[int]
+    RAM_INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    RAM_VERSION_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    DEVICE_TAIL_FIELD_NUMBER: _ClassVar[int]
+    configuration: bytes
+    ram_section_id: int
+    ram_instance_id: int
+    ram_version_id: int
+    blocks: _containers.RepeatedCompositeFieldContainer[QemuBlock]
+    device_tail: bytes
+    def __init__(self, configuration: _Optional[bytes] = ..., ram_section_id: _Optional[int] = ..., ram_instance_id: _Optional[int] = ..., ram_version_id: _Optional[int] = ..., blocks: _Optional[_Iterable[_Union[QemuBlock, _Mapping]]] = ..., device_tail: _Optional[bytes] = ...) -> None: ...
+
+class QemuBlock(_message.Message):
+    __slots__ = ("name", "length", "role", "page_numbers", "pages")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_NUMBERS_FIELD_NUMBER: _ClassVar[int]
+    PAGES_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    length: int
+    role: QemuBlockRole
+    page_numbers: bytes
+    pages: bytes
+    def __init__(self, name: _Optional[str] = ..., length: _Optional[int] = ..., role: _Optional[_Union[QemuBlockRole, str]] = ..., page_numbers: _Optional[bytes] = ..., pages: _Optional[bytes] = ...) -> None: ...
 
 class PageRequest(_message.Message):
     __slots__ = ("page_index",)

@@ -1,0 +1,1 @@
+"""QEMU interoperability: its migration stream, read and written."""
