@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 QEMU = "qemu-system-aarch64"
 CC = "aarch64-linux-gnu-gcc"
 KERNEL_DIR = Path(os.environ.get("MTE_GUEST_KERNEL_DIR", "/opt/mte-guest/kernel"))
-BUILD = Path(os.environ.get("MTE_GUEST_BUILD", "/opt/mte-guest/build"))
+BUILD = Path(os.environ.get("MTE_GUEST_BUILD", Path.home() / ".cache" / "mte-guest"))
 RAM = "256M"
 PASS, FAIL, READY = "mte-check pass", "mte-check FAIL", "mte-check ready"
 

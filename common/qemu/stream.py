@@ -169,8 +169,8 @@ def _configuration(r: _Reader) -> bytes:
         r.be32("its version")
         if name == TARGET_PAGE_BITS:
             bits = r.be32("the target page bits")
-            if 1 << bits != PAGE_SIZE:
-                raise StreamError(f"target pages of {1 << bits} bytes; this pipeline moves 4 KiB pages")
+            if bits != PAGE_SIZE.bit_length() - 1:
+                raise StreamError(f"target pages of 2^{bits} bytes; this pipeline moves 4 KiB pages")
         elif name == CAPABILITIES:
             for _ in range(r.be32("the capability count")):
                 capability = r.name("a capability")

@@ -1,0 +1,124 @@
+"""A real MTE guest on QEMU, through the pipeline and back to QEMU, which resumes it.
+
+Boot the self-checking guest (scripts/qemu_guest.py), let it pass its checks, stop it and save
+its stream; migrate that through source-node and dest-node (once clean, once through the fault
+proxy with a reset and corrupted chunks); load what dest-node wrote into a second QEMU. The RAM
+and tag blocks that QEMU loaded equal those the first one saved, byte for byte, and the guest
+resumes: more passes, no failure. Needs QEMU, the cross compiler and the kernel that
+scripts/install.sh installs as root; without them it skips and says what is missing.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from common.qemu.guest_io import RAM_BLOCK, TAG_BLOCK
+from common.qemu.stream import read_stream
+from faultinject.proxy import FaultProxy
+from tests.e2e import Dest, run_source
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_guest_tool() -> Any:
+    spec = importlib.util.spec_from_file_location("qemu_guest", ROOT / "scripts" / "qemu_guest.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+qemu_guest = _load_guest_tool()
+_MISSING = qemu_guest.missing()
+needs_qemu = pytest.mark.skipif(bool(_MISSING), reason="missing: " + "; ".join(_MISSING))
+
+
+@pytest.fixture(scope="module")
+def saved_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A stopped guest that has passed its checks twice, as QEMU saved it."""
+    work = tmp_path_factory.mktemp("qemu")
+    qemu_guest.build()
+    guest = qemu_guest.Guest(work)
+    try:
+        guest.wait_for_passes(2, timeout_s=240)
+        stream = work / "saved.stream"
+        guest.save(stream)
+    finally:
+        guest.close()
+    return stream
+
+
+def hand_back(tmp: Path, saved: Path, via: str | None = None, *extra: str) -> tuple[Path, dict[str, Any]]:
+    """source-node --from-qemu to dest-node --to-qemu; the stream written and the source's report."""
+    back = tmp / "back.stream"
+    dest = Dest(tmp, "--to-qemu", str(back), "--peer-timeout", "1")
+    try:
+        src = run_source(tmp, "--from-qemu", str(saved), "--migrate-to", via or dest.uri, *extra)
+        got = dest.finish()
+    finally:
+        dest.kill()
+    assert src.code == 0, src.stderr[-3000:] + "\n--- dest ---\n" + got.stderr[-3000:]
+    assert got.code == 0, got.stderr[-3000:]
+    assert src.report["verification"]["ok"] is True
+    assert "does not execute here" in src.report["guest"]["imported"]
+    assert got.report["qemu_stream"] == {"path": str(back), "bytes": back.stat().st_size, "error": None}
+    return back, src.report
+
+
+def resume_and_compare(tmp: Path, saved: Path, back: Path) -> None:
+    """QEMU loads what came back: its RAM and tags equal the saved ones; the guest runs on."""
+    guest = qemu_guest.Guest(tmp, incoming=back)
+    try:
+        guest.loaded()
+        loaded = tmp / "loaded.stream"
+        guest.save(loaded)  # what this QEMU holds, saved again before it runs
+        guest.qmp.call("cont")
+        guest.wait_for_passes(2, timeout_s=240)
+        assert guest.failures() == []
+    finally:
+        guest.close()
+    before = read_stream(saved.read_bytes(), 1 << 34)
+    after = read_stream(loaded.read_bytes(), 1 << 34)
+    for name in (RAM_BLOCK, TAG_BLOCK):
+        assert (before.block(name).data == after.block(name).data).all(), f"{name} changed on the way"
+    tags = after.block(TAG_BLOCK).data
+    assert tags.any(), "the guest's tags were there to lose"
+
+
+@needs_qemu
+def test_a_qemu_guest_goes_through_the_pipeline_and_resumes_on_qemu(
+    tmp_path: Path, saved_guest: Path
+) -> None:
+    back, report = hand_back(tmp_path, saved_guest)
+    assert report["tags"]["sections"] > 0 and report["tag_ioctl"]["calls"] > 0
+    resume_and_compare(tmp_path, saved_guest, back)
+
+
+@needs_qemu
+def test_a_qemu_guest_rides_out_a_reset_and_corrupted_chunks(tmp_path: Path, saved_guest: Path) -> None:
+
+    def run_with_faults() -> tuple[Path, dict[str, Any], FaultProxy]:
+        back = tmp_path / "back.stream"
+        dest = Dest(tmp_path, "--to-qemu", str(back), "--peer-timeout", "1")
+        try:
+            with FaultProxy(("127.0.0.1", dest.port), seed=5) as proxy:
+                proxy.corrupt_down = 0.02
+                proxy.when(lambda m: m.bytes_down > 8 << 20, proxy.reset)
+                src = run_source(tmp_path, "--from-qemu", str(saved_guest), "--migrate-to", proxy.uri,
+                                 "--peer-timeout", "1", "--reconnect-timeout", "20")  # fmt: skip
+                got = dest.finish()
+        finally:
+            dest.kill()
+        assert src.code == 0, src.stderr[-3000:] + "\n--- dest ---\n" + got.stderr[-3000:]
+        assert got.code == 0 and got.report["qemu_stream"]["error"] is None
+        return back, src.report, proxy
+
+    back, report, proxy = run_with_faults()
+    assert proxy.resets == 1 and proxy.corrupted > 0
+    assert report["link"]["resent_messages"] > 0 or report["link"]["reconnects"] > 0
+    resume_and_compare(tmp_path, saved_guest, back)
