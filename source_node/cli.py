@@ -96,6 +96,13 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
         "tags, the rest whole; it does not execute here (dest-node --to-qemu hands it back to QEMU)",
     )
     guest.add_argument(
+        "--max-ram",
+        type=size,
+        default=MAX_RAM_BYTES,
+        metavar="SIZE",
+        help="--from-qemu: refuse a stream with a RAM block larger than this (default 16 GiB)",
+    )
+    guest.add_argument(
         "--device-period",
         type=non_negative(int),
         default=8,
@@ -285,14 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
 def guest_and_runner(args: argparse.Namespace) -> tuple[Guest, GuestRunner]:
     """The guest this node runs: booted with its workload, or imported from QEMU (inert here)."""
     if args.from_qemu:
-        guest = load_qemu_guest(args.from_qemu)
+        guest = load_qemu_guest(args.from_qemu, args.max_ram)
         return guest, GuestRunner(Inert(), stop_at_step=0)
     guest = boot(args.ram, workload_config(args))
     workload = Workload(guest, device_marks_dirty=not args.debug_device_forgets)
     return guest, GuestRunner(workload, stop_at_step=args.stop_at_step)
 
 
-def load_qemu_guest(path: str) -> Guest:
+def load_qemu_guest(path: str, max_ram: int) -> Guest:
     from common.qemu.guest_io import import_guest
     from common.qemu.stream import read_stream
 
@@ -301,7 +308,7 @@ def load_qemu_guest(path: str) -> Guest:
     except OSError as exc:
         raise QemuImportError(f"--from-qemu {path}: {exc.strerror or exc}") from None
     try:
-        return import_guest(read_stream(data, MAX_RAM_BYTES))
+        return import_guest(read_stream(data, max_ram))
     except ValueError as exc:  # StreamError: what is wrong with the file, and where
         raise QemuImportError(f"--from-qemu {path}: {exc}") from None
 

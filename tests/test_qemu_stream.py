@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import io
 import struct
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,6 +34,7 @@ from common.qemu.stream import (
 from common.transfer import apply_device_state, device_state
 from common.wire import mte_migration_pb2 as pb
 from common.wire.framing import WireError
+from tests.e2e import SOURCE
 
 MIB = 1 << 20
 # As QEMU 7.2 writes it for virt: the machine type, then the target page bits (12)
@@ -261,3 +264,45 @@ def test_a_stream_without_a_tagged_guest_is_refused_at_import() -> None:
     stream.blocks.pop(2)
     with pytest.raises(StreamError, match=r"no RAM block 'mach-virt\.tag'"):
         import_guest(stream)
+
+
+def test_a_hostile_file_is_refused_in_one_line_before_anything_starts(tmp_path: Path) -> None:
+    good = written(small_stream())
+    cases = {
+        "truncated": (good[:5000], "the stream ends at byte 5000"),
+        "magic": (b"QEVX" + good[4:], "not a QEMU migration stream"),
+        "large": (good, "larger than --max-ram"),
+    }
+    for name, (data, why) in cases.items():
+        path = tmp_path / f"{name}.stream"
+        path.write_bytes(data)
+        extra = ["--max-ram", "512K"] if name == "large" else []
+        done = subprocess.run(
+            [*SOURCE, "--from-qemu", str(path), *extra, "--report", str(tmp_path / "r.json")],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 2, done.stderr
+        assert done.stderr.count("\n") == 1 and why in done.stderr and "Traceback" not in done.stderr
+
+
+def test_the_destination_says_why_it_cannot_hand_a_guest_back(tmp_path: Path) -> None:
+    from dest_node.qemu_handback import QemuHandback
+
+    lines: list[tuple[str, dict[str, object]]] = []
+
+    class Log:
+        def error(self, event: str, **fields: object) -> None:
+            lines.append((event, fields))
+
+        def info(self, event: str, **fields: object) -> None:
+            lines.append((event, fields))
+
+    target = tmp_path / "back.stream"
+    handback = QemuHandback(str(target), Log())
+    handback.hand_back(Guest.create(MIB))  # a guest of our own workload: nothing to give QEMU
+    assert handback.done and not target.exists() and not (tmp_path / "back.stream.partial").exists()
+    assert handback.report()["error"] is not None and "did not come from QEMU" in handback.report()["error"]
+    good = QemuHandback(str(target), Log())
+    good.hand_back(import_guest(small_stream()))
+    assert good.report() == {"path": str(target), "bytes": target.stat().st_size, "error": None}
+    assert same(read_stream(target.read_bytes(), MIB), small_stream())
