@@ -91,11 +91,13 @@ def resume_and_compare(tmp: Path, saved: Path, back: Path) -> None:
 
 
 @needs_qemu
+@pytest.mark.parametrize("how", [(), ("--mode", "postcopy", "--channels", "2")], ids=["precopy", "postcopy"])
 def test_a_qemu_guest_goes_through_the_pipeline_and_resumes_on_qemu(
-    tmp_path: Path, saved_guest: Path
+    tmp_path: Path, saved_guest: Path, how: tuple[str, ...]
 ) -> None:
-    back, report = hand_back(tmp_path, saved_guest)
-    assert report["tags"]["sections"] > 0 and report["tag_ioctl"]["calls"] > 0
+    back, report = hand_back(tmp_path, saved_guest, None, *how)
+    assert report["mode"] == ("postcopy" if how else "precopy")
+    assert report["tag_ioctl"]["calls"] > 0, "the tags were read through the tag edge"
     resume_and_compare(tmp_path, saved_guest, back)
 
 
