@@ -143,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         corrupt_page=args.debug_corrupt_page,
         max_ram_bytes=args.max_ram,
         max_source_wait_s=args.max_source_wait,
+        qemu_handback=args.to_qemu is not None,
     )
     try:
         daemon = DestDaemon(

@@ -374,8 +374,12 @@ class DestDaemon:
     def _observe(self) -> None:
         self.host.log_preallocation()
         phase = self.session.phase
-        if self.handback is not None and phase is DestPhase.RUNNING and self.session.guest is not None:
-            self.handback.hand_back(self.session.guest)  # verified and committed: the guest is ours
+        session = self.session
+        if self.handback is not None and phase is DestPhase.RUNNING and session.guest is not None:
+            if session.verified is True and session.failure is None:
+                self.handback.hand_back(session.guest)  # verified and committed: the guest is ours
+            else:
+                self.handback.refuse("the migration did not verify: no stream written")
         if phase is DestPhase.FAILED and not self._reported_failure:
             self._reported_failure = True
             self.log.error(

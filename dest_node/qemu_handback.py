@@ -37,7 +37,7 @@ class QemuHandback:
             with partial.open("wb") as out:
                 self.written_bytes = write_stream(out, stream)
             os.replace(partial, self.path)
-        except (StreamError, OSError) as exc:
+        except (StreamError, OSError, MemoryError) as exc:
             self.written_bytes = None
             self.error = f"cannot write the QEMU stream {self.path}: {exc}"
             partial.unlink(missing_ok=True)
@@ -49,6 +49,11 @@ class QemuHandback:
             bytes=self.written_bytes,
             resume_with=f'qemu-system-aarch64 -M virt,mte=on -cpu max ... -incoming "exec:cat {self.path}"',
         )
+
+    def refuse(self, reason: str) -> None:
+        if not self.done:
+            self.error = reason
+            self.log.error("guest not handed back to QEMU", reason=reason)
 
     def report(self) -> dict[str, Any]:
         return {"path": str(self.path), "bytes": self.written_bytes, "error": self.error}

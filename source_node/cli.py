@@ -308,9 +308,13 @@ def load_qemu_guest(path: str, max_ram: int) -> Guest:
     except OSError as exc:
         raise QemuImportError(f"--from-qemu {path}: {exc.strerror or exc}") from None
     try:
-        return import_guest(read_stream(data, max_ram))
+        stream = read_stream(data, max_ram)
+        del data  # the blocks are copies: the file's bytes may go before the guest is built
+        return import_guest(stream)
     except ValueError as exc:  # StreamError: what is wrong with the file, and where
         raise QemuImportError(f"--from-qemu {path}: {exc}") from None
+    except MemoryError:
+        raise QemuImportError(f"--from-qemu {path}: not enough memory for the guest it holds") from None
 
 
 class QemuImportError(Exception):

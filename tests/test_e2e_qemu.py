@@ -19,9 +19,11 @@ import pytest
 from common.qemu.guest_io import RAM_BLOCK, TAG_BLOCK
 from common.qemu.stream import read_stream
 from faultinject.proxy import FaultProxy
-from tests.e2e import Dest, run_source
+from tests.e2e import SMALL_GUEST, Dest, run_source
+from tests.test_qemu_stream import small_stream, written
 
-pytestmark = pytest.mark.slow
+# a QEMU boot and a resume take seconds each under TCG on two cores: more than the default bound
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -124,3 +126,41 @@ def test_a_qemu_guest_rides_out_a_reset_and_corrupted_chunks(tmp_path: Path, sav
     assert proxy.resets == 1 and proxy.corrupted > 0
     assert report["link"]["resent_messages"] > 0 or report["link"]["reconnects"] > 0
     resume_and_compare(tmp_path, saved_guest, back)
+
+
+# -- the daemons' QEMU paths on a stream written here (no QEMU needed) -----------------------------
+
+
+def test_the_daemons_hand_a_qemu_guest_back_byte_for_byte(tmp_path: Path) -> None:
+    saved = tmp_path / "small.stream"
+    saved.write_bytes(written(small_stream()))
+    back, report = hand_back(tmp_path, saved)
+    assert back.read_bytes() == saved.read_bytes(), "what QEMU gave is what QEMU gets back"
+    assert report["guest"]["here"] is False
+
+
+def test_a_qemu_guest_is_refused_by_a_destination_that_cannot_hand_it_back(tmp_path: Path) -> None:
+    saved = tmp_path / "small.stream"
+    saved.write_bytes(written(small_stream()))
+    dest = Dest(tmp_path, "--peer-timeout", "1")  # no --to-qemu
+    try:
+        src = run_source(tmp_path, "--from-qemu", str(saved), "--migrate-to", dest.uri)
+        got = dest.finish()
+    finally:
+        dest.kill()
+    assert src.code != 0 and "needs a destination started with --to-qemu" in src.report["error"]
+    assert src.report["guest"]["here"] is True, "the source keeps the guest it could not hand over"
+    assert got.code != 0
+
+
+def test_a_destination_for_qemu_guests_refuses_an_ordinary_one(tmp_path: Path) -> None:
+    back = tmp_path / "back.stream"
+    dest = Dest(tmp_path, "--to-qemu", str(back), "--peer-timeout", "1")
+    try:
+        src = run_source(tmp_path, *SMALL_GUEST, "--stop-at-step", "0", "--migrate-to", dest.uri)
+        got = dest.finish()
+    finally:
+        dest.kill()
+    assert src.code != 0 and "did not come from QEMU" in src.report["error"]
+    assert src.report["guest"]["here"] is True and not back.exists()
+    assert got.code != 0

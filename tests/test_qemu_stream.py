@@ -306,3 +306,17 @@ def test_the_destination_says_why_it_cannot_hand_a_guest_back(tmp_path: Path) ->
     good.hand_back(import_guest(small_stream()))
     assert good.report() == {"path": str(target), "bytes": target.stat().st_size, "error": None}
     assert same(read_stream(target.read_bytes(), MIB), small_stream())
+
+
+def test_the_verification_tells_a_different_qemu_state_apart() -> None:
+    from common.guest.digest import DigestCache
+    from common.protocol.verify import SourceVerifier, destination_verdict
+
+    source = import_guest(small_stream())
+    arrived = import_guest(small_stream())
+    state = pb.QemuState.FromString(arrived.foreign)
+    state.device_tail = state.device_tail[:-1] + b"]"  # one byte of a device's state differs
+    arrived.foreign = state.SerializeToString()
+    verifier = SourceVerifier(source, DigestCache(source.memory))
+    result, _ = destination_verdict(verifier.request(), arrived, DigestCache(arrived.memory))
+    assert not result.ok and result.vcpu_mismatch, "RAM and tags agree; the device state does not"

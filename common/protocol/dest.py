@@ -88,6 +88,8 @@ class DestParameters:
     # Test builds only: place postcopy data and tags apart (a turn between), to prove that the
     # atomicity test can fail.
     split_placement: bool = False
+    # dest-node --to-qemu: this node takes guests from QEMU (and only those) to hand them back.
+    qemu_handback: bool = False
 
 
 class DestSession:

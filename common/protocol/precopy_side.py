@@ -270,6 +270,14 @@ class DestPrecopySide:
     def on_device_state(self, msg: pb.DeviceState, _: Buffer, now: float) -> None:
         s = self.s
         assert s.guest is not None
+        if bool(msg.qemu_state) != s.params.qemu_handback:
+            # refused before any commit: the source keeps its guest rather than lose it here
+            raise WireError(
+                pb.ERROR_FEATURE_MISMATCH,
+                "this destination hands guests back to QEMU (--to-qemu) and this guest did not come from QEMU"
+                if s.params.qemu_handback
+                else "a guest from QEMU (source-node --from-qemu) needs a destination started with --to-qemu",
+            )
         apply_device_state(s.guest, msg)
 
     def on_verify_request(self, msg: pb.VerifyRequest, _: Buffer, now: float) -> None:

@@ -17,7 +17,14 @@ from common.constants import MAX_FOREIGN_STATE_BYTES, MAX_RAM_BYTES, PACKED_TAG_
 from common.guest.digest import READ_CHUNK_PAGES
 from common.guest.guest import Guest
 from common.guest.memory import check_ram_size
-from common.qemu.stream import QemuStream, RamBlock, StreamError, check_configuration
+from common.qemu.stream import (
+    MAX_BLOCKS,
+    MAX_OTHER_BYTES,
+    QemuStream,
+    RamBlock,
+    StreamError,
+    check_configuration,
+)
 from common.units import format_size
 from common.wire import mte_migration_pb2 as pb
 
@@ -84,6 +91,16 @@ def export_stream(guest: Guest) -> QemuStream:
     mem = guest.memory
     blocks: list[RamBlock] = []
     roles: list[int] = []
+    if len(state.blocks) > MAX_BLOCKS:
+        raise StreamError(f"the QEMU state names {len(state.blocks)} RAM blocks, more than {MAX_BLOCKS}")
+    names = [entry.name for entry in state.blocks]
+    if len(set(names)) != len(names):
+        raise StreamError("the QEMU state names a RAM block twice")
+    other = sum(entry.length for entry in state.blocks if entry.role == pb.QEMU_BLOCK_OTHER)
+    if other > MAX_OTHER_BYTES:
+        raise StreamError(
+            f"the QEMU state's firmware and ROM blocks add up to {other} bytes, more than {MAX_OTHER_BYTES}"
+        )
     for entry in state.blocks:
         _check_block(entry)
         roles.append(entry.role)

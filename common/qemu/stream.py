@@ -11,7 +11,9 @@ in a stream of a stopped guest they all follow the ram section's end, so they tr
 opaque tail, verified as bytes.
 
 Every length, name and flag of a file is hostile input: anything this reader does not know is
-refused with a `StreamError` that says what and where, before anything is allocated for it.
+refused with a `StreamError` that says what (and where in the file, for the stream's own
+bytes). A block is allocated only once its size passed --max-ram, the block count and the
+bound on all blocks together.
 """
 
 from __future__ import annotations
@@ -38,6 +40,10 @@ TARGET_PAGE_BITS = "configuration/target-page-bits"
 CAPABILITIES = "configuration/capabilities"
 # Capabilities that change the ram section's layout (a page size or an address per block).
 UNSUPPORTED_CAPABILITIES = {"postcopy-ram", "x-ignore-shared", "multifd", "mapped-ram"}
+# Bounds on what a stream may make a reader allocate beside the guest's RAM (virt has 8 blocks:
+# RAM, its tags, two 64 MiB flash devices and a few ROMs).
+MAX_BLOCKS = 64
+MAX_OTHER_BYTES = 1 << 30  # every block but the RAM and its tags, together
 
 U8 = npt.NDArray[np.uint8]
 
@@ -139,8 +145,6 @@ def read_stream(data: bytes | memoryview, max_block_bytes: int) -> QemuStream:
                 raise StreamError(f"a second ram section at byte {start}")
             stream = QemuStream(configuration, (section_id, instance, version_id))
             for block in _block_list(r, max_block_bytes):
-                if block.name in blocks:
-                    raise StreamError(f"RAM block {block.name!r} listed twice")
                 blocks[block.name] = block
                 stream.blocks.append(block)
         elif kind in (SECTION_PART, SECTION_END):
@@ -183,6 +187,11 @@ def _configuration(r: _Reader) -> bytes:
     return bytes(r.data[start : r.at])
 
 
+def total_limit(max_block_bytes: int) -> int:
+    """The most RAM-block bytes a stream may announce: the guest's RAM, its tags, the rest."""
+    return max_block_bytes + max_block_bytes // 32 + MAX_OTHER_BYTES
+
+
 def check_configuration(data: bytes) -> None:
     """A configuration section from elsewhere (a peer): exactly one well-formed section."""
     r = _Reader(data)
@@ -196,20 +205,34 @@ def _block_list(r: _Reader, max_block_bytes: int) -> list[RamBlock]:
     if word & FLAG_BITS != FLAG_MEM_SIZE:
         raise StreamError(f"the ram section starts with flags {word & FLAG_BITS:#x}, not the block list")
     total, listed = word & ~FLAG_BITS, 0
+    limit = total_limit(max_block_bytes)
+    if total > limit:
+        raise StreamError(
+            f"the stream announces {total} bytes of RAM blocks, more than {limit} for --max-ram {max_block_bytes}"
+        )
     out: list[RamBlock] = []
     while listed < total:
+        at = r.at
         name = r.name("a RAM block name")
         length = r.be64(f"block {name!r}'s length")
         if length % PAGE_SIZE or length == 0:
-            raise StreamError(f"RAM block {name!r} of {length} bytes is not a whole number of pages")
+            raise StreamError(
+                f"RAM block {name!r} at byte {at} of {length} bytes is not a whole number of pages"
+            )
         if length > max_block_bytes:
             raise StreamError(
-                f"RAM block {name!r} of {length} bytes is larger than --max-ram ({max_block_bytes})"
+                f"RAM block {name!r} at byte {at} of {length} bytes is larger than --max-ram ({max_block_bytes})"
             )
+        if any(block.name == name for block in out):
+            raise StreamError(f"RAM block {name!r} listed twice (at byte {at})")
+        if len(out) == MAX_BLOCKS:
+            raise StreamError(f"more than {MAX_BLOCKS} RAM blocks (at byte {at})")
         listed += length
         if listed > total:
-            raise StreamError(f"the RAM blocks add up to more than the {total} bytes announced")
-        out.append(RamBlock(name, np.zeros(length, dtype=np.uint8)))
+            raise StreamError(
+                f"the RAM blocks add up to more than the {total} bytes announced (at byte {at})"
+            )
+        out.append(RamBlock(name, np.zeros(length, dtype=np.uint8)))  # checked first: then allocated
     if r.be64("the block list's end") != FLAG_EOS:
         raise StreamError(f"the block list does not end at byte {r.at - 8}")
     return out
