@@ -22,6 +22,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.constants import GRANULE_SIZE, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE, TAG_MASK
+from common.indices import contiguous
 
 # The ioctl's flags, as Linux's arm64 uapi defines them: the direction, and nothing else (KVM
 # refuses any other bit).
@@ -112,7 +113,9 @@ class MteCopyTags:
         the call-by-call result)."""
         pages = np.asarray(pages, dtype=np.int64)
         self._check_pages(pages)
-        unpacked = unpack_rows(self.storage.page_tags[pages])  # the ioctls' buffers, end to end
+        table = self.storage.page_tags
+        rows = table[int(pages[0]) : int(pages[0]) + pages.size] if contiguous(pages) else table[pages]
+        unpacked = unpack_rows(rows)  # the ioctls' buffers, end to end
         self.counters.add(run_count(pages), unpacked.size, 0)
         return pack_rows(unpacked)
 
@@ -124,8 +127,13 @@ class MteCopyTags:
         unpacked = unpack_rows(np.asarray(packed, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE))
         if unpacked.shape[0] != pages.size:
             raise TagCopyError(f"{unpacked.shape[0]} pages of tags for {pages.size} pages")
-        self.storage.page_tags[pages] = pack_rows(unpacked)
-        self.storage.tags_populated[pages] = True
+        if contiguous(pages):
+            first = int(pages[0])
+            self.storage.page_tags[first : first + pages.size] = pack_rows(unpacked)
+            self.storage.tags_populated[first : first + pages.size] = True
+        else:
+            self.storage.page_tags[pages] = pack_rows(unpacked)
+            self.storage.tags_populated[pages] = True
         self.counters.add(run_count(pages), 0, unpacked.size)
 
     def _check_pages(self, pages: Indices) -> None:
@@ -151,6 +159,8 @@ def unpack_rows(packed: U8) -> U8:
 
 
 def pack_rows(tags: U8) -> U8:
-    """(n, 256) one tag per byte (the high nibble ignored, as KVM does) to (n, 128) packed."""
-    low = tags[:, 0::2] & TAG_MASK
-    return low | ((tags[:, 1::2] & TAG_MASK) << 4)
+    """(n, 256) one tag per byte (the high nibble ignored, as KVM does) to (n, 128) packed.
+    Each pair of bytes read as one little-endian u16 (even granule low): two whole-array
+    operations instead of strided ones, 7x faster here."""
+    pairs = np.ascontiguousarray(tags).view("<u2") & 0x0F0F  # each byte's tag, high nibbles gone
+    return (pairs | (pairs >> 4)).astype(np.uint8)  # the low byte: even tag | odd tag << 4
