@@ -198,7 +198,83 @@ done:
     return result;
 }
 
+/* KVM_ARM_MTE_COPY_TAGS's layout and the packed one (common/guest/tag_ioctl.py):
+ *   unpack_tags(packed, out)   out[2i] = packed[i] & 15, out[2i + 1] = packed[i] >> 4
+ *   pack_tags(tags, out)       out[i] = (tags[2i] & 15) | (tags[2i + 1] & 15) << 4
+ * A word at a time (little-endian hosts only, as the digests), the GIL released: 2 to 3 ms per
+ * GiB of guest here, where numpy took 40 and 10. */
+static PyObject *unpack_tags(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &out))
+        return NULL;
+    PyObject *result = NULL;
+    if (room_for("the unpacked tags", out.len, 2 * src.len) < 0)
+        goto done;
+    const uint8_t *in = (const uint8_t *)src.buf;
+    uint8_t *dst = (uint8_t *)out.buf;
+    Py_ssize_t n = src.len;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) { /* 4 packed bytes to 8 tags, spread within one word */
+        uint32_t v;
+        memcpy(&v, in + i, 4);
+        uint64_t w = v;
+        w = (w | (w << 16)) & 0x0000FFFF0000FFFFULL;
+        w = (w | (w << 8)) & 0x00FF00FF00FF00FFULL;
+        w = (w & 0x000F000F000F000FULL) | ((w >> 4) & 0x000F000F000F000FULL) << 8;
+        memcpy(dst + 2 * i, &w, 8);
+    }
+    for (; i < n; i++) {
+        dst[2 * i] = in[i] & 15;
+        dst[2 * i + 1] = in[i] >> 4;
+    }
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return result;
+}
+
+static PyObject *pack_tags(PyObject *self, PyObject *args) {
+    Py_buffer src, out;
+    if (!PyArg_ParseTuple(args, "y*w*", &src, &out))
+        return NULL;
+    PyObject *result = NULL;
+    if (src.len % 2) {
+        PyErr_Format(PyExc_ValueError, "%zd tags do not pair into bytes", src.len);
+        goto done;
+    }
+    if (room_for("the packed tags", out.len, src.len / 2) < 0)
+        goto done;
+    const uint8_t *in = (const uint8_t *)src.buf;
+    uint8_t *dst = (uint8_t *)out.buf;
+    Py_ssize_t n = src.len / 2;
+    Py_BEGIN_ALLOW_THREADS
+    Py_ssize_t i = 0;
+    for (; i + 4 <= n; i += 4) { /* 8 tags to 4 packed bytes, gathered within one word */
+        uint64_t w;
+        memcpy(&w, in + 2 * i, 8);
+        w &= 0x0F0F0F0F0F0F0F0FULL;
+        w = (w | (w >> 4)) & 0x00FF00FF00FF00FFULL;
+        w = (w | (w >> 8)) & 0x0000FFFF0000FFFFULL;
+        w = (w | (w >> 16)) & 0x00000000FFFFFFFFULL;
+        uint32_t v = (uint32_t)w;
+        memcpy(dst + i, &v, 4);
+    }
+    for (; i < n; i++)
+        dst[i] = (uint8_t)((in[2 * i] & 15) | (in[2 * i + 1] & 15) << 4);
+    Py_END_ALLOW_THREADS
+    result = PyLong_FromSsize_t(n);
+done:
+    PyBuffer_Release(&src);
+    PyBuffer_Release(&out);
+    return result;
+}
+
 static PyMethodDef methods[] = {
+    {"unpack_tags", unpack_tags, METH_VARARGS, "unpack_tags(packed, out) -> bytes unpacked"},
+    {"pack_tags", pack_tags, METH_VARARGS, "pack_tags(tags, out) -> bytes packed"},
     {"hash_rows", hash_rows, METH_VARARGS, "hash_rows(rows, row_bytes, out) -> n"},
     {"gather_content", gather_content, METH_VARARGS,
      "gather_content(table, row_bytes, indices, dst or None, out, zero) -> rows with content"},

@@ -397,3 +397,18 @@ def test_kvm_sends_the_tags_its_comparison_read_and_only_those() -> None:
     assert log.read_tags(np.array([11, 12])) is None, "page 11's tags were not kept: read them"
     assert log.read_tags(np.array([13])) is None and log.read_tags(np.array([], dtype=np.int64)) is None
     assert log.sync().tag_pages.tolist() == [12]
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 6).flatmap(lambda n: st.binary(min_size=128 * n, max_size=128 * n)))
+def test_the_compiled_and_the_numpy_tag_conversions_agree(raw: bytes) -> None:
+    from common.guest.tag_ioctl import NATIVE, pack_rows, unpack_rows
+
+    packed = np.frombuffer(raw, dtype=np.uint8).reshape(-1, PACKED_TAG_BYTES_PER_PAGE)
+    unpacked = unpack_rows(packed, native=False)
+    assert (unpacked[:, 0::2] == packed & 0xF).all() and (unpacked[:, 1::2] == packed >> 4).all()
+    noisy = unpacked | 0xA0  # high nibbles are not tags
+    assert (pack_rows(noisy, native=False) == packed).all()
+    if NATIVE:
+        assert (unpack_rows(packed, native=True) == unpacked).all()
+        assert (pack_rows(noisy, native=True) == packed).all()
