@@ -42,36 +42,12 @@ from common.guest.memory import DirtySync, GuestMemory  # noqa: E402
 from common.indices import union  # noqa: E402
 from common.protocol.link import Link  # noqa: E402
 from common.protocol.precopy import Precopy  # noqa: E402
-from common.transfer import PagePass, encode_batch  # noqa: E402
+from common.transfer import PagePass  # noqa: E402
+from tests.sending import random_memory, send_pass  # noqa: E402
 
 KINDS = ("tag-only", "tag-only, random", "data-only", "both")
 NO_COMPARE = "kvm, no compare"
 VARIANTS = ["kvm", NO_COMPARE, "tcg", "split"]
-
-
-def random_guest(pages: int, seed: int) -> GuestMemory:
-    mem = GuestMemory(pages * PAGE_SIZE)
-    rng = np.random.default_rng(seed)
-    mem.pages[:] = rng.integers(0, 256, mem.pages.shape, dtype=np.uint8)
-    mem.page_tags[:] = rng.integers(0, 256, mem.page_tags.shape, dtype=np.uint8)
-    mem.data_populated[:] = True
-    mem.tags_populated[:] = True
-    return mem
-
-
-def send_pass(pre: Precopy, link: Link) -> int:
-    """The pass encoded and framed as a source sends it (leaves recorded); bytes framed."""
-    total = 0
-    assert pre.pass_ is not None
-    while not pre.pass_.done:
-        for kind, chunk in pre.pass_.next_chunks(1):
-            read = pre.log.read_tags(chunk) if kind == "tag_sections" else None  # as the session does
-            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round, tag_rows=read)
-            record = pre.digests.record_ram if kind == "ram_pages" else pre.digests.record_tags
-            record(batch.stats.content, batch.stats.digests, batch.stats.empty)
-            frames = link.sequenced(0.0, batch.payload, data=chunk, **{kind: batch.body})
-            total += sum(len(f) for f in frames)
-    return total
 
 
 def change(mem: GuestMemory, kind: str, pages: np.ndarray, rng: np.random.Generator) -> None:
@@ -94,7 +70,7 @@ def change(mem: GuestMemory, kind: str, pages: np.ndarray, rng: np.random.Genera
 
 def one_change_run(variant: str, kind: str, changes: int, seed: int) -> tuple[float, float, float]:
     """(wire bytes, source CPU µs, tag ioctl calls) per change."""
-    mem = random_guest(16384, seed)
+    mem = random_memory(16384, seed)
     model = DirtyModel.KVM if variant == NO_COMPARE else DirtyModel(variant)
     pre = Precopy(mem, DigestCache(mem), model)
     pre.first_round(0.0)

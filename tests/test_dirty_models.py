@@ -21,21 +21,15 @@ from common.guest.tag_ioctl import (
     TagCopyError,
     run_count,
 )
-from common.protocol.link import Link
 from common.protocol.precopy import Precopy, Verdict
-from common.transfer import PagePass, encode_batch
+from common.transfer import PagePass
+from tests.sending import random_memory, send_pass
 
 PAGES = 512
 
 
 def random_guest(pages: int = PAGES) -> GuestMemory:
-    mem = GuestMemory(pages * PAGE_SIZE)
-    rng = np.random.default_rng(7)
-    mem.pages[:] = rng.integers(0, 256, mem.pages.shape, dtype=np.uint8)
-    mem.page_tags[:] = rng.integers(0, 256, mem.page_tags.shape, dtype=np.uint8)
-    mem.data_populated[:] = True
-    mem.tags_populated[:] = True
-    return mem
+    return random_memory(pages)
 
 
 def sent(mem: GuestMemory, model: DirtyModel) -> tuple[DirtyLog, DigestCache]:
@@ -269,22 +263,6 @@ def test_no_model_loses_a_change_that_reaches_its_dirty_log(
     send_pass(pre)
     assert pre.digests.stale_pages == 0
     assert pre.digests.digests() == memory_digests(mem)
-
-
-def send_pass(pre: Precopy) -> int:
-    """Encode a pass as a source sends it, recording each batch's leaves; the bytes framed."""
-    link = Link(os.urandom(8), 0.0, rto_s=1.0)
-    total = 0
-    assert pre.pass_ is not None
-    while not pre.pass_.done:
-        for kind, chunk in pre.pass_.next_chunks(1):
-            read = pre.log.read_tags(chunk) if kind == "tag_sections" else None  # as the session does
-            batch = encode_batch(pre.mem, kind, chunk, use_lz4=True, round_no=pre.round, tag_rows=read)
-            record = pre.digests.record_ram if kind == "ram_pages" else pre.digests.record_tags
-            record(batch.stats.content, batch.stats.digests, batch.stats.empty)
-            frames = link.sequenced(0.0, batch.payload, data=chunk, **{kind: batch.body})
-            total += sum(len(f) for f in frames)
-    return total
 
 
 @pytest.mark.parametrize("changes", [1, 64])
