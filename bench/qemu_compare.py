@@ -10,9 +10,7 @@ Usage: python3 bench/qemu_compare.py [--ram 1GiB] [--repeat 3]
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -27,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from common.units import parse_size  # noqa: E402
+from scripts.qemu_guest import Qmp  # noqa: E402
 from source_node.demo import free_ports  # noqa: E402
 
 QEMU = "qemu-system-aarch64"
@@ -34,40 +33,6 @@ RAM_BASE = 0x40000000  # where the virt machine's RAM starts
 # virt puts its device tree at the start of RAM when no kernel is given; the random data
 # starts past it and fills the rest.
 DTB_ROOM = 2 << 20
-
-
-class Qmp:
-    def __init__(self, path: Path, timeout_s: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                self.sock = socket.socket(socket.AF_UNIX)
-                self.sock.connect(str(path))
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.file = self.sock.makefile("rw")
-        self._read()  # greeting
-        self.call("qmp_capabilities")
-
-    def _read(self) -> dict[str, Any]:
-        while True:
-            message: dict[str, Any] = json.loads(self.file.readline())
-            if "event" not in message:
-                return message
-
-    def call(self, command: str, **arguments: Any) -> Any:
-        self.file.write(json.dumps({"execute": command, "arguments": arguments}) + "\n")
-        self.file.flush()
-        reply = self._read()
-        if "error" in reply:
-            raise RuntimeError(f"QMP {command}: {reply['error']}")
-        return reply.get("return")
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:

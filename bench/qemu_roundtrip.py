@@ -13,12 +13,10 @@ the size of QEMU's own stream. Needs what scripts/install.sh installs for the ro
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -29,14 +27,7 @@ import runs  # noqa: E402
 from common.constants import PAGE_SIZE  # noqa: E402
 from common.qemu.guest_io import RAM_BLOCK  # noqa: E402
 from common.qemu.stream import read_stream  # noqa: E402
-
-
-def guest_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("qemu_guest", ROOT / "scripts" / "qemu_guest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from scripts import qemu_guest  # noqa: E402
 
 
 def main() -> int:
@@ -46,14 +37,13 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--passes", type=int, default=2)
     args = parser.parse_args()
-    tool = guest_tool()
-    if tool.missing():
-        print("qemu_roundtrip: missing " + "; ".join(tool.missing()), file=sys.stderr)
+    if qemu_guest.missing():
+        print("qemu_roundtrip: missing " + "; ".join(qemu_guest.missing()), file=sys.stderr)
         return 2
-    tool.build()
+    qemu_guest.build()
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
-        guest = tool.Guest(tmp)
+        guest = qemu_guest.Guest(tmp)
         try:
             guest.wait_for_passes(args.passes, timeout_s=300)
             saved = tmp / "saved.stream"

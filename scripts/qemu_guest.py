@@ -99,6 +99,8 @@ def build(out: Path = BUILD) -> Path:
 
 
 class Qmp:
+    """A QMP client on a unix socket (bench/qemu_compare.py drives QEMU with it too)."""
+
     def __init__(self, path: Path, timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
@@ -129,6 +131,9 @@ class Qmp:
         if "error" in answer:
             raise RuntimeError(f"QMP {command}: {answer['error'].get('desc')}")
         return answer.get("return", {})
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class Guest:
@@ -210,7 +215,7 @@ class Guest:
         if self.proc.poll() is None:
             self.proc.kill()
         self.proc.wait(timeout=10)
-        self.qmp.sock.close()
+        self.qmp.close()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,8 @@ scripts/install.sh installs as root; without them it skips and says what is miss
 
 from __future__ import annotations
 
-import importlib.util
+import contextlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,23 +20,14 @@ import pytest
 from common.qemu.guest_io import RAM_BLOCK, TAG_BLOCK
 from common.qemu.stream import read_stream
 from faultinject.proxy import FaultProxy
+from scripts import qemu_guest
 from tests.e2e import SMALL_GUEST, Dest, run_source
 from tests.test_qemu_stream import small_stream, written
 
 # a QEMU boot and a resume take seconds each under TCG on two cores: more than the default bound
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_guest_tool() -> Any:
-    spec = importlib.util.spec_from_file_location("qemu_guest", ROOT / "scripts" / "qemu_guest.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-qemu_guest = _load_guest_tool()
 _MISSING = qemu_guest.missing()
 needs_qemu = pytest.mark.skipif(bool(_MISSING), reason="missing: " + "; ".join(_MISSING))
 
@@ -55,13 +47,23 @@ def saved_guest(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return stream
 
 
-def hand_back(tmp: Path, saved: Path, via: str | None = None, *extra: str) -> tuple[Path, dict[str, Any]]:
-    """source-node --from-qemu to dest-node --to-qemu; the stream written and the source's report."""
+def hand_back(
+    tmp: Path, saved: Path, *extra: str, faults: Callable[[FaultProxy], None] | None = None
+) -> tuple[Path, dict[str, Any], FaultProxy | None]:
+    """source-node --from-qemu to dest-node --to-qemu, through a fault proxy set up by `faults`
+    if given; the stream written, the source's report and the proxy."""
     back = tmp / "back.stream"
     dest = Dest(tmp, "--to-qemu", str(back), "--peer-timeout", "1")
+    proxy = None
     try:
-        src = run_source(tmp, "--from-qemu", str(saved), "--migrate-to", via or dest.uri, *extra)
-        got = dest.finish()
+        with contextlib.ExitStack() as stack:
+            target = dest.uri
+            if faults is not None:
+                proxy = stack.enter_context(FaultProxy(("127.0.0.1", dest.port), seed=5))
+                faults(proxy)
+                target = proxy.uri
+            src = run_source(tmp, "--from-qemu", str(saved), "--migrate-to", target, *extra)
+            got = dest.finish()
     finally:
         dest.kill()
     assert src.code == 0, src.stderr[-3000:] + "\n--- dest ---\n" + got.stderr[-3000:]
@@ -69,7 +71,7 @@ def hand_back(tmp: Path, saved: Path, via: str | None = None, *extra: str) -> tu
     assert src.report["verification"]["ok"] is True
     assert "does not execute here" in src.report["guest"]["imported"]
     assert got.report["qemu_stream"] == {"path": str(back), "bytes": back.stat().st_size, "error": None}
-    return back, src.report
+    return back, src.report, proxy
 
 
 def resume_and_compare(tmp: Path, saved: Path, back: Path) -> None:
@@ -97,7 +99,7 @@ def resume_and_compare(tmp: Path, saved: Path, back: Path) -> None:
 def test_a_qemu_guest_goes_through_the_pipeline_and_resumes_on_qemu(
     tmp_path: Path, saved_guest: Path, how: tuple[str, ...]
 ) -> None:
-    back, report = hand_back(tmp_path, saved_guest, None, *how)
+    back, report, _ = hand_back(tmp_path, saved_guest, *how)
     assert report["mode"] == ("postcopy" if how else "precopy")
     assert report["tag_ioctl"]["calls"] > 0, "the tags were read through the tag edge"
     resume_and_compare(tmp_path, saved_guest, back)
@@ -105,24 +107,13 @@ def test_a_qemu_guest_goes_through_the_pipeline_and_resumes_on_qemu(
 
 @needs_qemu
 def test_a_qemu_guest_rides_out_a_reset_and_corrupted_chunks(tmp_path: Path, saved_guest: Path) -> None:
+    def faults(proxy: FaultProxy) -> None:
+        proxy.corrupt_down = 0.02
+        proxy.when(lambda m: m.bytes_down > 8 << 20, proxy.reset)
 
-    def run_with_faults() -> tuple[Path, dict[str, Any], FaultProxy]:
-        back = tmp_path / "back.stream"
-        dest = Dest(tmp_path, "--to-qemu", str(back), "--peer-timeout", "1")
-        try:
-            with FaultProxy(("127.0.0.1", dest.port), seed=5) as proxy:
-                proxy.corrupt_down = 0.02
-                proxy.when(lambda m: m.bytes_down > 8 << 20, proxy.reset)
-                src = run_source(tmp_path, "--from-qemu", str(saved_guest), "--migrate-to", proxy.uri,
-                                 "--peer-timeout", "1", "--reconnect-timeout", "20")  # fmt: skip
-                got = dest.finish()
-        finally:
-            dest.kill()
-        assert src.code == 0, src.stderr[-3000:] + "\n--- dest ---\n" + got.stderr[-3000:]
-        assert got.code == 0 and got.report["qemu_stream"]["error"] is None
-        return back, src.report, proxy
-
-    back, report, proxy = run_with_faults()
+    link = ("--peer-timeout", "1", "--reconnect-timeout", "20")
+    back, report, proxy = hand_back(tmp_path, saved_guest, *link, faults=faults)
+    assert proxy is not None
     assert proxy.resets == 1 and proxy.corrupted > 0
     assert report["link"]["resent_messages"] > 0 or report["link"]["reconnects"] > 0
     resume_and_compare(tmp_path, saved_guest, back)
@@ -134,7 +125,7 @@ def test_a_qemu_guest_rides_out_a_reset_and_corrupted_chunks(tmp_path: Path, sav
 def test_the_daemons_hand_a_qemu_guest_back_byte_for_byte(tmp_path: Path) -> None:
     saved = tmp_path / "small.stream"
     saved.write_bytes(written(small_stream()))
-    back, report = hand_back(tmp_path, saved)
+    back, report, _ = hand_back(tmp_path, saved)
     assert back.read_bytes() == saved.read_bytes(), "what QEMU gave is what QEMU gets back"
     assert report["guest"]["here"] is False
 
