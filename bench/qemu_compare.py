@@ -42,15 +42,19 @@ def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:
     ]  # fmt: skip
 
 
-def migrate_once(ram: int, blob: Path, tmp: Path, channels: int = 1) -> dict[str, Any]:
-    """One migration; channels > 1 turns on multifd with that many channels at both ends."""
+def migrate_once(
+    ram: int, blob: Path, tmp: Path, channels: int = 1, preallocate: bool = False
+) -> dict[str, Any]:
+    """One migration; channels > 1 turns on multifd with that many channels at both ends;
+    `preallocate`: the destination commits its RAM before it listens (-mem-prealloc)."""
     (port,) = free_ports(1)
     src_qmp, dst_qmp = tmp / f"src-{port}.qmp", tmp / f"dst-{port}.qmp"
     src = subprocess.Popen(
         qemu_cmd(ram, src_qmp, ["-device", f"loader,file={blob},addr={RAM_BASE + DTB_ROOM:#x},force-raw=on"]),
         stderr=subprocess.PIPE,
     )
-    dst = subprocess.Popen(qemu_cmd(ram, dst_qmp, ["-incoming", "defer"]), stderr=subprocess.PIPE)
+    incoming = ["-incoming", "defer", *(["-mem-prealloc"] if preallocate else [])]
+    dst = subprocess.Popen(qemu_cmd(ram, dst_qmp, incoming), stderr=subprocess.PIPE)
     try:
         s, d = Qmp(src_qmp), Qmp(dst_qmp)
         if channels > 1:
@@ -74,12 +78,29 @@ def migrate_once(ram: int, blob: Path, tmp: Path, channels: int = 1) -> dict[str
             proc.wait(timeout=10)
 
 
+def random_ram(ram: int, path: Path) -> Path:
+    """The RAM image a source QEMU loads: random, past the device tree's room."""
+    path.write_bytes(np.random.default_rng(1).bit_generator.random_raw((ram - DTB_ROOM) // 8).tobytes())
+    return path
+
+
+def available() -> bool:
+    return shutil.which(QEMU) is not None
+
+
+def seconds_once(
+    ram: int, blob: Path, tmp: Path, channels: int = 1, preallocate: bool = False
+) -> float | None:
+    """One migration's own "total time" in seconds; None if it did not complete."""
+    info = migrate_once(ram, blob, tmp, channels, preallocate)
+    return info["total-time"] / 1000 if info.get("status") == "completed" else None
+
+
 def measure(ram: int, repeat: int, channels: int = 1) -> dict[str, float] | None:
-    if shutil.which(QEMU) is None:
+    if not available():
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        blob = Path(tmp) / "ram.bin"
-        blob.write_bytes(np.random.default_rng(1).bit_generator.random_raw((ram - DTB_ROOM) // 8).tobytes())
+        blob = random_ram(ram, Path(tmp) / "ram.bin")
         runs = [migrate_once(ram, blob, Path(tmp), channels) for _ in range(repeat)]
     done = [r for r in runs if r.get("status") == "completed"]
     if not done:

@@ -4,13 +4,20 @@ same run: the figures of issue 11 in one table.
 Usage: python3 bench/speed_bench.py [--baseline REV] [--repeat 3] [--downtime-runs 20]
                                     [--sizes 1GiB,4GiB] [--channels 2,4] [--save]
 
-- Throughput: idle guests of random, fully tagged memory, beside raw ZeroMQ between two
-  processes (plain, and with the receiver placing into fresh memory and into committed memory:
-  the ceiling of any destination that receives over ZeroMQ) and QEMU's own migration of
-  a paused virt,mte=on guest (one channel, and multifd on two) where qemu-system-aarch64 is
-  installed. Ours twice: into fresh memory, and into memory `dest-node --preallocate` committed
-  before the source came (QEMU's -mem-prealloc); what committing took is its own column. Then
-  preallocated again over parallel channels (`--channels N`, QEMU's multifd).
+- First, the machine: whether it is idle (load, busy processes, time stolen by its host; again
+  at the end), and what committing fresh memory costs on it, memory that stayed free a few
+  seconds and memory freed a moment ago (a VM with free page reporting hands free memory back
+  to its host, and every fresh destination, QEMU's too, then pays host faults again).
+- Throughput, in rounds: each round measures every contender once, in the same order, so
+  that a machine whose speed drifts hits them all alike; every run is listed, in order. The
+  contenders: raw ZeroMQ between two processes (plain, and placing 8 MiB messages into
+  committed memory: the ceiling of a destination that receives over ZeroMQ), timed by the
+  receiver from the first message to the last; QEMU's own migration of a paused virt,mte=on
+  guest of each size, its destination with -mem-prealloc and fresh, where qemu-system-aarch64
+  is installed; ours, `dest-node --preallocate` (committed before the source came; what that
+  took is noted) and fresh; the baseline commit, fresh; ours over parallel channels. Then,
+  per size, the issue's targets: QEMU's time over ours round by round, ours against raw
+  ZeroMQ, and the fresh runs' spread.
 - Encoding alone: what the source does to each batch (copy, hash, zero and lz4 sampling,
   protobuf), for 1 GiB, in one thread and in as many as each channel count: how far the part
   that parallel channels spread scales on this machine when nothing else runs.
@@ -22,19 +29,14 @@ Usage: python3 bench/speed_bench.py [--baseline REV] [--repeat 3] [--downtime-ru
   2000 steps of 64 page writes (the migration is quick: most of them run at the destination,
   after the handover, which the touched RAM counts); and the share of tag bytes on the wire.
 The baseline (default: the commit before this work) runs from a git worktree in a temporary
-directory. First the machine's free memory is touched once: a VM that backs its memory lazily
-(this one does) otherwise charges the first use of each page to whichever run comes first.
+directory.
 --save writes the output to bench/results-DATE-speed.txt with the machine it ran on.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import io
-import mmap
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -43,6 +45,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import redirect_stdout
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +54,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+import machine  # noqa: E402
 import qemu_compare  # noqa: E402
 from raw_zmq import measure as raw_zmq_seconds  # noqa: E402
 from runs import Run, migrate, ok  # noqa: E402
@@ -72,30 +76,6 @@ def idle_guest(size: int) -> list[str]:
     return ["--ram", str(size), "--fill", "random", "--working-set", "1MiB", "--stop-at-step", "0"]
 
 
-def _meminfo(field: str) -> int:
-    lines = Path("/proc/meminfo").read_text().splitlines()
-    return next(int(line.split()[1]) * 1024 for line in lines if line.startswith(field))
-
-
-def warm_memory() -> tuple[int, float]:
-    """Touch most free memory once (then free it); returns bytes and seconds."""
-    avail = _meminfo("MemAvailable:")
-    size = max(0, min(avail - (3 << 30), 16 << 30))
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    began = time.monotonic()
-    done = 0
-    for _ in range(size // GIB):
-        area = mmap.mmap(-1, GIB, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        base = ctypes.addressof(ctypes.c_char.from_buffer(area))
-        if libc.madvise(ctypes.c_void_p(base), GIB, 23) != 0:  # MADV_POPULATE_WRITE
-            area[::4096] = b"\1" * (GIB // 4096)
-        done += GIB
-        del base
-        area.close()
-    return done, time.monotonic() - began
-
-
 def baseline_tree(rev: str, parent: Path) -> Path:
     tree = parent / "baseline"
     subprocess.run(
@@ -114,62 +94,133 @@ def seconds(run: Run) -> float:
     return float(run.source["total_time_ms"]) / 1000
 
 
+@dataclass
+class Row:
+    """One line of Table 1: every run's seconds (None: it failed), in the order they ran."""
+
+    what: str
+    size: int
+    runs: list[float | None] = field(default_factory=list)
+    note: str = ""
+
+    @property
+    def good(self) -> list[float]:
+        return [s for s in self.runs if s is not None]
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.good) if self.good else None
+
+
+class Table:
+    """Runs gathered round by round: each round measures every row once, so that a machine
+    whose speed drifts (a VM's host is busy, then not) hits every row alike."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, Row] = {}
+
+    def add(self, key: str, what: str, size: int, secs: float | None, note: str = "") -> None:
+        row = self.rows.setdefault(key, Row(what, size))
+        row.runs.append(secs)
+        row.note = note or row.note
+
+    def median(self, key: str) -> float | None:
+        row = self.rows.get(key)
+        return row.median if row else None
+
+    def ratio(self, ours: str, theirs: str) -> list[float]:
+        """Round by round: their seconds / ours (above 1: we were faster that round)."""
+        a, b = self.rows.get(ours), self.rows.get(theirs)
+        if a is None or b is None:
+            return []
+        return [t / o for o, t in zip(a.runs, b.runs, strict=False) if o and t]
+
+    def print(self, raw_key: str, qemu_key: Callable[[int], str]) -> None:
+        raw = self.median(raw_key)
+        print(
+            f"{'what':58} {'median':>7} {'GB/s':>6} {'vs raw':>7} {'vs QEMU':>8}  every run (s), in order; note"
+        )
+        for row in self.rows.values():
+            med = row.median
+            runs = ", ".join("failed" if s is None else f"{s:.2f}" for s in row.runs)
+            if med is None:
+                print(f"{row.what:58} {'failed':>7}  {runs}")
+                continue
+            rate = row.size / med
+            qemu = self.median(qemu_key(row.size))
+            vs_raw = f"{rate / (GIB / raw):7.2f}" if raw else f"{'-':>7}"
+            vs_qemu = f"{rate / (row.size / qemu):7.2f}x" if qemu else f"{'-':>8}"
+            print(
+                f"{row.what:58} {med:6.2f}s {rate / 1e9:6.2f} {vs_raw} {vs_qemu}  {runs}{'; ' + row.note if row.note else ''}"
+            )
+
+
+def qemu_key(size: int, fresh: bool = False) -> str:
+    return f"qemu-{'fresh' if fresh else 'prealloc'}-{size}"
+
+
 def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int, channels: list[int]) -> None:
-    raw = statistics.median(GIB / raw_zmq_seconds(GIB, 1 << 20, False) for _ in range(repeat))
-    placed = statistics.median(GIB / raw_zmq_seconds(GIB, 1 << 20, True) for _ in range(repeat))
-    committed = statistics.median(GIB / raw_zmq_seconds(GIB, 1 << 20, True, True) for _ in range(repeat))
-    qemu = qemu_compare.measure(GIB, repeat)
-    qemu2 = qemu_compare.measure(GIB, repeat, channels=2) if qemu else None
-    qemu_rate = GIB / qemu["seconds"] if qemu else None
-    print("Table 1: idle guests of random, fully tagged memory, loopback (medians)")
-    print(f"{'what':56} {'time':>8} {'GB/s':>6} {'vs raw':>7} {'vs QEMU':>8}  note")
-
-    def row(what: str, secs: float | None, size: int, note: str = "") -> None:
-        if secs is None:
-            print(f"{what:56} {'failed':>8}")
-            return
-        rate = size / secs
-        vs_qemu = f"{rate / qemu_rate:7.2f}x" if qemu_rate else f"{'-':>8}"
-        print(f"{what:56} {secs:7.2f}s {rate / 1e9:6.2f} {rate / raw:7.2f} {vs_qemu}  {note}")
-
-    row("raw ZeroMQ PUSH/PULL, 1 MiB messages", GIB / raw, GIB)
-    row("raw ZeroMQ, receiver placing into fresh memory", GIB / placed, GIB)
-    # the ceiling of any destination that receives over ZeroMQ and places what it got
-    row("raw ZeroMQ, receiver placing into committed memory", GIB / committed, GIB)
-    if qemu and qemu2:
-        row("QEMU 7.2, paused 1 GiB virt,mte=on, 1 channel", qemu["seconds"], GIB,
-            f"range {qemu['min']:.2f}..{qemu['max']:.2f} s")  # fmt: skip
-        row("QEMU 7.2, multifd, 2 channels", qemu2["seconds"], GIB,
-            f"range {qemu2['min']:.2f}..{qemu2['max']:.2f} s")  # fmt: skip
-    else:
-        print("QEMU: qemu-system-aarch64 is not installed (Debian: qemu-system-arm); no side-by-side rows")
+    """Table 1: every contender once per round, `repeat` rounds."""
+    table = Table()
+    blobs = (
+        {size: qemu_compare.random_ram(size, tmp / f"qemu-{size}.bin") for size in sizes}
+        if qemu_compare.available()
+        else {}
+    )
+    for _ in range(repeat):
+        # ceilings, timed by the receiver from the first message to the last
+        table.add("raw", "raw ZeroMQ PUSH/PULL, 1 MiB messages", GIB, raw_zmq_seconds(GIB, 1 << 20, False))
+        table.add("committed", "raw ZeroMQ, 8 MiB messages placed into committed memory", GIB,
+                  raw_zmq_seconds(GIB, 8 << 20, True, True))  # fmt: skip
+        for size in sizes:
+            label = format_size(size)
+            if size in blobs:
+                table.add(qemu_key(size), f"QEMU 7.2, {label}, destination -mem-prealloc", size,
+                          qemu_compare.seconds_once(size, blobs[size], tmp, preallocate=True))  # fmt: skip
+            pre = migrate(tmp, idle_guest(size), ["--preallocate", str(size)])
+            table.add(f"pre-{size}", f"this project, {label}, dest-node --preallocate", size, seconds(pre) if ok(pre) else None,
+                      f"committing took {pre.dest.get('preallocation', {}).get('seconds', 0):.2f} s before")  # fmt: skip
+            if size in blobs:
+                table.add(qemu_key(size, fresh=True), f"QEMU 7.2, {label}, fresh destination", size,
+                          qemu_compare.seconds_once(size, blobs[size], tmp))  # fmt: skip
+            fresh = migrate(tmp, idle_guest(size))
+            table.add(
+                f"fresh-{size}",
+                f"this project, {label}, fresh destination",
+                size,
+                seconds(fresh) if ok(fresh) else None,
+            )
+            before = migrate(tmp, idle_guest(size), tree=tree)
+            table.add(f"prev-{size}", f"previous ({BASELINE}), {label}, fresh destination", size,
+                      seconds(before) if ok(before) else None)  # fmt: skip
+            for n in channels:
+                run = migrate(tmp, [*idle_guest(size), "--channels", str(n)], ["--preallocate", str(size)])
+                spread = run.dest.get("link", {}).get("channel_batches", "-") if ok(run) else "-"
+                table.add(f"ch{n}-{size}", f"this project, {label}, --preallocate, {n} channels", size,
+                          seconds(run) if ok(run) else None, f"batches per channel {spread}")  # fmt: skip
+            if size == GIB:
+                share = pre.source["tags"]["wire_bytes"] / pre.source["ram"]["wire_bytes"]
+                table.rows[f"pre-{size}"].note += f"; tag bytes / RAM bytes on the wire {share:.2%}"
+    print("Table 1: idle guests of random, fully tagged memory, loopback, one round after another")
+    table.print("raw", qemu_key)
+    print()
     for size in sizes:
         label = format_size(size)
-        before = [migrate(tmp, idle_guest(size), tree=tree) for _ in range(repeat)]
-        fresh, prealloc = [], []
-        parallel: dict[int, list[Run]] = {n: [] for n in channels}
-        for _ in range(repeat):  # alternating, so that drift in the machine hits all of them
-            fresh.append(migrate(tmp, idle_guest(size)))
-            prealloc.append(migrate(tmp, idle_guest(size), ["--preallocate", str(size)]))
-            for n, runs in parallel.items():
-                runs.append(
-                    migrate(tmp, [*idle_guest(size), "--channels", str(n)], ["--preallocate", str(size)])
-                )
-        commit = statistics.median(r.dest["preallocation"]["seconds"] for r in prealloc if ok(r))
-        row(f"previous ({BASELINE}), {label}", median_of(before, seconds), size,
-            f"{sum(map(ok, before))}/{repeat} verified")  # fmt: skip
-        row(f"now, {label}, into fresh memory", median_of(fresh, seconds), size,
-            f"{sum(map(ok, fresh))}/{repeat} verified")  # fmt: skip
-        row(f"now, {label}, into preallocated memory", median_of(prealloc, seconds), size,
-            f"{sum(map(ok, prealloc))}/{repeat} verified; committing it took {commit:.2f} s before")  # fmt: skip
-        for n, runs in parallel.items():
-            spread = [r.dest["link"]["channel_batches"] for r in runs if ok(r)]
-            row(f"now, {label}, preallocated, {n} channels", median_of(runs, seconds), size,
-                f"{sum(map(ok, runs))}/{repeat} verified; batches per channel {spread[0] if spread else '-'}")  # fmt: skip
-        if size == GIB:
-            share = prealloc[0].source["tags"]["wire_bytes"] / prealloc[0].source["ram"]["wire_bytes"]
-            old = before[0].source["tags"]["wire_bytes"] / before[0].source["ram"]["wire_bytes"]
-            print(f"{'  tag bytes / RAM bytes on the wire, 1 GiB':56} previous {old:.2%}, now {share:.2%}")
+        pre, fresh = table.rows[f"pre-{size}"], table.rows[f"fresh-{size}"]
+        vs_qemu = table.ratio(f"pre-{size}", qemu_key(size))
+        if vs_qemu:
+            print(f"{label} preallocated, QEMU's time / ours, round by round: "
+                  f"{', '.join(f'{r:.2f}' for r in vs_qemu)}; median {statistics.median(vs_qemu):.2f} (target 0.8)")  # fmt: skip
+        raw = table.median("raw")
+        if raw and pre.median:
+            print(
+                f"{label} preallocated against raw ZeroMQ: {size / pre.median / (GIB / raw):.2f} (target 0.6)"
+            )
+        qf = table.median(qemu_key(size, fresh=True))
+        if fresh.median:
+            print(f"{label} fresh: median {fresh.median:.2f} s, QEMU's fresh median "
+                  f"{f'{qf:.2f} s' if qf else '-'}; slowest run / median {max(fresh.good) / fresh.median:.2f} "
+                  f"(target 1.25); against ours preallocated {fresh.median / pre.median if pre.median else 0:.2f} (target 1.2)")  # fmt: skip
 
 
 def encode_threads(channels: list[int], repeat: int) -> None:
@@ -244,40 +295,6 @@ def regressions(tmp: Path, tree: Path, repeat: int) -> None:
             )
 
 
-def machine() -> str:
-    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
-    cpu = next((line.split(":", 1)[1].strip() for line in cpuinfo if "model name" in line), "?")
-    mem = _meminfo("MemTotal:")
-    head = subprocess.run(
-        ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    )
-    return (
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; {os.cpu_count()} cores ({cpu}), "
-        f"{mem >> 30} GiB, Linux {platform.release()}; commit {head.stdout.strip()}; "
-        f"free page reporting {'ON' if free_page_reporting() else 'off'}"
-    )
-
-
-_BALLOON_F_REPORTING = 5  # VIRTIO_BALLOON_F_REPORTING
-
-
-def free_page_reporting() -> bool:
-    """Whether this VM hands freed memory back to its host (a virtio balloon with REPORTING):
-    then memory a process frees costs a host fault again at its next first touch, so a fresh
-    destination's first populate can take 2 s per GiB instead of 0.1 (measured 2026-12-06),
-    and fresh-destination figures of any VMM, QEMU's too, come out bimodal."""
-    for device in Path("/sys/bus/virtio/devices").glob("*"):
-        try:
-            if (device / "device").read_text().strip() != "0x0005":  # the balloon
-                continue
-            features = (device / "features").read_text().strip()
-        except OSError:
-            continue
-        if len(features) > _BALLOON_F_REPORTING and features[_BALLOON_F_REPORTING] == "1":
-            return True
-    return False
-
-
 def main() -> int:
     global BASELINE
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -302,9 +319,13 @@ def main() -> int:
 
     with redirect_stdout(Tee()), tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        print(f"# python3 bench/speed_bench.py  ({machine()})")
-        warmed, took = warm_memory()
-        print(f"# memory warmed first: {format_size(warmed)} touched once in {took:.1f} s")
+        print(f"# python3 bench/speed_bench.py  ({machine.describe()})")
+        print(f"# before: {machine.idleness().describe()}")
+        cold, warm = machine.first_touch()
+        print(
+            f"# committing fresh memory on huge pages: {cold:.2f} s per GiB where it stayed free a few seconds, "
+            f"{warm:.2f} s per GiB just freed (a VM whose host took it back pays host faults again)"
+        )
         tree = baseline_tree(args.baseline, tmp)
         try:
             channels = [int(n) for n in args.channels.split(",") if n]
@@ -312,6 +333,7 @@ def main() -> int:
             encode_threads(channels, args.repeat)
             downtime(tmp, tree, args.downtime_runs)
             regressions(tmp, tree, args.repeat)
+            print(f"# after: {machine.idleness().describe()}")
         finally:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], check=False)
     if args.save:
