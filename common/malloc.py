@@ -3,6 +3,10 @@
 glibc serves a large allocation with a fresh mmap and returns it to the kernel on free, so
 every batch (our encoded pages, libzmq's received messages) pays a page fault per 4 KiB on
 first touch. Raising the mmap and trim thresholds keeps such buffers in the heap for reuse.
+One arena: libzmq's I/O thread otherwise allocates every received message in an arena of its
+own, whose 64 MiB heaps glibc unmaps whenever one empties, whatever the trim threshold; the
+kernel then zeroed each message's memory again on receipt, a third of that thread's time in a
+1 GiB migration (perf, 2026-12-06), on the busiest thread of the destination.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import gc
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 _MMAP_THRESHOLD_MAX = 32 << 20  # glibc's ceiling on 64-bit
 _TRIM_THRESHOLD = 1 << 30
 
@@ -27,8 +32,14 @@ def keep_large_buffers() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX)) and bool(
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    # before libzmq's threads first allocate: a thread keeps the arena it got
+    return all(
+        mallopt(option, value)
+        for option, value in (
+            (_M_ARENA_MAX, 1),
+            (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
+            (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
+        )
     )
 
 
