@@ -33,6 +33,7 @@ RAM_BASE = 0x40000000  # where the virt machine's RAM starts
 # virt puts its device tree at the start of RAM when no kernel is given; the random data
 # starts past it and fills the rest.
 DTB_ROOM = 2 << 20
+RAM_PIECE = 1 << 30
 
 
 def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:
@@ -43,20 +44,29 @@ def qemu_cmd(ram: int, qmp: Path, extra: list[str]) -> list[str]:
 
 
 def migrate_once(
-    ram: int, blob: Path, tmp: Path, channels: int = 1, preallocate: bool = False
+    ram: int, blob: list[Path], tmp: Path, channels: int = 1, preallocate: bool = False
 ) -> dict[str, Any]:
     """One migration; channels > 1 turns on multifd with that many channels at both ends;
     `preallocate`: the destination commits its RAM before it listens (-mem-prealloc)."""
     (port,) = free_ports(1)
     src_qmp, dst_qmp = tmp / f"src-{port}.qmp", tmp / f"dst-{port}.qmp"
-    src = subprocess.Popen(
-        qemu_cmd(ram, src_qmp, ["-device", f"loader,file={blob},addr={RAM_BASE + DTB_ROOM:#x},force-raw=on"]),
-        stderr=subprocess.PIPE,
-    )
+    loaders = []
+    for i, piece in enumerate(blob):
+        addr = RAM_BASE + DTB_ROOM + i * RAM_PIECE
+        loaders += ["-device", f"loader,file={piece},addr={addr:#x},force-raw=on"]
+    src = subprocess.Popen(qemu_cmd(ram, src_qmp, loaders), stderr=subprocess.PIPE)
     incoming = ["-incoming", "defer", *(["-mem-prealloc"] if preallocate else [])]
     dst = subprocess.Popen(qemu_cmd(ram, dst_qmp, incoming), stderr=subprocess.PIPE)
     try:
-        s, d = Qmp(src_qmp), Qmp(dst_qmp)
+        try:
+            s, d = Qmp(src_qmp), Qmp(dst_qmp)
+        except OSError:
+            for proc in (src, dst):
+                if proc.poll() is not None and proc.stderr is not None:
+                    raise RuntimeError(
+                        f"QEMU exited: {proc.stderr.read().decode(errors='replace').strip()}"
+                    ) from None
+            raise
         if channels > 1:
             for side in (s, d):
                 side.call("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
@@ -78,10 +88,19 @@ def migrate_once(
             proc.wait(timeout=10)
 
 
-def random_ram(ram: int, path: Path) -> Path:
-    """The RAM image a source QEMU loads: random, past the device tree's room."""
-    path.write_bytes(np.random.default_rng(1).bit_generator.random_raw((ram - DTB_ROOM) // 8).tobytes())
-    return path
+def random_ram(ram: int, path: Path) -> list[Path]:
+    """The RAM image a source QEMU loads: random, past the device tree's room, in files of at
+    most RAM_PIECE (QEMU's loader reads a file in one read(), which Linux caps below 2 GiB)."""
+    rng = np.random.default_rng(1)
+    pieces = []
+    left = ram - DTB_ROOM
+    while left > 0:
+        size = min(left, RAM_PIECE)
+        piece = path.with_name(f"{path.name}.{len(pieces)}")
+        piece.write_bytes(rng.bit_generator.random_raw(size // 8).tobytes())
+        pieces.append(piece)
+        left -= size
+    return pieces
 
 
 def available() -> bool:
@@ -89,7 +108,7 @@ def available() -> bool:
 
 
 def seconds_once(
-    ram: int, blob: Path, tmp: Path, channels: int = 1, preallocate: bool = False
+    ram: int, blob: list[Path], tmp: Path, channels: int = 1, preallocate: bool = False
 ) -> float | None:
     """One migration's own "total time" in seconds; None if it did not complete."""
     info = migrate_once(ram, blob, tmp, channels, preallocate)
