@@ -59,7 +59,10 @@ def migrate_once(
     dst = subprocess.Popen(qemu_cmd(ram, dst_qmp, incoming), stderr=subprocess.PIPE)
     try:
         try:
-            s, d = Qmp(src_qmp), Qmp(dst_qmp)
+            # a large source loads its image, a -mem-prealloc destination commits its RAM,
+            # before either answers: on a VM whose host took memory back, seconds per GiB
+            patience = 60.0 + 30.0 * ram / (1 << 30)
+            s, d = Qmp(src_qmp, patience), Qmp(dst_qmp, patience)
         except OSError:
             for proc in (src, dst):
                 if proc.poll() is not None and proc.stderr is not None:
