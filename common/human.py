@@ -47,7 +47,10 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def _parameter(name: str, value: Any) -> str:
-    if name == "max_bandwidth":  # read back exactly: what was set, not a rounding of it
+    if name in (
+        "max_bandwidth",
+        "max_postcopy_bandwidth",
+    ):  # read back exactly: what was set, not a rounding of it
         return "unlimited" if not value else f"{exact_size(value).replace(' bytes', ' B')}/s"
     return f"{value:g}" if isinstance(value, float) else str(value)
 

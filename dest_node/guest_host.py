@@ -102,7 +102,7 @@ class GuestHost:
         self.runner.start()
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.stop_at_step)
 
-    def take_page_misses(self) -> list[int]:
+    def take_page_misses(self) -> dict[int, float]:
         return self.vcpu.take_misses() if self.vcpu is not None else []
 
     def discard_guest(self, guest: Guest) -> None:

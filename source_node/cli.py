@@ -164,6 +164,13 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         help="bandwidth cap in bytes per second (e.g. 100MiB = 100 MiB/s); 0 = unlimited (default)",
     )
     mig.add_argument(
+        "--max-postcopy-bandwidth",
+        type=size,
+        default=0,
+        metavar="SIZE",
+        help="the cap after a postcopy switchover, on background pages only (page requests never wait); 0 = unlimited",
+    )
+    mig.add_argument(
         "--channels",
         type=positive(int),
         default=1,
@@ -241,6 +248,7 @@ def migration_parameters(args: argparse.Namespace) -> MigrationParameters:
     return MigrationParameters(
         downtime_limit_ms=args.downtime_limit,
         max_bandwidth=args.max_bandwidth,
+        max_postcopy_bandwidth=args.max_postcopy_bandwidth,
         use_lz4=not args.no_lz4,
         auth_token=args.auth_token.encode(),
         peer_timeout_s=args.peer_timeout,

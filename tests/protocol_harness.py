@@ -179,7 +179,7 @@ class FakeDestHost:
             self.runner, self.vcpu = self.make_runner(guest, gate)
             self.runner.start()
 
-    def take_page_misses(self) -> list[int]:
+    def take_page_misses(self) -> dict[int, float]:
         return self.vcpu.take_misses() if self.vcpu is not None else []
 
     def create_guest(self, ram_bytes: int, vcpu_count: int) -> Guest:
@@ -244,6 +244,7 @@ class Pair:
         self.dst_host = FakeDestHost()
         self.src = SourceSession(guest, self.src_host, params or MigrationParameters(), self.now)
         self.src_host.session = self.src
+        self.src.postcopy_side.clock = lambda: self.now  # answers cost no fake time
         self.dst = DestSession(self.dst_host, dest_params or DestParameters(), self.now)
         self.down = Link(to_dest or Faults())
         # postcopy answers travel on a connection of their own: same faults, their own queue
@@ -265,6 +266,7 @@ class Pair:
                     guest,
                     gate or PresenceGate(guest.memory, np.ones(guest.memory.page_count, dtype=np.bool_)),
                     lambda g: TimedWorkload(self, Workload(g), cost),
+                    clock=lambda: self.now,
                 )
                 self.dst_host.started_at_step = vcpu.step_count
                 runner = GuestRunner(vcpu, stop_at_step=vcpu.step_count + dest_steps, clock=lambda: self.now)

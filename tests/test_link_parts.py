@@ -207,6 +207,7 @@ def test_set_parameters_converts_what_an_operator_types() -> None:
     assert params.settable() == {
         "downtime_limit_ms": params.downtime_limit_ms,
         "max_bandwidth": 0,
+        "max_postcopy_bandwidth": 0,
         "convergence_timeout_s": params.convergence_timeout_s,
         "reconnect_timeout_s": params.reconnect_timeout_s,
     }

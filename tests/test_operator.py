@@ -169,8 +169,8 @@ def test_parameters_are_read_back_changed_in_any_size_spelling_and_logged(tmp_pa
         before = run(*ctl, "parameters")
         assert before.returncode == 0, before.stderr
         assert before.stdout.strip() == (
-            "parameters: downtime_limit_ms=300 max_bandwidth=unlimited convergence_timeout_s=60 "
-            "reconnect_timeout_s=10"
+            "parameters: downtime_limit_ms=300 max_bandwidth=unlimited max_postcopy_bandwidth=unlimited "
+            "convergence_timeout_s=60 reconnect_timeout_s=10"
         )
         changed = run(*ctl, "set-parameters", "max_bandwidth=20MiB", "downtime-limit-ms=50")
         assert changed.returncode == 0, changed.stderr

@@ -47,7 +47,7 @@ def test_a_batch_that_reaches_the_end_fills_up_from_the_start() -> None:
     present = np.zeros(1000, dtype=bool)
     present[10:20] = True
     pc.holds(present)
-    pc.request([994])
+    pc.request([994], 0.0)
     pc.next_urgent()
     batch = pc.next_background()
     assert batch is not None and batch.tolist()[:5] == [995, 996, 997, 998, 999]
@@ -57,7 +57,7 @@ def test_a_batch_that_reaches_the_end_fills_up_from_the_start() -> None:
 def test_a_request_goes_first_and_the_stream_carries_on_after_it() -> None:
     pc = SourcePostcopy(1000)
     pc.holds(np.zeros(1000, dtype=bool))
-    pc.request([700, 10, 700])
+    pc.request([700, 10, 700], 0.0)
     assert pc.requests == 3 and pc.cursor == 701
     urgent = pc.next_urgent()
     assert urgent is not None and urgent.tolist() == [10, 700], "once each, in page order"
@@ -75,12 +75,12 @@ def test_a_request_goes_first_and_the_stream_carries_on_after_it() -> None:
 def test_a_page_asked_for_again_is_answered_again() -> None:
     pc = SourcePostcopy(10)
     pc.holds(np.zeros(10, dtype=bool))
-    pc.request([3])
+    pc.request([3], 0.0)
     assert pc.next_urgent().tolist() == [3]  # type: ignore[union-attr]
-    pc.request([3])  # the destination found the copy wrong
+    pc.request([3], 0.0)  # the destination found the copy wrong
     assert pc.next_urgent().tolist() == [3]  # type: ignore[union-attr]
     assert pc.cursor == 4 and pc.background_left
-    pc.request([9])
+    pc.request([9], 0.0)
     assert pc.cursor == 0, "after the last page: from the start"
 
 

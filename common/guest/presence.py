@@ -15,6 +15,7 @@ one, step for step, with no extra dependency (a greenlet would need a C extensio
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
@@ -124,14 +125,23 @@ class RestartableVcpu:
     gate. A miss undoes the step, notes the page for the migration to request, and blocks the
     vCPU (only the vCPU: the daemon's loop goes on receiving and placing) until it is present."""
 
-    def __init__(self, guest: Guest, gate: PresenceGate, make_workload: Callable[[Guest], Any]) -> None:
+    def __init__(
+        self,
+        guest: Guest,
+        gate: PresenceGate,
+        make_workload: Callable[[Guest], Any],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`clock` stamps each miss (the start of the guest's wait): the protocol tests give
+        their fake one."""
         self.guest = guest
+        self.clock = clock
         self.gate = gate
         self._make = make_workload
         self.workload: Any = None
         self.blocked_on: int | None = None
         self.idle_reason: str | None = None  # the guest holds no workload: it runs idle
-        self.misses: list[int] = []  # pages missed since the migration last took them
+        self.misses: dict[int, float] = {}  # pages missed since the migration last took them, and when
 
     @property
     def steps_per_second(self) -> float:
@@ -147,8 +157,8 @@ class RestartableVcpu:
             return True
         return self.blocked_on is not None and not self.gate.present[self.blocked_on]
 
-    def take_misses(self) -> list[int]:
-        out, self.misses = self.misses, []
+    def take_misses(self) -> dict[int, float]:
+        out, self.misses = self.misses, {}
         return out
 
     def step(self) -> None:
@@ -166,7 +176,7 @@ class RestartableVcpu:
         except PageMissing as miss:
             self.gate.undo(self.guest)
             self.blocked_on = miss.page
-            self.misses.append(miss.page)
+            self.misses.setdefault(miss.page, self.clock())
             return
         except Exception:
             if journaled:

@@ -61,8 +61,8 @@ class DestHost(Protocol):
     def start_guest(self, guest: Guest, gate: PresenceGate | None = None) -> None:
         """Run the guest here; in postcopy its accesses go through the gate."""
 
-    def take_page_misses(self) -> list[int]:
-        """Postcopy: the pages the guest found missing since the last call."""
+    def take_page_misses(self) -> dict[int, float]:
+        """Postcopy: the pages the guest found missing since the last call, and when."""
 
     def discard_guest(self, guest: Guest) -> None: ...
     def prefault(self, guest: Guest, pages: np.ndarray) -> None:

@@ -22,6 +22,7 @@ from common.units import parse_size
 SETTABLE_UNITS = {
     "downtime_limit_ms": "milliseconds",
     "max_bandwidth": "bytes per second, sizes allowed (20MiB); 0 = unlimited",
+    "max_postcopy_bandwidth": "bytes per second for postcopy's background pages, sizes allowed; 0 = unlimited",
     "convergence_timeout_s": "seconds",
     "reconnect_timeout_s": "seconds",
 }
@@ -36,6 +37,9 @@ def describe_parameters() -> str:
 class MigrationParameters:
     downtime_limit_ms: float = DEFAULT_DOWNTIME_LIMIT_MS
     max_bandwidth: int = 0  # bytes per second; 0 = unlimited
+    # After a postcopy switchover the cap is this one (QEMU's max-postcopy-bandwidth): it paces
+    # the background stream only; answers to the guest's page requests never wait on it.
+    max_postcopy_bandwidth: int = 0
     use_lz4: bool = True
     auth_token: bytes = b""
     window: int = INITIAL_CREDIT  # data messages in flight before an ack
@@ -76,6 +80,8 @@ class MigrationParameters:
             raise ValueError(f"downtime limit {self.downtime_limit_ms} ms must be positive")
         if self.max_bandwidth < 0:
             raise ValueError(f"max bandwidth {self.max_bandwidth} is negative")
+        if self.max_postcopy_bandwidth < 0:
+            raise ValueError(f"max postcopy bandwidth {self.max_postcopy_bandwidth} is negative")
         if not 1 <= self.window <= 1024:
             raise ValueError(f"window {self.window} is outside 1 .. 1024")
         if not 0 < self.heartbeat_interval_s < self.peer_timeout_s:
@@ -120,15 +126,13 @@ class MigrationParameters:
 def _convert(name: str, value: Any) -> int | float:
     if isinstance(value, bool):
         raise ValueError(f"{name}: {value!r} is not a number")
-    if name == "max_bandwidth":
+    if name in ("max_bandwidth", "max_postcopy_bandwidth"):
         if isinstance(value, int):
             return value
         try:
             return parse_size(str(value))
         except ValueError:
-            raise ValueError(
-                f"max_bandwidth: {value!r} is not a size in bytes per second (e.g. 20MiB)"
-            ) from None
+            raise ValueError(f"{name}: {value!r} is not a size in bytes per second (e.g. 20MiB)") from None
     try:
         return float(value)
     except (TypeError, ValueError):

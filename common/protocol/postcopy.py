@@ -9,6 +9,7 @@ accesses go through, and placement of a page's data and tags as one step.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,7 @@ class SourcePostcopy:
     page_count: int
     needed: npt.NDArray[np.bool_] | None = None  # None until the destination says what it holds
     urgent: deque[int] = field(default_factory=deque)
+    asked_at: dict[int, float] = field(default_factory=dict)  # requested page -> when the request was read
     cursor: int = 0
     requests: int = 0
     background_pages: int = 0
@@ -52,10 +54,11 @@ class SourcePostcopy:
         """The destination's received bitmap: at the start, and again after a recovery."""
         self.needed = ~present
 
-    def request(self, pages: list[int]) -> None:
+    def request(self, pages: list[int], now: float) -> None:
         for page in pages:
             self.requests += 1
             self.urgent.append(page)
+            self.asked_at.setdefault(page, now)
             self.cursor = (page + 1) % self.page_count
 
     def next_urgent(self) -> Indices | None:
@@ -69,6 +72,11 @@ class SourcePostcopy:
         if self.needed is not None:
             self.needed[pages] = False
         return np.asarray(pages, dtype=np.int64)
+
+    def held_since(self, pages: Indices, now: float) -> float:
+        """When the oldest request for these pages was read (their answer is going out)."""
+        times = [self.asked_at.pop(page, now) for page in pages.tolist()]
+        return min(times, default=now)
 
     def next_background(self) -> Indices | None:
         if self.needed is None:
@@ -125,8 +133,12 @@ class DestPostcopy:
         self._have = np.zeros(page_count, dtype=np.bool_)
         self.present = np.zeros(page_count, dtype=np.bool_)
         self.outstanding: dict[int, float] = {}  # requested page -> when last asked
-        self._first_asked: dict[int, float] = {}  # requested page -> when the guest missed it
-        self.latencies_s: list[float] = []
+        self._first_asked: dict[int, float] = {}  # page the guest waits for -> when first asked
+        self._missed_at: dict[int, float] = {}  # page the guest waits for -> when its vCPU missed it
+        self.latencies_s: list[float] = []  # each wait, from the vCPU's miss to the page present
+        # and where it went: (queued here before the request left, held at the source, the rest:
+        # on the wire and waiting in either side's loop), in the order of latencies_s
+        self.parts_s: list[tuple[float, float, float]] = []
         self.background_pages = 0
         self.requested_pages = 0
         self.rejected_pages = 0
@@ -177,14 +189,23 @@ class DestPostcopy:
         self.started = True
 
     # -- requests and placement -------------------------------------------------------------
-    def to_request(self, pages: list[int], now: float, *, miss: bool = False) -> list[int]:
-        """Of these pages, those not present and not asked for already. `miss`: the guest
-        waits for them (only those count in the fault latency and the block time)."""
+    def to_request(
+        self,
+        pages: list[int],
+        now: float,
+        *,
+        miss: bool = False,
+        missed_at: Mapping[int, float] | None = None,
+    ) -> list[int]:
+        """Of these pages, those not present and not asked for already. `miss` (or `missed_at`,
+        when the vCPU missed each): the guest waits for them (only those count in the fault
+        latency and the block time)."""
         wanted = sorted({p for p in pages if not self.present[p] and p not in self.outstanding})
         for page in wanted:
             self.outstanding[page] = now
-            if miss:
+            if miss or missed_at is not None:
                 self._first_asked.setdefault(page, now)
+                self._missed_at.setdefault(page, min(now, (missed_at or {}).get(page, now)))
         return wanted
 
     def overdue(self, now: float, after_s: float) -> list[int]:
@@ -196,11 +217,13 @@ class DestPostcopy:
             self.retried_requests += 1
         return late
 
-    def place(self, mem: GuestMemory, batch: PostcopyBatch, requested: bool, now: float) -> Placed:
+    def place(
+        self, mem: GuestMemory, batch: PostcopyBatch, requested: bool, now: float, held_s: float = 0.0
+    ) -> Placed:
         """Check each page against the manifest, then place data and tags together and make
         the page present, in one step no guest access can interleave (the vCPU runs on this
         same loop, between messages). A page already present is never overwritten: the guest
-        may have written it since."""
+        may have written it since. `held_s`: how long the source held the request it answers."""
         idx = batch.indices
         fresh = ~self.present[idx]
         duplicates = int(idx.size - np.count_nonzero(fresh))
@@ -222,7 +245,10 @@ class DestPostcopy:
             self.outstanding.pop(page, None)
             asked = self._first_asked.pop(page, None)
             if asked is not None:
-                self.latencies_s.append(now - asked)
+                missed = self._missed_at.pop(page, asked)
+                self.latencies_s.append(now - missed)
+                held = min(held_s, max(0.0, now - asked)) if requested else 0.0
+                self.parts_s.append((asked - missed, held, max(0.0, now - asked - held)))
         if requested:
             self.requested_pages += int(pages.size)
         else:
@@ -247,6 +273,20 @@ class DestPostcopy:
 
     def missing(self) -> int:
         return int(self.present.size - np.count_nonzero(self.present))
+
+    def parts_ms(self) -> dict[str, dict[str, float | None]]:
+        """Where the guest's waits went, p50 and p99 of each part (they need not add up)."""
+        names = ("queued_at_destination", "at_source", "in_flight")
+        if not self.parts_s:
+            return {name: {"p50": None, "p99": None} for name in names}
+        values = np.asarray(self.parts_s) * 1000.0
+        return {
+            name: {
+                "p50": round(float(np.percentile(values[:, i], 50)), 3),
+                "p99": round(float(np.percentile(values[:, i], 99)), 3),
+            }
+            for i, name in enumerate(names)
+        }
 
     def latency_ms(self) -> dict[str, float | None]:
         if not self.latencies_s:

@@ -10,6 +10,8 @@ to send next, what to accept) are `postcopy`'s.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,6 +41,7 @@ if TYPE_CHECKING:
     from common.protocol.source import SourceSession
 
 _S = SourcePhase
+_MAX_HELD_US = (1 << 32) - 1
 _D = DestPhase
 
 
@@ -47,6 +50,10 @@ class SourcePostcopySide:
         self.s = session
         self.manifest_digest = b""  # of every page's data and tags at the switchover
         self.switchover_vcpus = b""  # the vCPU digest at the switchover
+        # what encoding an answer costs is read from this clock, not the session's `now` (a
+        # figure for the destination's report, never a decision): the protocol tests' harness
+        # gives its fake one
+        self.clock: Callable[[], float] = time.perf_counter
 
     def switchover(self, now: float) -> None:
         """Stop here, send the vCPU state and the manifest, and let the destination run."""
@@ -67,6 +74,7 @@ class SourcePostcopySide:
         self.switchover_vcpus = s.guest.state_digest()
         s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
         s.postcopy = SourcePostcopy(s.mem.page_count)
+        s.bucket.set_rate(s.cap(), now)
         s._move(_S.POSTCOPY)
         s._mark_time("postcopy started", now)
 
@@ -78,7 +86,7 @@ class SourcePostcopySide:
         # a request naming pages out of range, or too many, is cut down, never fatal: the
         # destination's guest needs this side's pages whatever else it says
         s.refused_pages += len(msg.page_index) - len(pages)
-        s.postcopy.request(pages)
+        s.postcopy.request(pages, now)
         if s.connected:
             self.answer_requests(now)  # at once, before any background page is encoded
 
@@ -153,11 +161,15 @@ class SourcePostcopySide:
 
     # -- what goes out ---------------------------------------------------------------------
     def send_at(self, now: float) -> float | None:
-        """Requests that waited out a broken link go at once; background pages need room."""
+        """Requests that waited out a broken link go at once; background pages need room, and
+        wait for the postcopy cap."""
         s = self.s
         assert s.postcopy is not None
-        room = s.in_flight < min(BACKGROUND_WINDOW, s.params.window)
-        return now if s.postcopy.urgent or (s.postcopy.background_left and room) else None
+        if s.postcopy.urgent:
+            return now
+        if not s.postcopy.background_left or s.in_flight >= min(BACKGROUND_WINDOW, s.params.window):
+            return None
+        return s.bucket.ready_at(now) or now
 
     def pump(self, now: float) -> None:
         """Strict priority: every requested page goes before any background page, and little
@@ -166,7 +178,7 @@ class SourcePostcopySide:
         assert s.postcopy is not None
         self.answer_requests(now)
         for _ in range(BACKGROUND_PER_TURN):
-            if s.in_flight >= min(BACKGROUND_WINDOW, s.params.window):
+            if s.in_flight >= min(BACKGROUND_WINDOW, s.params.window) or s.bucket.ready_at(now) is not None:
                 return
             pages = s.postcopy.next_background()
             if pages is None:
@@ -182,7 +194,11 @@ class SourcePostcopySide:
         if urgent is None:
             return
         for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
-            body, payload, count = self.encode(urgent[first : first + MAX_PAGES_PER_MESSAGE], requested=True)
+            pages = urgent[first : first + MAX_PAGES_PER_MESSAGE]
+            began = self.clock()
+            body, payload, count = self.encode(pages, requested=True)
+            held = now - s.postcopy.held_since(pages, now) + self.clock() - began
+            body.source_held_us = min(_MAX_HELD_US, round(held * 1e6))
             frames = framing.encode(s.link.envelope(0, postcopy_pages=body), payload)
             s._urgent.append(frames)
             self._count(frames, count)
@@ -193,6 +209,7 @@ class SourcePostcopySide:
         frames = s.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
         s._outgoing.append(Outbound(frames, True, s.link.next_seq - 1))
         self._count(frames, count)
+        s.bucket.spend(sum(len(f) for f in frames), now)
 
     def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
         mem = self.s.mem
@@ -267,7 +284,8 @@ class DestPostcopySide:
             s._ack(now)
             self.request(pc.to_request(named, now), now)
             return
-        placed = pc.place(s.guest.memory, batch, msg.requested, now)
+        # the source's word for how long it held the request, never more than the whole wait
+        placed = pc.place(s.guest.memory, batch, msg.requested, now, held_s=msg.source_held_us / 1e6)
         if placed.pages.size:
             s.t_last_placed = now  # progress, which a stream of refused or repeated pages is not
         s.stats.pages += int(batch.indices.size)
@@ -333,7 +351,8 @@ class DestPostcopySide:
         """The pages the guest found missing: asked for at once (the source may be silent: the
         guest runs on the pages it holds and waits only on missing ones)."""
         assert self.s.postcopy is not None
-        self.request(self.s.postcopy.to_request(self.s.host.take_page_misses(), now, miss=True), now)
+        misses = self.s.host.take_page_misses()
+        self.request(self.s.postcopy.to_request(list(misses), now, missed_at=misses), now)
 
     def _place_late_tags(self, now: float) -> None:
         s = self.s

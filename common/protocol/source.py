@@ -329,10 +329,14 @@ class SourceSession:
                 self._events.append(ev.Reconnect(epoch, 0.0))
         self.reconnector.next_at = now
 
+    def cap(self) -> int:
+        """The bandwidth cap in force: precopy's, or postcopy's once the guest was handed over."""
+        return self.params.max_postcopy_bandwidth if self.postcopy is not None else self.params.max_bandwidth
+
     def set_parameters(self, params: MigrationParameters, now: float) -> None:
         before = self.params
         self.params = replace(params.check(), window=self.params.window)
-        self.bucket.set_rate(self.params.max_bandwidth, now)
+        self.bucket.set_rate(self.cap(), now)
         changed = (before.reconnect_timeout_s, before.postcopy_recover_timeout_s) != (
             self.params.reconnect_timeout_s,
             self.params.postcopy_recover_timeout_s,

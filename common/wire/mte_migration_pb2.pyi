@@ -250,16 +250,18 @@ class PageRequest(_message.Message):
     def __init__(self, page_index: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class PostcopyPages(_message.Message):
-    __slots__ = ("data", "tags", "data_bytes", "requested")
+    __slots__ = ("data", "tags", "data_bytes", "requested", "source_held_us")
     DATA_FIELD_NUMBER: _ClassVar[int]
     TAGS_FIELD_NUMBER: _ClassVar[int]
     DATA_BYTES_FIELD_NUMBER: _ClassVar[int]
     REQUESTED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_HELD_US_FIELD_NUMBER: _ClassVar[int]
     data: RamPages
     tags: TagSections
     data_bytes: int
     requested: bool
-    def __init__(self, data: _Optional[_Union[RamPages, _Mapping]] = ..., tags: _Optional[_Union[TagSections, _Mapping]] = ..., data_bytes: _Optional[int] = ..., requested: _Optional[bool] = ...) -> None: ...
+    source_held_us: int
+    def __init__(self, data: _Optional[_Union[RamPages, _Mapping]] = ..., tags: _Optional[_Union[TagSections, _Mapping]] = ..., data_bytes: _Optional[int] = ..., requested: _Optional[bool] = ..., source_held_us: _Optional[int] = ...) -> None: ...
 
 class PostcopyStart(_message.Message):
     __slots__ = ("page_count",)

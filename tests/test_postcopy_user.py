@@ -1,0 +1,110 @@
+"""Postcopy as a user feels it (issue 23): its own bandwidth cap (QEMU's max-postcopy-bandwidth),
+which after the switchover paces the background stream, never the answers to the guest's page
+requests (before it, a capped postcopy ran at full speed while `ctl parameters` showed the
+cap); and the report of where each of the guest's waits for a page went."""
+
+from __future__ import annotations
+
+import pytest
+
+from common.guest.workload import Fill
+from common.protocol.params import MigrationParameters
+from common.protocol.phases import SourcePhase
+from common.wire import mte_migration_pb2 as pb
+from tests.protocol_harness import Faults, Pair, altered, busy_guest, running_postcopy
+
+RAM = 8 << 20
+
+
+def postcopy_seconds(pair: Pair) -> float:
+    """From the handover to the end: how long the background stream took."""
+    report = pair.src.report(pair.now)
+    started = next(e["at_ms"] for e in report["timeline"] if e["event"] == "postcopy started")
+    return (report["total_time_ms"] - started) / 1000
+
+
+def handed_over_at_once(**params: object) -> Pair:
+    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, **params)  # type: ignore[arg-type]
+    pair = Pair(busy_guest(seed=4, ram=RAM, fill=Fill.RANDOM), migration).run(max_seconds=60.0)
+    assert pair.src.report(pair.now)["status"] == "completed"
+    return pair
+
+
+@pytest.mark.parametrize("cap", [1 << 20, 3 << 20])
+def test_the_postcopy_cap_paces_the_background_stream(cap: int) -> None:
+    pair = handed_over_at_once(max_postcopy_bandwidth=cap)
+    sent = pair.src.report(pair.now)["ram"]["postcopy_bytes"]
+    assert sent > RAM // 2, "the guest's pages went in postcopy"
+    # the bucket starts with one burst of credit (at least 1 MiB), then the cap holds
+    assert postcopy_seconds(pair) == pytest.approx((sent - (1 << 20)) / cap, rel=0.25)
+
+
+def test_the_precopy_cap_does_not_hold_back_postcopy() -> None:
+    unlimited = handed_over_at_once(max_bandwidth=1 << 20)
+    # 8 MiB at the precopy cap would take about 7 s; uncapped, postcopy takes a fraction of it
+    assert postcopy_seconds(unlimited) < 1.0
+
+
+def test_page_requests_never_wait_for_the_cap() -> None:
+    # a cap so low that the background stream would need minutes: the guest's misses are
+    # answered at once all the same
+    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, max_postcopy_bandwidth=16 << 10)
+    pair = Pair(busy_guest(seed=5, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: (pair.dst.report(pair.now).get("postcopy") or {}).get("requests", 0) >= 4, 5.0)
+    report = pair.dst.report(pair.now)["postcopy"]
+    assert report["requests"] >= 4 and report["fault_latency_ms"]["max"] < 5.0, report
+    sent = pair.src.report(pair.now)["ram"]["postcopy_bytes"]
+    assert sent < (1 << 20) + 16 * (16 << 10) + 64 * 4096, "the background stream kept to its cap"
+
+
+def test_the_postcopy_cap_is_set_and_read_like_the_others() -> None:
+    params = MigrationParameters()
+    assert params.settable()["max_postcopy_bandwidth"] == 0
+    assert params.updated({"max_postcopy_bandwidth": "12MiB"}).max_postcopy_bandwidth == 12 << 20
+    with pytest.raises(ValueError, match="max_postcopy_bandwidth: 'fast' is not a size"):
+        params.updated({"max_postcopy_bandwidth": "fast"})
+    with pytest.raises(ValueError, match="max postcopy bandwidth -1 is negative"):
+        MigrationParameters(max_postcopy_bandwidth=-1).check()
+
+
+def test_a_postcopy_cap_set_after_the_switchover_takes_effect() -> None:
+    pair = running_postcopy(seed=6)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.value == "postcopy", 10.0)
+    assert pair.src.bucket.rate == 0
+    pair.src.set_parameters(pair.src.params.updated({"max_postcopy_bandwidth": 1 << 20}), pair.now)
+    assert pair.src.bucket.rate == 1 << 20
+
+
+def test_a_guests_wait_is_told_apart_where_it_went() -> None:
+    """The report says where each wait for a page went (queued at the destination, held at the
+    source, on the way), so the next bottleneck shows without a profiler (issue 23)."""
+    pair = running_postcopy(seed=5, to_dest=Faults(latency_s=0.01))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
+    pc = pair.dst.postcopy
+    assert pc is not None and pc.parts_s and len(pc.parts_s) == len(pc.latencies_s)
+    for wait, (queued, held, on_the_way) in zip(pc.latencies_s, pc.parts_s, strict=True):
+        assert min(queued, held, on_the_way) >= 0.0
+        # the parts add up to the wait (the source's clock is its own: it can only lower `held`)
+        assert queued + held + on_the_way == pytest.approx(wait, abs=1e-6)
+    answered = [p for p in pc.parts_s if p[2] >= 0.01]
+    assert answered, "an answer crossed the 10 ms link"
+    parts = pair.dst.report(pair.now)["postcopy"]["fault_latency_parts_ms"]
+    assert set(parts) == {"queued_at_destination", "at_source", "in_flight"}
+    assert parts["in_flight"]["p99"] >= 10.0
+
+
+def boast(env: pb.Envelope) -> None:
+    env.postcopy_pages.source_held_us = (1 << 32) - 1
+
+
+def test_a_source_claiming_to_have_held_a_request_for_ever_cannot_skew_the_parts() -> None:
+    pair = running_postcopy(seed=5, to_dest=Faults(latency_s=0.005, tamper=altered("postcopy_pages", boast)))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
+    pc = pair.dst.postcopy
+    assert pc is not None and pc.parts_s
+    for wait, (queued, held, on_the_way) in zip(pc.latencies_s, pc.parts_s, strict=True):
+        assert held <= wait - queued + 1e-9 and on_the_way >= 0.0
