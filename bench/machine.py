@@ -69,7 +69,7 @@ class Idleness:
 
 
 def idleness(sample_s: float = 2.0) -> Idleness:
-    """Sampled over `sample_s`: who used the CPUs (this process and its children excluded)."""
+    """Sampled over `sample_s`: who used the CPUs (this process excluded)."""
     mine = {os.getpid()}
     before, steal0 = _cpu_ticks(), _steal_ticks()
     time.sleep(sample_s)

@@ -102,6 +102,8 @@ def measure(total: int, size: int, place: bool, committed: bool = False, verifie
     proc.join()
     sock.close(linger=0)
     ctx.term()
+    if proc.exitcode != 0 or took.value <= 0:
+        raise RuntimeError(f"the receiver failed (exit code {proc.exitcode})")
     return float(took.value)
 
 

@@ -138,6 +138,7 @@ class Table:
         return [t / o for o, t in zip(a.runs, b.runs, strict=False) if o and t]
 
     def print(self, raw_key: str, qemu_key: Callable[[int], str]) -> None:
+        """`vs raw` and `vs QEMU`: ratios of medians (the targets below take QEMU's round by round)."""
         raw = self.median(raw_key)
         print(
             f"{'what':58} {'median':>7} {'GB/s':>6} {'vs raw':>7} {'vs QEMU':>8}  every run (s), in order; note"
@@ -214,7 +215,7 @@ def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int, channels: l
         pre, fresh = table.rows[f"pre-{size}"], table.rows[f"fresh-{size}"]
         vs_qemu = table.ratio(f"pre-{size}", qemu_key(size))
         if vs_qemu:
-            print(f"{label} preallocated, QEMU's time / ours, round by round: "
+            print(f"{label} preallocated, QEMU's time / ours, round by round (the target's measure): "
                   f"{', '.join(f'{r:.2f}' for r in vs_qemu)}; median {statistics.median(vs_qemu):.2f} (target 0.8)")  # fmt: skip
         raw = table.median("raw")
         floor = table.median("verified")

@@ -33,14 +33,15 @@ def keep_large_buffers() -> bool:
     except (OSError, AttributeError):
         return False
     # before libzmq's threads first allocate: a thread keeps the arena it got
-    return all(
+    done = [
         mallopt(option, value)
         for option, value in (
             (_M_ARENA_MAX, 1),
             (_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_MAX),
             (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD),
         )
-    )
+    ]  # every one is tried, whatever the others did
+    return all(done)
 
 
 def quiet_collector() -> None:

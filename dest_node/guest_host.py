@@ -103,7 +103,7 @@ class GuestHost:
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.stop_at_step)
 
     def take_page_misses(self) -> dict[int, float]:
-        return self.vcpu.take_misses() if self.vcpu is not None else []
+        return self.vcpu.take_misses() if self.vcpu is not None else {}
 
     def discard_guest(self, guest: Guest) -> None:
         self._stop_prefault()

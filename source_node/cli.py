@@ -168,7 +168,7 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         type=size,
         default=0,
         metavar="SIZE",
-        help="the cap after a postcopy switchover, on background pages only (page requests never wait); 0 = unlimited",
+        help="the cap after a postcopy switchover (answers to page requests count, never wait); 0 = unlimited, else >= 16KiB",
     )
     mig.add_argument(
         "--channels",

@@ -180,7 +180,7 @@ class FakeDestHost:
             self.runner.start()
 
     def take_page_misses(self) -> dict[int, float]:
-        return self.vcpu.take_misses() if self.vcpu is not None else []
+        return self.vcpu.take_misses() if self.vcpu is not None else {}
 
     def create_guest(self, ram_bytes: int, vcpu_count: int) -> Guest:
         return Guest.create(ram_bytes, vcpu_count)

@@ -66,6 +66,9 @@ def test_the_postcopy_cap_is_set_and_read_like_the_others() -> None:
         params.updated({"max_postcopy_bandwidth": "fast"})
     with pytest.raises(ValueError, match="max postcopy bandwidth -1 is negative"):
         MigrationParameters(max_postcopy_bandwidth=-1).check()
+    # so slow that a destination would give up on its source between two background messages
+    with pytest.raises(ValueError, match="below 16384 B/s"):
+        params.updated({"max_postcopy_bandwidth": 1000})
 
 
 def test_a_postcopy_cap_set_after_the_switchover_takes_effect() -> None:
@@ -84,7 +87,7 @@ def test_a_guests_wait_is_told_apart_where_it_went() -> None:
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
     pc = pair.dst.postcopy
-    assert pc is not None and pc.parts_s and len(pc.parts_s) == len(pc.latencies_s)
+    assert pc is not None and pc.parts_s.shape == (len(pc.latencies_s), 3)
     for wait, (queued, held, on_the_way) in zip(pc.latencies_s, pc.parts_s, strict=True):
         assert min(queued, held, on_the_way) >= 0.0
         # the parts add up to the wait (the source's clock is its own: it can only lower `held`)
@@ -105,6 +108,31 @@ def test_a_source_claiming_to_have_held_a_request_for_ever_cannot_skew_the_parts
     pair.src.start(pair.now)
     pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
     pc = pair.dst.postcopy
-    assert pc is not None and pc.parts_s
+    assert pc is not None and pc.parts_s.size
     for wait, (queued, held, on_the_way) in zip(pc.latencies_s, pc.parts_s, strict=True):
         assert held <= wait - queued + 1e-9 and on_the_way >= 0.0
+
+
+def test_the_time_a_source_holds_a_request_reaches_the_report() -> None:
+    """Encoding an answer costs the source time its clock sees and the session's `now` does
+    not: the answer says so, and the destination's report counts it at the source."""
+    pair = running_postcopy(seed=5, to_dest=Faults(latency_s=0.001))
+    ticks = iter(range(10**9))
+    pair.src.postcopy_side.clock = lambda: next(ticks) * 0.0003  # each reading 0.3 ms later
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase is SourcePhase.COMPLETED, 30.0)
+    parts = pair.dst.report(pair.now)["postcopy"]["fault_latency_parts_ms"]
+    assert parts["at_source"]["p99"] == pytest.approx(0.3, abs=0.01), "an answered wait held 0.3 ms there"
+
+
+def test_answers_count_against_the_postcopy_cap_without_waiting_for_it() -> None:
+    cap = 1 << 20
+    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, max_postcopy_bandwidth=cap)
+    pair = Pair(busy_guest(seed=5, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000)
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.src.phase.value == "postcopy", 10.0)
+    tokens = pair.src.bucket.tokens
+    pair.src.postcopy.request([5, 6, 7], pair.now)  # type: ignore[union-attr]
+    pair.src.postcopy_side.answer_requests(pair.now)
+    assert pair.src.take_urgent(), "the answers went at once, capped or not"
+    assert pair.src.bucket.tokens <= tokens - 3 * 4096, "and the background pays for them"

@@ -27,6 +27,9 @@ SETTABLE_UNITS = {
     "reconnect_timeout_s": "seconds",
 }
 SETTABLE = tuple(SETTABLE_UNITS)
+# Slower, one background message of postcopy (128 pages) takes minutes, and a destination
+# that hears its source but gets no page stops the copy (max_source_wait_s, 120 s).
+MIN_POSTCOPY_BANDWIDTH = 16 << 10
 
 
 def describe_parameters() -> str:
@@ -82,6 +85,11 @@ class MigrationParameters:
             raise ValueError(f"max bandwidth {self.max_bandwidth} is negative")
         if self.max_postcopy_bandwidth < 0:
             raise ValueError(f"max postcopy bandwidth {self.max_postcopy_bandwidth} is negative")
+        if 0 < self.max_postcopy_bandwidth < MIN_POSTCOPY_BANDWIDTH:
+            raise ValueError(
+                f"max postcopy bandwidth {self.max_postcopy_bandwidth} B/s is below {MIN_POSTCOPY_BANDWIDTH} B/s: "
+                "a background message would take longer than a destination waits for its source (0 = unlimited)"
+            )
         if not 1 <= self.window <= 1024:
             raise ValueError(f"window {self.window} is outside 1 .. 1024")
         if not 0 < self.heartbeat_interval_s < self.peer_timeout_s:

@@ -8,6 +8,7 @@ accesses go through, and placement of a page's data and tags as one step.
 
 from __future__ import annotations
 
+from array import array
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -136,9 +137,10 @@ class DestPostcopy:
         self._first_asked: dict[int, float] = {}  # page the guest waits for -> when first asked
         self._missed_at: dict[int, float] = {}  # page the guest waits for -> when its vCPU missed it
         self.latencies_s: list[float] = []  # each wait, from the vCPU's miss to the page present
-        # and where it went: (queued here before the request left, held at the source, the rest:
-        # on the wire and waiting in either side's loop), in the order of latencies_s
-        self.parts_s: list[tuple[float, float, float]] = []
+        # and where it went, three doubles a wait (a guest may wait a million times): queued here
+        # before the request left, held at the source, the rest (on the wire and in either
+        # side's loop), in the order of latencies_s
+        self._parts = array("d")
         self.background_pages = 0
         self.requested_pages = 0
         self.rejected_pages = 0
@@ -248,7 +250,7 @@ class DestPostcopy:
                 missed = self._missed_at.pop(page, asked)
                 self.latencies_s.append(now - missed)
                 held = min(held_s, max(0.0, now - asked)) if requested else 0.0
-                self.parts_s.append((asked - missed, held, max(0.0, now - asked - held)))
+                self._parts.extend((asked - missed, held, max(0.0, now - asked - held)))
         if requested:
             self.requested_pages += int(pages.size)
         else:
@@ -274,12 +276,17 @@ class DestPostcopy:
     def missing(self) -> int:
         return int(self.present.size - np.count_nonzero(self.present))
 
+    @property
+    def parts_s(self) -> npt.NDArray[np.float64]:
+        """One row per wait: queued here, held at the source, the rest (seconds)."""
+        return np.frombuffer(self._parts, dtype=np.float64).reshape(-1, 3)
+
     def parts_ms(self) -> dict[str, dict[str, float | None]]:
         """Where the guest's waits went, p50 and p99 of each part (they need not add up)."""
         names = ("queued_at_destination", "at_source", "in_flight")
-        if not self.parts_s:
+        if not self._parts:
             return {name: {"p50": None, "p99": None} for name in names}
-        values = np.asarray(self.parts_s) * 1000.0
+        values = self.parts_s * 1000.0
         return {
             name: {
                 "p50": round(float(np.percentile(values[:, i], 50)), 3),

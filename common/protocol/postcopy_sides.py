@@ -28,6 +28,7 @@ from common.protocol.postcopy import (
     SourcePostcopy,
     manifest_messages,
 )
+from common.protocol.ratelimit import TokenBucket
 from common.protocol.timers import Timer
 from common.transfer import device_state
 from common.wire import framing
@@ -74,7 +75,7 @@ class SourcePostcopySide:
         self.switchover_vcpus = s.guest.state_digest()
         s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
         s.postcopy = SourcePostcopy(s.mem.page_count)
-        s.bucket.set_rate(s.cap(), now)
+        s.bucket = TokenBucket(s.cap(), now, min_burst=s.bucket.min_burst)  # no precopy debt
         s._move(_S.POSTCOPY)
         s._mark_time("postcopy started", now)
 
@@ -193,15 +194,17 @@ class SourcePostcopySide:
         urgent = s.postcopy.next_urgent()
         if urgent is None:
             return
+        began = self.clock()
         for first in range(0, urgent.size, MAX_PAGES_PER_MESSAGE):
             pages = urgent[first : first + MAX_PAGES_PER_MESSAGE]
-            began = self.clock()
             body, payload, count = self.encode(pages, requested=True)
             held = now - s.postcopy.held_since(pages, now) + self.clock() - began
-            body.source_held_us = min(_MAX_HELD_US, round(held * 1e6))
+            body.source_held_us = min(_MAX_HELD_US, max(0, round(held * 1e6)))
             frames = framing.encode(s.link.envelope(0, postcopy_pages=body), payload)
             s._urgent.append(frames)
             self._count(frames, count)
+            # answers count against the postcopy cap (the background waits for them), never wait on it
+            s.bucket.spend(sum(len(f) for f in frames), now)
 
     def _send_background(self, pages: np.ndarray, now: float) -> None:
         s = self.s
