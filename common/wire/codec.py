@@ -462,9 +462,9 @@ def encode_postcopy_pages(
     per index); returns (body, payload, page count)."""
     data, data_payload, _ = encode_ram_pages(pages, indices, use_lz4=use_lz4, digests=False)
     tags, tag_payload, _ = encode_tag_sections(None, indices, use_lz4=use_lz4, digests=False, rows=tag_rows)
-    data_bytes = bytes(data_payload)
-    body = pb.PostcopyPages(data=data, tags=tags, data_bytes=len(data_bytes), requested=requested)
-    return body, data_bytes + bytes(tag_payload), int(indices.size)
+    data_size = memoryview(data_payload).nbytes
+    body = pb.PostcopyPages(data=data, tags=tags, data_bytes=data_size, requested=requested)
+    return body, b"".join((data_payload, tag_payload)), int(indices.size)  # one copy of each
 
 
 def decode_postcopy_pages(msg: pb.PostcopyPages, payload: Buffer, page_count: int) -> PostcopyBatch:
