@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from common.protocol.params import SIZE_PARAMETERS
 from common.units import exact_size, format_duration, format_rate, format_size
 
 
@@ -47,10 +48,7 @@ def describe(report: dict[str, Any]) -> str:
 
 
 def _parameter(name: str, value: Any) -> str:
-    if name in (
-        "max_bandwidth",
-        "max_postcopy_bandwidth",
-    ):  # read back exactly: what was set, not a rounding of it
+    if name in SIZE_PARAMETERS:  # read back exactly: what was set, not a rounding of it
         return "unlimited" if not value else f"{exact_size(value).replace(' bytes', ' B')}/s"
     return f"{value:g}" if isinstance(value, float) else str(value)
 

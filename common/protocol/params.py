@@ -27,6 +27,8 @@ SETTABLE_UNITS = {
     "reconnect_timeout_s": "seconds",
 }
 SETTABLE = tuple(SETTABLE_UNITS)
+# The settable ones given in bytes per second: sizes are taken (20MiB) and shown exactly.
+SIZE_PARAMETERS = ("max_bandwidth", "max_postcopy_bandwidth")
 # Slower, one background message of postcopy (128 pages) takes minutes, and a destination
 # that hears its source but gets no page stops the copy (max_source_wait_s, 120 s).
 MIN_POSTCOPY_BANDWIDTH = 16 << 10
@@ -134,7 +136,7 @@ class MigrationParameters:
 def _convert(name: str, value: Any) -> int | float:
     if isinstance(value, bool):
         raise ValueError(f"{name}: {value!r} is not a number")
-    if name in ("max_bandwidth", "max_postcopy_bandwidth"):
+    if name in SIZE_PARAMETERS:
         if isinstance(value, int):
             return value
         try:

@@ -134,8 +134,8 @@ class DestPostcopy:
         self._have = np.zeros(page_count, dtype=np.bool_)
         self.present = np.zeros(page_count, dtype=np.bool_)
         self.outstanding: dict[int, float] = {}  # requested page -> when last asked
-        self._first_asked: dict[int, float] = {}  # page the guest waits for -> when first asked
-        self._missed_at: dict[int, float] = {}  # page the guest waits for -> when its vCPU missed it
+        # page the guest waits for -> (when first asked, when its vCPU missed it)
+        self._waits: dict[int, tuple[float, float]] = {}
         self.latencies_s: list[float] = []  # each wait, from the vCPU's miss to the page present
         # and where it went, three doubles a wait (a guest may wait a million times): queued here
         # before the request left, held at the source, the rest (on the wire and in either
@@ -206,8 +206,7 @@ class DestPostcopy:
         for page in wanted:
             self.outstanding[page] = now
             if miss or missed_at is not None:
-                self._first_asked.setdefault(page, now)
-                self._missed_at.setdefault(page, min(now, (missed_at or {}).get(page, now)))
+                self._waits.setdefault(page, (now, min(now, (missed_at or {}).get(page, now))))
         return wanted
 
     def overdue(self, now: float, after_s: float) -> list[int]:
@@ -245,9 +244,9 @@ class DestPostcopy:
             self.present[pages] = True
         for page in pages.tolist():
             self.outstanding.pop(page, None)
-            asked = self._first_asked.pop(page, None)
-            if asked is not None:
-                missed = self._missed_at.pop(page, asked)
+            wait = self._waits.pop(page, None)
+            if wait is not None:
+                asked, missed = wait
                 self.latencies_s.append(now - missed)
                 held = min(held_s, max(0.0, now - asked)) if requested else 0.0
                 self._parts.extend((asked - missed, held, max(0.0, now - asked - held)))

@@ -42,8 +42,8 @@ if TYPE_CHECKING:
     from common.protocol.source import SourceSession
 
 _S = SourcePhase
-_MAX_HELD_US = (1 << 32) - 1
 _D = DestPhase
+_MAX_HELD_US = (1 << 32) - 1
 
 
 class SourcePostcopySide:
@@ -202,17 +202,14 @@ class SourcePostcopySide:
             body.source_held_us = min(_MAX_HELD_US, max(0, round(held * 1e6)))
             frames = framing.encode(s.link.envelope(0, postcopy_pages=body), payload)
             s._urgent.append(frames)
-            self._count(frames, count)
-            # answers count against the postcopy cap (the background waits for them), never wait on it
-            s.bucket.spend(sum(len(f) for f in frames), now)
+            self._count(frames, count, now)
 
     def _send_background(self, pages: np.ndarray, now: float) -> None:
         s = self.s
         body, payload, count = self.encode(pages, requested=False)
         frames = s.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
         s._outgoing.append(Outbound(frames, True, s.link.next_seq - 1))
-        self._count(frames, count)
-        s.bucket.spend(sum(len(f) for f in frames), now)
+        self._count(frames, count, now)
 
     def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
         mem = self.s.mem
@@ -220,12 +217,15 @@ class SourcePostcopySide:
             mem.pages, mem.tag_ioctl.read_pages(pages), pages, use_lz4=self.s._use_lz4, requested=requested
         )
 
-    def _count(self, frames: list[Buffer], pages: int) -> None:
+    def _count(self, frames: list[Buffer], pages: int, now: float) -> None:
+        """What a postcopy message of pages cost: in the stats, and against the postcopy cap
+        (answers pay too, so the background waits for them; they never wait on it)."""
         stats = self.s.stats
         size = sum(len(f) for f in frames)
         stats.postcopy_bytes += size
         stats.ram_bytes += size
         stats.pages += pages
+        self.s.bucket.spend(size, now)
 
 
 class DestPostcopySide:
