@@ -10,15 +10,18 @@ import mmap
 import os
 import platform
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common.guest.prefault import libc_madvise, populate  # noqa: E402
+
 GIB = 1 << 30
 _BALLOON_F_REPORTING = 5  # VIRTIO_BALLOON_F_REPORTING
-_MADV_HUGEPAGE = 14
-_MADV_POPULATE_WRITE = 23
 _HUGE = 2 << 20
 # A process using more than this share of a core while the machine should be idle is named.
 BUSY_SHARE = 0.05
@@ -99,22 +102,16 @@ def free_page_reporting() -> bool:
     return False
 
 
-def _libc() -> ctypes.CDLL:
-    libc = ctypes.CDLL("libc.so.6", use_errno=True)
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
-
-
 def populate_seconds(size: int) -> float:
-    """Seconds to commit `size` bytes of fresh memory on huge pages, as a destination does."""
-    libc = _libc()
+    """Seconds to commit `size` bytes of fresh memory on huge pages, as a destination does
+    (common/guest/prefault.py's own calls)."""
+    madvise = libc_madvise()
     area = mmap.mmap(-1, size + _HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     start = ctypes.addressof(ctypes.c_char.from_buffer(area))
     base = (start + _HUGE - 1) & ~(_HUGE - 1)
-    libc.madvise(ctypes.c_void_p(base), size, _MADV_HUGEPAGE)
     began = time.perf_counter()
-    if libc.madvise(ctypes.c_void_p(base), size, _MADV_POPULATE_WRITE) != 0:
-        area[:: mmap.PAGESIZE] = b"\1" * (len(area) // mmap.PAGESIZE)
+    if madvise is None or populate(madvise, base, size, True, lambda: False) < size:
+        area[:: mmap.PAGESIZE] = b"\1" * (len(area) // mmap.PAGESIZE)  # an older kernel: touch
     took = time.perf_counter() - began
     del start
     area.close()

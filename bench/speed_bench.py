@@ -96,6 +96,11 @@ def seconds(run: Run) -> float:
     return float(run.source["total_time_ms"]) / 1000
 
 
+def verified_seconds(run: Run) -> float | None:
+    """A run's time, or None (a failure in the table) unless it completed and verified."""
+    return seconds(run) if ok(run) else None
+
+
 @dataclass
 class Row:
     """One line of Table 1: every run's seconds (None: it failed), in the order they ran."""
@@ -184,7 +189,7 @@ def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int, channels: l
                 table.add(qemu_key(size), f"QEMU 7.2, {label}, destination -mem-prealloc", size,
                           qemu_compare.seconds_once(size, blobs[size], tmp, preallocate=True))  # fmt: skip
             pre = migrate(tmp, idle_guest(size), ["--preallocate", str(size)])
-            table.add(f"pre-{size}", f"this project, {label}, dest-node --preallocate", size, seconds(pre) if ok(pre) else None,
+            table.add(f"pre-{size}", f"this project, {label}, dest-node --preallocate", size, verified_seconds(pre),
                       f"committing took {pre.dest.get('preallocation', {}).get('seconds', 0):.2f} s before")  # fmt: skip
             if size in blobs:
                 table.add(qemu_key(size, fresh=True), f"QEMU 7.2, {label}, fresh destination", size,
@@ -194,16 +199,16 @@ def throughput(tmp: Path, tree: Path, sizes: list[int], repeat: int, channels: l
                 f"fresh-{size}",
                 f"this project, {label}, fresh destination",
                 size,
-                seconds(fresh) if ok(fresh) else None,
+                verified_seconds(fresh),
             )
             before = migrate(tmp, idle_guest(size), tree=tree)
             table.add(f"prev-{size}", f"previous ({BASELINE}), {label}, fresh destination", size,
-                      seconds(before) if ok(before) else None)  # fmt: skip
+                      verified_seconds(before))  # fmt: skip
             for n in channels:
                 run = migrate(tmp, [*idle_guest(size), "--channels", str(n)], ["--preallocate", str(size)])
                 spread = run.dest.get("link", {}).get("channel_batches", "-") if ok(run) else "-"
                 table.add(f"ch{n}-{size}", f"this project, {label}, --preallocate, {n} channels", size,
-                          seconds(run) if ok(run) else None, f"batches per channel {spread}")  # fmt: skip
+                          verified_seconds(run), f"batches per channel {spread}")  # fmt: skip
             if size == GIB:
                 share = pre.source["tags"]["wire_bytes"] / pre.source["ram"]["wire_bytes"]
                 table.rows[f"pre-{size}"].note += f"; tag bytes / RAM bytes on the wire {share:.2%}"

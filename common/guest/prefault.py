@@ -43,7 +43,7 @@ def _huge_page_pages() -> int:
     return max(1, size // PAGE_SIZE)
 
 
-def _madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
+def libc_madvise() -> ctypes._CFuncPtr | None:  # type: ignore[name-defined]
     name = ctypes.util.find_library("c")
     if not name:
         return None
@@ -126,7 +126,7 @@ class Preallocation:
             self._thread.join(timeout=5.0)
 
     def _run(self) -> None:
-        madvise = _madvise()
+        madvise = libc_madvise()
         backing = self.backing
         if madvise is None or backing is None:
             return
@@ -178,7 +178,7 @@ class Prefaulter:
         return not self._stop.is_set()
 
     def _run(self) -> None:
-        madvise = _madvise()
+        madvise = libc_madvise()
         if madvise is None:
             return
         base = self.mem.ram.ctypes.data
