@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import subprocess
 import sys
 import threading
@@ -33,7 +32,6 @@ class Run:
     source: dict[str, Any]
     dest: dict[str, Any]
     dest_peak_rss: int  # bytes, sampled every 10 ms
-    cpu_s: float = 0.0  # both daemons' CPU time, start to exit (booting and committing included)
 
 
 def rss_kib(pid: int, field: str = "VmRSS") -> int:
@@ -83,7 +81,6 @@ def migrate(
     env = {**os.environ, "PYTHONPATH": str(cwd)}
     dest_report, source_report = tmp / f"dest-{port}.json", tmp / f"source-{port}.json"
     preallocated = "--preallocate" in dest_args
-    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     control = f"tcp://127.0.0.1:{control_port}"
     dest = subprocess.Popen(
         [*DEST, "--listen", uri, "--once", "--stop-at-step", dest_stop, "--log-level", "error",
@@ -107,11 +104,9 @@ def migrate(
             dest.kill()
         watch.done.set()
         watch.join()
-    after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     source: dict[str, Any] = json.loads(source_report.read_text())
     dest_result: dict[str, Any] = json.loads(dest_report.read_text()) if dest_report.exists() else {}
-    return Run(source, dest_result, watch.peak, cpu)
+    return Run(source, dest_result, watch.peak)
 
 
 def ok(run: Run) -> bool:
