@@ -30,6 +30,15 @@ def handed_over_at_once(**params: object) -> Pair:
     return pair
 
 
+def capped_random_guest_running_there(cap: int) -> Pair:
+    """A postcopy of a guest whose every page has content, handed over at once under `cap`,
+    started; its destination runs the guest on: every page it touches is asked for."""
+    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, max_postcopy_bandwidth=cap)
+    pair = Pair(busy_guest(seed=5, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000)
+    pair.src.start(pair.now)
+    return pair
+
+
 @pytest.mark.parametrize("cap", [1 << 20, 3 << 20])
 def test_the_postcopy_cap_paces_the_background_stream(cap: int) -> None:
     pair = handed_over_at_once(max_postcopy_bandwidth=cap)
@@ -48,9 +57,7 @@ def test_the_precopy_cap_does_not_hold_back_postcopy() -> None:
 def test_page_requests_never_wait_for_the_cap() -> None:
     # a cap so low that the background stream would need minutes: the guest's misses are
     # answered at once all the same
-    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, max_postcopy_bandwidth=16 << 10)
-    pair = Pair(busy_guest(seed=5, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000)
-    pair.src.start(pair.now)
+    pair = capped_random_guest_running_there(16 << 10)
     pair.run_until(lambda: (pair.dst.report(pair.now).get("postcopy") or {}).get("requests", 0) >= 4, 5.0)
     report = pair.dst.report(pair.now)["postcopy"]
     assert report["requests"] >= 4 and report["fault_latency_ms"]["max"] < 5.0, report
@@ -127,9 +134,7 @@ def test_the_time_a_source_holds_a_request_reaches_the_report() -> None:
 
 def test_answers_count_against_the_postcopy_cap_without_waiting_for_it() -> None:
     cap = 1 << 20
-    migration = MigrationParameters(postcopy=True, postcopy_after_rounds=0, max_postcopy_bandwidth=cap)
-    pair = Pair(busy_guest(seed=5, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000)
-    pair.src.start(pair.now)
+    pair = capped_random_guest_running_there(cap)
     pair.run_until(lambda: pair.src.phase.value == "postcopy", 10.0)
     tokens = pair.src.bucket.tokens
     pair.src.postcopy.request([5, 6, 7], pair.now)  # type: ignore[union-attr]
