@@ -49,9 +49,10 @@ RGSR_SEED_MASK = 0xFFFF
 # block narrows the search to its pages without hashing every page twice.
 DIGEST_BLOCK_PAGES = 256
 
-PROTOCOL_VERSION = 5  # 2: acknowledged, resent and resumable messages; 3: per-page digests;
+PROTOCOL_VERSION = 6  # 2: acknowledged, resent and resumable messages; 3: per-page digests;
 # 4: tag sections of up to MAX_TAG_SECTIONS_PER_MESSAGE pages; 5: LinkTimeouts, and the fields
-# nobody read gone from Ack, EndOfRound and VerifyResult
+# nobody read gone from Ack, EndOfRound and VerifyResult; 6: page requests on the source's urgent
+# connection (UrgentReady)
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).
@@ -123,3 +124,13 @@ DRAIN_BUDGET_MESSAGES = 1
 LATENCY_SAMPLES = 10_000
 PROGRESS_LOG_INTERVAL_S = 5.0
 PROGRESS_LINE_INTERVAL_S = 0.2
+
+# How long a thread that wants the interpreter waits for the one holding it (CPython's switch
+# interval, 5 ms by default). The postcopy source's urgent thread answers a page request while
+# the loop encodes background batches: it waits this long for the interpreter, and the loop
+# takes it back after as long again. Nothing switches while the urgent thread blocks on its socket.
+URGENT_SWITCH_INTERVAL_S = 0.0001
+
+# The last byte of the routing id of a source's urgent connection (postcopy page requests and
+# answers): the session's id and epoch come before it.
+URGENT_SUFFIX = b"U"

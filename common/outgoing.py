@@ -17,7 +17,7 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES
+from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES, URGENT_SUFFIX
 from common.control import ControlError
 from common.endpoints import check_endpoint
 from common.guest.guest import Guest
@@ -25,6 +25,7 @@ from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
 from common.protocol.params import MigrationParameters
 from common.protocol.source import Outbound, SourceHost, SourceSession
+from common.urgent_server import UrgentServer
 from common.wire.framing import Buffer
 
 
@@ -69,9 +70,10 @@ class OutgoingMigration:
         self._main_sent: deque[int] = deque()  # batches sent on the first connection
         self._next_lane = 0
         self._pool = ThreadPoolExecutor(params.channels, "encode") if params.channels > 1 else None
-        # postcopy answers: a connection of their own, so that they never wait behind the
-        # background stream in ZeroMQ's pipe or TCP's buffers (QEMU's postcopy-preempt channel)
-        self.urgent: zmq.Socket[bytes] | None = None
+        # postcopy requests and answers: a connection and a thread of their own, so that they
+        # never wait behind the background stream in the loop, ZeroMQ's pipe or TCP's buffers
+        # (QEMU's postcopy-preempt channel)
+        self.urgent: UrgentServer | None = None
         self.pending: deque[list[Buffer]] = deque()
         self.finished: ev.Finished | None = None
         now = time.monotonic()
@@ -107,9 +109,7 @@ class OutgoingMigration:
         self.socket = sock
         # a refused handshake is silent on the wire: only the socket's monitor hears of it
         self.monitor = sock.get_monitor_socket(HANDSHAKE_FAILURES)
-        if self.urgent is not None:
-            self.urgent.close(linger=0)
-            self.urgent = None  # opened again for this epoch when the next answer goes out
+        self._stop_urgent()  # opened again for this epoch by the next flush
         self._close_lanes()  # opened again for this epoch before the next batch goes out
         # what waited for the old connection is either resent by the session or not needed
         self.pending.clear()
@@ -132,10 +132,16 @@ class OutgoingMigration:
         self.lanes = []
         self._main_sent.clear()
 
-    def _urgent_socket(self) -> zmq.Socket[bytes]:
-        if self.urgent is None:
-            self.urgent = self._dealer(self._routing(self.session.link.epoch) + b"U", 256)
-        return self.urgent
+    def _start_urgent(self) -> None:
+        session = self.session
+        routing = self._routing(session.link.epoch) + URGENT_SUFFIX
+        answerer = session.postcopy_side.urgent_answerer()
+        self.urgent = UrgentServer(self.ctx, lambda: self._dealer(routing, 256), answerer, self.log)
+
+    def _stop_urgent(self) -> None:
+        if self.urgent is not None:
+            self.urgent.stop()
+            self.urgent = None
 
     def _routing(self, epoch: int) -> bytes:
         """A connection's routing id starts with the session and epoch: ZeroMQ's own reconnects
@@ -206,9 +212,7 @@ class OutgoingMigration:
             self.flush()
             self.socket.close(linger=CLOSE_LINGER_MS)  # a last Abort must reach the destination
             self.socket = None
-        if self.urgent is not None:
-            self.urgent.close(linger=0)
-            self.urgent = None
+        self._stop_urgent()
         self._close_lanes()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -237,21 +241,7 @@ class OutgoingMigration:
 
     def flush(self) -> None:
         """Send what the session produced, batches spread over the parallel channels."""
-        if (
-            self.session.postcopy is not None
-            and not self.session.phase.ended
-            and self.urgent is None
-            and self.socket is not None
-        ):
-            self._urgent_socket()  # connected ahead of the first request, not on its path
-        urgent = self.session.take_urgent()
-        if urgent:
-            sock = self._urgent_socket()
-            for frames in urgent:
-                try:
-                    sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
-                except zmq.Again:
-                    break  # not sent: the destination asks again after a timeout
+        self._serve_urgent()
         outgoing = self.session.take_outgoing()
         if self.session.phase.ended:
             self._close_lanes()  # a recovery (postcopy) opens them again
@@ -268,6 +258,23 @@ class OutgoingMigration:
             _send_queued(self.socket, self.pending)
         for lane in self.lanes:
             _send_queued(lane.socket, lane.pending)
+
+    def _serve_urgent(self) -> None:
+        """In postcopy, the urgent connection's thread runs ahead of the first request; what it
+        answered is the session's news, and what the session answered goes out on it."""
+        session = self.session
+        if session.postcopy is None or session.phase.ended:
+            self._stop_urgent()  # it reads guest memory, which may run again here
+        elif self.urgent is None and self.socket is not None:
+            self._start_urgent()
+        urgent = session.take_urgent()
+        if self.urgent is None:
+            return  # between connections: the destination asks again
+        now = time.monotonic()
+        for answered in self.urgent.take_answered():
+            session.postcopy_side.answered(answered, now)
+        for frames in urgent:
+            self.urgent.send(frames)
 
     def _queue(self, message: Outbound) -> None:
         """A batch goes to the channel with the fewest batches queued or unacknowledged, taken

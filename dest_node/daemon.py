@@ -28,7 +28,7 @@ from common.report import guest_summary, write_report
 from common.zap import ZapHandler
 from dest_node.guest_host import GuestHost
 from dest_node.qemu_handback import QemuHandback
-from dest_node.reading import drain
+from dest_node.reading import Reader
 from dest_node.refusals import RefusalLog
 
 _POLL_CAP_S = 0.05
@@ -108,6 +108,7 @@ class DestDaemon:
         self.signalled: str | None = None
         self._reported_failure = False
         self.refusals = RefusalLog(self.log)
+        self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None)
         self.handback = QemuHandback(options.to_qemu, self.log) if options.to_qemu else None
         self.control: ControlServer | None = None
         if options.control:
@@ -137,6 +138,9 @@ class DestDaemon:
         """A session for the next source, remembering the sessions whose guest ran here (their
         sources may still be reconnecting to learn that)."""
         previous: DestSession | None = getattr(self, "session", None)
+        reader: Reader | None = getattr(self, "reader", None)
+        if reader is not None:
+            reader.forget()
         handed_over = previous.handed_over_sessions() if previous is not None else None
         return DestSession(self.host, self.options.params, time.monotonic(), handed_over)
 
@@ -353,11 +357,13 @@ class DestDaemon:
             guest_wait = self.host.seconds_until_due(now)
             if guest_wait is not None:
                 timeout = min(timeout, guest_wait)
+            if self.reader.held:
+                timeout = 0.0
             events = dict(poller.poll(int(timeout * 1000)))
             if self.zap is not None:
                 self.zap.service(events, time.monotonic())
-            if self.sock in events:
-                drain(self.sock, self.session, self.refusals, keyed=self.zap is not None)
+            if self.sock in events or self.reader.held:
+                self.reader.drain(self.session)
                 self._flush()
             slot.service(outgoing, events)
             if self.control and self.control.socket in events:

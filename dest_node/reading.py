@@ -4,6 +4,7 @@ of a message than the wire admits."""
 from __future__ import annotations
 
 import time
+from collections import deque
 
 import zmq
 
@@ -12,6 +13,7 @@ from common.constants import (
     MAX_FRAMES_PER_MESSAGE,
     READS_PER_TURN,
     STRANGER_MESSAGES_PER_TURN,
+    URGENT_SUFFIX,
 )
 from common.protocol.dest import DestSession
 from common.wire import mte_migration_pb2 as pb
@@ -26,42 +28,65 @@ def peer_key(frame: zmq.Frame) -> bytes:
         return b""
 
 
-def drain(sock: zmq.Socket[bytes], session: DestSession, refusals: RefusalLog, *, keyed: bool) -> None:
-    """Take what arrived, the session's own source first. ZeroMQ hands over messages one
-    connection at a time in turn; once a session exists, only a few of each turn's messages
-    from anyone else are read (the rest are dropped unread and counted), and the turn ends
-    after its budget of the source's own: a flood from any number of connections costs
-    the migration reads, never its turns. Before any session, everyone is a stranger and
-    up to READS_PER_TURN are read (a source's hello may be among them). A budget per turn
-    also lets a postcopy vCPU run soon after its page lands. `keyed`: CURVE keys are in use,
-    so each message carries the key its connection proved (without keys there is none to ask)."""
-    session_id = session.session_id
-    guarded = bool(session_id)
-    own_taken = strangers = 0
-    for _ in range(READS_PER_TURN):
-        received = receive_one(sock)
-        if received is None:
-            return
-        peer, frames = received
-        own = guarded and peer.startswith(session_id)
-        if not own:
+class Reader:
+    """Reads the destination's socket for its session, and holds what it read but has not yet
+    handled: everything that arrived is read each turn, so that an answer on the source's urgent
+    connection (a page the guest waits for) is placed at once, ahead of background batches that
+    came before it; the rest is handled in order, a budget per turn."""
+
+    def __init__(self, sock: zmq.Socket[bytes], refusals: RefusalLog, *, keyed: bool) -> None:
+        """`keyed`: CURVE keys are in use, so each message carries the key its connection
+        proved (without keys there is none to ask)."""
+        self.sock = sock
+        self.refusals = refusals
+        self.keyed = keyed
+        self.held: deque[tuple[bytes, list[zmq.Frame]]] = deque()
+
+    def drain(self, session: DestSession) -> None:
+        """Take what arrived, the session's own source first. ZeroMQ hands over messages one
+        connection at a time in turn; once a session exists, only a few of each turn's messages
+        from anyone else are read (the rest are dropped unread and counted), and the turn
+        handles its budget of the source's own: a flood from any number of connections costs
+        the migration reads, never its turns. Before any session, everyone is a stranger and
+        up to READS_PER_TURN are read (a source's hello may be among them). A budget per turn
+        also lets a postcopy vCPU run soon after its page lands."""
+        session_id = session.session_id
+        guarded = bool(session_id)
+        strangers = 0
+        for _ in range(READS_PER_TURN):
+            if len(self.held) >= READS_PER_TURN:
+                break  # the rest waits in ZeroMQ's queue, whose bound holds the source back
+            received = receive_one(self.sock)
+            if received is None:
+                break
+            peer, frames = received
+            if guarded and peer.startswith(session_id):
+                if peer[len(session_id) + 4 :] == URGENT_SUFFIX:
+                    self._handle(session, peer, frames)
+                else:
+                    self.held.append((peer, frames))
+                continue
             strangers += 1
             if guarded and strangers > STRANGER_MESSAGES_PER_TURN:
-                refusals.dropped()
+                self.refusals.dropped()
                 continue
+            self._handle(session, peer, frames)
+        for _ in range(min(DRAIN_BUDGET_MESSAGES, len(self.held))):
+            self._handle(session, *self.held.popleft())
+
+    def forget(self) -> None:
+        """A new session: what the last one's source sent is not its business."""
+        self.held.clear()
+
+    def _handle(self, session: DestSession, peer: bytes, frames: list[zmq.Frame]) -> None:
         now = time.monotonic()
         if len(frames) > MAX_FRAMES_PER_MESSAGE:
             session.refuse(
                 peer, pb.ERROR_BAD_MESSAGE, f"a message of more than {MAX_FRAMES_PER_MESSAGE} frames", now
             )
         elif frames:
-            session.receive(
-                peer, [f.buffer for f in frames], now, peer_key=peer_key(frames[0]) if keyed else b""
-            )
-        if own:
-            own_taken += 1
-            if own_taken >= DRAIN_BUDGET_MESSAGES:
-                return
+            key = peer_key(frames[0]) if self.keyed else b""
+            session.receive(peer, [f.buffer for f in frames], now, peer_key=key)
 
 
 def receive_one(sock: zmq.Socket[bytes]) -> tuple[bytes, list[zmq.Frame]] | None:

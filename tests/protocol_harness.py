@@ -23,6 +23,7 @@ from common.protocol.events import Reconnect
 from common.protocol.outbound import Outbound
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceSession
+from common.protocol.urgent import UrgentAnswerer
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 
@@ -249,6 +250,10 @@ class Pair:
         self.down = Link(to_dest or Faults())
         # postcopy answers travel on a connection of their own: same faults, their own queue
         self.urgent = Link(self.down.faults)
+        # requests on the source's urgent connection, answered by its thread (modelled here by
+        # the very answerer the thread runs, without the session) as soon as they arrive
+        self.urgent_up = Link(to_source or Faults(seed=1))
+        self.answerer: UrgentAnswerer | None = None
         self.up = Link(to_source or Faults(seed=1))
         self.lanes = [Link(faults) for faults in lanes or []]
         self._lane_sent: list[deque[int]] = [deque() for _ in range(len(self.lanes) + 1)]
@@ -287,11 +292,29 @@ class Pair:
             if isinstance(event, Reconnect):
                 # a new connection: what was queued on the old one is gone, and the
                 # destination sees a new peer, as with a new ZeroMQ socket
-                for link in (self.down, self.urgent, self.up, *self.lanes):
+                for link in (self.down, self.urgent, self.up, self.urgent_up, *self.lanes):
                     link.queue.clear()
                 for sent in self._lane_sent:
                     sent.clear()
                 self.peer = PEER + b"-%d" % event.epoch
+                self.answerer = None
+
+    def _serve_urgent(self) -> None:
+        """The source's urgent connection as OutgoingMigration runs it: its thread starts with
+        postcopy and says so, answers what comes on it, and sends the session's own answers."""
+        src = self.src
+        if src.postcopy is None or src.phase.ended:
+            self.answerer = None  # stopped: the guest may run at the source again
+        elif self.answerer is None:
+            self.answerer = src.postcopy_side.urgent_answerer()
+            self.urgent.put(self.answerer.ready(), self.now)
+        for frames in self.urgent_up.take(self.now):
+            answer = self.answerer.answer(frames) if self.answerer is not None else None
+            if answer is not None:
+                self.urgent.put(answer[0], self.now)
+                src.postcopy_side.answered(answer[1], self.now)
+        for frames in src.take_urgent():
+            self.urgent.put(frames, self.now)
 
     def _send_down(self) -> None:
         """The source's messages onto the link; batches over the channels granted, each to the
@@ -315,8 +338,8 @@ class Pair:
         self._source_events()
         self._send_down()
         self.urgent.cut_when = self.down.cut_when
-        for frames in src.take_urgent():
-            self.urgent.put(frames, self.now)
+        self.urgent_up.cut_when = self.up.cut_when
+        self._serve_urgent()
         for frames in self.urgent.take(self.now):
             dst.receive(self.peer + b"-urgent", frames, self.now, peer_key=self.source_key)
         for frames in self.down.take(self.now):
@@ -328,12 +351,13 @@ class Pair:
         for peer, frames in dst.take_outgoing():
             if peer == self.peer:
                 self.up.put(frames, self.now)
+            elif peer == self.peer + b"-urgent":
+                self.urgent_up.put(frames, self.now)
         for frames in self.up.take(self.now):
             src.receive(frames, self.now)
         self._source_events()
         self._send_down()
-        for frames in src.take_urgent():
-            self.urgent.put(frames, self.now)
+        self._serve_urgent()
         if self.runner is not None:
             self.runner.run_slice()
         dest_runner = self.dst_host.runner
@@ -343,7 +367,7 @@ class Pair:
         for session in (src, dst):
             if not session.phase.terminal:
                 wake.append(session.next_deadline(self.now))
-        for link in (self.down, self.up, self.urgent, *self.lanes):
+        for link in (self.down, self.up, self.urgent, self.urgent_up, *self.lanes):
             arrival = link.next_arrival()
             if arrival is not None:
                 wake.append(arrival)

@@ -54,6 +54,9 @@ def test_postcopy_migrated_equals_unmigrated(tmp_path: Path, seed: int, rounds: 
     assert "postcopy completed" in src.stdout
     if rounds == "0":
         assert got.report["postcopy"]["requests"] > 0
+        # asked on the urgent connection and answered by its thread, not the source's loop
+        assert got.report["postcopy"]["requests_on_urgent_connection"] > 0
+        assert src.report["postcopy"]["answered_by_urgent_thread"] > 0
     if keys:
         # the stream and the urgent channel each proved the source's key
         assert got.stderr.count("peer key admitted") >= 2, got.stderr[-2000:]

@@ -28,7 +28,7 @@ from common.protocol.phases import DestPhase, SourcePhase
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
 from dest_node.daemon import DestDaemon, DestOptions
-from dest_node.reading import drain, receive_one
+from dest_node.reading import receive_one
 from tests.e2e import SMALL_GUEST, Dest, run_source
 from tests.protocol_harness import Faults, Pair, altered, busy_guest, good_hello
 
@@ -99,7 +99,7 @@ def daemon(tmp_path: Path) -> DestDaemon:
 
 
 def drain_once(dest: DestDaemon) -> None:
-    drain(dest.sock, dest.session, dest.refusals, keyed=dest.zap is not None)
+    dest.reader.drain(dest.session)
 
 
 def queued(dest: DestDaemon, count: int) -> None:

@@ -152,8 +152,8 @@ class MteCopyTags:
 
 def run_count(pages: Indices) -> int:
     """Runs of consecutive pages: the ioctl calls a copy of these pages takes."""
-    if pages.size == 0:
-        return 0
+    if pages.size <= 1:
+        return int(pages.size)
     return int(np.count_nonzero(np.diff(pages) != 1)) + 1
 
 

@@ -234,13 +234,9 @@ class DestSession:
             if env.epoch >= self.link.epoch and self.machine.handles("taken-back"):
                 self._fire("taken-back", partial(self.admission.taken_back, env.abort.reason, now), now)
             return
-        if message.kind == "postcopy_pages" and env.seq == 0:
-            # an answer on the source's urgent connection: checked against the manifest like
-            # any page, so from wherever it came it can only place the source's own version
-            if env.epoch >= self.link.epoch and self.machine.handles("postcopy_pages"):
-                pages, payload = env.postcopy_pages, message.payload
-                urgent = partial(self.postcopy_side.on_postcopy_pages, pages, payload, now, urgent=True)
-                self._fire("postcopy_pages", urgent, now)
+        if message.kind in ("postcopy_pages", "urgent_ready") and env.seq == 0:
+            if env.epoch >= self.link.epoch:
+                self.postcopy_side.on_urgent(peer, message, now)
             return
         if not self.admission.from_source(peer):
             # (a channel of a connection the source has left, too: refused, rate-limited, as

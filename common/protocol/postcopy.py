@@ -50,6 +50,7 @@ class SourcePostcopy:
     requests: int = 0
     background_pages: int = 0
     recoveries: int = 0
+    urgent_thread_pages: int = 0  # of the requested, those the urgent connection's thread answered
 
     def holds(self, present: npt.NDArray[np.bool_]) -> None:
         """The destination's received bitmap: at the start, and again after a recovery."""
@@ -146,6 +147,7 @@ class DestPostcopy:
         self.rejected_pages = 0
         self.duplicate_pages = 0
         self.retried_requests = 0
+        self.urgent_asks = 0  # requests sent on the source's urgent connection
         self.started = False
         self.vcpu_digest = b""
         # test builds only: place a page's data at once and its tags a turn later, as a VMM

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,9 +31,11 @@ from common.protocol.postcopy import (
 )
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.timers import Timer
+from common.protocol.urgent import MAX_HELD_US, Answered, UrgentAnswerer
 from common.transfer import device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from common.wire.answers import encode_requested
 from common.wire.bitmap import decode_bitmap, encode_bitmap
 from common.wire.codec import batch_pages, decode_postcopy_pages, encode_postcopy_pages
 from common.wire.framing import Buffer, WireError
@@ -43,7 +46,6 @@ if TYPE_CHECKING:
 
 _S = SourcePhase
 _D = DestPhase
-_MAX_HELD_US = (1 << 32) - 1
 
 
 class SourcePostcopySide:
@@ -199,29 +201,46 @@ class SourcePostcopySide:
             pages = urgent[first : first + MAX_PAGES_PER_MESSAGE]
             body, payload, count = self.encode(pages, requested=True)
             held = now - s.postcopy.held_since(pages, now) + self.clock() - began
-            body.source_held_us = min(_MAX_HELD_US, max(0, round(held * 1e6)))
+            body.source_held_us = min(MAX_HELD_US, max(0, round(held * 1e6)))
             frames = framing.encode(s.link.envelope(0, postcopy_pages=body), payload)
             s._urgent.append(frames)
-            self._count(frames, count, now)
+            self._count(sum(len(f) for f in frames), count, now)
+
+    def urgent_answerer(self) -> UrgentAnswerer:
+        """What the urgent connection's own thread answers requests with (this epoch's)."""
+        s = self.s
+        return UrgentAnswerer(s.session_id, s.link.epoch, s.mem, use_lz4=s._use_lz4, clock=self.clock)
+
+    def answered(self, answered: Answered, now: float) -> None:
+        """Pages the urgent connection's thread sent: the background stream skips them, and
+        they count as any answer does."""
+        s = self.s
+        if s.postcopy is None:
+            return
+        s.postcopy.requests += int(answered.pages.size)
+        s.postcopy.urgent_thread_pages += int(answered.pages.size)
+        if s.postcopy.needed is not None:
+            s.postcopy.needed[answered.pages] = False
+        self._count(answered.wire_bytes, int(answered.pages.size), now)
 
     def _send_background(self, pages: np.ndarray, now: float) -> None:
         s = self.s
         body, payload, count = self.encode(pages, requested=False)
         frames = s.link.sequenced(now, payload, data=(pages, False), postcopy_pages=body)
         s._outgoing.append(Outbound(frames, True, s.link.next_seq - 1))
-        self._count(frames, count, now)
+        self._count(sum(len(f) for f in frames), count, now)
 
     def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
         mem = self.s.mem
-        return encode_postcopy_pages(
-            mem.pages, mem.tag_ioctl.read_pages(pages), pages, use_lz4=self.s._use_lz4, requested=requested
-        )
+        tags = mem.tag_ioctl.read_pages(pages)
+        if requested:
+            return (*encode_requested(mem.pages, tags, pages, use_lz4=self.s._use_lz4), int(pages.size))
+        return encode_postcopy_pages(mem.pages, tags, pages, use_lz4=self.s._use_lz4, requested=False)
 
-    def _count(self, frames: list[Buffer], pages: int, now: float) -> None:
+    def _count(self, size: int, pages: int, now: float) -> None:
         """What a postcopy message of pages cost: in the stats, and against the postcopy cap
         (answers pay too, so the background waits for them; they never wait on it)."""
         stats = self.s.stats
-        size = sum(len(f) for f in frames)
         stats.postcopy_bytes += size
         stats.ram_bytes += size
         stats.pages += pages
@@ -231,6 +250,10 @@ class SourcePostcopySide:
 class DestPostcopySide:
     def __init__(self, session: DestSession) -> None:
         self.s = session
+        # the source's urgent connection, once it spoke (its routing id and epoch): a first ask
+        # for a page the guest waits on goes there, to the thread that serves it alone
+        self.urgent_peer: bytes | None = None
+        self.urgent_epoch = 0
 
     # -- what the source sends -------------------------------------------------------------
     def on_page_manifest(self, msg: pb.PageDigests, _: Buffer, now: float) -> None:
@@ -302,6 +325,18 @@ class DestPostcopySide:
         if pc.complete and not pc.late_tags:
             self._all_present(now)
 
+    def on_urgent(self, peer: bytes, message: framing.Message, now: float) -> None:
+        """The source's urgent connection (its UrgentReady, or an answer on it) from this
+        session's epoch or a newer one. Its answers are checked against the manifest like any
+        page, so from wherever they came they can only place the source's own version; a peer
+        that only claims to be that connection costs the guest a re-ask on the sequenced one."""
+        s = self.s
+        if self.urgent_epoch <= message.envelope.epoch:
+            self.urgent_peer, self.urgent_epoch = peer, message.envelope.epoch
+        if message.kind == "postcopy_pages" and s.machine.handles("postcopy_pages"):
+            body, payload = message.envelope.postcopy_pages, message.payload
+            s._fire("postcopy_pages", partial(self.on_postcopy_pages, body, payload, now, urgent=True), now)
+
     def verdict(self, msg: pb.VerifyRequest, now: float) -> None:
         s = self.s
         pc = s.postcopy
@@ -355,7 +390,7 @@ class DestPostcopySide:
         guest runs on the pages it holds and waits only on missing ones)."""
         assert self.s.postcopy is not None
         misses = self.s.host.take_page_misses()
-        self.request(self.s.postcopy.to_request(list(misses), now, missed_at=misses), now)
+        self.request(self.s.postcopy.to_request(list(misses), now, missed_at=misses), now, first_ask=True)
 
     def _place_late_tags(self, now: float) -> None:
         s = self.s
@@ -384,10 +419,21 @@ class DestPostcopySide:
         s._stop_copy(pb.ERROR_TIMEOUT, why, now, notify=True)
 
     # -- what goes out ---------------------------------------------------------------------
-    def request(self, pages: list[int], now: float) -> None:
+    def request(self, pages: list[int], now: float, *, first_ask: bool = False) -> None:
+        """A first ask for pages the guest waits on goes on the source's urgent connection when
+        it spoke in this epoch (unsequenced: unanswered, it is asked again here, sequenced)."""
+        s, pc = self.s, self.s.postcopy
+        assert pc is not None
+        urgent = self.urgent_peer if first_ask and self.urgent_epoch >= s.link.epoch else None
         for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
-            chunk = pages[first : first + MAX_PAGES_PER_MESSAGE]
-            self.s._send(now, page_request=pb.PageRequest(page_index=chunk))
+            request = pb.PageRequest(page_index=pages[first : first + MAX_PAGES_PER_MESSAGE])
+            if urgent is None:
+                s._send(now, page_request=request)
+            else:
+                pc.urgent_asks += 1
+                # not the link's own sending: the source's loop hears nothing of it, so it may
+                # not stand in for a heartbeat
+                s._outgoing.append((urgent, framing.encode(s.link.envelope(0, page_request=request))))
 
     def _all_present(self, now: float) -> None:
         s = self.s

@@ -85,6 +85,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             if session.t_dest_running is not None and end > session.t_dest_running
             else 0.0,
             "background_pages": pc.background_pages,
+            "answered_by_urgent_thread": pc.urgent_thread_pages,
             "pages_missing_at_destination": session.dest_missing,
             "pages_not_yet_sent": pc.missing(),
             "refused_pages": session.refused_pages,
@@ -213,6 +214,7 @@ def _dest_postcopy(session: DestSession, end: float) -> dict[str, Any]:
         "blocktime_ms": round(sum(pc.latencies_s) * 1000.0, 3),
         "background_pages": pc.background_pages,
         "requested_pages": pc.requested_pages,
+        "requests_on_urgent_connection": pc.urgent_asks,
         "rejected_pages": pc.rejected_pages,
         "duplicate_pages": pc.duplicate_pages,
         "pages_missing": pc.missing(),

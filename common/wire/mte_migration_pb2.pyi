@@ -263,6 +263,10 @@ class PostcopyPages(_message.Message):
     source_held_us: int
     def __init__(self, data: _Optional[_Union[RamPages, _Mapping]] = ..., tags: _Optional[_Union[TagSections, _Mapping]] = ..., data_bytes: _Optional[int] = ..., requested: _Optional[bool] = ..., source_held_us: _Optional[int] = ...) -> None: ...
 
+class UrgentReady(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
 class PostcopyStart(_message.Message):
     __slots__ = ("page_count",)
     PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -380,7 +384,7 @@ class Abort(_message.Message):
     def __init__(self, code: _Optional[_Union[ErrorCode, str]] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Envelope(_message.Message):
-    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_pages", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack", "page_manifest", "postcopy_start", "link_timeouts")
+    __slots__ = ("protocol_version", "session_id", "seq", "received", "epoch", "hello", "hello_ack", "ram_pages", "tag_sections", "end_of_round", "device_state", "page_request", "postcopy_pages", "received_bitmap", "verify_request", "verify_result", "commit", "started", "ack", "heartbeat", "abort", "resume", "resume_ack", "page_manifest", "postcopy_start", "link_timeouts", "urgent_ready")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -407,6 +411,7 @@ class Envelope(_message.Message):
     PAGE_MANIFEST_FIELD_NUMBER: _ClassVar[int]
     POSTCOPY_START_FIELD_NUMBER: _ClassVar[int]
     LINK_TIMEOUTS_FIELD_NUMBER: _ClassVar[int]
+    URGENT_READY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     session_id: bytes
     seq: int
@@ -433,4 +438,5 @@ class Envelope(_message.Message):
     page_manifest: PageDigests
     postcopy_start: PostcopyStart
     link_timeouts: LinkTimeouts
-    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_pages: _Optional[_Union[PostcopyPages, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ..., page_manifest: _Optional[_Union[PageDigests, _Mapping]] = ..., postcopy_start: _Optional[_Union[PostcopyStart, _Mapping]] = ..., link_timeouts: _Optional[_Union[LinkTimeouts, _Mapping]] = ...) -> None: ...
+    urgent_ready: UrgentReady
+    def __init__(self, protocol_version: _Optional[int] = ..., session_id: _Optional[bytes] = ..., seq: _Optional[int] = ..., received: _Optional[int] = ..., epoch: _Optional[int] = ..., hello: _Optional[_Union[Hello, _Mapping]] = ..., hello_ack: _Optional[_Union[HelloAck, _Mapping]] = ..., ram_pages: _Optional[_Union[RamPages, _Mapping]] = ..., tag_sections: _Optional[_Union[TagSections, _Mapping]] = ..., end_of_round: _Optional[_Union[EndOfRound, _Mapping]] = ..., device_state: _Optional[_Union[DeviceState, _Mapping]] = ..., page_request: _Optional[_Union[PageRequest, _Mapping]] = ..., postcopy_pages: _Optional[_Union[PostcopyPages, _Mapping]] = ..., received_bitmap: _Optional[_Union[ReceivedBitmap, _Mapping]] = ..., verify_request: _Optional[_Union[VerifyRequest, _Mapping]] = ..., verify_result: _Optional[_Union[VerifyResult, _Mapping]] = ..., commit: _Optional[_Union[Commit, _Mapping]] = ..., started: _Optional[_Union[Started, _Mapping]] = ..., ack: _Optional[_Union[Ack, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., abort: _Optional[_Union[Abort, _Mapping]] = ..., resume: _Optional[_Union[Resume, _Mapping]] = ..., resume_ack: _Optional[_Union[ResumeAck, _Mapping]] = ..., page_manifest: _Optional[_Union[PageDigests, _Mapping]] = ..., postcopy_start: _Optional[_Union[PostcopyStart, _Mapping]] = ..., link_timeouts: _Optional[_Union[LinkTimeouts, _Mapping]] = ..., urgent_ready: _Optional[_Union[UrgentReady, _Mapping]] = ...) -> None: ...
