@@ -156,6 +156,7 @@ ALL_BODIES = {
     "resume": pb.Resume(epoch=2, last_received=17),
     "resume_ack": pb.ResumeAck(epoch=2, last_received=9, guest_running=True),
     "link_timeouts": pb.LinkTimeouts(reconnect_timeout_ms=40_000, postcopy_recover_timeout_ms=60_000),
+    "urgent_ready": pb.UrgentReady(),
 }
 
 
