@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from common.constants import PAGE_SIZE
-from common.guest.digest import UNTAGGED_DIGEST, ZERO_PAGE_DIGEST, manifest_digest, page_manifest
+from common.guest.digest import UNTAGGED_DIGEST, ZERO_PAGE_DIGEST, DigestCache, manifest_digest, page_manifest
 from common.guest.memory import GuestMemory
 from common.guest.pagehash import row_digests
 from common.protocol.postcopy import (
@@ -222,3 +222,32 @@ def test_only_pages_the_guest_waits_for_count_as_faults() -> None:
     batch = PostcopyBatch(np.array([3, 4]), np.zeros((2, PAGE_SIZE), np.uint8), np.zeros((2, 128), np.uint8))
     dest.place(GuestMemory(1 << 20), batch, requested=True, now=1.5)
     assert dest.latencies_s == [0.5]
+
+
+def test_at_the_start_pages_checked_on_arrival_are_not_hashed_again() -> None:
+    src = guest_with_content()
+    dst = GuestMemory(2 << 20)
+    known = DigestCache(dst)
+    # precopy placed page 5 (its data checked against its digest) and page 300's data as it
+    # was before the source's guest changed it (so not present), and page 7's tags
+    dst.pages[5] = src.pages[5]
+    dst.pages[300] = 1
+    dst.data_populated[[5, 300]] = True
+    known.record_ram(np.array([5, 300]), row_digests(dst.pages[[5, 300]]), np.array([], dtype=np.int64))
+    dst.page_tags[7] = src.page_tags[7]
+    dst.tags_populated[7] = True
+    known.record_tags(np.array([7]), row_digests(dst.page_tags[[7]]), np.array([], dtype=np.int64))
+    assert known.stale_pages == 0
+    reads = dst.tag_ioctl.counters.calls
+    dest = DestPostcopy(512)
+    for m in manifest_messages(src)[0]:
+        dest.add_manifest(m)
+    dest.start(dst, known)
+    assert dst.tag_ioctl.counters.calls == reads, "no tag read: every digest was known"
+    assert np.array_equal(dest.present, started(src, dst).present), "as hashing them all says"
+    assert dest.present[5] and dest.present[7] and not dest.present[300]
+    # a page written here without a record is stale: hashed, and what it holds decides
+    dst.pages[300] = src.pages[300]
+    known.mark(np.array([300]), np.array([], dtype=np.int64))
+    dest.start(dst, known)
+    assert dest.present[300] and dest.complete

@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from common.constants import DIGEST_BLOCK_PAGES
-from common.guest.digest import manifest_digest, page_manifest
+from common.guest.digest import DigestCache, known_manifest, manifest_digest, page_manifest
 from common.guest.memory import GuestMemory
 from common.guest.pagehash import row_digests
 from common.wire import mte_migration_pb2 as pb
@@ -105,7 +105,9 @@ class SourcePostcopy:
 
 
 def manifest_messages(mem: GuestMemory) -> tuple[list[pb.PageDigests], bytes]:
-    """The switchover manifest in messages, and its digest (compared at the end)."""
+    """The switchover manifest in messages, and its digest (compared at the end). Every
+    written page is hashed: the source's own digests may be older than its guest's last writes
+    (pages dirtied after the last sync of the dirty log)."""
     ram, tags = page_manifest(mem)
     messages = [
         pb.PageDigests(
@@ -181,14 +183,16 @@ class DestPostcopy:
     def digest(self) -> bytes:
         return manifest_digest(self.ram, self.tags)
 
-    def start(self, mem: GuestMemory) -> None:
-        """The switchover: what this side already holds as the source's version is present."""
+    def start(self, mem: GuestMemory, known: DigestCache | None = None) -> None:
+        """The switchover: what this side already holds as the source's version is present.
+        `known`: the digests of the pages precopy placed here, each checked on arrival (so they
+        are not hashed again; nothing else wrote this memory: its guest has not run yet)."""
         if not self.manifest_complete:
             missing = int(np.count_nonzero(~self._have))
             raise WireError(
                 pb.ERROR_BAD_MESSAGE, f"postcopy start before the manifest ({missing} pages lack digests)"
             )
-        ram, tags = page_manifest(mem)
+        ram, tags = page_manifest(mem) if known is None else known_manifest(known)
         self.present[:] = (ram == self.ram) & (tags == self.tags)
         self.started = True
 

@@ -275,7 +275,7 @@ class DestPostcopySide:
         if msg.page_count != s.guest.memory.page_count:
             raise WireError(pb.ERROR_BAD_MESSAGE, f"postcopy start for {msg.page_count} pages")
         mem = s.guest.memory
-        pc.start(mem)
+        pc.start(mem, s.digests)
         pc.vcpu_digest = s.guest.state_digest()
         s.digests = None  # pages are checked one by one against the manifest from here
         # every page already here (a guest that converged): no access needs checking
