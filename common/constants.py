@@ -52,7 +52,7 @@ DIGEST_BLOCK_PAGES = 256
 PROTOCOL_VERSION = 6  # 2: acknowledged, resent and resumable messages; 3: per-page digests;
 # 4: tag sections of up to MAX_TAG_SECTIONS_PER_MESSAGE pages; 5: LinkTimeouts, and the fields
 # nobody read gone from Ack, EndOfRound and VerifyResult; 6: page requests on the source's urgent
-# connection (UrgentReady)
+# connection (UrgentReady); PostcopyPages' frame checksum covers its header only
 WIRE_MAGIC = b"MTEM"
 
 # Pages per RAM batch message: batching is what makes ZeroMQ fast (see README figures).

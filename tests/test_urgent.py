@@ -15,12 +15,13 @@ from hypothesis import strategies as st
 
 from common.constants import MAX_PAGES_PER_MESSAGE, PACKED_TAG_BYTES_PER_PAGE, PAGE_SIZE
 from common.guest.guest import Guest
+from common.guest.workload import Fill
 from common.protocol.urgent import UrgentAnswerer
 from common.urgent_server import UrgentServer
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.answers import PAGE_BY_PAGE_MAX, encode_answer, encode_requested
 from common.wire.codec import decode_postcopy_pages
+from common.wire.postcopy_pages import PAGE_BY_PAGE_MAX, encode_answer, encode_background, encode_requested
 from dest_node.reading import Reader
 from dest_node.refusals import RefusalLog
 from tests.protocol_harness import Faults, busy_guest
@@ -54,15 +55,15 @@ def memory_with(kinds: Sequence[tuple[str, str]], seed: int) -> Guest:
 
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.tuples(page_kinds, tag_kinds), min_size=1, max_size=40), st.booleans(), st.integers(0, 9))
-def test_an_answer_encoded_page_by_page_decodes_to_the_pages_and_their_tags(
+def test_answers_and_background_batches_decode_to_the_pages_and_their_tags(
     kinds: list[tuple[str, str]], use_lz4: bool, seed: int
 ) -> None:
     mem = memory_with(kinds, seed).memory
     pages = np.arange(len(kinds), dtype=np.int64)[::-1].copy()  # any order: the answer keeps it
     tags = mem.tag_ioctl.read_pages(pages)
-    for encode in (encode_answer, encode_requested):
+    for encode in (encode_answer, encode_requested, encode_background):
         body, payload = encode(mem.pages, tags, pages, use_lz4=use_lz4)
-        assert body.requested
+        assert body.requested is (encode is not encode_background)
         batch = decode_postcopy_pages(body, payload, mem.page_count)
         assert batch.indices.tolist() == pages.tolist()
         assert np.array_equal(batch.data, mem.pages[pages]) and np.array_equal(batch.tags, tags)
@@ -214,3 +215,17 @@ def test_requests_go_on_the_urgent_connection_and_fall_back_to_the_sequenced_one
     dst, src = pair.dst.report(pair.now)["postcopy"], pair.src.report(pair.now)["postcopy"]
     assert dst["requests_on_urgent_connection"] > 0 and src["answered_by_urgent_thread"] == 0
     assert pair.dst.postcopy is not None and pair.dst.postcopy.retried_requests > 0
+
+
+def test_damage_anywhere_in_a_postcopy_payload_is_never_placed() -> None:
+    """The frame checksum covers a PostcopyPages header only: each page is checked against the
+    manifest instead, so a damaged page is rejected and asked for again, never shown."""
+
+    def guest() -> Guest:
+        return busy_guest(seed=6, ram=8 << 20, working_set=6 << 20, fill=Fill.RANDOM)
+
+    pair = run_to_end(postcopy_pair(guest=guest(), dest_steps=300, to_dest=Faults(corrupt=0.3, seed=3)))
+    assert_equals_unmigrated(pair, guest())
+    dst = pair.dst
+    assert dst.postcopy is not None
+    assert dst.postcopy.rejected_pages + dst.refused_messages > 0, "damage reached the destination"

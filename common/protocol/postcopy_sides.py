@@ -23,10 +23,10 @@ from common.protocol import events as ev
 from common.protocol.outbound import Outbound
 from common.protocol.phases import DestPhase, Failure, SourcePhase
 from common.protocol.postcopy import (
-    BACKGROUND_PER_TURN,
-    BACKGROUND_WINDOW,
+    BackgroundShape,
     DestPostcopy,
     SourcePostcopy,
+    background_shape,
     manifest_messages,
 )
 from common.protocol.ratelimit import TokenBucket
@@ -35,10 +35,10 @@ from common.protocol.urgent import MAX_HELD_US, Answered, UrgentAnswerer
 from common.transfer import device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.answers import encode_requested
 from common.wire.bitmap import decode_bitmap, encode_bitmap
-from common.wire.codec import batch_pages, decode_postcopy_pages, encode_postcopy_pages
+from common.wire.codec import batch_pages, decode_postcopy_pages
 from common.wire.framing import Buffer, WireError
+from common.wire.postcopy_pages import encode_background, encode_requested
 
 if TYPE_CHECKING:
     from common.protocol.dest import DestSession
@@ -77,6 +77,9 @@ class SourcePostcopySide:
         self.switchover_vcpus = s.guest.state_digest()
         s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
         s.postcopy = SourcePostcopy(s.mem.page_count)
+        # the guest starts there now and is likely to fault soon: small background messages
+        # until it has not for a while
+        s.postcopy.t_last_request = now
         s.bucket = TokenBucket(s.cap(), now, min_burst=s.bucket.min_burst)  # no precopy debt
         s._move(_S.POSTCOPY)
         s._mark_time("postcopy started", now)
@@ -170,7 +173,8 @@ class SourcePostcopySide:
         assert s.postcopy is not None
         if s.postcopy.urgent:
             return now
-        if not s.postcopy.background_left or s.in_flight >= min(BACKGROUND_WINDOW, s.params.window):
+        shape = self._background_shape(now)
+        if not s.postcopy.background_left or s.in_flight >= shape.window:
             return None
         return s.bucket.ready_at(now) or now
 
@@ -180,13 +184,22 @@ class SourcePostcopySide:
         s = self.s
         assert s.postcopy is not None
         self.answer_requests(now)
-        for _ in range(BACKGROUND_PER_TURN):
-            if s.in_flight >= min(BACKGROUND_WINDOW, s.params.window) or s.bucket.ready_at(now) is not None:
+        shape = self._background_shape(now)
+        for _ in range(shape.per_turn):
+            if s.in_flight >= shape.window or s.bucket.ready_at(now) is not None:
                 return
-            pages = s.postcopy.next_background()
+            pages = s.postcopy.next_background(shape.pages)
             if pages is None:
                 return
             self._send_background(pages, now)
+
+    def _background_shape(self, now: float) -> BackgroundShape:
+        s = self.s
+        assert s.postcopy is not None
+        rate, cap = s.meter.rate(), s.cap()
+        if rate is not None and cap:
+            rate = min(rate, cap)  # what the link carried before the cap bites is no promise
+        return background_shape(s.postcopy.faulting(now), s.params.window, rate, s.link.rto_s)
 
     def answer_requests(self, now: float) -> None:
         """Answers go unsequenced on the urgent connection (QEMU's preempt channel); a lost one
@@ -218,6 +231,7 @@ class SourcePostcopySide:
         if s.postcopy is None:
             return
         s.postcopy.requests += int(answered.pages.size)
+        s.postcopy.t_last_request = max(s.postcopy.t_last_request, now)
         s.postcopy.urgent_thread_pages += int(answered.pages.size)
         if s.postcopy.needed is not None:
             s.postcopy.needed[answered.pages] = False
@@ -233,9 +247,8 @@ class SourcePostcopySide:
     def encode(self, pages: np.ndarray, *, requested: bool) -> tuple[pb.PostcopyPages, bytes, int]:
         mem = self.s.mem
         tags = mem.tag_ioctl.read_pages(pages)
-        if requested:
-            return (*encode_requested(mem.pages, tags, pages, use_lz4=self.s._use_lz4), int(pages.size))
-        return encode_postcopy_pages(mem.pages, tags, pages, use_lz4=self.s._use_lz4, requested=False)
+        encode = encode_requested if requested else encode_background
+        return (*encode(mem.pages, tags, pages, use_lz4=self.s._use_lz4), int(pages.size))
 
     def _count(self, size: int, pages: int, now: float) -> None:
         """What a postcopy message of pages cost: in the stats, and against the postcopy cap

@@ -24,8 +24,8 @@ from common.constants import MAX_PAGES_PER_MESSAGE
 from common.guest.memory import GuestMemory
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
-from common.wire.answers import encode_requested
 from common.wire.framing import Buffer, WireError
+from common.wire.postcopy_pages import encode_requested
 
 Indices = npt.NDArray[np.int64]
 MAX_HELD_US = (1 << 32) - 1

@@ -112,7 +112,7 @@ def nonzero_pages(pages: U8, indices: Indices) -> npt.NDArray[np.bool_]:
     return nonzero
 
 
-def _lz4_pays(rows: U8, candidates: Indices) -> bool:
+def lz4_pays(rows: U8, candidates: Indices) -> bool:
     """Whether lz4 shrinks a sample of the candidate rows below LZ4_WORTH_RATIO (never, for none)."""
     sample = candidates[
         np.linspace(0, candidates.size - 1, min(LZ4_SAMPLE_PAGES, candidates.size)).astype(np.int64)
@@ -190,7 +190,7 @@ def encode_ram_pages(
         else:  # zero pages split the run: copied now (nothing has written since it was hashed)
             content = pages[stats.content]
     everything = np.arange(data_rows.size)
-    if use_lz4 and _lz4_pays(content, everything):
+    if use_lz4 and lz4_pays(content, everything):
         code = np.full(data_rows.size, pb.PAGE_RAW, dtype=np.int32)
         size = np.full(data_rows.size, PAGE_SIZE, dtype=np.int64)
         payload: Buffer = b"".join(_compress_rows(content, everything, pb.PAGE_LZ4, code, size))
@@ -242,7 +242,7 @@ def encode_tag_sections(
     )
     if digests:
         stats.digests = row_digests(rows[~untagged])
-    compressed = use_lz4 and _lz4_pays(rows, varied)
+    compressed = use_lz4 and lz4_pays(rows, varied)
     packed = _compress_rows(rows, varied, pb.TAG_LZ4, encodings, lengths) if compressed else []
     if varied.size == indices.size and not compressed:
         payload: Buffer = rows.tobytes()

@@ -17,9 +17,10 @@ from common.constants import MAX_FRAME_BYTES, MAX_FRAMES_PER_MESSAGE, PROTOCOL_V
 from common.wire import mte_migration_pb2 as pb
 
 _CHECKSUM = struct.Struct("<Q")
-# Bodies whose payload carries a digest per page in the body itself: the frame checksum covers
-# their header only, so that each page is hashed once (see the schema).
-PAGE_DIGESTED = frozenset({"ram_pages"})
+# Bodies whose every page is checked against a digest the receiver holds (in the body itself,
+# or in postcopy's manifest): the frame checksum covers their header only, so that each page
+# is hashed once (see the schema).
+PAGE_DIGESTED = frozenset({"ram_pages", "postcopy_pages"})
 # Bodies that carry pages or tags in a payload: the batches that parallel channels spread.
 BATCH_KINDS = frozenset({"ram_pages", "tag_sections", "postcopy_pages"})
 Buffer = bytes | bytearray | memoryview
