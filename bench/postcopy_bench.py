@@ -3,20 +3,24 @@
 Usage: python3 bench/postcopy_bench.py [--size 1GiB] [--repeat 3]
 
 Table 1: an idle guest of --size filled with random data (every granule tagged), migrated by
-precopy and by postcopy (switchover straight after setup) in the same run: total time, its
-median over --repeat runs, and the ratio postcopy / precopy.
+precopy and by postcopy (switchover straight after setup) in the same run, into a preallocated
+destination (--fresh: fresh memory, whose first touch swings by 2x on a VM that reports free
+pages): total time, its median over --repeat runs, and the ratio postcopy / precopy.
 Table 2: how long a vCPU waits for a missing page (from its miss to the page present with its
 tags), p50 / p99 / max over the requests of a busy guest touching memory at random, and where
 the wait went (queued at the destination, held at the source, on the way and in the loops): under load (no
 precopy round, so the background stream saturates the link while the guest asks) and idle
 (one precopy round first, so little background is left when the guest asks). Medians of the
 per-run figures, beside QEMU's published numbers for its postcopy-preempt channel.
+Table 3: the floor of a request on this machine (bench/request_floor.py), idle and with every
+core busy, as the two daemons keep them under load.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -25,9 +29,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.request_floor import round_trips  # noqa: E402
 from common.units import parse_size  # noqa: E402
 from source_node.demo import free_ports  # noqa: E402
 
@@ -153,6 +160,25 @@ def latency_table(tmp: Path, repeat: int) -> None:
         )
     print("targets: p50 < 0.5 ms, p99 < 2 ms under load. QEMU (4 KiB pages): 10.7 ms mean without the")
     print("preempt channel, 0.57 ms with it; preempt-full about 0.23 ms mean on 10 Gbps.")
+    print(
+        "issue 23's starting point here: under load p50 2.41 / p99 12.1 / max 20.7 ms; idle p50 4.62 / p99 7.21."
+    )
+
+
+def floor_table(repeat: int) -> None:
+    """The floor a request's wait is measured against, in the same run (bench/request_floor.py)."""
+    cores = os.cpu_count() or 1
+    print("\nTable 3: the floor, a ZeroMQ request and 4 KiB answer between two processes, no protocol (ms)")
+    print(f"{'':<26} {'p50':>8} {'p99':>8}   runs (p50/p99)")
+    for label, spinners in (("idle", 0), (f"every core busy ({cores})", cores)):
+        runs = []
+        for _ in range(repeat):
+            ms = np.asarray(round_trips(1000, spinners)) * 1000
+            runs.append((float(np.percentile(ms, 50)), float(np.percentile(ms, 99))))
+        p50 = statistics.median(r[0] for r in runs)
+        p99 = statistics.median(r[1] for r in runs)
+        shown = ", ".join(f"{a:.3f}/{b:.3f}" for a, b in runs)
+        print(f"{label:<26} {p50:8.3f} {p99:8.3f}   {shown}")
 
 
 def main() -> int:
@@ -173,6 +199,7 @@ def main() -> int:
         if not args.skip_totals:
             totals_table(Path(tmp), parse_size(args.size), args.repeat, args.fresh)
         latency_table(Path(tmp), args.repeat)
+    floor_table(args.repeat)
     return 0
 
 
