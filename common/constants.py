@@ -128,8 +128,14 @@ PROGRESS_LINE_INTERVAL_S = 0.2
 # How long a thread that wants the interpreter waits for the one holding it (CPython's switch
 # interval, 5 ms by default). The postcopy source's urgent thread answers a page request while
 # the loop encodes background batches: it waits this long for the interpreter, and the loop
-# takes it back after as long again. Nothing switches while the urgent thread blocks on its socket.
+# takes it back after as long again. The interval is the process's: threads of parallel
+# channels' encoders also switch this often while it runs.
 URGENT_SWITCH_INTERVAL_S = 0.0001
+# A source's urgent connection that failed is opened again after this long, not in a loop.
+URGENT_RESTART_S = 1.0
+# The most a source's urgent connection reads in one message: requests (at most
+# MAX_PAGES_PER_MESSAGE page numbers) and refusals.
+URGENT_MAX_MESSAGE_BYTES = 64 << 10
 
 # The last byte of the routing id of a source's urgent connection (postcopy page requests and
 # answers): the session's id and epoch come before it.

@@ -17,7 +17,13 @@ from typing import Any
 import zmq
 from zmq.utils.monitor import recv_monitor_message
 
-from common.constants import CLOSE_LINGER_MS, MAX_FRAME_BYTES, URGENT_SUFFIX
+from common.constants import (
+    CLOSE_LINGER_MS,
+    MAX_FRAME_BYTES,
+    URGENT_MAX_MESSAGE_BYTES,
+    URGENT_RESTART_S,
+    URGENT_SUFFIX,
+)
 from common.control import ControlError
 from common.endpoints import check_endpoint
 from common.guest.guest import Guest
@@ -74,6 +80,7 @@ class OutgoingMigration:
         # never wait behind the background stream in the loop, ZeroMQ's pipe or TCP's buffers
         # (QEMU's postcopy-preempt channel)
         self.urgent: UrgentServer | None = None
+        self._urgent_restart_at = 0.0
         self.pending: deque[list[Buffer]] = deque()
         self.finished: ev.Finished | None = None
         now = time.monotonic()
@@ -136,7 +143,10 @@ class OutgoingMigration:
         session = self.session
         routing = self._routing(session.link.epoch) + URGENT_SUFFIX
         answerer = session.postcopy_side.urgent_answerer()
-        self.urgent = UrgentServer(self.ctx, lambda: self._dealer(routing, 256), answerer, self.log)
+        # what comes on it is a request (under 20 KiB) or a refusal
+        self.urgent = UrgentServer(
+            self.ctx, lambda: self._dealer(routing, 256, max_message=URGENT_MAX_MESSAGE_BYTES), answerer
+        )
 
     def _stop_urgent(self) -> None:
         if self.urgent is not None:
@@ -263,14 +273,22 @@ class OutgoingMigration:
         """In postcopy, the urgent connection's thread runs ahead of the first request; what it
         answered is the session's news, and what the session answered goes out on it."""
         session = self.session
+        now = time.monotonic()
+        if self.urgent is not None and not self.urgent.alive:
+            # it stopped on an error of its own: another takes over, not at once (a failing one
+            # is not reopened in a loop); what it held unsent is asked for again
+            self.log.error("postcopy urgent connection failed; opening another", reason=self.urgent.error)
+            for answered in self.urgent.take_answered():
+                session.postcopy_side.answered(answered, now)
+            self._stop_urgent()
+            self._urgent_restart_at = now + URGENT_RESTART_S
         if session.postcopy is None or session.phase.ended:
             self._stop_urgent()  # it reads guest memory, which may run again here
-        elif self.urgent is None and self.socket is not None:
+        elif self.urgent is None and self.socket is not None and now >= self._urgent_restart_at:
             self._start_urgent()
         urgent = session.take_urgent()
         if self.urgent is None:
             return  # between connections: the destination asks again
-        now = time.monotonic()
         for answered in self.urgent.take_answered():
             session.postcopy_side.answered(answered, now)
         for frames in urgent:

@@ -14,13 +14,11 @@ session's background stream skips them and its cap counts them.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import sys
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import Any
 
 import zmq
 
@@ -40,11 +38,9 @@ class UrgentServer:
         ctx: zmq.Context[zmq.Socket[bytes]],
         open_socket: Callable[[], zmq.Socket[bytes]],
         answerer: UrgentAnswerer,
-        log: Any,
     ) -> None:
         """`open_socket` is called in the thread: the connection is made and used there only."""
         self.answerer = answerer
-        self.log = log
         self._open_socket = open_socket
         self._outbox: deque[list[Buffer]] = deque()
         self._answered: deque[Answered] = deque()
@@ -67,6 +63,10 @@ class UrgentServer:
         self._outbox.append(frames)
         self._poke()
 
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
     def take_answered(self) -> list[Answered]:
         out = []
         while self._answered:
@@ -82,8 +82,10 @@ class UrgentServer:
         _short_switches(-1)
 
     def _poke(self) -> None:
-        with contextlib.suppress(zmq.Again):  # full: a wake-up is pending already
+        try:
             self._wake.send(b"", flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return  # full: a wake-up is pending already
 
     # -- the thread ----------------------------------------------------------------------------
     def _run(self) -> None:
@@ -102,10 +104,8 @@ class UrgentServer:
                     while self._woken.poll(0):
                         self._woken.recv()
                 self._send_outbox(sock)
-        except zmq.ZMQError as exc:
-            # the loop's own answers and the sequenced connection carry on without this one
-            self.error = f"urgent connection: {exc}"
-            self.log.error("postcopy urgent connection failed; requests go on the main one", reason=str(exc))
+        except Exception as exc:  # whatever it was, the loop hears of it and opens another
+            self.error = f"urgent connection: {exc!r}"
         finally:
             if sock is not None:
                 sock.close(linger=0)
@@ -121,17 +121,20 @@ class UrgentServer:
             if answer is None:
                 continue
             out, answered = answer
-            _send(sock, out)
-            self._answered.append(answered)
+            if _send(sock, out):  # unsent, it is asked for again: the background must not skip it
+                self._answered.append(answered)
 
     def _send_outbox(self, sock: zmq.Socket[bytes]) -> None:
         while self._outbox:
             _send(sock, self._outbox.popleft())
 
 
-def _send(sock: zmq.Socket[bytes], frames: list[Buffer]) -> None:
-    with contextlib.suppress(zmq.Again):  # the destination asks again for what it does not get
+def _send(sock: zmq.Socket[bytes], frames: list[Buffer]) -> bool:
+    try:
         sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=True)
+    except zmq.Again:
+        return False  # the destination asks again for what it does not get
+    return True
 
 
 def _short_switches(change: int) -> None:

@@ -81,7 +81,8 @@ class DestDaemon:
         # the new connection takes that id over instead of being refused as a duplicate.
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         self.sock.setsockopt(zmq.MAXMSGSIZE, MAX_FRAME_BYTES)
-        self.sock.setsockopt(zmq.RCVHWM, 4 * options.params.window + 64)
+        receive_queue = 4 * options.params.window + 64
+        self.sock.setsockopt(zmq.RCVHWM, receive_queue)
         try:
             self.sock.bind(options.listen)
         except zmq.ZMQError as exc:
@@ -108,7 +109,7 @@ class DestDaemon:
         self.signalled: str | None = None
         self._reported_failure = False
         self.refusals = RefusalLog(self.log)
-        self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None)
+        self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None, hold=receive_queue)
         self.handback = QemuHandback(options.to_qemu, self.log) if options.to_qemu else None
         self.control: ControlServer | None = None
         if options.control:
@@ -270,7 +271,10 @@ class DestDaemon:
                 self.sock.send_multipart([peer, *frames], flags=zmq.NOBLOCK, copy=False)
             except (zmq.Again, zmq.ZMQError) as exc:
                 if peer != self.session.peer:
-                    continue  # a refusal a stranger does not read: nothing to say about it
+                    # a refusal a stranger does not read, or a request the source's urgent
+                    # connection did not take (it is asked again, sequenced)
+                    self.session.postcopy_side.unreachable(peer)
+                    continue
                 # Our source is gone or stuck. Nothing is lost: the session keeps every sequenced
                 # message until it is acknowledged and sends it again after a resume. Said once
                 # per run of failures, not once per message.

@@ -34,9 +34,14 @@ class Reader:
     connection (a page the guest waits for) is placed at once, ahead of background batches that
     came before it; the rest is handled in order, a budget per turn."""
 
-    def __init__(self, sock: zmq.Socket[bytes], refusals: RefusalLog, *, keyed: bool) -> None:
+    def __init__(
+        self, sock: zmq.Socket[bytes], refusals: RefusalLog, *, keyed: bool, hold: int = READS_PER_TURN
+    ) -> None:
         """`keyed`: CURVE keys are in use, so each message carries the key its connection
-        proved (without keys there is none to ask)."""
+        proved (without keys there is none to ask). `hold`: the most messages held (past it,
+        reading stops and ZeroMQ's queue holds the source back): room for the source's window,
+        so that an answer behind it is still read at once."""
+        self.hold = hold
         self.sock = sock
         self.refusals = refusals
         self.keyed = keyed
@@ -54,7 +59,7 @@ class Reader:
         guarded = bool(session_id)
         strangers = 0
         for _ in range(READS_PER_TURN):
-            if len(self.held) >= READS_PER_TURN:
+            if len(self.held) >= self.hold:
                 break  # the rest waits in ZeroMQ's queue, whose bound holds the source back
             received = receive_one(self.sock)
             if received is None:

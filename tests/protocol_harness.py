@@ -23,9 +23,9 @@ from common.protocol.events import Reconnect
 from common.protocol.outbound import Outbound
 from common.protocol.params import MigrationParameters
 from common.protocol.source import SourceSession
-from common.protocol.urgent import UrgentAnswerer
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
+from tests.urgent_model import UrgentThread
 
 PEER = b"source-peer"
 # A monotonic clock is never zero: starting elsewhere keeps "time since start" honest in every sum.
@@ -250,10 +250,9 @@ class Pair:
         self.down = Link(to_dest or Faults())
         # postcopy answers travel on a connection of their own: same faults, their own queue
         self.urgent = Link(self.down.faults)
-        # requests on the source's urgent connection, answered by its thread (modelled here by
-        # the very answerer the thread runs, without the session) as soon as they arrive
+        # requests on the source's urgent connection, answered by its thread (tests/urgent_model.py)
         self.urgent_up = Link(to_source or Faults(seed=1))
-        self.answerer: UrgentAnswerer | None = None
+        self.urgent_thread = UrgentThread()
         self.up = Link(to_source or Faults(seed=1))
         self.lanes = [Link(faults) for faults in lanes or []]
         self._lane_sent: list[deque[int]] = [deque() for _ in range(len(self.lanes) + 1)]
@@ -297,24 +296,10 @@ class Pair:
                 for sent in self._lane_sent:
                     sent.clear()
                 self.peer = PEER + b"-%d" % event.epoch
-                self.answerer = None
+                self.urgent_thread = UrgentThread()
 
     def _serve_urgent(self) -> None:
-        """The source's urgent connection as OutgoingMigration runs it: its thread starts with
-        postcopy and says so, answers what comes on it, and sends the session's own answers."""
-        src = self.src
-        if src.postcopy is None or src.phase.ended:
-            self.answerer = None  # stopped: the guest may run at the source again
-        elif self.answerer is None:
-            self.answerer = src.postcopy_side.urgent_answerer()
-            self.urgent.put(self.answerer.ready(), self.now)
-        for frames in self.urgent_up.take(self.now):
-            answer = self.answerer.answer(frames) if self.answerer is not None else None
-            if answer is not None:
-                self.urgent.put(answer[0], self.now)
-                src.postcopy_side.answered(answer[1], self.now)
-        for frames in src.take_urgent():
-            self.urgent.put(frames, self.now)
+        self.urgent_thread.serve(self.src, self.urgent, self.urgent_up, self.now)
 
     def _send_down(self) -> None:
         """The source's messages onto the link; batches over the channels granted, each to the
@@ -341,7 +326,7 @@ class Pair:
         self.urgent_up.cut_when = self.up.cut_when
         self._serve_urgent()
         for frames in self.urgent.take(self.now):
-            dst.receive(self.peer + b"-urgent", frames, self.now, peer_key=self.source_key)
+            dst.receive(self.urgent_thread.peer(self.src), frames, self.now, peer_key=self.source_key)
         for frames in self.down.take(self.now):
             dst.receive(self.peer, frames, self.now, peer_key=self.source_key)
         for number, lane in enumerate(self.lanes, 1):
@@ -351,7 +336,7 @@ class Pair:
         for peer, frames in dst.take_outgoing():
             if peer == self.peer:
                 self.up.put(frames, self.now)
-            elif peer == self.peer + b"-urgent":
+            elif peer == self.urgent_thread.peer(self.src):
                 self.urgent_up.put(frames, self.now)
         for frames in self.up.take(self.now):
             src.receive(frames, self.now)

@@ -125,7 +125,7 @@ def test_the_thread_says_it_is_ready_answers_on_its_connection_and_sends_the_loo
         sock.connect("inproc://dest")
         return sock
 
-    server = UrgentServer(ctx, connect, answerer(), log=None)
+    server = UrgentServer(ctx, connect, answerer())
     try:
         assert dest.poll(5000)
         peer, *ready = dest.recv_multipart()
@@ -228,4 +228,79 @@ def test_damage_anywhere_in_a_postcopy_payload_is_never_placed() -> None:
     assert_equals_unmigrated(pair, guest())
     dst = pair.dst
     assert dst.postcopy is not None
-    assert dst.postcopy.rejected_pages + dst.refused_messages > 0, "damage reached the destination"
+    assert dst.postcopy.rejected_pages > 0, "damaged pages reached the destination and were refused"
+
+
+def test_a_thread_that_fails_says_why_and_stops() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    dest = ctx.socket(zmq.ROUTER)
+    dest.bind("inproc://failing")
+
+    def connect() -> zmq.Socket[bytes]:
+        sock = ctx.socket(zmq.DEALER)
+        sock.connect("inproc://failing")
+        return sock
+
+    broken = answerer()
+    broken.answer = lambda frames: 1 / 0  # type: ignore[assignment,method-assign,misc,return-value]
+    server = UrgentServer(ctx, connect, broken)
+    try:
+        assert dest.poll(5000)
+        peer, *_ = dest.recv_multipart()
+        dest.send_multipart([peer, *request([1])])
+        deadline = time.monotonic() + 5
+        while server.alive and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not server.alive and server.error is not None and "ZeroDivisionError" in server.error
+    finally:
+        server.stop()
+        dest.close(linger=0)
+        ctx.term()
+
+
+def test_only_the_sources_own_urgent_connection_is_taken_for_one() -> None:
+    pair = postcopy_pair(to_dest=Faults(bandwidth=5e6))
+    pair.src.start(pair.now)
+    pair.run_until(lambda: pair.dst.postcopy_side.urgent_peer is not None)
+    side, epoch = pair.dst.postcopy_side, pair.dst.link.epoch
+    own = pair.src.session_id + epoch.to_bytes(4, "big") + b"U"
+    assert side.urgent_peer == own
+    ready = framing.decode(
+        UrgentAnswerer(
+            pair.src.session_id, epoch + 5, pair.src.mem, use_lz4=False, clock=time.perf_counter
+        ).ready()
+    )
+    far = pair.src.session_id + (epoch + 5).to_bytes(4, "big") + b"U"
+    side.on_urgent(far, ready, pair.now)
+    assert side.urgent_peer == own, "an epoch far ahead of the session's is not the source's"
+    ready = framing.decode(
+        UrgentAnswerer(
+            pair.src.session_id, epoch, pair.src.mem, use_lz4=False, clock=time.perf_counter
+        ).ready()
+    )
+    side.on_urgent(b"someone else", ready, pair.now)
+    assert side.urgent_peer == own, "nor is a connection of another routing id"
+    side.unreachable(own)
+    assert side.urgent_peer is None, "a connection that is gone is not asked again"
+
+
+def test_an_answer_is_read_at_once_behind_a_full_window_of_batches() -> None:
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("inproc://full")
+    urgent = ctx.socket(zmq.DEALER)
+    urgent.setsockopt(zmq.ROUTING_ID, SESSION + (1).to_bytes(4, "big") + b"U")
+    urgent.connect("inproc://full")
+    try:
+        window = 64  # a window as large as a turn's reads: all of it read and held
+        reader = Reader(router, RefusalLog(None), keyed=False, hold=4 * window + 64)  # as dest-node sizes it
+        reader.held.extend((SESSION, []) for _ in range(window))
+        urgent.send(b"answer")
+        time.sleep(0.1)
+        session = Recorder()
+        reader.drain(session)  # type: ignore[arg-type]
+        assert session.handled[0] == b"answer", "read and placed although a window of batches waits"
+    finally:
+        for sock in (urgent, router):
+            sock.close(linger=0)
+        ctx.term()

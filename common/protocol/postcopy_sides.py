@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.constants import MAX_PAGES_PER_MESSAGE
+from common.constants import MAX_PAGES_PER_MESSAGE, URGENT_SUFFIX
 from common.guest.presence import PresenceGate
 from common.protocol import events as ev
 from common.protocol.outbound import Outbound
@@ -342,13 +342,23 @@ class DestPostcopySide:
         """The source's urgent connection (its UrgentReady, or an answer on it) from this
         session's epoch or a newer one. Its answers are checked against the manifest like any
         page, so from wherever they came they can only place the source's own version; a peer
-        that only claims to be that connection costs the guest a re-ask on the sequenced one."""
+        that only claims to be that connection costs the guest a re-ask on the sequenced one. Only
+        the routing id the source gives that connection counts, of this epoch or the next (a
+        source that reconnects opens it before its Resume arrives), never one further ahead."""
         s = self.s
-        if self.urgent_epoch <= message.envelope.epoch:
-            self.urgent_peer, self.urgent_epoch = peer, message.envelope.epoch
+        epoch = message.envelope.epoch
+        own = peer == s.session_id + epoch.to_bytes(4, "big") + URGENT_SUFFIX
+        if own and self.urgent_epoch <= epoch <= s.link.epoch + 1:
+            self.urgent_peer, self.urgent_epoch = peer, epoch
         if message.kind == "postcopy_pages" and s.machine.handles("postcopy_pages"):
             body, payload = message.envelope.postcopy_pages, message.payload
             s._fire("postcopy_pages", partial(self.on_postcopy_pages, body, payload, now, urgent=True), now)
+
+    def unreachable(self, peer: bytes) -> None:
+        """A message to `peer` could not be sent (its connection is gone): if that was the urgent
+        connection, requests go sequenced until the source opens another."""
+        if peer == self.urgent_peer:
+            self.urgent_peer = None
 
     def verdict(self, msg: pb.VerifyRequest, now: float) -> None:
         s = self.s
@@ -437,7 +447,7 @@ class DestPostcopySide:
         it spoke in this epoch (unsequenced: unanswered, it is asked again here, sequenced)."""
         s, pc = self.s, self.s.postcopy
         assert pc is not None
-        urgent = self.urgent_peer if first_ask and self.urgent_epoch >= s.link.epoch else None
+        urgent = self.urgent_peer if first_ask and self.urgent_epoch == s.link.epoch else None
         for first in range(0, len(pages), MAX_PAGES_PER_MESSAGE):
             request = pb.PageRequest(page_index=pages[first : first + MAX_PAGES_PER_MESSAGE])
             if urgent is None:
