@@ -57,7 +57,13 @@ class ControlServer:
 
     def handle_one(self) -> None:
         """Answer one waiting request (call when the socket is readable)."""
-        raw = self.socket.recv()
+        try:
+            # readable may still mean nothing to read: a peer that is not a REQ (a migration
+            # pointed at this endpoint, say) sends what REP drops unread, and a blocking read
+            # would hold this node's loop, and its signals, for good
+            raw = self.socket.recv(flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return
         self.socket.send_string(json.dumps(self.dispatch(raw), default=str))
 
     def dispatch(self, raw: bytes) -> dict[str, Any]:

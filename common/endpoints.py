@@ -24,3 +24,20 @@ def check_endpoint(uri: str, what: str) -> str:
     if not 1 <= port <= 65535:
         raise ValueError(f"{what} '{uri}': port {port} is outside 1 .. 65535")
     return uri
+
+
+_LOOPBACK = frozenset({"127.0.0.1", "localhost", "0.0.0.0", "*", "[::1]", "[::]"})
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Whether two endpoints reach the same socket on this node: the same ipc path, or the same
+    TCP port on one host (any spelling of this node's loopback or wildcard counts as one)."""
+    if a.startswith("ipc://") or b.startswith("ipc://"):
+        return a == b
+    left, right = _TCP.match(a), _TCP.match(b)
+    if left is None or right is None:
+        return a == b
+    if left["port"] != right["port"]:
+        return False
+    hosts = {left["host"], right["host"]}
+    return len(hosts) == 1 or hosts <= _LOOPBACK

@@ -25,7 +25,7 @@ from common.constants import (
     URGENT_SUFFIX,
 )
 from common.control import ControlError
-from common.endpoints import check_endpoint
+from common.endpoints import check_endpoint, same_endpoint
 from common.guest.guest import Guest
 from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
@@ -54,6 +54,7 @@ class OutgoingMigration:
         *,
         node_name: str = "source",
         curve: tuple[KeyPair, bytes] | None = None,
+        own_endpoints: tuple[str, ...] = (),
     ) -> None:
         """`curve`: this node's key pair and the destination's public key; every connection
         of the migration (data, urgent, each reconnect) then proves both."""
@@ -61,6 +62,12 @@ class OutgoingMigration:
             check_endpoint(uri, "destination")
         except ValueError as exc:
             raise ControlError(str(exc)) from None
+        for own in own_endpoints:
+            if same_endpoint(uri, own):
+                # it would wait on itself for an answer that never comes
+                raise ControlError(
+                    f"{uri} is this node's own endpoint ({own}): give the destination's --listen address"
+                )
         self.ctx = ctx
         self.uri = uri
         self.curve = curve

@@ -225,6 +225,7 @@ class DestDaemon:
             self.log,
             node_name="dest-node",
             curve=(security.key, peer_key) if security.key is not None and peer_key is not None else None,
+            own_endpoints=(self.address, *([self.control.address] if self.control else [])),
         )
         return {"session": self.outgoing.session.session_id.hex()}
 

@@ -137,7 +137,10 @@ class SourceDaemon:
             raise ControlError("the guest has already been migrated away")
         key = self.options.security.key
         curve = (key, peer_key) if key is not None and peer_key is not None else None
-        outgoing = OutgoingMigration(self.ctx, self.guest, self, self.params, uri, self.log, curve=curve)
+        own = (self.control.address,) if self.control is not None else ()
+        outgoing = OutgoingMigration(
+            self.ctx, self.guest, self, self.params, uri, self.log, curve=curve, own_endpoints=own
+        )
         if self.outgoing is not None:
             self.outgoing.close()
         self.outgoing = outgoing

@@ -17,9 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from common.control import request
 from common.ctl import build_parser, commands_for
+from common.endpoints import same_endpoint
 from common.progress import Progress, progress_line
 from tests.e2e import DEST, SMALL_GUEST, SOURCE, Dest, finish_source, free_port, start_source
 from tests.test_e2e_precopy import slow_migration, wait_status
@@ -364,3 +366,45 @@ def test_the_short_form_of_a_postcopy_report() -> None:
     assert ", 1 round\n" in text and "None" not in text
     assert re.search(r"verification: ok \(manifest [0-9a-f]{32}, vcpu [0-9a-f]{32}\)", text), text
     assert "postcopy: requests " in describe(pair.dst.report(pair.now))
+
+
+# -- a migration pointed at the node itself ---------------------------------------------------------
+def test_a_migration_to_the_nodes_own_control_endpoint_is_refused_and_signals_still_end_it(
+    tmp_path: Path,
+) -> None:
+    control = f"tcp://127.0.0.1:{free_port()}"
+    proc = subprocess.Popen(
+        [*SOURCE, *SMALL_GUEST, "--control", control, "--migrate-to", control.replace("127.0.0.1", "localhost")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        seen = ""
+        deadline = time.monotonic() + 30
+        while "migration not started" not in seen and time.monotonic() < deadline:
+            seen += proc.stdout.readline()
+        assert "is this node's own endpoint" in seen, seen
+        # a control client that is no REQ (what the refused migration would have been) is answered
+        # with nothing and holds nothing: the node still serves ctl
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        rogue = ctx.socket(zmq.DEALER)
+        rogue.connect(control)
+        rogue.send_multipart([b"not", b"a request"])
+        time.sleep(0.3)
+        assert request(control, "status", timeout_s=5.0)["ok"] is True
+        rogue.close(linger=0)
+        ctx.term()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_two_spellings_of_one_local_endpoint_are_the_same() -> None:
+    assert same_endpoint("tcp://127.0.0.1:4444", "tcp://localhost:4444")
+    assert same_endpoint("tcp://*:4444", "tcp://127.0.0.1:4444")
+    assert not same_endpoint("tcp://127.0.0.1:4444", "tcp://127.0.0.1:4445")
+    assert not same_endpoint("tcp://10.0.0.1:4444", "tcp://127.0.0.1:4444")
+    assert same_endpoint("ipc:///tmp/a", "ipc:///tmp/a") and not same_endpoint("ipc:///tmp/a", "ipc:///tmp/b")
