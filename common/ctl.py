@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.cli_types import endpoint, non_negative
+from common.cli_types import endpoint, positive
 from common.control import request
 from common.human import describe
 from common.keys import KeyFileError, load_public, load_secret
@@ -69,7 +70,7 @@ def _connection_options(parser: argparse.ArgumentParser, *, defaults: bool) -> N
     )
     parser.add_argument(
         "--timeout",
-        type=non_negative(float),
+        type=positive(float),
         metavar="S",
         default=5.0 if defaults else argparse.SUPPRESS,
         help="seconds to wait for an answer (default 5)",
@@ -132,7 +133,15 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
     if not reply.get("ok"):
         print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
         return 1
-    result = reply.get("result")
+    try:
+        _print_result(reply.get("result"), args, prog)
+    except BrokenPipeError:
+        # the reader went away (`ctl status --json | head`): what it wanted, it has
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    return 0
+
+
+def _print_result(result: Any, args: argparse.Namespace, prog: str) -> None:
     if args.json or not isinstance(result, dict):
         print(json.dumps(result, indent=2, sort_keys=True))
     elif args.command in ("parameters", "set-parameters"):
@@ -141,4 +150,4 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
         print(f"migration started (session {result.get('session')}); watch it with '{prog} status'")
     else:
         print(describe(result))
-    return 0
+    sys.stdout.flush()  # a closed pipe shows here, not at exit

@@ -15,7 +15,15 @@ import sys
 from collections.abc import Sequence
 
 from common.cli_keys import add_key_arguments, keygen_main, security_from
-from common.cli_types import endpoint, non_negative, positive, size, version_text, writable_report
+from common.cli_types import (
+    endpoint,
+    non_negative,
+    positive,
+    positive_size,
+    size,
+    version_text,
+    writable_report,
+)
 from common.constants import HEARTBEAT_INTERVAL_S, MAX_RAM_BYTES, MAX_SOURCE_WAIT_S, PEER_DEAD_AFTER_S
 from common.ctl import ctl_main
 from common.guest.memory import check_ram_size
@@ -85,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-ram",
-        type=size,
+        type=positive_size,
         default=MAX_RAM_BYTES,
         metavar="SIZE",
         help=f"refuse guests larger than this: what a source may make this node allocate "

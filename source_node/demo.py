@@ -110,8 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.keep:
         workdir = Path(args.keep)
-        if not workdir.is_dir():
-            parser.error(f"--keep: folder {workdir} does not exist")
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            parser.error(f"--keep: cannot make folder {workdir}: {exc.strerror}")
         cleanup = None
     else:
         cleanup = tempfile.TemporaryDirectory(prefix="mte-demo-")

@@ -408,3 +408,22 @@ def test_two_spellings_of_one_local_endpoint_are_the_same() -> None:
     assert not same_endpoint("tcp://127.0.0.1:4444", "tcp://127.0.0.1:4445")
     assert not same_endpoint("tcp://10.0.0.1:4444", "tcp://127.0.0.1:4444")
     assert same_endpoint("ipc:///tmp/a", "ipc:///tmp/a") and not same_endpoint("ipc:///tmp/a", "ipc:///tmp/b")
+
+
+def test_limits_of_nothing_are_refused_and_a_closed_pipe_ends_ctl_quietly(tmp_path: Path) -> None:
+    for args in (["--max-ram", "0"], ["ctl", "--control", f"ipc://{tmp_path}/x", "--timeout", "0", "status"]):
+        done = run(*DEST, *args)
+        assert done.returncode == 2 and "must be more than 0" in done.stderr, done.stderr
+    dest = Dest(tmp_path)
+    try:
+        ctl = subprocess.Popen(
+            [*DEST, "ctl", "--control", dest.control, "status", "--json"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        assert ctl.stdout is not None and ctl.stderr is not None
+        ctl.stdout.close()  # as `| head` does once it has its lines
+        _, err = ctl.communicate(timeout=30)
+        assert ctl.returncode == 0 and b"Traceback" not in err, err
+    finally:
+        dest.kill()
