@@ -22,7 +22,6 @@ from common.constants import (
     MAX_FRAME_BYTES,
     URGENT_MAX_MESSAGE_BYTES,
     URGENT_RESTART_S,
-    URGENT_SUFFIX,
 )
 from common.control import ControlError
 from common.endpoints import check_endpoint, same_endpoint
@@ -31,6 +30,7 @@ from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
 from common.protocol.params import MigrationParameters
 from common.protocol.source import Outbound, SourceHost, SourceSession
+from common.protocol.urgent import routing_id, urgent_routing_id
 from common.urgent_server import UrgentServer
 from common.wire.framing import Buffer
 
@@ -148,7 +148,7 @@ class OutgoingMigration:
 
     def _start_urgent(self) -> None:
         session = self.session
-        routing = self._routing(session.link.epoch) + URGENT_SUFFIX
+        routing = urgent_routing_id(session.session_id, session.link.epoch)
         answerer = session.postcopy_side.urgent_answerer()
         # what comes on it is a request (under 20 KiB) or a refusal
         self.urgent = UrgentServer(
@@ -161,9 +161,7 @@ class OutgoingMigration:
             self.urgent = None
 
     def _routing(self, epoch: int) -> bytes:
-        """A connection's routing id starts with the session and epoch: ZeroMQ's own reconnects
-        (after a reset) keep it, and the destination knows it as this session's."""
-        return self.session.session_id + epoch.to_bytes(4, "big")
+        return routing_id(self.session.session_id, epoch)
 
     def _stream_hwm(self) -> int:
         return 4 * self.session.params.window + 64
@@ -281,14 +279,15 @@ class OutgoingMigration:
         answered is the session's news, and what the session answered goes out on it."""
         session = self.session
         now = time.monotonic()
-        if self.urgent is not None and not self.urgent.alive:
-            # it stopped on an error of its own: another takes over, not at once (a failing one
-            # is not reopened in a loop); what it held unsent is asked for again
-            self.log.error("postcopy urgent connection failed; opening another", reason=self.urgent.error)
+        if self.urgent is not None:
             for answered in self.urgent.take_answered():
                 session.postcopy_side.answered(answered, now)
-            self._stop_urgent()
-            self._urgent_restart_at = now + URGENT_RESTART_S
+            if not self.urgent.alive:
+                # it stopped on an error of its own: another takes over, not at once (a failing
+                # one is not reopened in a loop); what it held unsent is asked for again
+                self.log.error("postcopy urgent connection failed; opening another", reason=self.urgent.error)
+                self._stop_urgent()
+                self._urgent_restart_at = now + URGENT_RESTART_S
         if session.postcopy is None or session.phase.ended:
             self._stop_urgent()  # it reads guest memory, which may run again here
         elif self.urgent is None and self.socket is not None and now >= self._urgent_restart_at:
@@ -296,8 +295,6 @@ class OutgoingMigration:
         urgent = session.take_urgent()
         if self.urgent is None:
             return  # between connections: the destination asks again
-        for answered in self.urgent.take_answered():
-            session.postcopy_side.answered(answered, now)
         for frames in urgent:
             self.urgent.send(frames)
 

@@ -100,6 +100,8 @@ class DestDaemon:
             arrived_pages=self._arrived_pages,
             on_taken_back=self._withdraw_onward,
         )
+        self.refusals = RefusalLog(self.log)
+        self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None, hold=receive_queue)
         self.session = self._new_session()
         self._warned_postcopy_signal = False
         self._t_guest_done: float | None = None
@@ -108,8 +110,6 @@ class DestDaemon:
         self.quit = False
         self.signalled: str | None = None
         self._reported_failure = False
-        self.refusals = RefusalLog(self.log)
-        self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None, hold=receive_queue)
         self.handback = QemuHandback(options.to_qemu, self.log) if options.to_qemu else None
         self.control: ControlServer | None = None
         if options.control:
@@ -139,9 +139,7 @@ class DestDaemon:
         """A session for the next source, remembering the sessions whose guest ran here (their
         sources may still be reconnecting to learn that)."""
         previous: DestSession | None = getattr(self, "session", None)
-        reader: Reader | None = getattr(self, "reader", None)
-        if reader is not None:
-            reader.forget()
+        self.reader.forget()
         handed_over = previous.handed_over_sessions() if previous is not None else None
         return DestSession(self.host, self.options.params, time.monotonic(), handed_over)
 

@@ -13,9 +13,9 @@ from common.constants import (
     MAX_FRAMES_PER_MESSAGE,
     READS_PER_TURN,
     STRANGER_MESSAGES_PER_TURN,
-    URGENT_SUFFIX,
 )
 from common.protocol.dest import DestSession
+from common.protocol.urgent import is_urgent_peer
 from common.wire import mte_migration_pb2 as pb
 from dest_node.refusals import RefusalLog
 
@@ -66,7 +66,7 @@ class Reader:
                 break
             peer, frames = received
             if guarded and peer.startswith(session_id):
-                if peer[len(session_id) + 4 :] == URGENT_SUFFIX:
+                if is_urgent_peer(peer, session_id):
                     self._handle(session, peer, frames)
                 else:
                     self.held.append((peer, frames))

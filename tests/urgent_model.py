@@ -6,9 +6,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from common.constants import URGENT_SUFFIX
 from common.protocol.source import SourceSession
-from common.protocol.urgent import UrgentAnswerer
+from common.protocol.urgent import UrgentAnswerer, urgent_routing_id
 
 
 class FakeLink(Protocol):
@@ -24,7 +23,7 @@ class UrgentThread:
     @staticmethod
     def peer(src: SourceSession) -> bytes:
         """The routing id the destination knows that connection by."""
-        return src.session_id + src.link.epoch.to_bytes(4, "big") + URGENT_SUFFIX
+        return urgent_routing_id(src.session_id, src.link.epoch)
 
     def serve(self, src: SourceSession, down: FakeLink, up: FakeLink, now: float) -> None:
         if src.postcopy is None or src.phase.ended:

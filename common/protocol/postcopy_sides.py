@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from common.constants import MAX_PAGES_PER_MESSAGE, URGENT_SUFFIX
+from common.constants import MAX_PAGES_PER_MESSAGE
 from common.guest.presence import PresenceGate
 from common.protocol import events as ev
 from common.protocol.outbound import Outbound
@@ -31,7 +31,7 @@ from common.protocol.postcopy import (
 )
 from common.protocol.ratelimit import TokenBucket
 from common.protocol.timers import Timer
-from common.protocol.urgent import MAX_HELD_US, Answered, UrgentAnswerer
+from common.protocol.urgent import MAX_HELD_US, Answered, UrgentAnswerer, urgent_routing_id
 from common.transfer import device_state
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
@@ -347,7 +347,7 @@ class DestPostcopySide:
         source that reconnects opens it before its Resume arrives), never one further ahead."""
         s = self.s
         epoch = message.envelope.epoch
-        own = peer == s.session_id + epoch.to_bytes(4, "big") + URGENT_SUFFIX
+        own = peer == urgent_routing_id(s.session_id, epoch)
         if own and self.urgent_epoch <= epoch <= s.link.epoch + 1:
             self.urgent_peer, self.urgent_epoch = peer, epoch
         if message.kind == "postcopy_pages" and s.machine.handles("postcopy_pages"):

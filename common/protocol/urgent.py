@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from common.constants import MAX_PAGES_PER_MESSAGE
+from common.constants import MAX_PAGES_PER_MESSAGE, URGENT_SUFFIX
 from common.guest.memory import GuestMemory
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
@@ -29,6 +29,21 @@ from common.wire.postcopy_pages import encode_requested
 
 Indices = npt.NDArray[np.int64]
 MAX_HELD_US = (1 << 32) - 1
+
+
+def routing_id(session_id: bytes, epoch: int) -> bytes:
+    """A source connection's routing id starts with the session and epoch: ZeroMQ's own
+    reconnects (after a reset) keep it, and the destination knows it as this session's."""
+    return session_id + epoch.to_bytes(4, "big")
+
+
+def urgent_routing_id(session_id: bytes, epoch: int) -> bytes:
+    return routing_id(session_id, epoch) + URGENT_SUFFIX
+
+
+def is_urgent_peer(peer: bytes, session_id: bytes) -> bool:
+    """Whether a routing id is that of the session's urgent connection, of any epoch."""
+    return peer.startswith(session_id) and peer[len(routing_id(session_id, 0)) :] == URGENT_SUFFIX
 
 
 @dataclass(frozen=True)
