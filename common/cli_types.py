@@ -51,6 +51,13 @@ def non_negative(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     return parse
 
 
+def rounds_or_never(text: str) -> int | None:
+    """--postcopy-after-rounds: a number of rounds, or never (only on ctl postcopy-start)."""
+    if text == "never":
+        return None
+    return int(non_negative(int)(text))
+
+
 def positive(kind: type[int] | type[float]) -> Callable[[str], int | float]:
     at_least_zero = non_negative(kind)
 

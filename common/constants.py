@@ -124,6 +124,11 @@ DRAIN_BUDGET_MESSAGES = 1
 LATENCY_SAMPLES = 10_000
 PROGRESS_LOG_INTERVAL_S = 5.0
 PROGRESS_LINE_INTERVAL_S = 0.2
+# `ctl events`: how many events a daemon keeps for readers that ask after a pause, and how
+# often `ctl events` asks (rounds of a fast migration are milliseconds apart: none is lost,
+# they arrive together).
+EVENT_LOG_KEEP = 1000
+EVENT_POLL_INTERVAL_S = 0.2
 
 # How long a thread that wants the interpreter waits for the one holding it (CPython's switch
 # interval, 5 ms by default). The postcopy source's urgent thread answers a page request while

@@ -8,6 +8,7 @@ and never stops the daemon.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -98,6 +99,12 @@ def request(
 ) -> dict[str, Any]:
     """Send one control request and wait for its reply (the `ctl` subcommand uses this).
     `curve`: this user's key pair and the daemon's public key, for an endpoint off this machine."""
+    if address.startswith("ipc://") and not os.path.exists(address[len("ipc://") :]):
+        # nothing listens there: waiting the whole timeout would only hide that
+        return {
+            "ok": False,
+            "error": f"no daemon at {address}: there is no such socket file (is its --control this?)",
+        }
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.REQ)
     sock.setsockopt(zmq.LINGER, 0)

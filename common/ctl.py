@@ -12,10 +12,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from common.cli_types import endpoint, positive
+from common.cli_types import endpoint, positive, rounds_or_never
 from common.control import request
+from common.event_stream import follow_events
 from common.human import describe
 from common.keys import KeyFileError, load_public, load_secret
+from common.outgoing_commands import MODES
 from common.protocol.params import SETTABLE, describe_parameters
 
 
@@ -29,12 +31,21 @@ class Command:
 
 COMMANDS = (
     Command("status", "the migration so far, in short (--json: the whole report)"),
-    Command("parameters", "the migration parameters in force (QMP's query-migrate-parameters)", dest=False),
-    Command("set-parameters", f"change {', '.join(SETTABLE)} (also during a migration)", dest=False),
-    Command("migrate", "start a migration to a dest-node: URI is tcp://HOST:PORT"),
+    Command("events", "follow migrations as JSON lines: status changes, rounds, postcopy, the link"),
+    Command(
+        "parameters",
+        "the parameters of this node's migrations (QMP's query-migrate-parameters; a dest-node's "
+        "are those of the hops it sends on)",
+    ),
+    Command("set-parameters", f"change {', '.join(SETTABLE)} (also during a migration)"),
+    Command(
+        "migrate",
+        "start a migration to a dest-node: URI is tcp://HOST:PORT; mode, channels and keys are this "
+        "migration's own",
+    ),
     Command("cancel", "cancel the migration in progress; the guest keeps running here"),
-    Command("postcopy-start", "switch a running --mode postcopy migration to postcopy now", dest=False),
-    Command("recover", "postcopy: after a broken link, reconnect now", dest=False),
+    Command("postcopy-start", "switch a running migration that allowed postcopy (--mode postcopy) to it now"),
+    Command("recover", "postcopy: after a broken link, reconnect now (to URI, if the destination moved)"),
     Command(
         "settle",
         "after an unanswered commit: say where the guest runs (here resumes it on this node, there "
@@ -90,17 +101,66 @@ def build_parser(prog: str, *, source: bool) -> argparse.ArgumentParser:
         _connection_options(p, defaults=False)
         p.add_argument("--json", action="store_true", help="print the daemon's answer as JSON")
         if command.name == "migrate":
-            p.add_argument("uri", metavar="URI", help="the destination, tcp://HOST:PORT")
+            _migrate_options(p)
+        elif command.name == "recover":
+            p.add_argument("uri", metavar="URI", nargs="?", help="the destination's new tcp://HOST:PORT")
+        elif command.name == "events":
             p.add_argument(
-                "--peer-key",
-                metavar="FILE",
-                help="the destination's public .key (needed when the daemon has --key)",
+                "--until-finished",
+                action="store_true",
+                help="exit after the next migration ends (a MIGRATION_FINISHED event)",
             )
         elif command.name == "settle":
             p.add_argument("where", choices=["here", "there"])
         elif command.name == "set-parameters":
             p.add_argument("assignments", nargs="+", metavar="NAME=VALUE", help=describe_parameters())
     return parser
+
+
+def _migrate_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("uri", metavar="URI", help="the destination, tcp://HOST:PORT")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        help="postcopy: allowed for this migration (QEMU's postcopy-ram); default: the daemon's --mode",
+    )
+    p.add_argument(
+        "--postcopy-after-rounds",
+        type=lambda text: "never" if text == "never" else rounds_or_never(text),
+        metavar="N|never",
+        help="postcopy: precopy rounds before the switchover; never = only on 'ctl postcopy-start'",
+    )
+    p.add_argument(
+        "--channels",
+        type=positive(int),
+        metavar="N",
+        help="connections for page and tag batches (QEMU's multifd); default: the daemon's",
+    )
+    p.add_argument(
+        "--peer-key",
+        metavar="FILE",
+        help="the destination's public .key (this node needs its own --key, given at start-up)",
+    )
+    p.add_argument(
+        "--insecure",
+        action="store_true",
+        help="this migration may cross the network in the clear (no keys)",
+    )
+
+
+def _migrate_payload(args: argparse.Namespace) -> dict[str, Any]:
+    payload: dict[str, Any] = {"uri": args.uri}
+    if args.peer_key is not None:
+        payload["peer_key"] = load_public(args.peer_key).decode()
+    if args.mode is not None:
+        payload["mode"] = args.mode
+    if args.postcopy_after_rounds is not None:
+        payload["postcopy_after_rounds"] = args.postcopy_after_rounds
+    if args.channels is not None:
+        payload["channels"] = args.channels
+    if args.insecure:
+        payload["insecure"] = True
+    return payload
 
 
 def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
@@ -116,11 +176,13 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
         if args.key is not None:
             curve = (load_secret(args.key), load_public(args.control_key))
         if args.command == "migrate":
-            payload = {"uri": args.uri}
-            if args.peer_key is not None:
-                payload["peer_key"] = load_public(args.peer_key).decode()
+            payload = _migrate_payload(args)
     except KeyFileError as exc:
         parser.error(str(exc))
+    if args.command == "events":
+        return follow_events(args.control, args.timeout, curve, args.until_finished, prog)
+    if args.command == "recover" and args.uri is not None:
+        payload = {"uri": args.uri}
     if args.command == "settle":
         payload = {"where": args.where}
     elif args.command == "set-parameters":
@@ -131,6 +193,8 @@ def ctl_main(argv: Sequence[str], prog: str, *, source: bool) -> int:
             payload[name.replace("-", "_")] = value
     reply = request(args.control, args.command, payload, timeout_s=args.timeout, curve=curve)
     if not reply.get("ok"):
+        if args.json:  # a script reads stdout: the error in the same JSON shape as an answer
+            print(json.dumps({"ok": False, "error": reply.get("error")}, indent=2))
         print(f"{prog} {args.command}: {reply.get('error')}", file=sys.stderr)
         return 1
     try:

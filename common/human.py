@@ -20,20 +20,32 @@ def _size(value: int | None) -> str:
 
 
 def describe(report: dict[str, Any]) -> str:
+    """A source's one migration; a destination's incoming one and the one it sends on, the one
+    in progress first in full, the other in a line (or the last incoming one, and how it
+    ended, while it waits for the next)."""
     lines: list[str] = []
     status = report.get("status")
-    if status == "none" or report.get("phase") == "waiting":
-        lines.append(
-            "migration: none yet" + (" (waiting for a source)" if report.get("phase") == "waiting" else "")
-        )
+    destination = "listen" in report
+    outgoing = report.get("outgoing")
+    if destination:
+        incoming = report if status != "none" else report.get("last_incoming")
+        blocks = [("incoming migration", incoming, status == "none"), ("outgoing migration", outgoing, False)]
+        if outgoing is not None and outgoing.get("status") == "active":
+            blocks.reverse()
+        first = True
+        for title, block, last in blocks:
+            if block is None:
+                continue
+            lines.extend(_migration(("last " if last else "") + title, block, full=first))
+            first = False
+        if first:
+            lines.append("migration: none yet")
+        if status == "none":
+            lines.append("waiting for a source")
+    elif status == "none":
+        lines.append("migration: none yet")
     elif status is not None:
-        head = f"migration: {status} ({report.get('mode')}, phase {report.get('phase')})"
-        if report.get("progress_percent") is not None and status == "active":
-            head += f" [{report['progress_percent']:.1f} %]"
-        lines.append(head)
-        if report.get("error"):
-            lines.append(f"error: {report['error']}")
-        lines.extend(_transfer_lines(report))
+        lines.extend(_migration("migration", report, full=True))
     guest = report.get("guest")
     if guest:
         where = "here" if guest.get("here") else "not here"
@@ -45,6 +57,19 @@ def describe(report: dict[str, Any]) -> str:
         shown = " ".join(f"{name}={_parameter(name, value)}" for name, value in report["parameters"].items())
         lines.append(f"parameters: {shown}")
     return "\n".join(lines)
+
+
+def _migration(title: str, report: dict[str, Any], full: bool) -> list[str]:
+    status = report.get("status")
+    head = f"{title}: {status} ({report.get('mode')}, phase {report.get('phase')})"
+    if report.get("progress_percent") is not None and status == "active":
+        head += f" [{report['progress_percent']:.1f} %]"
+    lines = [head]
+    if report.get("error"):
+        lines.append(f"error: {report['error']}")
+    if full:
+        lines.extend(_transfer_lines(report))
+    return lines
 
 
 def _parameter(name: str, value: Any) -> str:

@@ -218,15 +218,18 @@ class Security:
             raise KeyFileError("--allow needs --key: this node's own key pair (dest-node keygen PREFIX)")
         require_keys_unless_local(uri, "--listen", have_keys=self.key is not None, insecure=self.insecure)
 
-    def check_peer(self, uri: str, peer_key: bytes | None) -> None:
-        """An outgoing migration's destination."""
+    def check_peer(self, uri: str, peer_key: bytes | None, insecure: bool | None = None) -> None:
+        """An outgoing migration's destination; `insecure`: this migration's own choice, over
+        the node's."""
         if peer_key is not None and self.key is None:
             raise KeyFileError("--peer-key needs --key: this node's own key pair (source-node keygen PREFIX)")
         if self.key is not None and peer_key is None:
             raise KeyFileError(
                 f"{uri}: with --key, the destination's public key is needed too (--peer-key FILE)"
             )
-        require_keys_unless_local(uri, "destination", have_keys=peer_key is not None, insecure=self.insecure)
+        require_keys_unless_local(
+            uri, "destination", have_keys=peer_key is not None, insecure=self.insecure or bool(insecure)
+        )
 
     def check_control(self, uri: str) -> None:
         """A control endpoint steers the guest and can send it anywhere: beyond this machine

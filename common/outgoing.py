@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -55,9 +56,11 @@ class OutgoingMigration:
         node_name: str = "source",
         curve: tuple[KeyPair, bytes] | None = None,
         own_endpoints: tuple[str, ...] = (),
+        on_event: Callable[[bytes, ev.Event], None] | None = None,
     ) -> None:
         """`curve`: this node's key pair and the destination's public key; every connection
-        of the migration (data, urgent, each reconnect) then proves both."""
+        of the migration (data, urgent, each reconnect) then proves both. `on_event`: told
+        each of the session's events with its session id (`ctl events`)."""
         try:
             check_endpoint(uri, "destination")
         except ValueError as exc:
@@ -70,6 +73,7 @@ class OutgoingMigration:
                 )
         self.ctx = ctx
         self.uri = uri
+        self.on_event = on_event
         self.curve = curve
         self.monitor: zmq.Socket[bytes] | None = None
         self._failed_handshakes = 0
@@ -330,6 +334,8 @@ class OutgoingMigration:
     def _take_events(self) -> None:
         session = self.session
         for event in session.take_events():
+            if self.on_event is not None:
+                self.on_event(session.session_id, event)
             if isinstance(event, ev.Reconnect):
                 self.log.warning(
                     "link lost; reconnecting", epoch=event.epoch, silent_for_s=round(event.silent_for_s, 2)

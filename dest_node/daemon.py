@@ -16,10 +16,12 @@ from common.constants import (
     MAX_CHANNELS,
     MAX_FRAME_BYTES,
 )
-from common.control import ControlError, ControlServer, peer_key_arg
+from common.control import ControlError, ControlServer
+from common.event_log import EventLog
 from common.keys import DATA_DOMAIN, KeyFileError, Security, curve_server
 from common.logging import get_logger
 from common.outgoing import OutgoingMigration, SocketSlot, io_threads
+from common.outgoing_commands import OutgoingCommands, migrate_choices
 from common.protocol import events as ev
 from common.protocol.dest import DestParameters, DestSession
 from common.protocol.params import MigrationParameters
@@ -107,10 +109,17 @@ class DestDaemon:
         self._t_guest_done: float | None = None
         self.outgoing: OutgoingMigration | None = None
         self.last_outgoing: dict[str, Any] | None = None
+        # the incoming migration before the one this node waits for, and how it ended
+        self.last_incoming: dict[str, Any] | None = None
         self.quit = False
         self.signalled: str | None = None
         self._reported_failure = False
         self.handback = QemuHandback(options.to_qemu, self.log) if options.to_qemu else None
+        self.events = EventLog()
+        # what this node's onward migrations use (its own guest's parameters came from its source)
+        self.commands = OutgoingCommands(
+            options.outgoing_params, lambda: self.outgoing, self._after_outgoing_call, self.status, self.log
+        )
         self.control: ControlServer | None = None
         if options.control:
             try:
@@ -121,7 +130,8 @@ class DestDaemon:
                         "status": lambda _: self.status(),
                         "cancel": lambda _: self.cancel(),
                         "migrate": self._ctl_migrate,
-                        "settle": self._ctl_settle,
+                        "events": lambda args: self.events.after(args.get("after", 0)),
+                        **self.commands.handlers(),
                     },
                     curve=security.control_curve(options.control),
                 )
@@ -143,6 +153,10 @@ class DestDaemon:
         handed_over = previous.handed_over_sessions() if previous is not None else None
         return DestSession(self.host, self.options.params, time.monotonic(), handed_over)
 
+    def _next_incoming(self) -> None:
+        self.last_incoming = self.session.report(time.monotonic())
+        self.session = self._new_session()
+
     def _arrived_pages(self) -> Callable[[], int]:
         session = self.session  # a prefault runs ahead of this session's pages, not a later one's
         return lambda: session.stats.pages
@@ -160,6 +174,8 @@ class DestDaemon:
         """The report so far; digests only when asked and the guest is not running."""
         report = self.session.report(time.monotonic())
         report["listen"] = self.address
+        if self.session.phase is DestPhase.WAITING and self.last_incoming is not None:
+            report["last_incoming"] = self.last_incoming
         report.update(self.host.memory_report())
         if self.handback is not None:
             report["qemu_stream"] = self.handback.report()
@@ -194,15 +210,9 @@ class DestDaemon:
 
     def _ctl_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
         """Send the guest that runs here onward, as a source-node would."""
-        uri = args.get("uri")
-        if not isinstance(uri, str):
-            raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
-        peer_key = peer_key_arg(args)
         security = self.options.security
-        try:
-            security.check_peer(uri, peer_key)
-        except KeyFileError as exc:
-            raise ControlError(str(exc)) from None
+        choices = migrate_choices(args, self.commands.params, security, None)
+        peer_key = choices.peer_key
         if self.outgoing is not None and not self.outgoing.session.phase.terminal:
             raise ControlError(
                 f"a migration is already in progress (phase {self.outgoing.session.phase.value})"
@@ -218,27 +228,19 @@ class DestDaemon:
             self.ctx,
             guest,
             self.host,
-            self.options.outgoing_params,
-            uri,
+            choices.params,
+            choices.uri,
             self.log,
             node_name="dest-node",
+            on_event=lambda session_id, event: self.events.record("outgoing", session_id, event),
             curve=(security.key, peer_key) if security.key is not None and peer_key is not None else None,
             own_endpoints=(self.address, *([self.control.address] if self.control else [])),
         )
         return {"session": self.outgoing.session.session_id.hex()}
 
-    def _ctl_settle(self, args: dict[str, Any]) -> dict[str, Any]:
-        where = args.get("where")
-        if where not in ("here", "there"):
-            raise ControlError('settle needs "where": "here" or "there"')
-        if self.outgoing is None:
-            raise ControlError("nothing to settle: no outgoing migration has run")
-        try:
-            self.outgoing.session.settle(where == "here", time.monotonic())
-        except RuntimeError as exc:
-            raise ControlError(str(exc)) from None
-        self.outgoing.after_call()
-        return self.status()
+    def _after_outgoing_call(self) -> None:
+        if self.outgoing is not None:
+            self.outgoing.after_call()
 
     def _outgoing_done(self) -> None:
         """The guest left for good: this node is free for the next incoming migration."""
@@ -260,7 +262,7 @@ class DestDaemon:
         if self.options.once:
             self.quit = True
             return
-        self.session = self._new_session()
+        self._next_incoming()
 
     # -- the loop ---------------------------------------------------------------------------------
     def _flush(self) -> None:
@@ -289,6 +291,7 @@ class DestDaemon:
 
     def _take_events(self) -> None:
         for event in self.session.take_events():
+            self.events.record("incoming", self.session.session_id, event)
             if isinstance(event, ev.PhaseChanged):
                 self.log.info("phase", phase=event.phase, rounds=self.session.rounds)
             elif isinstance(event, ev.PostcopyStarted):
@@ -399,7 +402,7 @@ class DestDaemon:
                 write_report(self.options.report, self.status(with_digests=True))
             if not self.options.once:
                 # ready for the next source; what arrived was discarded
-                self.session = self._new_session()
+                self._next_incoming()
                 self._reported_failure = False
 
     def _done(self) -> bool:

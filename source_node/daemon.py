@@ -11,12 +11,14 @@ from typing import Any
 
 import zmq
 
-from common.control import ControlError, ControlServer, peer_key_arg
+from common.control import ControlError, ControlServer
+from common.event_log import EventLog
 from common.guest.guest import Guest
 from common.guest.runner import GuestRunner
 from common.keys import KeyFileError, Security
 from common.logging import get_logger
 from common.outgoing import OutgoingMigration, SocketSlot
+from common.outgoing_commands import OutgoingCommands, migrate_choices
 from common.progress import Progress
 from common.protocol.params import MigrationParameters
 from common.protocol.phases import SourcePhase
@@ -72,8 +74,11 @@ class SourceDaemon:
         self.runner = runner
         self._guest_error_logged = False
         self.options = options
-        self.params = options.params
         self.log = get_logger("source-node")
+        self.events = EventLog()
+        self.commands = OutgoingCommands(
+            options.params, lambda: self.outgoing, self._after_session_call, self.status, self.log
+        )
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx or zmq.Context()
         self.outgoing: OutgoingMigration | None = None
         self.progress = Progress(log=self.log)
@@ -91,11 +96,8 @@ class SourceDaemon:
                     "status": lambda _: self.status(),
                     "migrate": self._ctl_migrate,
                     "cancel": lambda _: self.cancel(),
-                    "parameters": lambda _: self.params.settable(),
-                    "set-parameters": self._ctl_set_parameters,
-                    "settle": self._ctl_settle,
-                    "postcopy-start": self._ctl_postcopy_start,
-                    "recover": self._ctl_recover,
+                    "events": lambda args: self.events.after(args.get("after", 0)),
+                    **self.commands.handlers(),
                 }
             )
             self.log.info("control endpoint ready", address=self.control.address)
@@ -119,12 +121,16 @@ class SourceDaemon:
     def session(self) -> SourceSession | None:
         return self.outgoing.session if self.outgoing is not None else None
 
-    def migrate(self, uri: str, peer_key: bytes | None = None) -> None:
-        """Send the guest to `uri`; `peer_key`: the destination's public key (with --key)."""
-        try:
-            self.options.security.check_peer(uri, peer_key)
-        except KeyFileError as exc:
-            raise ControlError(str(exc)) from None
+    def migrate(
+        self, uri: str, peer_key: bytes | None = None, params: MigrationParameters | None = None
+    ) -> None:
+        """Send the guest to `uri`; `peer_key`: the destination's public key (with --key);
+        `params`: this migration's (the node's, unless ctl migrate chose a mode or channels)."""
+        if params is None:
+            try:
+                self.options.security.check_peer(uri, peer_key)
+            except KeyFileError as exc:
+                raise ControlError(str(exc)) from None
         session = self.session
         if session is not None and session.phase is SourcePhase.UNSETTLED:
             raise ControlError(
@@ -139,7 +145,15 @@ class SourceDaemon:
         curve = (key, peer_key) if key is not None and peer_key is not None else None
         own = (self.control.address,) if self.control is not None else ()
         outgoing = OutgoingMigration(
-            self.ctx, self.guest, self, self.params, uri, self.log, curve=curve, own_endpoints=own
+            self.ctx,
+            self.guest,
+            self,
+            params or self.commands.params,
+            uri,
+            self.log,
+            curve=curve,
+            own_endpoints=own,
+            on_event=lambda session_id, event: self.events.record("outgoing", session_id, event),
         )
         if self.outgoing is not None:
             self.outgoing.close()
@@ -160,7 +174,7 @@ class SourceDaemon:
         report: dict[str, Any] = (
             self.session.report(now) if self.session else {"status": "none", "mode": None, "error": None}
         )
-        report["parameters"] = self.params.settable()
+        report["parameters"] = self.commands.params.settable()
         report["guest"] = guest_summary(
             self.guest,
             here=self.guest_would_run,
@@ -180,56 +194,9 @@ class SourceDaemon:
         return self.session is None or self.session.guest_runs_here
 
     def _ctl_migrate(self, args: dict[str, Any]) -> dict[str, Any]:
-        uri = args.get("uri")
-        if not isinstance(uri, str):
-            raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
-        self.migrate(uri, peer_key_arg(args) or self.options.peer_key)
+        choices = migrate_choices(args, self.commands.params, self.options.security, self.options.peer_key)
+        self.migrate(choices.uri, choices.peer_key, choices.params)
         return {"session": self.session.session_id.hex() if self.session else None}
-
-    def _ctl_set_parameters(self, args: dict[str, Any]) -> dict[str, Any]:
-        before = self.params.settable()
-        self.params = self.params.updated(args)
-        if self.session is not None and not self.session.phase.terminal:
-            self.session.set_parameters(self.params, time.monotonic())
-        after = self.params.settable()
-        changed = {name: f"{before[name]} -> {after[name]}" for name in after if before[name] != after[name]}
-        if changed:
-            self.log.info("parameters changed", **changed)
-        return after
-
-    def _ctl_settle(self, args: dict[str, Any]) -> dict[str, Any]:
-        where = args.get("where")
-        if where not in ("here", "there"):
-            raise ControlError('settle needs "where": "here" (resume the guest on the source) or "there"')
-        if self.session is None:
-            raise ControlError("nothing to settle: no migration has run")
-        try:
-            self.session.settle(where == "here", time.monotonic())
-        except RuntimeError as exc:
-            raise ControlError(str(exc)) from None
-        self._after_session_call()
-        return self.status()
-
-    def _ctl_postcopy_start(self, _: dict[str, Any]) -> dict[str, Any]:
-        if self.session is None:
-            raise ControlError("no migration in progress")
-        try:
-            self.session.start_postcopy(time.monotonic())
-        except RuntimeError as exc:
-            raise ControlError(str(exc)) from None
-        self._after_session_call()
-        return self.status()
-
-    def _ctl_recover(self, _: dict[str, Any]) -> dict[str, Any]:
-        if self.session is None:
-            raise ControlError("nothing to recover: no migration has run")
-        try:
-            self.session.recover(time.monotonic())
-        except RuntimeError as exc:
-            raise ControlError(str(exc)) from None
-        self.finished_report = None
-        self._after_session_call()
-        return self.status()
 
     def _postcopy_waits(self) -> bool:
         """Postcopy handed the guest over but the destination still needs pages only we hold."""
@@ -247,6 +214,8 @@ class SourceDaemon:
             self.log.error("guest stopped by an error of its own", reason=self.runner.error)
 
     def _after_session_call(self) -> None:
+        if self.session is not None and not self.session.phase.ended:
+            self.finished_report = None  # recovered: it will end again, and be reported then
         if self.outgoing is not None:
             self.outgoing.after_call()
             self._note_finish()

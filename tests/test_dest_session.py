@@ -230,7 +230,7 @@ def batch(seq: int, kind: str, pages: list[int], zero: list[int] = ()) -> list[A
 def test_a_fresh_destination_reports_nothing_yet() -> None:
     dst = DestSession(FakeDestHost(), DestParameters(), 5.0)
     report = dst.report(7.0)
-    assert report["status"] == "active" and report["phase"] == "waiting" and report["rounds"] == 0
+    assert report["status"] == "none" and report["phase"] == "waiting" and report["rounds"] == 0
     assert report["total_time_ms"] == 2000.0 and report["setup_time_ms"] is None
     assert report["downtime_ms"] is None and report["refused_messages"] == 0
     assert report["verification"]["ok"] is None and report["ram"]["guest_bytes"] == 0

@@ -157,9 +157,8 @@ def test_ctl_offers_each_daemon_what_it_answers(
     with pytest.raises(SystemExit):
         ctl_main(["--help"], prog, source=source)
     usage = capsys.readouterr().out
-    for command in ("status", "cancel", "migrate", "settle"):
+    for command in ("status", "cancel", "migrate", "settle", "set-parameters", "postcopy-start", "events"):
         assert command in usage
-    assert ("set-parameters" in usage) is source
     with pytest.raises(SystemExit) as bad:
         ctl_main(["--control", "127.0.0.1:1", "status"], prog, source=source)
     assert bad.value.code == 2 and "is not a tcp://HOST:PORT or ipc://PATH" in capsys.readouterr().err

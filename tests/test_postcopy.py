@@ -24,7 +24,7 @@ DEST_STEPS = 600
 
 def postcopy_pair(
     seed: int = 5,
-    after_rounds: int = 0,
+    after_rounds: int | None = 0,
     dest_steps: int = DEST_STEPS,
     guest: Guest | None = None,
     to_dest: Faults | None = None,
@@ -464,3 +464,18 @@ def test_a_guest_that_does_not_converge_switches_after_exactly_its_rounds(rounds
     rounds_sent = [event for event, _ in pair.src.timeline if event.startswith("round ")]
     assert rounds_sent == [f"round {n} sent" for n in range(1, rounds + 1)]
     assert_equals_unmigrated(pair, busy(17))
+
+
+def test_postcopy_allowed_but_never_started_completes_as_a_precopy_does() -> None:
+    """--postcopy-after-rounds never (QEMU's postcopy-ram without migrate-start-postcopy): a
+    guest that converges stops and is verified as in precopy; the reports say what it became."""
+    pair = run_to_end(postcopy_pair(seed=5, after_rounds=None))
+    assert pair.src.phase is SourcePhase.COMPLETED and pair.src.postcopy is None
+    assert pair.dst.phase is DestPhase.RUNNING and pair.dst.verified is True and pair.dst.postcopy is None
+    for report in (pair.src.report(pair.now), pair.dst.report(pair.now)):
+        assert report["mode"] == "precopy" and report["postcopy_allowed"] is True
+        assert report["postcopy"] is None and report["verification"]["ok"] is True
+    assert pair.dst.guest is not None and pair.dst_host.runner is not None
+    seed_guest = busy_guest(seed=5)
+    Workload(seed_guest).run(pair.dst_host.runner.step)
+    assert pair.dst.guest.digests() == seed_guest.digests()

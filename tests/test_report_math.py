@@ -112,7 +112,7 @@ def test_a_destination_report_at_its_first_instant_divides_by_nothing() -> None:
     dst = pair.dst.report(pair.dst.t_start)
     assert dst["total_time_ms"] == 0.0
     assert dst["throughput_bytes_per_s"] == 0
-    assert dst["status"] == "active" and dst["progress_percent"] is None
+    assert dst["status"] == "none" and dst["progress_percent"] is None
 
 
 def test_a_cancelled_migration_says_cancelled_on_the_destination_too() -> None:

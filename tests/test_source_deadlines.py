@@ -84,7 +84,9 @@ def test_a_disconnected_source_wakes_for_its_next_resume() -> None:
 # -- the operator's postcopy verbs --------------------------------------------------------------
 def test_postcopy_start_is_refused_in_precopy_and_after_the_end() -> None:
     src, _ = active()
-    with pytest.raises(RuntimeError, match="runs in precopy mode; start it with --mode postcopy"):
+    with pytest.raises(
+        RuntimeError, match=r"did not allow postcopy: cancel it .*ctl migrate URI --mode postcopy"
+    ):
         src.start_postcopy(0.1)
     post, _ = active(MigrationParameters(postcopy=True, postcopy_after_rounds=5))
     post.cancel(0.1)

@@ -60,9 +60,11 @@ class MigrationParameters:
     throttle_max: float = 0.99
     # Give up when the guest has not converged after this long, even fully throttled.
     convergence_timeout_s: float = 60.0
-    # Postcopy: the destination runs the guest after this many precopy rounds (0: at once).
+    # Postcopy allowed (QEMU's postcopy-ram capability): the destination runs the guest after
+    # this many precopy rounds (0: at once; None: only when an operator says, ctl
+    # postcopy-start, and a guest that converges first completes as a precopy does).
     postcopy: bool = False
-    postcopy_after_rounds: int = 1
+    postcopy_after_rounds: int | None = 1
     # After the switchover a broken link pauses both sides; the source reconnects this long
     # before it stops trying and leaves the handover to an operator (ctl recover / settle).
     postcopy_recover_timeout_s: float = 60.0
@@ -112,7 +114,7 @@ class MigrationParameters:
             raise ValueError("convergence timeout must be positive")
         if not 1 <= self.channels <= MAX_CHANNELS:
             raise ValueError(f"channels {self.channels} is outside 1 .. {MAX_CHANNELS}")
-        if self.postcopy_after_rounds < 0:
+        if self.postcopy_after_rounds is not None and self.postcopy_after_rounds < 0:
             raise ValueError(f"postcopy after {self.postcopy_after_rounds} rounds: must be 0 or more")
         if self.postcopy_recover_timeout_s < self.peer_timeout_s:
             raise ValueError(
@@ -128,6 +130,11 @@ class MigrationParameters:
             raise ValueError(f"cannot set {', '.join(sorted(unknown))}; settable: {', '.join(SETTABLE)}")
         converted = {name: _convert(name, value) for name, value in changes.items()}
         return replace(self, **converted).check()
+
+    @property
+    def postcopy_on_its_own(self) -> bool:
+        """Postcopy starts without an operator's word (after its rounds, or on converging)."""
+        return self.postcopy and self.postcopy_after_rounds is not None
 
     def settable(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in SETTABLE}

@@ -86,7 +86,7 @@ class Precopy:
 
     def _verify_cost_s(self, params: MigrationParameters) -> float:
         # a postcopy switchover proves pages by their manifest, with no verification to fit
-        return 0.0 if params.postcopy else self.verify_cost_s()
+        return 0.0 if params.postcopy_on_its_own else self.verify_cost_s()
 
     def _rehash_part(self, params: MigrationParameters) -> str:
         cost = self._verify_cost_s(params)
@@ -128,7 +128,7 @@ class Precopy:
             expected is not None
             and expected <= limit_s
             and (
-                params.postcopy  # the rest is pulled after the switchover, not in a downtime
+                params.postcopy_on_its_own  # the rest is pulled after the switchover, not in a downtime
                 or expected <= limit_s * DOWNTIME_AIM
                 or (previous is not None and expected > previous * ROUND_WORTH_IT)
                 or active_for > params.convergence_timeout_s / 2

@@ -120,7 +120,8 @@ class SourcePrecopySide:
             self._finish_switchover(now)
             return
         finished_round = s.round
-        if s.params.postcopy and (s._postcopy_now or finished_round >= s.params.postcopy_after_rounds):
+        after = s.params.postcopy_after_rounds
+        if s.params.postcopy and (s._postcopy_now or (after is not None and finished_round >= after)):
             self._round_sent(finished_round, now)
             s.postcopy_side.switchover(now)
             return
@@ -132,7 +133,7 @@ class SourcePrecopySide:
             return
         s.digests.update_blocks()  # before any stop: the verification then hashes less
         self._round_sent(finished_round, now)
-        if end.verdict is Verdict.SWITCHOVER and s.params.postcopy:
+        if end.verdict is Verdict.SWITCHOVER and s.params.postcopy_on_its_own:
             # converged before its rounds were up: postcopy starts now, with little left to pull
             s.postcopy_side.switchover(now)
         elif end.verdict is Verdict.SWITCHOVER:

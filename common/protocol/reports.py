@@ -48,7 +48,9 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     return {
         "status": status,
         "phase": session.phase.value,
-        "mode": "postcopy" if session.params.postcopy else "precopy",
+        # what the migration is (postcopy once the switchover began), and what it may become
+        "mode": "postcopy" if pc is not None else "precopy",
+        "postcopy_allowed": session.params.postcopy,
         "error": session.failure.reason if session.failure else None,
         "total_time_ms": ms(total_s),
         "setup_time_ms": ms(session.t_setup_done - session.t_start)
@@ -140,7 +142,9 @@ def _percent(status: str, remaining: int | None, guest_bytes: int) -> float | No
 def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     """The destination's report, in the same vocabulary as the source's."""
     end = session.t_end if session.t_end is not None else now
-    status = {DestPhase.RUNNING: "completed", DestPhase.FAILED: "failed"}.get(session.phase, "active")
+    status = {DestPhase.RUNNING: "completed", DestPhase.FAILED: "failed", DestPhase.WAITING: "none"}.get(
+        session.phase, "active"
+    )
     if session.phase is DestPhase.RUNNING and session.verified is False:
         status = "failed"
     if session.failure and session.failure.code == pb.ERROR_CANCELLED:
@@ -164,7 +168,8 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     return {
         "status": status,
         "phase": session.phase.value,
-        "mode": "postcopy" if session.postcopy_mode else "precopy",
+        "mode": "postcopy" if pc is not None and pc.started else "precopy",
+        "postcopy_allowed": session.postcopy_mode,
         "error": session.failure.reason if session.failure else None,
         "total_time_ms": ms(total),
         # what this side sees of setup: from the hello to the first page batch

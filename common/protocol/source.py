@@ -80,6 +80,12 @@ EncodeMap = Callable[
 ]
 
 
+POSTCOPY_NOT_ALLOWED = (
+    "this migration did not allow postcopy: cancel it (the guest keeps running here) and start the "
+    "next with 'ctl migrate URI --mode postcopy' (--postcopy-after-rounds never: only on postcopy-start)"
+)
+
+
 class SourceSession:
     def __init__(
         self,
@@ -306,7 +312,7 @@ class SourceSession:
     def start_postcopy(self, now: float) -> None:
         """An operator's postcopy-start: switch a running precopy over now."""
         if not self.params.postcopy:
-            raise RuntimeError("this migration runs in precopy mode; start it with --mode postcopy")
+            raise RuntimeError(POSTCOPY_NOT_ALLOWED)
         if self.phase not in (_S.SETUP, _S.ACTIVE):
             raise RuntimeError(f"postcopy cannot start in phase {self.phase.value}")
         self._postcopy_now = True

@@ -83,7 +83,7 @@ class SourceLinkSide:
             # any loss, rather than wait for its own retransmission, which may come after our
             # setup timeout (a hello resent after the loss is acknowledged, not answered again).
             timers.append(Timer("ask-hello-answer", link.t_progress + link.rto_s, self._ask_hello_answer))
-        if not params.postcopy and s.t_setup_done is not None:
+        if not params.postcopy_on_its_own and s.t_setup_done is not None:
             # postcopy is the answer to a guest that does not converge; the check runs on time,
             # not only when a round ends: a long round must not overrun it
             at = s.t_setup_done + params.convergence_timeout_s
