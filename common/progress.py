@@ -4,6 +4,7 @@ never silent."""
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -61,6 +62,15 @@ def progress_line(report: dict[str, Any]) -> str:
     )
 
 
+def fit(line: str, columns: int) -> str:
+    """At most columns - 1 characters (the last column would wrap on some terminals); a
+    terminal that does not say its width (0) gets the whole line."""
+    if columns <= 0:
+        return line
+    room = max(columns - 1, 8)
+    return line if len(line) <= room else line[: room - 1] + "~"
+
+
 def progress_fields(report: dict[str, Any]) -> dict[str, Any]:
     """The same figures as the live line, as fields of a log event."""
     fields = {
@@ -113,7 +123,8 @@ class Progress:
             return
         if self.on_terminal:
             self._last_line = now
-            self.stream.write("\r" + progress_line(report) + "\x1b[K")
+            # one line, cut to the terminal's width: a wrapped line is never rewritten in place
+            self.stream.write("\r" + fit(progress_line(report), self._columns()) + "\x1b[K")
             self.stream.flush()
             if not self._shown:
                 self._shown = True
@@ -124,6 +135,12 @@ class Progress:
                 return
             self._last_log = now
             self.log.info("migration progress", **progress_fields(report))
+
+    def _columns(self) -> int:
+        try:
+            return os.get_terminal_size(self.stream.fileno()).columns
+        except (OSError, ValueError, AttributeError):
+            return 0
 
     def clear(self) -> None:
         if self._shown:

@@ -31,7 +31,7 @@ from common.zap import ZapHandler
 from dest_node.guest_host import GuestHost
 from dest_node.qemu_handback import QemuHandback
 from dest_node.reading import Reader
-from dest_node.refusals import RefusalLog
+from dest_node.refusals import HandshakeWatch, RefusalLog
 
 _POLL_CAP_S = 0.05
 
@@ -53,6 +53,12 @@ class DestOptions:
     security: Security = field(default_factory=Security)
     preallocate_bytes: int | None = None  # commit this much guest memory before a source arrives
     to_qemu: str | None = None  # hand a guest from QEMU back to QEMU: its stream goes here
+
+
+def source_left_after_handover(session: DestSession) -> bool:
+    """The guest runs here and its source heard so: a source gone now simply left (a one-shot
+    source exits), and what is still sent to it (acknowledgements) is not missed."""
+    return session.phase is DestPhase.RUNNING and not any(e.kind == "started" for e in session.link.unacked)
 
 
 class DestDaemon:
@@ -103,6 +109,7 @@ class DestDaemon:
             on_taken_back=self._withdraw_onward,
         )
         self.refusals = RefusalLog(self.log)
+        self.handshakes: HandshakeWatch | None = None  # watched while the loop runs
         self.reader = Reader(self.sock, self.refusals, keyed=self.zap is not None, hold=receive_queue)
         self.session = self._new_session()
         self._warned_postcopy_signal = False
@@ -118,7 +125,11 @@ class DestDaemon:
         self.events = EventLog()
         # what this node's onward migrations use (its own guest's parameters came from its source)
         self.commands = OutgoingCommands(
-            options.outgoing_params, lambda: self.outgoing, self._after_outgoing_call, self.status, self.log
+            options.outgoing_params,
+            lambda: self.outgoing,
+            lambda: self.outgoing.after_call() if self.outgoing else None,
+            self.status,
+            self.log,
         )
         self.control: ControlServer | None = None
         if options.control:
@@ -238,10 +249,6 @@ class DestDaemon:
         )
         return {"session": self.outgoing.session.session_id.hex()}
 
-    def _after_outgoing_call(self) -> None:
-        if self.outgoing is not None:
-            self.outgoing.after_call()
-
     def _outgoing_done(self) -> None:
         """The guest left for good: this node is free for the next incoming migration."""
         outgoing = self.outgoing
@@ -279,7 +286,7 @@ class DestDaemon:
                 # Our source is gone or stuck. Nothing is lost: the session keeps every sequenced
                 # message until it is acknowledged and sends it again after a resume. Said once
                 # per run of failures, not once per message.
-                if self._undelivered == 0:
+                if self._undelivered == 0 and not source_left_after_handover(self.session):
                     self.log.warning(
                         "source unreachable; replies wait for it", peer=peer.hex(), reason=str(exc)
                     )
@@ -342,6 +349,10 @@ class DestDaemon:
         )
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
+        handshakes = self.handshakes = HandshakeWatch(
+            self.sock, self.refusals, keyed=security.key is not None
+        )
+        poller.register(handshakes.socket, zmq.POLLIN)
         if self.zap is not None:
             poller.register(self.zap.socket, zmq.POLLIN)
         if self.control:
@@ -368,6 +379,8 @@ class DestDaemon:
             events = dict(poller.poll(int(timeout * 1000)))
             if self.zap is not None:
                 self.zap.service(events, time.monotonic())
+            if handshakes.socket in events:
+                handshakes.service()
             if self.sock in events or self.reader.held:
                 self.reader.drain(self.session)
                 self._flush()
@@ -434,6 +447,8 @@ class DestDaemon:
         if self.options.report:
             write_report(self.options.report, report)
         self.log.info("dest-node exiting", status=report["status"], error=report["error"])
+        if self.handshakes is not None:
+            self.handshakes.close()
         self.sock.close(linger=CLOSE_LINGER_MS)  # the Started reply must reach the source
         if self.control:
             self.control.close()

@@ -92,6 +92,7 @@ class GuestHost:
                 missing_pages=gate.missing,
                 stop_at_step=self.stop_at_step,
             )
+            self._warn_if_past_stop(self.vcpu.step_count)
             return
         try:
             workload = Workload(guest)
@@ -101,6 +102,15 @@ class GuestHost:
         self.runner = GuestRunner(workload, stop_at_step=self.stop_at_step)
         self.runner.start()
         self.log.info("guest running", step=workload.step_count, stop_at_step=self.stop_at_step)
+        self._warn_if_past_stop(workload.step_count)
+
+    def _warn_if_past_stop(self, step: int) -> None:
+        if self.stop_at_step is not None and step >= self.stop_at_step:
+            self.log.warning(
+                "the guest arrived past this node's --stop-at-step: it stays stopped here",
+                step=step,
+                stop_at_step=self.stop_at_step,
+            )
 
     def take_page_misses(self) -> dict[int, float]:
         return self.vcpu.take_misses() if self.vcpu is not None else {}

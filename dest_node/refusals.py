@@ -6,6 +6,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
 from common.constants import REFUSAL_LOG_LINES_PER_S
 from common.protocol import events as ev
 from common.protocol.ratelimit import PerSecond
@@ -52,3 +55,51 @@ class RefusalLog:
             self.log.warning("strangers' messages dropped unread", count=self.dropped_unlogged)
             self.dropped_unlogged = 0
             self._t_logged = now
+
+
+class HandshakeWatch:
+    """A source whose connection fails before any message (no keys at a keyed destination, or
+    keys at a keyless one) is invisible to the session: the listening socket's monitor sees it,
+    and the destination's log says why, through the refusal log's bounds."""
+
+    def __init__(self, sock: zmq.Socket[bytes], refusals: RefusalLog, *, keyed: bool) -> None:
+        self.socket = sock.get_monitor_socket(
+            zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+        )
+        self._owner = sock
+        self.refusals = refusals
+        self.keyed = keyed
+
+    def service(self) -> None:
+        while True:
+            try:
+                event = recv_monitor_message(self.socket, flags=zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            reason = self.reason(event["event"], event["value"])
+            if reason is not None:
+                self.refusals.refused(ev.Refused(peer=b"", reason=reason, hello=True))
+
+    def reason(self, kind: int, value: int) -> str | None:
+        mismatch = (
+            kind == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+            and value == zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH
+        )
+        if not mismatch and kind != zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL:
+            return None  # a damaged handshake: the network's doing, and the peer tries again
+        # The peer that sees the mismatch first hangs up: this side then sees only the end of
+        # a handshake, which a connection lost mid-handshake also shows.
+        cause = (
+            "a source without keys (this destination requires CURVE keys: the source needs --key "
+            "and --peer-key, and its .key in this node's --allow)"
+            if self.keyed
+            else "a source with keys (this destination runs without keys: drop the source's "
+            "--key/--peer-key, or give this node --key and --allow)"
+        )
+        if mismatch:
+            return f"{cause} tried to connect"
+        return f"a connection ended in its handshake, before any message: most often {cause}"
+
+    def close(self) -> None:
+        self._owner.disable_monitor()
+        self.socket.close(linger=0)

@@ -49,4 +49,9 @@ if ! ls "$kernel_dir"/vmlinuz-* >/dev/null 2>&1; then
     fi
 fi
 
+if python3 -c 'import sys; sys.exit(0 if sys.prefix == sys.base_prefix else 1)'; then
+    # said, not refused: CI installs into its own throwaway Python on purpose
+    echo "install: no virtual environment is active: installing into $(python3 -c 'import sys; print(sys.prefix)')" \
+         "(this Python's own packages); to keep the project apart, run 'python3 -m venv .venv && . .venv/bin/activate' first" >&2
+fi
 python3 -m pip install -e ".[dev,plot]"

@@ -10,6 +10,7 @@ from common.cli_types import (
     endpoint,
     non_negative,
     positive,
+    positive_size,
     rounds_or_never,
     size,
 )
@@ -81,7 +82,7 @@ def add_guest_arguments(parser: argparse.ArgumentParser) -> None:
     )
     guest.add_argument(
         "--max-ram",
-        type=size,
+        type=positive_size,
         default=MAX_RAM_BYTES,
         metavar="SIZE",
         help="--from-qemu: refuse a stream with a RAM block larger than this (default 16 GiB)",
@@ -109,7 +110,8 @@ def add_migration_arguments(parser: argparse.ArgumentParser) -> None:
         "--migrate-to",
         type=endpoint("--migrate-to"),
         metavar="URI",
-        help="migrate to a dest-node listening here (tcp://HOST:PORT), then exit",
+        help="migrate to a dest-node listening here (tcp://HOST:PORT); exit once it completed, or after "
+        "a failure once the guest, still running here, stops (--stop-at-step or a signal)",
     )
     mig.add_argument(
         "--mode",

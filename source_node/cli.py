@@ -158,8 +158,9 @@ def summary_line(report: dict[str, Any]) -> str:
             f"{report['rounds']} rounds, {report['total_time_ms'] / 1000:.2f} s, {format_rate(report['throughput_bytes_per_s'])}; "
             f"verified ram {v['ram_digest']} tags {v['tag_digest']} vcpu {v['vcpu_digest']}"
         )
+    # printed as the process exits: a guest still here stops with it
     where = (
-        "the guest keeps running here"
+        f"the guest stayed here and stops with this process, at step {report['guest']['step']}"
         if report["guest"]["here"]
         else "the guest is not running on the source"
     )

@@ -84,6 +84,7 @@ class SourceDaemon:
         self.progress = Progress(log=self.log)
         self.quit = False
         self.signalled: str | None = None
+        self._quit_by: str | None = None
         self.finished_report: dict[str, Any] | None = None
         self._warned_postcopy_signal = False
         self.control = control
@@ -226,6 +227,16 @@ class SourceDaemon:
             self.finished_report = outgoing.session.report(time.monotonic())
             self.progress.update(self.finished_report, force=True)
             self.progress.finish()
+            if (
+                self.options.one_shot
+                and self.signalled is None
+                and self.guest_would_run
+                and self.runner.running
+            ):
+                self.log.warning(
+                    "the guest keeps running here; this process ends when it stops "
+                    "(--stop-at-step, or Ctrl-C / SIGTERM, which stop the guest too)"
+                )
 
     def _on_signal(self, signum: int, _: Any) -> None:
         self.signalled = signal.Signals(signum).name
@@ -255,6 +266,7 @@ class SourceDaemon:
             session.cancel(time.monotonic(), f"interrupted by {self.signalled}")
             self._after_session_call()
         self.quit = True
+        self._quit_by = self.signalled
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_signal)
@@ -328,4 +340,7 @@ class SourceDaemon:
             self.zap.close()
         self.ctx.term()
         self.progress.finish()
-        return 0 if self.session is not None and self.session.phase is SourcePhase.COMPLETED else 1
+        if self.session is not None and self.session.phase is SourcePhase.COMPLETED:
+            return 0
+        # ended by a signal: as a shell reports it (130 for Ctrl-C)
+        return 128 + signal.Signals[self._quit_by].value if self._quit_by else 1

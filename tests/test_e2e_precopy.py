@@ -235,7 +235,8 @@ def test_destination_killed_mid_migration_keeps_guest_on_source(tmp_path: Path) 
     assert "silent" in src.report["error"] or "lost" in src.report["error"]
     assert src.report["guest"]["here"] is True
     assert same_guest(src.report["guest"], reference(tmp_path, *guest))
-    assert "keeps running here" in src.stdout
+    assert "the guest stayed here and stops with this process, at step 8000" in src.stdout
+    assert "the guest keeps running here; this process ends when it stops" in src.stderr
 
 
 def test_injected_mismatch_is_repaired(tmp_path: Path) -> None:

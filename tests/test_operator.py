@@ -171,9 +171,11 @@ def test_parameters_are_read_back_changed_in_any_size_spelling_and_logged(tmp_pa
         before = run(*ctl, "parameters")
         assert before.returncode == 0, before.stderr
         assert before.stdout.strip() == (
-            "parameters: downtime_limit_ms=300 max_bandwidth=unlimited max_postcopy_bandwidth=unlimited "
-            "convergence_timeout_s=60 reconnect_timeout_s=10"
+            "parameters: convergence_timeout_s=60 downtime_limit_ms=300 max_bandwidth=unlimited "
+            "max_postcopy_bandwidth=unlimited reconnect_timeout_s=10"
         )
+        listed = json.loads(run(*ctl, "parameters", "--json").stdout)
+        assert list(listed) == [p.split("=")[0] for p in before.stdout.split()[1:]], "the JSON's order"
         changed = run(*ctl, "set-parameters", "max_bandwidth=20MiB", "downtime-limit-ms=50")
         assert changed.returncode == 0, changed.stderr
         assert "max_bandwidth=20 MiB/s" in changed.stdout and "downtime_limit_ms=50" in changed.stdout
@@ -427,3 +429,29 @@ def test_limits_of_nothing_are_refused_and_a_closed_pipe_ends_ctl_quietly(tmp_pa
         assert ctl.returncode == 0 and b"Traceback" not in err, err
     finally:
         dest.kill()
+
+
+def test_the_live_line_fits_a_narrow_terminal_and_postcopy_progress_never_shows_everything_left() -> None:
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 60, 0, 0))
+    stream = os.fdopen(slave, "w")
+    report = {
+        "status": "active",
+        "mode": "postcopy",
+        "phase": "postcopy",
+        "rounds": 1,
+        "progress_percent": None,  # the source does not know yet what the destination holds
+        "remaining_bytes": None,
+        "postcopy": {"pages_missing_at_destination": None, "requests": 3, "requests_per_s": 1.5},
+    }
+    Progress(stream).update(report, force=True)
+    stream.close()
+    shown = os.read(master, 4096).decode()
+    os.close(master)
+    text = shown.removeprefix("\r").removesuffix("\x1b[K")
+    assert len(text) == 59 and text.endswith("~"), repr(shown)
+    assert text.startswith("[postcopy] [  ?   %] postcopy |"), "unknown, not 0 %"

@@ -141,3 +141,31 @@ def test_answers_count_against_the_postcopy_cap_without_waiting_for_it() -> None
     pair.src.postcopy_side.answer_requests(pair.now)
     assert pair.src.take_urgent(), "the answers went at once, capped or not"
     assert pair.src.bucket.tokens <= tokens - 3 * 4096, "and the background pays for them"
+
+
+def test_the_sources_postcopy_progress_never_goes_back() -> None:
+    """The live line showed [ 98.6 %] in precopy, then [  0.0 %] at the switchover (before the
+    destination's bitmap, everything counted as missing), and 5 % with 70 % there after a
+    recovery."""
+    migration = MigrationParameters(
+        postcopy=True, postcopy_after_rounds=1, max_bandwidth=1 << 20, max_postcopy_bandwidth=1 << 20
+    )
+    pair = Pair(
+        busy_guest(seed=6, ram=RAM, fill=Fill.RANDOM), migration, guest_speed=2000, dest_steps=100_000
+    )
+    seen: list[tuple[str, float | None]] = []
+
+    def sample() -> bool:
+        report = pair.src.report(pair.now)
+        seen.append((report["phase"], report["progress_percent"]))
+        return report["status"] != "active"
+
+    pair.src.start(pair.now)
+    pair.run_until(sample, 120.0)
+    assert pair.src.phase is SourcePhase.COMPLETED
+    postcopy = [p for phase, p in seen if phase == "postcopy"]
+    assert postcopy and None not in postcopy[-10:], "known once the destination said what it holds"
+    known = [p for p in postcopy if p is not None]
+    assert known == sorted(known), "never backwards"
+    precopy_last = [p for phase, p in seen if phase == "active" and p is not None][-1]
+    assert known[0] >= precopy_last - 5.0, (precopy_last, known[:3])

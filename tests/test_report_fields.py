@@ -14,7 +14,7 @@ from common.guest.tag_ioctl import TagCopyCounters
 from common.protocol.link import LinkStats
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.reports import dest_report, source_report
-from common.protocol.stats import TransferStats
+from common.protocol.stats import Downtime, TransferStats
 from common.wire import mte_migration_pb2 as pb
 
 # 3087503 bytes in two seconds are 1543751.5 bytes/s: the unit (bytes, not bits), the division
@@ -25,6 +25,8 @@ EDGE_RATE = 1_543_752
 
 def source(**overrides: Any) -> Any:
     stats = TransferStats(ram_bytes=EDGE_BYTES - 1000, tag_bytes=600, other_bytes=400)
+    # each side's part, the other's as it told it: the one sum both report
+    stats.downtime = Downtime(source_s=0.4995, destination_s=0.0005)
     session = SimpleNamespace(
         t_start=100.0,
         t_setup_done=100.25,
@@ -72,6 +74,7 @@ def test_the_source_report_computes_each_field() -> None:
     assert report["total_time_ms"] == 2000.0  # from the start to the end, not to `now`
     assert report["setup_time_ms"] == 250.0
     assert report["downtime_ms"] == 500.0
+    assert report["downtime_parts_ms"] == {"source": 499.5, "destination": 0.5}
     assert report["expected_downtime_ms"] == 42.123
     assert report["downtime_limit_ms"] == 300.0 and report["rounds"] == 7
     assert report["throttle"] == 0.123
@@ -109,7 +112,8 @@ def test_the_source_report_computes_each_field() -> None:
 
 def test_the_source_report_while_running_and_after_a_failure() -> None:
     running = source_report(
-        source(phase=SourcePhase.ACTIVE, t_end=None, t_stop=None, t_setup_done=None), now=100.5
+        source(phase=SourcePhase.ACTIVE, t_end=None, t_stop=None, t_setup_done=None, stats=TransferStats()),
+        now=100.5,
     )
     assert running["status"] == "active" and running["total_time_ms"] == 500.0
     assert running["setup_time_ms"] is None and running["downtime_ms"] is None
@@ -128,8 +132,10 @@ def test_the_source_report_while_running_and_after_a_failure() -> None:
         now=100.5,
     )
     assert small["progress_percent"] == 98.0, "98.09...% rounded down"
+    # stopped, the commit sent, never heard whether the destination started it
+    unheard = TransferStats(downtime=Downtime(source_s=0.5))
     failed = source_report(
-        source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost")), now=500.0
+        source(phase=SourcePhase.FAILED, failure=SimpleNamespace(reason="lost"), stats=unheard), now=500.0
     )
     assert failed["status"] == "failed" and failed["error"] == "lost"
     assert failed["downtime_ms"] is None, "a failed migration had no downtime: the guest runs on"
@@ -176,7 +182,12 @@ def dest(**overrides: Any) -> Any:
         phase=DestPhase.RUNNING,
         failure=None,
         rounds=4,
-        stats=TransferStats(ram_bytes=EDGE_BYTES - 600, tag_bytes=600, other_bytes=10_000),
+        stats=TransferStats(
+            ram_bytes=EDGE_BYTES - 600,
+            tag_bytes=600,
+            other_bytes=10_000,
+            downtime=Downtime(source_s=0.1, destination_s=0.025),
+        ),
         guest=SimpleNamespace(
             memory=SimpleNamespace(
                 ram_bytes=1 << 30, tag_ioctl=SimpleNamespace(counters=TagCopyCounters(7, 0, 1792))
@@ -205,7 +216,10 @@ def test_the_destination_report_computes_each_field() -> None:
     assert report["status"] == "completed" and report["phase"] == "running"
     assert report["total_time_ms"] == 2000.0, "from the hello, not from when the daemon started"
     assert report["setup_time_ms"] == 125.0
-    assert report["downtime_ms"] == 125.0
+    assert report["downtime_ms"] == 125.0 and report["downtime_parts_ms"] == {
+        "source": 100.0,
+        "destination": 25.0,
+    }
     assert report["throughput_bytes_per_s"] == EDGE_RATE, "pages and tags only"
     assert report["remaining_bytes"] == 0 and report["progress_percent"] == 100.0 and report["eta_s"] is None
     assert report["rounds"] == 4 and report["refused_messages"] == 2
@@ -246,12 +260,20 @@ def test_the_destination_status(phase: DestPhase, failure: Any, status: str) -> 
 
 
 def test_the_destination_report_before_the_guest_runs() -> None:
-    early = dest(t_hello=None, t_first_data=None, t_stop_seen=100.5, t_running=None, t_end=51.0, guest=None)
+    early = dest(
+        t_hello=None,
+        t_first_data=None,
+        t_stop_seen=100.5,
+        t_running=None,
+        t_end=51.0,
+        guest=None,
+        stats=TransferStats(),
+    )
     report = dest_report(early, now=500.0)
     assert report["total_time_ms"] == 1000.0, "from the daemon's start while no hello came"
     assert report["setup_time_ms"] is None and report["downtime_ms"] is None
     assert report["ram"]["guest_bytes"] == 0
-    no_stop = dest_report(dest(t_stop_seen=None), now=101.0)
+    no_stop = dest_report(dest(t_stop_seen=None, stats=TransferStats()), now=101.0)
     assert no_stop["downtime_ms"] is None
     no_data = dest_report(dest(t_first_data=None), now=101.0)
     assert no_data["setup_time_ms"] is None

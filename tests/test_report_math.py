@@ -20,12 +20,19 @@ def timeline(report: dict) -> dict[str, float]:
     return {entry["event"]: entry["at_ms"] for entry in report["timeline"]}
 
 
-def test_postcopy_downtime_ends_when_the_destination_runs_and_requests_are_per_second_of_it() -> None:
+def test_postcopy_downtime_is_one_figure_on_both_sides_and_requests_are_per_second_of_it() -> None:
     pair = run_to_end(postcopy_pair(seed=5, after_rounds=0))
     src = pair.src.report(pair.now)
+    dst = pair.dst.report(pair.now)
     when = timeline(src)
+    # each side measured its part and told the other: the same parts, the same sum
+    assert src["downtime_parts_ms"] == dst["downtime_parts_ms"]
+    assert (
+        src["downtime_ms"]
+        == dst["downtime_ms"]
+        == pytest.approx(sum(src["downtime_parts_ms"].values()), abs=2e-3)
+    )
     # the guest runs again at the destination's start, long before the migration ends
-    assert src["downtime_ms"] == pytest.approx(when["destination running"] - when["guest stopped"], abs=1e-2)
     assert src["downtime_ms"] < src["total_time_ms"] - when["guest stopped"] - 1.0
     requests = src["postcopy"]["requests"]
     assert requests > 0
@@ -56,7 +63,10 @@ def test_what_is_left_mid_postcopy_is_what_the_destination_lacks() -> None:
     assert pc is not None and pair.src.phase is SourcePhase.POSTCOPY
     src = pair.src.report(pair.now)
     assert pair.src.dest_missing is not None and pair.src.dest_missing > 0
-    assert src["remaining_bytes"] == pair.src.dest_missing * PAGE_STATE_BYTES
+    # what the source has yet to send of what the destination said it lacks
+    assert (
+        src["remaining_bytes"] == pc.missing() * PAGE_STATE_BYTES <= pair.src.dest_missing * PAGE_STATE_BYTES
+    )
     assert 0.0 <= src["progress_percent"] < 100.0
 
 

@@ -18,12 +18,13 @@ from common.constants import (
 from common.guest.dirtylog import DirtyModel
 from common.units import parse_size
 
-# What set-parameters may change while a migration runs, and the unit each is given in.
+# What set-parameters may change while a migration runs, and the unit each is given in; in
+# the order of the reports' JSON (sorted), so that every listing of them reads alike.
 SETTABLE_UNITS = {
+    "convergence_timeout_s": "seconds",
     "downtime_limit_ms": "milliseconds",
     "max_bandwidth": "bytes per second, sizes allowed (20MiB); 0 = unlimited",
     "max_postcopy_bandwidth": "bytes per second for postcopy's background pages, sizes allowed; 0 = unlimited",
-    "convergence_timeout_s": "seconds",
     "reconnect_timeout_s": "seconds",
 }
 SETTABLE = tuple(SETTABLE_UNITS)

@@ -30,6 +30,7 @@ from common.protocol.postcopy import (
     manifest_messages,
 )
 from common.protocol.ratelimit import TokenBucket
+from common.protocol.stats import Downtime
 from common.protocol.timers import Timer
 from common.protocol.urgent import MAX_HELD_US, Answered, UrgentAnswerer, urgent_routing_id
 from common.transfer import device_state
@@ -61,6 +62,7 @@ class SourcePostcopySide:
     def switchover(self, now: float) -> None:
         """Stop here, send the vCPU state and the manifest, and let the destination run."""
         s = self.s
+        began = self.clock()  # hashing the manifest below is downtime the session's `now` misses
         s.host.stop_guest()
         s.guest_stopped = True
         s.t_stop = now
@@ -75,7 +77,11 @@ class SourcePostcopySide:
         for message in messages:
             s._send(now, page_manifest=message)
         self.switchover_vcpus = s.guest.state_digest()
-        s._send(now, postcopy_start=pb.PostcopyStart(page_count=s.mem.page_count))
+        s.stats.downtime.source_s = self.clock() - began
+        start = pb.PostcopyStart(
+            page_count=s.mem.page_count, source_downtime_us=Downtime.to_us(s.stats.downtime.source_s)
+        )
+        s._send(now, postcopy_start=start)
         s.postcopy = SourcePostcopy(s.mem.page_count)
         # the guest starts there now and is likely to fault soon: small background messages
         # until it has not for a while
@@ -104,6 +110,7 @@ class SourcePostcopySide:
         if s.t_dest_running is None:
             s.t_dest_running = now
             s._mark_time("destination running", now)
+            s.stats.downtime.destination_s = Downtime.from_us(msg.destination_downtime_us)
         if msg.complete:
             s.dest_missing = 0
             if s.phase is _S.POSTCOPY:
@@ -282,6 +289,7 @@ class DestPostcopySide:
     def on_postcopy_start(self, msg: pb.PostcopyStart, _: Buffer, now: float) -> None:
         s = self.s
         assert s.guest is not None
+        began = time.perf_counter()  # taking the known digests and starting cost real time
         pc = s.postcopy
         if pc is None or not s.source_stopped:
             raise WireError(pb.ERROR_BAD_MESSAGE, "postcopy start before the switchover and its manifest")
@@ -298,7 +306,9 @@ class DestPostcopySide:
         s._move(_D.POSTCOPY)
         s.t_running = now
         s._events.append(ev.PostcopyStarted(pc.missing()))
-        self.send_bitmap(now)
+        s.stats.downtime.source_s = Downtime.from_us(msg.source_downtime_us)
+        s.stats.downtime.destination_s = time.perf_counter() - began
+        self.send_bitmap(now, started_after_s=s.stats.downtime.destination_s)
 
     def on_postcopy_pages(
         self, msg: pb.PostcopyPages, payload: Buffer, now: float, *, urgent: bool = False
@@ -465,10 +475,15 @@ class DestPostcopySide:
             s.guest.memory.gate = None  # no more journaling: every access is to a present page
             self.send_bitmap(now)
 
-    def send_bitmap(self, now: float) -> None:
+    def send_bitmap(self, now: float, started_after_s: float = 0.0) -> None:
         pc = self.s.postcopy
         assert pc is not None
         pc.t_last_bitmap = now
         bitmap = b"" if pc.complete else encode_bitmap(pc.present)
-        received = pb.ReceivedBitmap(page_count=pc.page_count, bitmap_lz4=bitmap, complete=pc.complete)
+        received = pb.ReceivedBitmap(
+            page_count=pc.page_count,
+            bitmap_lz4=bitmap,
+            complete=pc.complete,
+            destination_downtime_us=Downtime.to_us(started_after_s),
+        )
         self.s._send(now, received_bitmap=received)

@@ -45,6 +45,8 @@ class Precopy:
     pass_: PagePass | None = None
     throttle: float = 0.0
     expected_downtime_s: float | None = None
+    # the progress a report showed last, where postcopy's progress starts (reports.py)
+    shown_percent: float | None = None
     dirty_pages_rate: float = 0.0
     t_round: float = 0.0  # when the current round began
     _acked_at_round: int = 0  # the meter's total when the current round began

@@ -6,6 +6,7 @@ commit, or a repair pass). A part of its SourceSession: it sends and moves throu
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -17,7 +18,7 @@ from common.protocol import events as ev
 from common.protocol.outbound import Outbound
 from common.protocol.phases import DestPhase, SourcePhase
 from common.protocol.precopy import Verdict
-from common.protocol.stats import RoundRecord
+from common.protocol.stats import Downtime, RoundRecord
 from common.protocol.verify import MAX_VERIFY_ATTEMPTS, destination_verdict
 from common.transfer import (
     DamagedBatch,
@@ -189,7 +190,9 @@ class SourcePrecopySide:
         fault = s.verifier.judge(result)
         if fault is None:
             s._move(_S.COMMITTING)
-            s._send(now, commit=pb.Commit())
+            assert s.t_stop is not None
+            s.stats.downtime.source_s = now - s.t_stop
+            s._send(now, commit=pb.Commit(source_downtime_us=Downtime.to_us(now - s.t_stop)))
             return
         s._move(_S.SWITCHOVER)
         s.precopy.repair_pass(*fault)
@@ -304,11 +307,18 @@ class DestPrecopySide:
             self.repairing = True  # what arrives before the next request is the repair
         s._send(now, verify_result=result)
 
-    def on_commit(self, _: pb.Commit, __: Buffer, now: float) -> None:
+    def on_commit(self, msg: pb.Commit, __: Buffer, now: float) -> None:
         s = self.s
         assert s.guest is not None
+        began = time.perf_counter()  # what starting costs is not in the session's `now`
         s.host.start_guest(s.guest)
         s._move(_D.RUNNING)
         s.t_running = s.t_end = now
-        s._send(now, started=pb.Started(step=s.guest.vcpus[0].x[REG_STEP]))
+        downtime = s.stats.downtime
+        downtime.source_s = Downtime.from_us(msg.source_downtime_us)
+        downtime.destination_s = time.perf_counter() - began
+        started = pb.Started(
+            step=s.guest.vcpus[0].x[REG_STEP], destination_downtime_us=Downtime.to_us(downtime.destination_s)
+        )
+        s._send(now, started=started)
         s._events.append(ev.Finished("completed", None))

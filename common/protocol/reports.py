@@ -25,23 +25,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         SourcePhase.CANCELLED: "cancelled",
         SourcePhase.UNSETTLED: "unsettled",
     }.get(session.phase, "active")
-    downtime = (
-        (session.t_end - session.t_stop)
-        if (
-            session.t_stop is not None
-            and session.t_end is not None
-            and session.phase is SourcePhase.COMPLETED
-        )
-        else None
-    )
     pc = session.postcopy
-    if pc is not None:
-        # the guest ran again as soon as the destination started it, not at the end
-        downtime = (
-            session.t_dest_running - session.t_stop
-            if session.t_dest_running is not None and session.t_stop is not None
-            else None
-        )
     link = session.link.stats
     remaining = _source_remaining(session)
     rate = session.meter.rate() if not session.phase.terminal else None
@@ -56,12 +40,13 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
         "setup_time_ms": ms(session.t_setup_done - session.t_start)
         if session.t_setup_done is not None
         else None,
-        "downtime_ms": ms(downtime),
+        "downtime_ms": session.stats.downtime.total_ms(),
+        "downtime_parts_ms": session.stats.downtime.parts_ms(),
         "expected_downtime_ms": ms(session.precopy.expected_downtime_s),
         "downtime_limit_ms": session.params.downtime_limit_ms,
         "rounds": session.round,
         "throttle": round(session.throttle, 3),
-        "progress_percent": _percent(status, remaining, session.mem.ram_bytes),
+        "progress_percent": _shown_percent(session, _percent(status, remaining, session.mem.ram_bytes)),
         "remaining_bytes": remaining,
         "eta_s": round(remaining / rate, 3) if remaining is not None and rate else None,
         "rate_bytes_per_s": round(rate) if rate else None,
@@ -121,10 +106,29 @@ def _source_remaining(session: SourceSession) -> int | None:
         return None  # nothing more will be sent, or round 1 has not yet counted what there is
     pc = session.postcopy
     if pc is not None:
-        missing = session.dest_missing if session.dest_missing is not None else pc.missing()
-        return missing * PAGE_STATE_BYTES
+        # what is still to send: until the destination's bitmap says what it holds, its last
+        # word (or unknown), never "everything", which would show progress going back to 0 %
+        if pc.needed is not None:
+            return pc.missing() * PAGE_STATE_BYTES
+        return None if session.dest_missing is None else session.dest_missing * PAGE_STATE_BYTES
     p = session.precopy.pass_
     return p.remaining_bytes if p is not None else 0
+
+
+def _shown_percent(session: SourceSession, percent: float | None) -> float | None:
+    """Postcopy's progress starts where precopy's stopped and never goes back: the source
+    learns what the destination holds only from its bitmap, and precopy's figure, which
+    ignored pages dirtied again, may have been above it. The figure shown is a floor kept
+    with the session, so a report is the one place that writes it."""
+    if session.postcopy is None or session.phase.terminal:
+        if percent is not None and not session.phase.terminal:
+            session.precopy.shown_percent = percent
+        return percent
+    floor = session.precopy.shown_percent
+    if floor is not None and (percent is None or percent < floor):
+        return floor
+    session.precopy.shown_percent = percent
+    return percent
 
 
 def _percent(status: str, remaining: int | None, guest_bytes: int) -> float | None:
@@ -149,11 +153,6 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         status = "failed"
     if session.failure and session.failure.code == pb.ERROR_CANCELLED:
         status = "cancelled"
-    downtime = (
-        session.t_running - session.t_stop_seen
-        if session.t_running is not None and session.t_stop_seen is not None
-        else None
-    )
     total = end - (session.t_hello if session.t_hello is not None else session.t_start)
     link = session.link.stats
     guest_bytes = session.guest.memory.ram_bytes if session.guest else 0
@@ -176,7 +175,8 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         "setup_time_ms": ms(session.t_first_data - session.t_hello)
         if session.t_hello is not None and session.t_first_data is not None
         else None,
-        "downtime_ms": ms(downtime),
+        "downtime_ms": session.stats.downtime.total_ms(),
+        "downtime_parts_ms": session.stats.downtime.parts_ms(),
         "expected_downtime_ms": None,
         "rounds": session.rounds,
         "progress_percent": _percent(status, remaining, guest_bytes),

@@ -419,6 +419,7 @@ class SourceSession:
         self.precopy_side.on_verify_result(result, now)
 
     def _on_started(self, started: pb.Started, now: float) -> None:
+        self.stats.downtime.destination_s = started.destination_downtime_us / 1e6
         self._complete(now, None)
 
     # -- the data path ----------------------------------------------------------------------

@@ -268,20 +268,24 @@ class UrgentReady(_message.Message):
     def __init__(self) -> None: ...
 
 class PostcopyStart(_message.Message):
-    __slots__ = ("page_count",)
+    __slots__ = ("page_count", "source_downtime_us")
     PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_DOWNTIME_US_FIELD_NUMBER: _ClassVar[int]
     page_count: int
-    def __init__(self, page_count: _Optional[int] = ...) -> None: ...
+    source_downtime_us: int
+    def __init__(self, page_count: _Optional[int] = ..., source_downtime_us: _Optional[int] = ...) -> None: ...
 
 class ReceivedBitmap(_message.Message):
-    __slots__ = ("page_count", "bitmap_lz4", "complete")
+    __slots__ = ("page_count", "bitmap_lz4", "complete", "destination_downtime_us")
     PAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
     BITMAP_LZ4_FIELD_NUMBER: _ClassVar[int]
     COMPLETE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_DOWNTIME_US_FIELD_NUMBER: _ClassVar[int]
     page_count: int
     bitmap_lz4: bytes
     complete: bool
-    def __init__(self, page_count: _Optional[int] = ..., bitmap_lz4: _Optional[bytes] = ..., complete: _Optional[bool] = ...) -> None: ...
+    destination_downtime_us: int
+    def __init__(self, page_count: _Optional[int] = ..., bitmap_lz4: _Optional[bytes] = ..., complete: _Optional[bool] = ..., destination_downtime_us: _Optional[int] = ...) -> None: ...
 
 class GuestDigests(_message.Message):
     __slots__ = ("ram_digest", "tag_digest", "vcpu_digest", "ram_block_digests", "tag_block_digests")
@@ -330,14 +334,18 @@ class VerifyResult(_message.Message):
     def __init__(self, ok: _Optional[bool] = ..., destination: _Optional[_Union[GuestDigests, _Mapping]] = ..., page_digests: _Optional[_Iterable[_Union[PageDigests, _Mapping]]] = ..., vcpu_mismatch: _Optional[bool] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Commit(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("source_downtime_us",)
+    SOURCE_DOWNTIME_US_FIELD_NUMBER: _ClassVar[int]
+    source_downtime_us: int
+    def __init__(self, source_downtime_us: _Optional[int] = ...) -> None: ...
 
 class Started(_message.Message):
-    __slots__ = ("step",)
+    __slots__ = ("step", "destination_downtime_us")
     STEP_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_DOWNTIME_US_FIELD_NUMBER: _ClassVar[int]
     step: int
-    def __init__(self, step: _Optional[int] = ...) -> None: ...
+    destination_downtime_us: int
+    def __init__(self, step: _Optional[int] = ..., destination_downtime_us: _Optional[int] = ...) -> None: ...
 
 class Ack(_message.Message):
     __slots__ = ("resend_from",)

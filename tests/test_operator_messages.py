@@ -1,0 +1,87 @@
+"""What the daemons say when things end, checked against what really happens: a keyless source
+at a keyed destination is named on both sides, a one-shot source whose migration failed says
+that it lives on with its guest, Ctrl-C says the guest stops with the process, and a source
+that simply left after a good handover is not reported unreachable."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.e2e import SMALL_GUEST, SOURCE, Dest, finish_source, make_keys, run_source, start_source
+from tests.test_e2e_precopy import slow_migration
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_keyless_source_at_a_keyed_destination_is_told_why_on_both_sides(tmp_path: Path) -> None:
+    keys = make_keys(tmp_path / "keys")
+    dest = Dest(tmp_path, *keys.dest_args())
+    try:
+        # a failed one-shot migration leaves the guest running: it ends at its --stop-at-step
+        got = run_source(
+            tmp_path,
+            *SMALL_GUEST,
+            "--steps-per-second",
+            "200",
+            "--stop-at-step",
+            "400",
+            "--migrate-to",
+            dest.uri,
+        )
+        time.sleep(0.3)
+    finally:
+        dest.proc.send_signal(signal.SIGTERM)
+        finished = dest.finish(timeout=30)
+    assert got.code == 1
+    assert "requires keys: give --key and --peer-key" in got.stderr
+    assert "the guest keeps running here; this process ends when it stops" in got.stderr
+    assert "the guest stayed here and stops with this process, at step 400" in got.stdout
+    assert "a source without keys (this destination requires CURVE keys" in finished.stderr
+
+
+def test_ctrl_c_mid_migration_says_the_guest_stops_with_the_process(tmp_path: Path) -> None:
+    guest, knobs = slow_migration(tmp_path)
+    dest = Dest(tmp_path)
+    try:
+        proc, report = start_source(tmp_path, *guest, *knobs, "--migrate-to", dest.uri)
+        time.sleep(2.0)
+        proc.send_signal(signal.SIGINT)
+        got = finish_source(proc, report, timeout=30)
+        finished = dest.finish(timeout=30)
+    finally:
+        dest.kill()
+    assert got.code == 130, got.stderr[-2000:]
+    last = got.stdout.strip().splitlines()[-1]
+    assert last.startswith("migration cancelled: interrupted by SIGINT (the guest stayed here and stops"), (
+        last
+    )
+    assert "keeps running" not in last
+    assert finished.report["status"] == "cancelled"
+
+
+def test_a_source_that_left_after_a_good_handover_is_not_called_unreachable(tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "3000")
+    got = run_source(
+        tmp_path,
+        *SMALL_GUEST,
+        "--steps-per-second",
+        "1000",
+        "--stop-at-step",
+        "3000",
+        "--migrate-to",
+        dest.uri,
+    )
+    finished = dest.finish(timeout=60)
+    assert got.code == 0 and finished.code == 0, finished.stderr[-2000:]
+    assert "source unreachable" not in finished.stderr
+
+
+def test_the_help_says_when_a_one_shot_source_exits() -> None:
+    text = subprocess.run([*SOURCE, "--help"], capture_output=True, text=True, timeout=30).stdout
+    flat = " ".join(text.split())
+    assert "exit once it completed, or after a failure once the guest, still running here, stops" in flat
