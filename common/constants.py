@@ -129,6 +129,10 @@ PROGRESS_LINE_INTERVAL_S = 0.2
 # they arrive together).
 EVENT_LOG_KEEP = 1000
 EVENT_POLL_INTERVAL_S = 0.2
+# The plot's samples of a migration over time (common/samples.py): how often, and at most how
+# many (then every other one goes and the interval doubles).
+SAMPLE_INTERVAL_S = 0.1
+MAX_SAMPLES = 2000
 
 # How long a thread that wants the interpreter waits for the one holding it (CPython's switch
 # interval, 5 ms by default). The postcopy source's urgent thread answers a page request while

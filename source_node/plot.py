@@ -1,9 +1,10 @@
-"""source-node plot: one migration drawn from its report.
+"""source-node plot: one migration drawn from its report, over time.
 
-Per precopy round: the bytes of pages and of tags on the wire, the dirty rate and the
-throughput, the auto-converge throttle; the downtime window (guest stopped to destination
-running) on the time axis; with a postcopy destination's report (--dest), the latency of each
-page the guest waited for. Plotting is an optional extra: pip install -e ".[plot]".
+What was left to send; pages and tags on the wire per second, and the auto-converge throttle;
+the dirty rate during precopy rounds; the rounds, the downtime, postcopy and any time the link
+was down, shaded across all of them; with the destination's report (--dest), each wait of a
+vCPU for a postcopy page. The numbers come from source_node/plot_data.py. Plotting is an
+optional extra: pip install -e ".[plot]".
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+
+from source_node.plot_data import PlotData, plot_data
 
 INSTALL_HINT = 'source-node plot needs matplotlib: pip install -e ".[plot]" (or pip install matplotlib)'
 
@@ -30,87 +33,93 @@ def _load(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
     return report
 
 
-def _events(report: dict[str, Any]) -> dict[str, float]:
-    return {entry["event"]: entry["at_ms"] for entry in report.get("timeline") or []}
-
-
 def draw(source: dict[str, Any], dest: dict[str, Any] | None, out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # files only: no display needed
     import matplotlib.pyplot as plt
 
-    rounds = source.get("rounds_detail") or []
-    latencies = ((dest or {}).get("postcopy") or {}).get("fault_latencies_ms") or []
-    panels = 3 + (1 if latencies else 0)
-    fig, axes = plt.subplots(panels, 1, figsize=(9, 2.6 * panels), constrained_layout=True)
-    title = (
-        f"{source.get('mode')} migration: {source.get('status')}, {source.get('rounds')} rounds, "
-        f"downtime {source.get('downtime_ms')} ms (limit {source.get('downtime_limit_ms')} ms)"
-    )
-    fig.suptitle(title)
-    numbers = [r["round"] for r in rounds]
-    mib = 1 << 20
+    data = plot_data(source, dest)
+    dirty = any(v == v for v in data.dirty_pages_s)  # (nan != nan) a rate was measured
+    panels = 2 + (1 if dirty else 0) + (1 if data.latency_ms else 0)
+    fig, axes = plt.subplots(panels, 1, figsize=(10, 2.4 * panels), sharex=True, constrained_layout=True)
+    fig.suptitle(data.title)
+    for ax in axes:
+        _shade(ax, data)
 
     ax = axes[0]
-    pages = [r["ram_wire_bytes"] / mib for r in rounds]
-    tags = [r["tag_wire_bytes"] / mib for r in rounds]
-    ax.bar([n - 0.2 for n in numbers], pages, width=0.4, label="pages", color="tab:blue")
-    ax.bar([n + 0.2 for n in numbers], tags, width=0.4, label="tags", color="tab:orange")
-    ax.set_ylabel("MiB on the wire")
-    ax.set_yscale("log")  # round 1 carries the whole guest; later rounds only what was dirtied
-    ax.set_xlabel("round")
-    ax.set_xticks(numbers)
-    ax.legend(loc="upper right")
+    ax.plot(data.t_s, data.remaining_mib, color="tab:blue", label="left to send")
+    ax.set_ylabel("MiB left")
+    ax.set_ylim(bottom=0)
+    _round_labels(ax, data)
+    ax.legend(loc="upper right", fontsize=8)
 
     ax = axes[1]
-    ax.plot(
-        numbers, [(r["throughput_bytes_per_s"] or 0) / mib for r in rounds], "o-", label="throughput (MiB/s)"
-    )
-    ax.set_ylabel("MiB/s")
-    ax.set_xlabel("round (throttle under each point)")
-    ax.set_xticks(numbers)
-    for r in rounds:
-        if r["throttle"]:
-            ax.annotate(f"{r['throttle']:.0%}", (r["round"], (r["throughput_bytes_per_s"] or 0) / mib),
-                        textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8)  # fmt: skip
+    ax.plot(data.t_s, data.pages_mib_s, color="tab:blue", label="pages")
+    ax.plot(data.t_s, data.tags_mib_s, color="tab:orange", label="tags")
+    ax.set_ylabel("MiB/s on the wire")
+    ax.set_ylim(bottom=0)
     twin = ax.twinx()
-    twin.plot(
-        numbers, [r["dirty_pages_rate"] or 0 for r in rounds], "s--", color="tab:red", label="dirty pages/s"
-    )
-    twin.set_ylabel("pages dirtied per second")
+    twin.plot(data.t_s, data.throttle_pct, color="tab:gray", linestyle=":", label="throttle")
+    twin.set_ylabel("throttle %")
+    twin.set_ylim(0, 100)
     lines = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
-    ax.legend(lines, [line.get_label() for line in lines], loc="upper right")
+    ax.legend(lines, [line.get_label() for line in lines], loc="upper right", fontsize=8)
 
-    ax = axes[2]
-    for r in rounds:
-        ax.barh(
-            0,
-            r["duration_ms"],
-            left=r["start_ms"],
-            height=0.5,
-            color="tab:blue",
-            alpha=0.4 + 0.6 * r["throttle"],
-        )
-        ax.text(
-            r["start_ms"] + r["duration_ms"] / 2, 0, str(r["round"]), ha="center", va="center", fontsize=8
-        )
-    events = _events(source)
-    stopped = events.get("guest stopped")
-    running = events.get("destination running") or events.get("postcopy started")
-    if stopped is not None and running is not None:
-        ax.axvspan(stopped, max(running, stopped + 0.5), color="tab:red", alpha=0.5, label="downtime")
-        ax.legend(loc="upper right")
-    ax.set_yticks([])
-    ax.set_xlabel("ms since the start (rounds; darker = more throttle)")
+    if dirty:
+        ax = axes[2]
+        ax.plot(data.t_s, data.dirty_pages_s, color="tab:red", label="dirtied (at each round's end)")
+        ax.set_ylabel("pages dirtied/s")
+        ax.set_ylim(bottom=0, top=max(v for v in data.dirty_pages_s if v == v) * 1.1 or 1.0)
+        ax.legend(loc="upper right", fontsize=8)
 
-    if latencies:
-        ax = axes[3]
-        ax.hist(latencies, bins=min(50, max(5, len(latencies) // 4)), color="tab:green")
-        ax.set_xlabel("postcopy page request latency (ms)")
-        ax.set_ylabel("requests")
+    if data.latency_ms:
+        ax = axes[-1]
+        ax.scatter(
+            data.latency_t_s, data.latency_ms, s=4, color="tab:green", label="a vCPU's wait for a page"
+        )
+        ax.set_ylabel("request latency (ms)")
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1].set_xlabel("seconds since the migration started")
+    axes[-1].set_xlim(0, max(data.end_s, max(data.t_s, default=0.0)) or 1.0)
     fig.savefig(out, dpi=100)
     plt.close(fig)
+
+
+_COLOURS = {"downtime": ("tab:red", 0.35), "postcopy": ("tab:green", 0.12), "paused": ("black", 0.25)}
+
+
+def _shade(ax: Any, data: PlotData) -> None:
+    """Rounds as alternate light bands; downtime, postcopy and a link down on top, in colour."""
+    for i, band in enumerate(b for b in data.bands if b.kind == "round"):
+        ax.axvspan(band.start_s, band.end_s, color="tab:blue", alpha=0.04 if i % 2 else 0.10, lw=0)
+    for band in data.bands:
+        if band.kind in _COLOURS:
+            colour, alpha = _COLOURS[band.kind]
+            # a downtime of a few ms is still drawn wide enough to see
+            end = max(band.end_s, band.start_s + data.end_s / 300)
+            ax.axvspan(band.start_s, end, color=colour, alpha=alpha, lw=0, label=None)
+
+
+def _round_labels(ax: Any, data: PlotData) -> None:
+    """A round's number above its band when there is room for it (no "34 5")."""
+    room = data.end_s / 40
+    last = float("-inf")
+    for band in data.bands:
+        if band.kind == "round" and band.end_s - band.start_s >= room and band.start_s - last >= room:
+            ax.annotate(f"round {band.label}", ((band.start_s + band.end_s) / 2, 1.0), xycoords=("data", "axes fraction"),
+                        ha="center", va="bottom", fontsize=7)  # fmt: skip
+            last = band.start_s
+        elif band.kind == "downtime":
+            ax.annotate(band.label, (band.start_s, 1.0), xycoords=("data", "axes fraction"), ha="left",
+                        va="bottom", fontsize=7, color="tab:red")  # fmt: skip
+        elif band.kind == "paused":
+            ax.annotate(band.label, ((band.start_s + band.end_s) / 2, 1.0), xycoords=("data", "axes fraction"),
+                        ha="center", va="bottom", fontsize=7, color="black")  # fmt: skip
+        elif band.kind == "postcopy":  # at its end: a link down may fill its middle
+            ax.annotate(band.label, (band.end_s, 1.0), xycoords=("data", "axes fraction"),
+                        ha="right", va="bottom", fontsize=7, color="tab:green")  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:

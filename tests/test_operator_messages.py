@@ -5,6 +5,7 @@ that simply left after a good handover is not reported unreachable."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -85,3 +86,31 @@ def test_the_help_says_when_a_one_shot_source_exits() -> None:
     text = subprocess.run([*SOURCE, "--help"], capture_output=True, text=True, timeout=30).stdout
     flat = " ".join(text.split())
     assert "exit once it completed, or after a failure once the guest, still running here, stops" in flat
+
+
+def test_small_edges_of_the_cli(tmp_path: Path) -> None:
+    # ctl on an ipc path where nothing listens answers at once, and --json keeps its shape
+    missing = subprocess.run(
+        [*SOURCE, "ctl", "--control", f"ipc://{tmp_path}/none.ctl", "status", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert missing.returncode == 1
+    assert json.loads(missing.stdout) == {
+        "ok": False,
+        "error": f"no daemon at ipc://{tmp_path}/none.ctl: there is no such socket file (is its --control this?)",
+    }
+    zero = subprocess.run([*SOURCE, "--max-ram", "0"], capture_output=True, text=True, timeout=30)
+    assert zero.returncode == 2 and "--max-ram: 0: must be more than 0" in zero.stderr
+
+
+def test_a_guest_arriving_past_the_destinations_stop_step_is_said_and_stays_stopped(tmp_path: Path) -> None:
+    dest = Dest(tmp_path, "--stop-at-step", "10")
+    got = run_source(
+        tmp_path, *SMALL_GUEST, "--steps-per-second", "400", "--stop-at-step", "800", "--migrate-to", dest.uri
+    )
+    finished = dest.finish(timeout=60)
+    assert got.code == 0 and finished.code == 0, finished.stderr[-2000:]
+    assert "the guest arrived past this node's --stop-at-step: it stays stopped here" in finished.stderr
+    assert finished.report["guest"]["step"] == got.report["guest"]["step"] > 10, "not one step run here"

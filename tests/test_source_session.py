@@ -203,7 +203,9 @@ def test_silence_short_of_each_limit_is_tolerated() -> None:
     assert live.connected and not [e for e in live.take_events() if isinstance(e, Reconnect)]
     live.poll(1.01)
     assert not live.connected
-    assert any(event.startswith("link lost, reconnecting (epoch 2)") for event, _ in live.timeline)
+    assert any(
+        event.startswith("link lost, reconnecting (epoch 2; silent for ") for event, _ in live.timeline
+    )
     live.poll(4.0099)  # just before the reconnect timeout
     assert live.phase is SourcePhase.ACTIVE
     live.poll(4.01)

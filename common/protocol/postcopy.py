@@ -181,6 +181,7 @@ class DestPostcopy:
         # before the request left, held at the source, the rest (on the wire and in either
         # side's loop), in the order of latencies_s
         self._parts = array("d")
+        self.missed_at = array("d")  # when each wait began, in the order of latencies_s (the plot)
         self.background_pages = 0
         self.requested_pages = 0
         self.rejected_pages = 0
@@ -300,6 +301,7 @@ class DestPostcopy:
             if wait is not None:
                 asked, missed = wait
                 self.latencies_s.append(now - missed)
+                self.missed_at.append(missed)
                 held = min(held_s, max(0.0, now - asked)) if requested else 0.0
                 self._parts.extend((asked - missed, held, max(0.0, now - asked - held)))
         if requested:

@@ -27,7 +27,7 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     }.get(session.phase, "active")
     pc = session.postcopy
     link = session.link.stats
-    remaining = _source_remaining(session)
+    remaining = source_remaining(session)
     rate = session.meter.rate() if not session.phase.terminal else None
     return {
         "status": status,
@@ -92,10 +92,11 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
             **session.precopy.log.counts.as_report(),
         },
         "tag_ioctl": session.mem.tag_ioctl.counters.as_report(),
+        "samples": session.stats.samples.as_report(),
     }
 
 
-def _source_remaining(session: SourceSession) -> int | None:
+def source_remaining(session: SourceSession) -> int | None:
     """Bytes of pages and tags still to send as far as anyone knows now: the rest of this pass
     in precopy (later rounds may add what the guest dirties meanwhile), what the destination
     lacks in postcopy; None once nothing more will be sent."""
@@ -153,7 +154,7 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
         status = "failed"
     if session.failure and session.failure.code == pb.ERROR_CANCELLED:
         status = "cancelled"
-    total = end - (session.t_hello if session.t_hello is not None else session.t_start)
+    total = end - _dest_t0(session)
     link = session.link.stats
     guest_bytes = session.guest.memory.ram_bytes if session.guest else 0
     pc = session.postcopy
@@ -207,6 +208,10 @@ def dest_report(session: DestSession, now: float) -> dict[str, Any]:
     }
 
 
+def _dest_t0(session: DestSession) -> float:
+    return session.t_hello if session.t_hello is not None else session.t_start
+
+
 def _dest_postcopy(session: DestSession, end: float) -> dict[str, Any]:
     pc = session.postcopy
     assert pc is not None
@@ -216,6 +221,10 @@ def _dest_postcopy(session: DestSession, end: float) -> dict[str, Any]:
         "fault_latency_parts_ms": pc.parts_ms(),
         # the latest ones, for plotting; the percentiles above are over all of them
         "fault_latencies_ms": [round(t * 1000.0, 3) for t in pc.latencies_s[-LATENCY_SAMPLES:]],
+        # when each of those waits began, on the same clock as total_time_ms
+        "fault_latency_at_ms": [
+            round((t - _dest_t0(session)) * 1000.0, 3) for t in pc.missed_at[-LATENCY_SAMPLES:]
+        ],
         "blocktime_ms": round(sum(pc.latencies_s) * 1000.0, 3),
         "background_pages": pc.background_pages,
         "requested_pages": pc.requested_pages,

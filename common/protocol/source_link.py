@@ -136,7 +136,8 @@ class SourceLinkSide:
         s.reconnector.broken(now)
         epoch = s.link.new_epoch()
         s._events.append(ev.Reconnect(epoch, silent))
-        s._mark_time(f"link lost, reconnecting (epoch {epoch})", now)
+        # the silence says when the outage began (the plot draws it from there)
+        s._mark_time(f"link lost, reconnecting (epoch {epoch}; silent for {silent:.3f} s)", now)
         if s.phase in (_S.POSTCOPY, _S.POSTCOPY_VERIFYING):
             s._paused_from = s.phase
             s._move(_S.POSTCOPY_PAUSED)

@@ -6,6 +6,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
+from common.samples import Samples
+
 
 @dataclass
 class Downtime:
@@ -53,6 +55,7 @@ class TransferStats:
     other_bytes: int = 0  # control messages
     postcopy_bytes: int = 0  # wire bytes of postcopy pages (data and tags) after the switchover
     downtime: Downtime = field(default_factory=Downtime)
+    samples: Samples = field(default_factory=Samples)  # the source's, over time (the plot)
 
     @property
     def total_bytes(self) -> int:
