@@ -133,6 +133,12 @@ class OutgoingMigration:
         # what waited for the old connection is either resent by the session or not needed
         self.pending.clear()
 
+    def retarget(self, uri: str) -> None:
+        """The destination moved (ctl recover URI): this epoch's connection is opened again there,
+        since a socket would go on reconnecting to the address it was made for."""
+        self.uri = uri
+        self._connect(self.session.link.epoch)
+
     def _open_lanes(self) -> None:
         """The parallel channels the destination granted, for this epoch: the session's routing
         id with b"D" and the channel's number, so the destination knows them as its source's."""

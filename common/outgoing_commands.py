@@ -178,6 +178,6 @@ class OutgoingCommands:
             outgoing.session.recover(time.monotonic())
             if uri is not None and uri != outgoing.uri:
                 self.log.info("recovering to a new address", old=outgoing.uri, new=uri)
-                outgoing.uri = uri
+                outgoing.retarget(uri)
 
         return self._session_call("nothing to recover", call)

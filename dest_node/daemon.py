@@ -31,7 +31,7 @@ from common.zap import ZapHandler
 from dest_node.guest_host import GuestHost
 from dest_node.qemu_handback import QemuHandback
 from dest_node.reading import Reader
-from dest_node.refusals import HandshakeWatch, RefusalLog
+from dest_node.refusals import HandshakeWatch, RefusalLog, watch_handshakes
 
 _POLL_CAP_S = 0.05
 
@@ -349,10 +349,6 @@ class DestDaemon:
         )
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
-        handshakes = self.handshakes = HandshakeWatch(
-            self.sock, self.refusals, keyed=security.key is not None
-        )
-        poller.register(handshakes.socket, zmq.POLLIN)
         if self.zap is not None:
             poller.register(self.zap.socket, zmq.POLLIN)
         if self.control:
@@ -379,8 +375,9 @@ class DestDaemon:
             events = dict(poller.poll(int(timeout * 1000)))
             if self.zap is not None:
                 self.zap.service(events, time.monotonic())
-            if handshakes.socket in events:
-                handshakes.service()
+            self.handshakes = watch_handshakes(
+                self.handshakes, self, poller, events, waiting=self.session.phase is DestPhase.WAITING
+            )
             if self.sock in events or self.reader.held:
                 self.reader.drain(self.session)
                 self._flush()
@@ -447,8 +444,7 @@ class DestDaemon:
         if self.options.report:
             write_report(self.options.report, report)
         self.log.info("dest-node exiting", status=report["status"], error=report["error"])
-        if self.handshakes is not None:
-            self.handshakes.close()
+        watch_handshakes(self.handshakes, self, None, {}, waiting=False)
         self.sock.close(linger=CLOSE_LINGER_MS)  # the Started reply must reach the source
         if self.control:
             self.control.close()

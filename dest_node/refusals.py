@@ -103,3 +103,29 @@ class HandshakeWatch:
     def close(self) -> None:
         self._owner.disable_monitor()
         self.socket.close(linger=0)
+
+
+def watch_handshakes(
+    watch: HandshakeWatch | None,
+    daemon: Any,
+    poller: zmq.Poller | None,
+    events: dict[Any, int],
+    *,
+    waiting: bool,
+) -> HandshakeWatch | None:
+    """The watch runs only while the destination waits for a source, where a source that cannot
+    get in is met: attached during a keyed migration, a monitor on the listening socket made
+    libzmq's recovery from damaged CURVE messages stall for seconds
+    (tests/test_faults_proxy.py::test_corruption_under_curve_is_ridden_out failed with it)."""
+    if watch is not None and watch.socket in events:
+        watch.service()
+    if waiting and watch is None and poller is not None:
+        watch = HandshakeWatch(daemon.sock, daemon.refusals, keyed=daemon.options.security.key is not None)
+        poller.register(watch.socket, zmq.POLLIN)
+    elif not waiting and watch is not None:
+        watch.service()  # what came before the source got in
+        if poller is not None:
+            poller.unregister(watch.socket)
+        watch.close()
+        watch = None
+    return watch

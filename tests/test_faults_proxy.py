@@ -74,7 +74,8 @@ def assert_failed_cleanly(tmp: Path, src: Finished, got: Finished, seed: str = "
     assert got.code != 0
     if got.report:  # a killed destination writes none
         assert got.report["guest"] is None or got.report["guest"]["here"] is False
-    assert "keeps running here" in src.stdout
+    # the exit line says the guest stayed here, and that it stops with the process
+    assert "the guest stayed here and stops with this process" in src.stdout
 
 
 def after(megabytes: int) -> Callable[[Milestones], bool]:

@@ -180,3 +180,51 @@ def test_a_middle_node_caps_its_onward_hop_and_runs_it_in_postcopy(tmp_path: Pat
     assert outgoing["status"] == "completed" and outgoing["mode"] == "postcopy", outgoing.get("error")
     assert got_c.code == 0 and got_c.report["mode"] == "postcopy"
     assert same_guest(got_c.report["guest"], reference(tmp_path, *PACED, "--stop-at-step", str(c_stop)))
+
+
+@pytest.mark.faults
+def test_recover_takes_the_destinations_new_address(tmp_path: Path) -> None:
+    """QMP's migrate with resume=true takes a new URI: the path to the destination through proxy
+    A is gone for good, and `ctl recover URI` resumes the postcopy through proxy B."""
+    from faultinject.proxy import FaultProxy
+
+    stop = 6000
+    guest = [*PACED, "--ram", "64MiB", "--fill", "random", "--stop-at-step", str(stop)]
+    dest = Dest(tmp_path, "--stop-at-step", str(stop), "--peer-timeout", "1")
+    control = dest.new_control_uri()
+    link = ["--peer-timeout", "1", "--postcopy-recover-timeout", "2", "--max-postcopy-bandwidth", "8MiB"]
+    try:
+        with FaultProxy(("127.0.0.1", dest.port)) as first, FaultProxy(("127.0.0.1", dest.port)) as second:
+            first.when(lambda m: m.switchover and m.bytes_down > 8 << 20, first.cut)
+            source, report = start_source(
+                tmp_path,
+                *guest,
+                "--mode",
+                "postcopy",
+                "--postcopy-after-rounds",
+                "0",
+                *link,
+                "--migrate-to",
+                first.uri,
+                "--control",
+                control,
+            )
+            wait_for(
+                "the postcopy to wait for an operator",
+                lambda: (
+                    (request(control, "status", timeout_s=1.0).get("result") or {}).get("status")
+                    == "unsettled"
+                ),
+                timeout_s=60,
+            )
+            recovered = ctl(SOURCE, control, "recover", second.uri)
+            assert recovered.returncode == 0, recovered.stderr
+            got = finish_source(source, report, timeout=90)
+            finished = dest.finish(timeout=60)
+            assert second.milestones.bytes_down > 0, "the recovery went through the new address"
+    finally:
+        dest.kill()
+    assert got.code == 0, got.stderr[-3000:]
+    assert got.report["status"] == "completed" and got.report["postcopy"]["recoveries"] >= 1
+    assert "recovering to a new address" in got.stderr
+    assert finished.code == 0 and same_guest(finished.report["guest"], reference(tmp_path, *guest))
