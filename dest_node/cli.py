@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dest-node",
         usage="dest-node --listen URI [options]            wait for a source, run the guest it sends\n"
-        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, cancel, migrate, settle)\n"
+        "       dest-node ctl --control URI COMMAND ...    steer a running dest-node (status, events, migrate, ...)\n"
         "       dest-node keygen PREFIX                    write a key pair (PREFIX.key, PREFIX.key_secret)",
         description="Receive a migrating MTE guest and, once verified, run it (QEMU's -incoming).",
         epilog="Times are in seconds (S). `dest-node ctl --help` describes the control commands.",

@@ -441,6 +441,9 @@ class DestDaemon:
         if self.handback is not None and self.handback.error is not None:
             completed = False
         report = self.status(with_digests=True)
+        if report["status"] == "none" and "last_incoming" in report:
+            # what it waited for never came: the report is of the last migration that did
+            report = {**report, **report.pop("last_incoming")}
         if self.options.report:
             write_report(self.options.report, report)
         self.log.info("dest-node exiting", status=report["status"], error=report["error"])

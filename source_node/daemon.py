@@ -186,9 +186,20 @@ class SourceDaemon:
         return report
 
     def final_report(self) -> dict[str, Any]:
-        """The report once the vCPU has stopped: digests included, computed once."""
+        """The report once the vCPU has stopped: digests included, computed once. A migration
+        left unfinished by a signal (a second one during postcopy) says so, not "active"."""
         self.runner.pause()
-        return self.status(with_digests=True)
+        report = self.status(with_digests=True)
+        session = self.session
+        if self._quit_by and session is not None and not session.phase.ended:
+            lost = (report.get("postcopy") or {}).get("pages_not_yet_sent")
+            report["status"] = "failed"
+            report["error"] = f"abandoned by {self._quit_by} in phase {session.phase.value}" + (
+                f": the destination runs the guest without the {lost} pages not yet sent, held only here and now lost"
+                if session.postcopy is not None
+                else ""
+            )
+        return report
 
     @property
     def guest_would_run(self) -> bool:

@@ -103,23 +103,35 @@ def _shade(ax: Any, data: PlotData) -> None:
 
 
 def _round_labels(ax: Any, data: PlotData) -> None:
-    """A round's number above its band when there is room for it (no "34 5")."""
-    room = data.end_s / 40
-    last = float("-inf")
+    """Labels above the bands where there is room: downtime, a link down and postcopy first,
+    then a round's number only clear of every label placed (no "34 5", no round over
+    "downtime")."""
+    room = data.end_s / 25
+    placed: list[float] = []
+    specials = {
+        "downtime": ("tab:red", "left"),
+        "paused": ("black", "center"),
+        "postcopy": ("tab:green", "right"),
+    }
     for band in data.bands:
-        if band.kind == "round" and band.end_s - band.start_s >= room and band.start_s - last >= room:
-            ax.annotate(f"round {band.label}", ((band.start_s + band.end_s) / 2, 1.0), xycoords=("data", "axes fraction"),
-                        ha="center", va="bottom", fontsize=7)  # fmt: skip
-            last = band.start_s
-        elif band.kind == "downtime":
-            ax.annotate(band.label, (band.start_s, 1.0), xycoords=("data", "axes fraction"), ha="left",
-                        va="bottom", fontsize=7, color="tab:red")  # fmt: skip
-        elif band.kind == "paused":
-            ax.annotate(band.label, ((band.start_s + band.end_s) / 2, 1.0), xycoords=("data", "axes fraction"),
-                        ha="center", va="bottom", fontsize=7, color="black")  # fmt: skip
-        elif band.kind == "postcopy":  # at its end: a link down may fill its middle
-            ax.annotate(band.label, (band.end_s, 1.0), xycoords=("data", "axes fraction"),
-                        ha="right", va="bottom", fontsize=7, color="tab:green")  # fmt: skip
+        if band.kind not in specials:
+            continue
+        colour, align = specials[band.kind]
+        x = {"left": band.start_s, "center": (band.start_s + band.end_s) / 2, "right": band.end_s}[align]
+        ax.annotate(band.label, (x, 1.0), xycoords=("data", "axes fraction"), ha=align, va="bottom",
+                    fontsize=7, color=colour)  # fmt: skip
+        placed.append(x if align == "center" else x + (room / 2 if align == "left" else -room / 2))
+    for band in data.bands:
+        centre = (band.start_s + band.end_s) / 2
+        if (
+            band.kind != "round"
+            or band.end_s - band.start_s < room
+            or any(abs(centre - x) < room for x in placed)
+        ):
+            continue
+        ax.annotate(f"round {band.label}", (centre, 1.0), xycoords=("data", "axes fraction"), ha="center",
+                    va="bottom", fontsize=7)  # fmt: skip
+        placed.append(centre)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -54,7 +54,7 @@ def phase_is(control: str, phase: str) -> Any:
 
 
 def test_a_precopy_is_cancelled_and_tried_again_in_postcopy_started_by_hand(tmp_path: Path) -> None:
-    stop = 4000
+    stop = 2000
     first_dest_port, control_port = free_ports(2)
     control = f"tcp://127.0.0.1:{control_port}"
     # the first destination lives on after an incoming migration fails (no --once)
@@ -188,14 +188,14 @@ def test_recover_takes_the_destinations_new_address(tmp_path: Path) -> None:
     A is gone for good, and `ctl recover URI` resumes the postcopy through proxy B."""
     from faultinject.proxy import FaultProxy
 
-    stop = 6000
-    guest = [*PACED, "--ram", "64MiB", "--fill", "random", "--stop-at-step", str(stop)]
+    stop = 1500
+    guest = [*PACED, "--ram", "32MiB", "--fill", "random", "--stop-at-step", str(stop)]
     dest = Dest(tmp_path, "--stop-at-step", str(stop), "--peer-timeout", "1")
     control = dest.new_control_uri()
-    link = ["--peer-timeout", "1", "--postcopy-recover-timeout", "2", "--max-postcopy-bandwidth", "8MiB"]
+    link = ["--peer-timeout", "1", "--postcopy-recover-timeout", "2", "--max-postcopy-bandwidth", "16MiB"]
     try:
         with FaultProxy(("127.0.0.1", dest.port)) as first, FaultProxy(("127.0.0.1", dest.port)) as second:
-            first.when(lambda m: m.switchover and m.bytes_down > 8 << 20, first.cut)
+            first.when(lambda m: m.switchover and m.bytes_down > 4 << 20, first.cut)
             source, report = start_source(
                 tmp_path,
                 *guest,

@@ -13,7 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import SMALL_GUEST, SOURCE, Dest, finish_source, make_keys, run_source, start_source
+from tests.e2e import (
+    DEST,
+    SMALL_GUEST,
+    SOURCE,
+    Dest,
+    finish_source,
+    free_ports,
+    make_keys,
+    run_source,
+    start_source,
+)
 from tests.test_e2e_precopy import slow_migration
 
 pytestmark = pytest.mark.slow
@@ -114,3 +124,60 @@ def test_a_guest_arriving_past_the_destinations_stop_step_is_said_and_stays_stop
     assert got.code == 0 and finished.code == 0, finished.stderr[-2000:]
     assert "the guest arrived past this node's --stop-at-step: it stays stopped here" in finished.stderr
     assert finished.report["guest"]["step"] == got.report["guest"]["step"] > 10, "not one step run here"
+
+
+def test_reports_say_how_a_migration_ended_when_a_signal_ended_it(tmp_path: Path) -> None:
+    """A second signal during postcopy: the source's report said "active" with no error, and
+    the pages only it held were lost without a word. A destination stopped by SIGTERM mid-
+    precopy wrote the report of the next migration it would have waited for (status none)."""
+    port = free_ports(1)[0]
+    report = tmp_path / "waiting.json"
+    dest = subprocess.Popen(
+        [*DEST, "--listen", f"tcp://127.0.0.1:{port}", "--report", str(report)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    guest, knobs = slow_migration(tmp_path)
+    proc, _ = start_source(tmp_path, *guest, *knobs, "--migrate-to", f"tcp://127.0.0.1:{port}")
+    time.sleep(2.0)
+    dest.send_signal(signal.SIGTERM)
+    dest.communicate(timeout=30)
+    proc.kill()
+    proc.communicate(timeout=10)
+    written = json.loads(report.read_text())
+    assert written["status"] == "cancelled" and "interrupted by SIGTERM" in written["error"], written[
+        "status"
+    ]
+
+    post = Dest(tmp_path, "--stop-at-step", "100000000")
+    try:
+        source, path = start_source(
+            tmp_path,
+            *SMALL_GUEST,
+            "--ram",
+            "64MiB",
+            "--fill",
+            "random",
+            "--mode",
+            "postcopy",
+            "--postcopy-after-rounds",
+            "0",
+            "--max-postcopy-bandwidth",
+            "1MiB",
+            "--migrate-to",
+            post.uri,
+        )
+        time.sleep(2.5)
+        source.send_signal(signal.SIGINT)  # refused: the destination needs pages held here
+        time.sleep(0.5)
+        source.send_signal(signal.SIGINT)
+        got = finish_source(source, path, timeout=30)
+    finally:
+        post.kill()
+    assert got.code == 130
+    assert got.report["status"] == "failed", got.report["status"]
+    assert got.report["error"].startswith(
+        "abandoned by SIGINT in phase postcopy: the destination runs the guest"
+    )
+    assert "now lost" in got.stdout.strip().splitlines()[-1]

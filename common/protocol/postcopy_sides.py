@@ -264,6 +264,7 @@ class SourcePostcopySide:
         stats.postcopy_bytes += size
         stats.ram_bytes += size
         stats.pages += pages
+        stats.tag_sections += pages  # each page's tags travel with it (their bytes are in ram's)
         self.s.bucket.spend(size, now)
 
 
@@ -338,6 +339,7 @@ class DestPostcopySide:
         if placed.pages.size:
             s.t_last_placed = now  # progress, which a stream of refused or repeated pages is not
         s.stats.pages += int(batch.indices.size)
+        s.stats.tag_sections += int(batch.indices.size)  # with their pages, in ram's bytes
         s.stats.ram_bytes += s._arrived_bytes
         s.stats.postcopy_bytes += s._arrived_bytes
         if not urgent:

@@ -311,10 +311,10 @@ class SourceSession:
 
     def start_postcopy(self, now: float) -> None:
         """An operator's postcopy-start: switch a running precopy over now."""
-        if not self.params.postcopy:
-            raise RuntimeError(POSTCOPY_NOT_ALLOWED)
         if self.phase not in (_S.SETUP, _S.ACTIVE):
             raise RuntimeError(f"postcopy cannot start in phase {self.phase.value}")
+        if not self.params.postcopy:
+            raise RuntimeError(POSTCOPY_NOT_ALLOWED)
         self._postcopy_now = True
         if self.phase is _S.ACTIVE:
             self.postcopy_side.switchover(now)
