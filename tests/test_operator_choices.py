@@ -124,6 +124,9 @@ def test_a_precopy_is_cancelled_and_tried_again_in_postcopy_started_by_hand(tmp_
         dest.kill()
     assert got.code == 0, got.stderr[-3000:]
     assert got.report["mode"] == "postcopy" and got.report["status"] == "completed"
+    # one downtime, the same on both sides, its parts each measured where they happen
+    assert got.report["downtime_ms"] == finished.report["downtime_ms"] is not None
+    assert got.report["downtime_parts_ms"] == finished.report["downtime_parts_ms"]
     assert finished.code == 0 and same_guest(
         finished.report["guest"], reference(tmp_path, *PACED, "--stop-at-step", str(stop))
     )
@@ -179,6 +182,7 @@ def test_a_middle_node_caps_its_onward_hop_and_runs_it_in_postcopy(tmp_path: Pat
     outgoing = got_b.report["outgoing"]
     assert outgoing["status"] == "completed" and outgoing["mode"] == "postcopy", outgoing.get("error")
     assert got_c.code == 0 and got_c.report["mode"] == "postcopy"
+    assert outgoing["downtime_ms"] == got_c.report["downtime_ms"] is not None, "one figure on both sides"
     assert same_guest(got_c.report["guest"], reference(tmp_path, *PACED, "--stop-at-step", str(c_stop)))
 
 
