@@ -30,7 +30,7 @@ from common.guest.guest import Guest
 from common.keys import KeyPair, curve_client
 from common.protocol import events as ev
 from common.protocol.params import MigrationParameters
-from common.protocol.reports import source_remaining
+from common.protocol.reports import take_sample
 from common.protocol.source import Outbound, SourceHost, SourceSession
 from common.protocol.urgent import routing_id, urgent_routing_id
 from common.urgent_server import UrgentServer
@@ -259,8 +259,7 @@ class OutgoingMigration:
         self.check_handshake(now)
         session.poll(now)
         self.after_call()
-        if session.stats.samples.due(now):
-            session.stats.samples.add(now, session, source_remaining(session))
+        take_sample(session, now)
         return max(0.0, session.next_deadline(now) - now)
 
     def after_call(self) -> None:
@@ -368,8 +367,8 @@ class OutgoingMigration:
             elif isinstance(event, ev.Finished):
                 self.finished = event
                 now = time.monotonic()
-                session.stats.samples.add(now, session, source_remaining(session))
-                report = session.report(time.monotonic())
+                take_sample(session, now, due_only=False)
+                report = session.report(now)
                 if event.status == "completed":
                     self.log.info(
                         "migration completed",

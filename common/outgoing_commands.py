@@ -40,13 +40,7 @@ def migrate_choices(
     """What one `migrate` asks for, checked: the node's parameters with this migration's mode,
     postcopy rounds and channels; its peer's key (or the node's default); plaintext only if
     this migration allows it or the node was started --insecure."""
-    uri = args.get("uri")
-    if not isinstance(uri, str):
-        raise ControlError('migrate needs "uri", e.g. tcp://127.0.0.1:4444')
-    try:
-        check_endpoint(uri, "destination")
-    except ValueError as exc:
-        raise ControlError(str(exc)) from None
+    uri = _destination(args.get("uri"), 'migrate needs "uri", e.g. tcp://127.0.0.1:4444')
     changes: dict[str, Any] = {}
     mode = args.get("mode")
     if mode is not None:
@@ -73,6 +67,17 @@ def migrate_choices(
     except KeyFileError as exc:
         raise ControlError(_for_ctl(str(exc))) from None
     return MigrateChoices(uri, params, peer_key)
+
+
+def _destination(uri: Any, not_text: str) -> str:
+    """A destination's URI from a control request, or the error `not_text` if it is no text."""
+    if not isinstance(uri, str):
+        raise ControlError(not_text)
+    try:
+        check_endpoint(uri, "destination")
+    except ValueError as exc:
+        raise ControlError(str(exc)) from None
+    return uri
 
 
 def _after_rounds(value: Any) -> int | None:
@@ -167,12 +172,7 @@ class OutgoingCommands:
         moved, as QMP's migrate with resume=true takes a new URI)."""
         uri = args.get("uri")
         if uri is not None:
-            if not isinstance(uri, str):
-                raise ControlError('"uri" is the destination\'s tcp://HOST:PORT')
-            try:
-                check_endpoint(uri, "destination")
-            except ValueError as exc:
-                raise ControlError(str(exc)) from None
+            uri = _destination(uri, '"uri" is the destination\'s tcp://HOST:PORT')
 
         def call(outgoing: OutgoingMigration) -> None:
             outgoing.session.recover(time.monotonic())

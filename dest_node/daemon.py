@@ -429,8 +429,7 @@ class DestDaemon:
         now = time.monotonic()
         if self._t_guest_done is None:
             self._t_guest_done = now
-        unheard = any(entry.kind == "started" for entry in self.session.link.unacked)
-        return not unheard or now - self._t_guest_done > self.session.keep_for_s
+        return source_left_after_handover(self.session) or now - self._t_guest_done > self.session.keep_for_s
 
     def _finish(self) -> int:
         self.refusals.flush(final=True)

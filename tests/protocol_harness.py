@@ -22,7 +22,7 @@ from common.protocol.dest import DestParameters, DestSession
 from common.protocol.events import Reconnect
 from common.protocol.outbound import Outbound
 from common.protocol.params import MigrationParameters
-from common.protocol.reports import source_remaining
+from common.protocol.reports import take_sample
 from common.protocol.source import SourceSession
 from common.wire import framing
 from common.wire import mte_migration_pb2 as pb
@@ -321,8 +321,7 @@ class Pair:
     def turn(self) -> None:
         src, dst = self.src, self.dst
         src.poll(self.now)
-        if src.stats.samples.due(self.now):  # as the daemons' OutgoingMigration does
-            src.stats.samples.add(self.now, src, source_remaining(src))
+        take_sample(src, self.now)  # as the daemons' OutgoingMigration does
         self._source_events()
         self._send_down()
         self.urgent.cut_when = self.down.cut_when

@@ -96,6 +96,14 @@ def source_report(session: SourceSession, now: float) -> dict[str, Any]:
     }
 
 
+def take_sample(session: SourceSession, now: float, *, due_only: bool = True) -> None:
+    """One of the plot's samples of the report's figures over time (common/samples.py): when
+    one is due, or at once (`due_only=False`, at the end)."""
+    samples = session.stats.samples
+    if not due_only or samples.due(now):
+        samples.add(now, session, source_remaining(session))
+
+
 def source_remaining(session: SourceSession) -> int | None:
     """Bytes of pages and tags still to send as far as anyone knows now: the rest of this pass
     in precopy (later rounds may add what the guest dirties meanwhile), what the destination

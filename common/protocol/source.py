@@ -51,7 +51,7 @@ from common.protocol.ratelimit import TokenBucket
 from common.protocol.reports import source_report
 from common.protocol.source_link import SourceLinkSide
 from common.protocol.source_outcome import SourceOutcome
-from common.protocol.stats import BandwidthMeter, RoundRecord, TransferStats
+from common.protocol.stats import BandwidthMeter, Downtime, RoundRecord, TransferStats
 from common.protocol.timers import Timer, next_deadline, run_due
 from common.protocol.verify import SourceVerifier
 from common.transfer import OutgoingBatch
@@ -419,7 +419,7 @@ class SourceSession:
         self.precopy_side.on_verify_result(result, now)
 
     def _on_started(self, started: pb.Started, now: float) -> None:
-        self.stats.downtime.destination_s = started.destination_downtime_us / 1e6
+        self.stats.downtime.destination_s = Downtime.from_us(started.destination_downtime_us)
         self._complete(now, None)
 
     # -- the data path ----------------------------------------------------------------------
